@@ -1,0 +1,235 @@
+//! The inspection pipeline around a model: fit an image to the network, reconstruct,
+//! score, threshold and locate regions. Used alike by `inspect`, `eval`, `calibrate`,
+//! training's calibration step and the server.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+
+use crate::image_io::{resize_plane, Planar};
+use crate::model::artifact::{Fit, ModelCard};
+use crate::model::{ArtifactError, Network, Reconstructor};
+use crate::scoring::{self, regions, RawMaps, Region};
+
+/// Most tiles or images sent through the network at once.
+const MAX_CHUNK: usize = 16;
+
+/// An image made ready for the network.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub original_width: usize,
+    pub original_height: usize,
+    /// The image at working resolution, in the model's channels.
+    pub working: Planar,
+}
+
+/// What the network made of one prepared image.
+#[derive(Debug, Clone)]
+pub struct Reconstruction {
+    /// The reconstruction at working resolution (tiles averaged where they overlap).
+    pub image: Planar,
+    /// Raw error maps at working resolution (tile maps averaged where they overlap).
+    pub raw: RawMaps,
+}
+
+/// The verdict on one image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inspection {
+    pub score: f32,
+    pub threshold: f32,
+    pub pixel_threshold: f32,
+    pub is_anomalous: bool,
+    pub regions: Vec<Region>,
+    pub width: usize,
+    pub height: usize,
+    /// The smoothed anomaly map at the image's own resolution, row-major.
+    #[serde(skip)]
+    pub map: Vec<f32>,
+}
+
+/// A model and its card.
+#[derive(Clone)]
+pub struct Detector {
+    pub card: ModelCard,
+    model: Arc<dyn Reconstructor>,
+}
+
+impl Detector {
+    pub fn new(card: ModelCard, model: Arc<dyn Reconstructor>) -> Self {
+        Self { card, model }
+    }
+
+    /// Loads the artifact in `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ArtifactError> {
+        let card = ModelCard::load(dir)?;
+        let net = Network::load(dir, &card, device)?;
+        Ok(Self::new(card, Arc::new(net)))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    /// Converts to the model's channels and resizes to the working size.
+    pub fn prepare(&self, img: &DynamicImage) -> Prepared {
+        let s = self.card.input.working_size;
+        let planar = Planar::from_image(img, self.card.input.channels);
+        Prepared {
+            original_width: planar.width,
+            original_height: planar.height,
+            working: planar.resize(s, s),
+        }
+    }
+
+    /// Top-left corners of the tiles covering the working image.
+    pub fn tile_origins(&self) -> Vec<(usize, usize)> {
+        let i = &self.card.input;
+        match i.fit {
+            Fit::Whole => vec![(0, 0)],
+            Fit::Tiles { stride } => {
+                let axis = tile_axis(i.working_size, i.patch_size, stride);
+                axis.iter()
+                    .flat_map(|&y| axis.iter().map(move |&x| (x, y)))
+                    .collect()
+            }
+        }
+    }
+
+    fn tile_size(&self) -> usize {
+        match self.card.input.fit {
+            Fit::Whole => self.card.input.working_size,
+            Fit::Tiles { .. } => self.card.input.patch_size,
+        }
+    }
+
+    /// Runs the network over every tile of every input. The batch is cut into chunks of
+    /// at most 16 network inputs, so memory stays bounded whatever the caller sends.
+    pub fn reconstruct(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<Reconstruction>> {
+        let origins = self.tile_origins();
+        let t = self.tile_size();
+        let c = self.card.input.channels;
+        let tiles: Vec<Planar> = inputs
+            .iter()
+            .flat_map(|p| origins.iter().map(move |&(x, y)| p.crop(x, y, t, t)))
+            .collect();
+        let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
+        for chunk in tiles.chunks(MAX_CHUNK) {
+            let flat: Vec<f32> = chunk.iter().flat_map(|p| p.data.iter().copied()).collect();
+            let x = Tensor::from_vec(flat, (chunk.len(), c, t, t), self.model.device())?;
+            let y = self.model.reconstruct(&x)?;
+            outputs.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let spec = &self.card.scoring;
+        let per_tile = c * t * t;
+        let s = self.card.input.working_size;
+        Ok(inputs
+            .iter()
+            .enumerate()
+            .map(|(n, input)| {
+                let mut raw = RawMaps::zeros(s, s);
+                let mut image = Planar::new(c, s, s);
+                let mut counts = vec![0u32; s * s];
+                for (k, &(x, y)) in origins.iter().enumerate() {
+                    let idx = n * origins.len() + k;
+                    let recon = Planar {
+                        channels: c,
+                        width: t,
+                        height: t,
+                        data: outputs[idx * per_tile..(idx + 1) * per_tile].to_vec(),
+                    };
+                    let tile_raw = RawMaps::compute(&tiles[idx], &recon, spec);
+                    raw.add_tile(&tile_raw, x, y, &mut counts);
+                    add_tile_image(&mut image, &recon, x, y);
+                }
+                raw.normalise(&counts);
+                for ch in 0..c {
+                    for (i, v) in image.data[ch * s * s..(ch + 1) * s * s].iter_mut().enumerate() {
+                        *v /= counts[i].max(1) as f32;
+                    }
+                }
+                debug_assert_eq!(input.width, s);
+                Reconstruction { image, raw }
+            })
+            .collect())
+    }
+
+    /// The smoothed anomaly map at working resolution and the image score.
+    pub fn working_map(&self, raw: &RawMaps) -> (Vec<f32>, f32) {
+        let map = scoring::anomaly_map(raw, &self.card.scoring);
+        let score = scoring::image_score(&map, self.card.scoring.reduction);
+        (map, score)
+    }
+
+    /// Scores a reconstruction: verdict, regions and the map at the original resolution.
+    /// `threshold` overrides the card's image threshold (the pixel threshold follows it
+    /// down when it is lower).
+    pub fn score(&self, prepared: &Prepared, recon: &Reconstruction, threshold: Option<f32>) -> Inspection {
+        let t = &self.card.thresholds;
+        let image_threshold = threshold.unwrap_or(t.image);
+        let pixel_threshold = t.pixel.min(image_threshold);
+        let (map, score) = self.working_map(&recon.raw);
+        let s = self.card.input.working_size;
+        let (w, h) = (prepared.original_width, prepared.original_height);
+        let map = resize_plane(&map, s, s, w, h);
+        let area_scale = (w * h) as f32 / (s * s) as f32;
+        let min_area = (t.min_defect_area as f32 * area_scale).round() as u32;
+        let regions = regions::find_regions(&map, w, h, pixel_threshold, image_threshold, min_area);
+        Inspection {
+            score,
+            threshold: image_threshold,
+            pixel_threshold,
+            is_anomalous: score > image_threshold,
+            regions,
+            width: w,
+            height: h,
+            map,
+        }
+    }
+
+    /// Prepare, reconstruct and score images in one call.
+    pub fn inspect_batch(&self, images: &[&DynamicImage], threshold: Option<f32>) -> candle_core::Result<Vec<Inspection>> {
+        let prepared: Vec<Prepared> = images.iter().map(|i| self.prepare(i)).collect();
+        let inputs: Vec<&Planar> = prepared.iter().map(|p| &p.working).collect();
+        let recons = self.reconstruct(&inputs)?;
+        Ok(prepared
+            .iter()
+            .zip(&recons)
+            .map(|(p, r)| self.score(p, r, threshold))
+            .collect())
+    }
+}
+
+/// Tile starts along one axis: every `stride`, plus one flush with the far edge.
+pub fn tile_axis(size: usize, patch: usize, stride: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..=size - patch).step_by(stride.max(1)).collect();
+    if *v.last().expect("patch fits") != size - patch {
+        v.push(size - patch);
+    }
+    v
+}
+
+fn add_tile_image(dst: &mut Planar, tile: &Planar, x: usize, y: usize) {
+    for c in 0..dst.channels {
+        for r in 0..tile.height {
+            for col in 0..tile.width {
+                let d = c * dst.width * dst.height + (y + r) * dst.width + x + col;
+                dst.data[d] += tile.data[c * tile.width * tile.height + r * tile.width + col];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_axis_and_end_flush() {
+        assert_eq!(tile_axis(256, 128, 30), vec![0, 30, 60, 90, 120, 128]);
+        assert_eq!(tile_axis(256, 128, 64), vec![0, 64, 128]);
+        assert_eq!(tile_axis(128, 128, 30), vec![0]);
+    }
+}

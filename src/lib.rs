@@ -1,0 +1,12 @@
+//! vigil: learn what good parts look like, flag what cannot be reproduced.
+//!
+//! Data flows one way: image bytes → [`image_io`] → [`detector`] (fit to the network,
+//! [`model`] reconstructs) → [`scoring`] (SSIM/L2 maps, smoothing, score, regions,
+//! heatmap) → the caller (CLI, evaluation, server).
+
+pub mod detector;
+pub mod eval;
+pub mod image_io;
+pub mod model;
+pub mod scoring;
+pub mod train;

@@ -1,0 +1,249 @@
+//! Autoencoder architectures, chosen by name in the model artifact.
+//!
+//! Choices measured on candle 0.11 CPU (../shared/FINDINGS.md, re-checked by `vigil bench`):
+//! up-sampling is a 4×4 stride-2 transposed convolution (nearest-upsample + conv was slower),
+//! the vector latent is expanded to 8×8 by a Linear layer (~7× faster than a transposed
+//! conv), and LeakyReLU is `max(x, 0.2x)`, one op instead of candle's three.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// An architecture and its sizes, as written in `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case")]
+pub enum Architecture {
+    /// Bergmann et al. 2019: 4×4 stride-2 and 3×3 convolutions (32, 32, 32, 64, 64, 128,
+    /// 64, 32 channels at 128²), a valid 8×8 convolution to a latent vector, a mirrored
+    /// decoder, sigmoid output. One more stride-2 stage per doubling of the input size.
+    Bergmann { latent: usize },
+    /// A fully convolutional autoencoder with a spatial bottleneck (input/8 × input/8 ×
+    /// `bottleneck` channels), BatchNorm and widths `width`, 2·`width`, 4·`width`.
+    /// Unlike the vector-latent model it does not collapse to a flat image on CPU budgets
+    /// (../shared/FINDINGS.md) and runs on any input whose sides are multiples of 8.
+    Spatial { width: usize, bottleneck: usize },
+}
+
+impl Architecture {
+    /// True when the network accepts any input size (a multiple of 8), not only its patch size.
+    pub fn fully_convolutional(&self) -> bool {
+        matches!(self, Architecture::Spatial { .. })
+    }
+
+    /// Checks that the architecture can take `channels × size × size` inputs.
+    pub fn validate(&self, channels: usize, size: usize) -> std::result::Result<(), String> {
+        if channels != 1 && channels != 3 {
+            return Err(format!("channels must be 1 or 3, not {channels}"));
+        }
+        match self {
+            Architecture::Bergmann { latent } => {
+                if *latent == 0 {
+                    return Err("latent size must be positive".into());
+                }
+                if size < 128 || !size.is_power_of_two() {
+                    return Err(format!(
+                        "the bergmann architecture takes 128, 256, 512… pixels, not {size}"
+                    ));
+                }
+            }
+            Architecture::Spatial { width, bottleneck } => {
+                if *width == 0 || *bottleneck == 0 {
+                    return Err("width and bottleneck must be positive".into());
+                }
+                if size < 16 || size % 8 != 0 {
+                    return Err(format!(
+                        "the spatial architecture takes sides that are multiples of 8 (≥ 16), not {size}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One layer of a sequential network.
+enum Layer {
+    Conv(Conv2d),
+    ConvT(ConvTranspose2d),
+    Norm(BatchNorm),
+    /// Linear layer followed by a reshape to (batch, c, h, w).
+    Expand(Linear, usize, usize, usize),
+    Flatten,
+    LeakyRelu,
+    Sigmoid,
+}
+
+impl Layer {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Layer::Conv(c) => c.forward(x),
+            Layer::ConvT(c) => c.forward(x),
+            Layer::Norm(n) => n.forward_t(x, train),
+            Layer::Expand(l, c, h, w) => {
+                let b = x.dim(0)?;
+                l.forward(x)?.reshape((b, *c, *h, *w))
+            }
+            Layer::Flatten => x.flatten_from(1),
+            // One op; candle_nn::ops::leaky_relu builds three and a zeros tensor.
+            Layer::LeakyRelu => x.maximum(&(x * 0.2)?),
+            Layer::Sigmoid => candle_nn::ops::sigmoid(x),
+        }
+    }
+}
+
+/// Builds layers in order, naming their weights `<prefix>.<index>.*`.
+struct Builder<'a> {
+    vb: VarBuilder<'a>,
+    layers: Vec<Layer>,
+    batch_norm: bool,
+}
+
+impl<'a> Builder<'a> {
+    fn new(vb: VarBuilder<'a>, batch_norm: bool) -> Self {
+        Self {
+            vb,
+            layers: Vec::new(),
+            batch_norm,
+        }
+    }
+
+    fn vb(&self) -> VarBuilder<'a> {
+        self.vb.pp(self.layers.len().to_string())
+    }
+
+    fn conv(mut self, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: pad,
+            stride,
+            ..Default::default()
+        };
+        let layer = candle_nn::conv2d(cin, cout, k, cfg, self.vb())?;
+        self.layers.push(Layer::Conv(layer));
+        Ok(self)
+    }
+
+    fn up(mut self, cin: usize, cout: usize) -> Result<Self> {
+        let cfg = ConvTranspose2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let layer = candle_nn::conv_transpose2d(cin, cout, 4, cfg, self.vb())?;
+        self.layers.push(Layer::ConvT(layer));
+        Ok(self)
+    }
+
+    /// Normalisation (when enabled) then LeakyReLU.
+    fn act(mut self, channels: usize) -> Result<Self> {
+        if self.batch_norm {
+            let n = candle_nn::batch_norm(channels, 1e-5, self.vb())?;
+            self.layers.push(Layer::Norm(n));
+        }
+        self.layers.push(Layer::LeakyRelu);
+        Ok(self)
+    }
+
+    fn conv_act(self, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Self> {
+        self.conv(cin, cout, k, stride, pad)?.act(cout)
+    }
+
+    fn up_act(self, cin: usize, cout: usize) -> Result<Self> {
+        self.up(cin, cout)?.act(cout)
+    }
+
+    fn push(mut self, layer: Layer) -> Self {
+        self.layers.push(layer);
+        self
+    }
+}
+
+/// An encoder-decoder network built from an [`Architecture`].
+pub struct Autoencoder {
+    encoder: Vec<Layer>,
+    decoder: Vec<Layer>,
+}
+
+impl Autoencoder {
+    /// Builds the network for `channels × size × size` inputs (size = training patch size).
+    pub fn new(arch: &Architecture, channels: usize, size: usize, vb: VarBuilder) -> Result<Self> {
+        arch.validate(channels, size).map_err(candle_core::Error::Msg)?;
+        match arch {
+            Architecture::Bergmann { latent } => Self::bergmann(*latent, channels, size, vb),
+            Architecture::Spatial { width, bottleneck } => {
+                Self::spatial(*width, *bottleneck, channels, vb)
+            }
+        }
+    }
+
+    fn bergmann(latent: usize, c: usize, size: usize, vb: VarBuilder) -> Result<Self> {
+        let extra = (size / 128).trailing_zeros() as usize;
+        let mut e = Builder::new(vb.pp("enc"), false);
+        let mut cin = c;
+        for _ in 0..extra {
+            e = e.conv_act(cin, 32, 4, 2, 1)?;
+            cin = 32;
+        }
+        let e = e
+            .conv_act(cin, 32, 4, 2, 1)?
+            .conv_act(32, 32, 4, 2, 1)?
+            .conv_act(32, 32, 3, 1, 1)?
+            .conv_act(32, 64, 4, 2, 1)?
+            .conv_act(64, 64, 3, 1, 1)?
+            .conv_act(64, 128, 4, 2, 1)?
+            .conv_act(128, 64, 3, 1, 1)?
+            .conv_act(64, 32, 3, 1, 1)?
+            .conv(32, latent, 8, 1, 0)?;
+        let d = Builder::new(vb.pp("dec"), false).push(Layer::Flatten);
+        let expand = candle_nn::linear(latent, 32 * 8 * 8, d.vb())?;
+        let mut d = d
+            .push(Layer::Expand(expand, 32, 8, 8))
+            .act(32)?
+            .conv_act(32, 64, 3, 1, 1)?
+            .conv_act(64, 128, 3, 1, 1)?
+            .up_act(128, 64)?
+            .conv_act(64, 64, 3, 1, 1)?
+            .up_act(64, 32)?
+            .conv_act(32, 32, 3, 1, 1)?
+            .up_act(32, 32)?;
+        for _ in 0..extra {
+            d = d.up_act(32, 32)?;
+        }
+        let d = d.up(32, c)?.push(Layer::Sigmoid);
+        Ok(Self {
+            encoder: e.layers,
+            decoder: d.layers,
+        })
+    }
+
+    fn spatial(w: usize, bottleneck: usize, c: usize, vb: VarBuilder) -> Result<Self> {
+        let e = Builder::new(vb.pp("enc"), true)
+            .conv_act(c, w, 4, 2, 1)?
+            .conv_act(w, w, 3, 1, 1)?
+            .conv_act(w, 2 * w, 4, 2, 1)?
+            .conv_act(2 * w, 2 * w, 3, 1, 1)?
+            .conv_act(2 * w, 4 * w, 4, 2, 1)?
+            .conv_act(4 * w, 4 * w, 3, 1, 1)?
+            .conv(4 * w, bottleneck, 1, 1, 0)?;
+        let d = Builder::new(vb.pp("dec"), true)
+            .conv_act(bottleneck, 4 * w, 3, 1, 1)?
+            .up_act(4 * w, 2 * w)?
+            .conv_act(2 * w, 2 * w, 3, 1, 1)?
+            .up_act(2 * w, w)?
+            .conv_act(w, w, 3, 1, 1)?
+            .up(w, c)?
+            .push(Layer::Sigmoid);
+        Ok(Self {
+            encoder: e.layers,
+            decoder: d.layers,
+        })
+    }
+
+    /// Runs the network; `train` selects batch statistics in BatchNorm layers.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for l in self.encoder.iter().chain(&self.decoder) {
+            h = l.forward_t(&h, train)?;
+        }
+        Ok(h)
+    }
+}

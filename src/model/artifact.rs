@@ -1,0 +1,232 @@
+//! The model artifact: a directory holding `model.json` (this card) and `weights.safetensors`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::arch::Architecture;
+use crate::scoring::MapSpec;
+
+pub const CARD_FILE: &str = "model.json";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{path}: not found (a model directory holds {CARD_FILE} and {WEIGHTS_FILE}; train one with `vigil train`)")]
+    Missing { path: PathBuf },
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid vigil model card: {source}")]
+    BadCard {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: schema version {found} is newer than this vigil understands ({SCHEMA_VERSION}); upgrade vigil")]
+    Schema { path: PathBuf, found: u32 },
+    #[error("{path}: weights do not load: {message}")]
+    BadWeights { path: PathBuf, message: String },
+    #[error("{path}: inconsistent model card: {message}")]
+    Inconsistent { path: PathBuf, message: String },
+}
+
+/// How images are fitted to the network.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Fit {
+    /// The working image goes through the network in one pass.
+    Whole,
+    /// Overlapping `patch_size` tiles at `stride`; maps averaged where tiles overlap
+    /// (Bergmann et al. used 128-pixel patches at stride 30).
+    Tiles { stride: usize },
+}
+
+/// Input geometry and normalisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Every image is resized to `working_size × working_size` before anything else;
+    /// maps are resized back to the image's own resolution at the end.
+    pub working_size: usize,
+    /// Side of the square crops the network was trained on.
+    pub patch_size: usize,
+    pub fit: Fit,
+    /// Pixel values are divided by the format's maximum into [0, 1]; no mean/std shift.
+    pub normalisation: String,
+}
+
+/// Thresholds and how they were set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// An image is anomalous when its score exceeds this.
+    pub image: f32,
+    /// Regions are the connected pixels above this (that reach `image` somewhere).
+    pub pixel: f32,
+    /// `quantile` or `min-area`.
+    pub method: String,
+    pub quantile: f32,
+    pub margin: f32,
+    pub min_defect_area: u32,
+    pub validation_images: usize,
+}
+
+/// Statistics of a set of scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ScoreStats {
+    pub count: usize,
+    pub min: f32,
+    pub max: f32,
+    pub mean: f32,
+    pub std: f32,
+    pub p50: f32,
+    pub p95: f32,
+    pub p99: f32,
+}
+
+impl ScoreStats {
+    pub fn of(scores: &[f32]) -> Self {
+        if scores.is_empty() {
+            return Self::default();
+        }
+        let n = scores.len() as f32;
+        let mean = scores.iter().sum::<f32>() / n;
+        let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n;
+        Self {
+            count: scores.len(),
+            min: scores.iter().copied().fold(f32::INFINITY, f32::min),
+            max: scores.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            mean,
+            std: var.sqrt(),
+            p50: quantile(scores, 0.5),
+            p95: quantile(scores, 0.95),
+            p99: quantile(scores, 0.99),
+        }
+    }
+}
+
+/// Linear-interpolated quantile (numpy's default `linear` method).
+pub fn quantile(values: &[f32], q: f32) -> f32 {
+    assert!(!values.is_empty(), "quantile of nothing");
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f32;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f32)
+}
+
+/// Whether the reconstructions kept the input's contrast (a collapsed autoencoder outputs
+/// a flat image at the mean brightness; see ../shared/FINDINGS.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CollapseCheck {
+    pub input_std: f32,
+    pub reconstruction_std: f32,
+    /// reconstruction_std / input_std.
+    pub contrast_ratio: f32,
+    /// True when the ratio is under 0.2.
+    pub collapsed: bool,
+}
+
+/// What training did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TrainingSummary {
+    pub steps: usize,
+    pub planned_steps: usize,
+    pub stopped_early: bool,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub loss: String,
+    pub seed: u64,
+    pub threads: usize,
+    pub device: String,
+    pub seconds: f64,
+    pub final_loss: f32,
+    /// (step, mean loss over the preceding interval).
+    pub loss_curve: Vec<(usize, f32)>,
+    pub training_images: usize,
+    pub augment: Vec<String>,
+    pub inpainting_fraction: f32,
+    pub collapse: CollapseCheck,
+}
+
+/// The model card, `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub schema_version: u32,
+    pub vigil_version: String,
+    pub architecture: Architecture,
+    pub input: InputSpec,
+    pub scoring: MapSpec,
+    pub thresholds: Thresholds,
+    pub validation_scores: ScoreStats,
+    pub training: TrainingSummary,
+    /// SHA-256 over the training files' relative paths and contents, in sorted order.
+    pub data_fingerprint: String,
+}
+
+impl ModelCard {
+    /// Reads and checks `dir/model.json`.
+    pub fn load(dir: &Path) -> Result<Self, ArtifactError> {
+        let path = dir.join(CARD_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ArtifactError::Missing { path: path.clone() }
+            } else {
+                ArtifactError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let card: ModelCard = serde_json::from_str(&text).map_err(|source| ArtifactError::BadCard {
+            path: path.clone(),
+            source,
+        })?;
+        if card.schema_version > SCHEMA_VERSION {
+            return Err(ArtifactError::Schema {
+                path,
+                found: card.schema_version,
+            });
+        }
+        card.check().map_err(|message| ArtifactError::Inconsistent { path, message })?;
+        Ok(card)
+    }
+
+    /// Checks the sizes fit together.
+    pub fn check(&self) -> Result<(), String> {
+        let i = &self.input;
+        self.architecture.validate(i.channels, i.patch_size)?;
+        if i.working_size < i.patch_size {
+            return Err(format!(
+                "working size {} is smaller than the patch size {}",
+                i.working_size, i.patch_size
+            ));
+        }
+        match i.fit {
+            Fit::Whole if !self.architecture.fully_convolutional() && i.working_size != i.patch_size => {
+                Err("this architecture needs working_size == patch_size for whole-image fitting".into())
+            }
+            Fit::Whole => self.architecture.validate(i.channels, i.working_size),
+            Fit::Tiles { stride } if stride == 0 => Err("tile stride must be positive".into()),
+            Fit::Tiles { .. } => Ok(()),
+        }
+    }
+
+    /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file.
+    pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ArtifactError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(CARD_FILE);
+        let tmp = dir.join(format!(".{CARD_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("a model card serialises");
+        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+}

@@ -1,0 +1,202 @@
+//! Scoring: from an input and its reconstruction to an anomaly map, a score and regions.
+//! Pure maths over `Vec<f32>` planes; no candle, no I/O.
+
+pub mod filter;
+pub mod heatmap;
+pub mod regions;
+pub mod ssim;
+
+use serde::{Deserialize, Serialize};
+
+use crate::image_io::Planar;
+pub use regions::Region;
+
+/// How the anomaly map is made from the reconstruction error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapMethod {
+    /// 1 − SSIM.
+    Ssim,
+    /// Squared error.
+    L2,
+    /// (1 − SSIM) / s + L2 / l, each divided by its mean `s`, `l` on good validation
+    /// images, so both count equally whatever their natural scales.
+    #[value(name = "ssim+l2")]
+    #[serde(rename = "ssim+l2")]
+    SsimL2,
+}
+
+/// How an image's score is read off its smoothed map.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reduction {
+    Max,
+    /// Mean of the `k` highest pixels.
+    TopKMean { k: usize },
+}
+
+/// Everything needed to turn raw error maps into the anomaly map; stored in `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapSpec {
+    pub method: MapMethod,
+    /// Divisor of 1 − SSIM (mean on validation images; 1 until calibrated).
+    pub ssim_scale: f32,
+    /// Divisor of the squared error (mean on validation images; 1 until calibrated).
+    pub l2_scale: f32,
+    /// σ of the Gaussian smoothing, in working-resolution pixels.
+    pub smoothing_sigma: f32,
+    pub reduction: Reduction,
+    pub ssim_window: usize,
+    pub ssim_sigma: f32,
+}
+
+impl Default for MapSpec {
+    fn default() -> Self {
+        Self {
+            method: MapMethod::SsimL2,
+            ssim_scale: 1.0,
+            l2_scale: 1.0,
+            smoothing_sigma: 4.0,
+            reduction: Reduction::Max,
+            ssim_window: 11,
+            ssim_sigma: 1.5,
+        }
+    }
+}
+
+/// Unscaled per-pixel error maps: 1 − SSIM and squared error, averaged over channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawMaps {
+    pub width: usize,
+    pub height: usize,
+    pub dssim: Vec<f32>,
+    pub l2: Vec<f32>,
+}
+
+impl RawMaps {
+    pub fn compute(input: &Planar, recon: &Planar, spec: &MapSpec) -> Self {
+        assert_eq!(
+            (input.channels, input.width, input.height),
+            (recon.channels, recon.width, recon.height),
+            "input and reconstruction differ in shape"
+        );
+        let params = ssim::SsimParams {
+            sigma: spec.ssim_sigma,
+            radius: spec.ssim_window / 2,
+            ..Default::default()
+        };
+        let (c, w, h) = (input.channels, input.width, input.height);
+        let mut dssim = ssim::ssim_map_multichannel(&input.data, &recon.data, c, w, h, &params);
+        dssim.iter_mut().for_each(|v| *v = 1.0 - *v);
+        let l2 = ssim::l2_map(&input.data, &recon.data, c, w, h);
+        Self {
+            width: w,
+            height: h,
+            dssim,
+            l2,
+        }
+    }
+
+    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]).
+    pub fn zeros(width: usize, height: usize) -> Self {
+        Self {
+            width,
+            height,
+            dssim: vec![0.0; width * height],
+            l2: vec![0.0; width * height],
+        }
+    }
+
+    /// Adds a tile's maps at (x, y) and counts the coverage in `counts`.
+    pub fn add_tile(&mut self, tile: &RawMaps, x: usize, y: usize, counts: &mut [u32]) {
+        for r in 0..tile.height {
+            for col in 0..tile.width {
+                let i = (y + r) * self.width + x + col;
+                let t = r * tile.width + col;
+                self.dssim[i] += tile.dssim[t];
+                self.l2[i] += tile.l2[t];
+                counts[i] += 1;
+            }
+        }
+    }
+
+    /// Divides by the tile coverage after accumulation.
+    pub fn normalise(&mut self, counts: &[u32]) {
+        for (i, &n) in counts.iter().enumerate() {
+            let n = n.max(1) as f32;
+            self.dssim[i] /= n;
+            self.l2[i] /= n;
+        }
+    }
+}
+
+/// Combines raw maps by `spec.method` and smooths: the anomaly map at working resolution.
+pub fn anomaly_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
+    let combined: Vec<f32> = match spec.method {
+        MapMethod::Ssim => raw.dssim.iter().map(|v| v / spec.ssim_scale).collect(),
+        MapMethod::L2 => raw.l2.iter().map(|v| v / spec.l2_scale).collect(),
+        MapMethod::SsimL2 => raw
+            .dssim
+            .iter()
+            .zip(&raw.l2)
+            .map(|(d, l)| d / spec.ssim_scale + l / spec.l2_scale)
+            .collect(),
+    };
+    filter::gaussian_smooth(&combined, raw.width, raw.height, spec.smoothing_sigma)
+}
+
+/// The image score of a smoothed anomaly map.
+pub fn image_score(map: &[f32], reduction: Reduction) -> f32 {
+    match reduction {
+        Reduction::Max => map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        Reduction::TopKMean { k } => {
+            let k = k.clamp(1, map.len());
+            let mut v = map.to_vec();
+            let (_, _, _) = v.select_nth_unstable_by(map.len() - k, |a, b| a.total_cmp(b));
+            let top = &v[map.len() - k..];
+            top.iter().sum::<f32>() / k as f32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_images_have_zero_raw_error() {
+        let mut p = Planar::new(3, 16, 12);
+        p.data.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32 / 7.0);
+        let raw = RawMaps::compute(&p, &p, &MapSpec::default());
+        assert!(raw.dssim.iter().all(|v| v.abs() < 1e-5));
+        assert!(raw.l2.iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn top_k_mean_and_max() {
+        let m = [1.0, 5.0, 3.0, 4.0];
+        assert_eq!(image_score(&m, Reduction::Max), 5.0);
+        assert_eq!(image_score(&m, Reduction::TopKMean { k: 2 }), 4.5);
+        assert_eq!(image_score(&m, Reduction::TopKMean { k: 99 }), 3.25);
+    }
+
+    #[test]
+    fn tiles_average_where_they_overlap() {
+        let mut acc = RawMaps::zeros(3, 1);
+        let mut counts = vec![0u32; 3];
+        let a = RawMaps { width: 2, height: 1, dssim: vec![1.0, 1.0], l2: vec![2.0, 2.0] };
+        let b = RawMaps { width: 2, height: 1, dssim: vec![3.0, 3.0], l2: vec![0.0, 0.0] };
+        acc.add_tile(&a, 0, 0, &mut counts);
+        acc.add_tile(&b, 1, 0, &mut counts);
+        acc.normalise(&counts);
+        assert_eq!(acc.dssim, vec![1.0, 2.0, 3.0]);
+        assert_eq!(acc.l2, vec![2.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn mixed_map_divides_each_part_by_its_scale() {
+        let raw = RawMaps { width: 1, height: 1, dssim: vec![0.2], l2: vec![0.01] };
+        let spec = MapSpec { ssim_scale: 0.1, l2_scale: 0.005, smoothing_sigma: 0.0, ..Default::default() };
+        assert!((anomaly_map(&raw, &spec)[0] - 4.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,135 @@
+//! Threshold calibration from good images only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::detector::Detector;
+use crate::image_io::Planar;
+use crate::model::artifact::{quantile, ScoreStats, Thresholds};
+use crate::scoring::regions::largest_component_area;
+
+/// How the image threshold is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThresholdMethod {
+    /// A quantile of the good images' scores, raised by the margin.
+    Quantile,
+    /// Bergmann et al.: the lowest map threshold at which no good image has a connected
+    /// region of `min_defect_area` pixels or more.
+    MinArea,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationConfig {
+    pub method: ThresholdMethod,
+    /// Quantile of good scores for the `quantile` method (0.99 = 99th percentile).
+    pub quantile: f32,
+    /// Relative margin: threshold = quantile × (1 + margin).
+    pub margin: f32,
+    /// Smallest defect worth reporting, in working-resolution pixels.
+    pub min_defect_area: u32,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        Self {
+            method: ThresholdMethod::Quantile,
+            quantile: 0.99,
+            margin: 0.1,
+            min_defect_area: 25,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    #[error("calibration needs at least one good image")]
+    NoImages,
+    #[error(transparent)]
+    Model(#[from] candle_core::Error),
+}
+
+/// Sets the map scales and both thresholds of `detector.card` from good `images`
+/// (already at working resolution). Returns the good images' scores.
+pub fn calibrate(detector: &mut Detector, images: &[Planar], cfg: &CalibrationConfig) -> Result<Vec<f32>, CalibrationError> {
+    if images.is_empty() {
+        return Err(CalibrationError::NoImages);
+    }
+    let mut raws = Vec::with_capacity(images.len());
+    for chunk in images.chunks(8) {
+        let refs: Vec<&Planar> = chunk.iter().collect();
+        raws.extend(detector.reconstruct(&refs)?.into_iter().map(|r| r.raw));
+    }
+    // Scales: each error map's mean over the good pixels, so each part of a mixed map
+    // averages 1 on good images.
+    let pixels: usize = raws.iter().map(|r| r.dssim.len()).sum();
+    let mean = |f: &dyn Fn(&crate::scoring::RawMaps) -> f64| raws.iter().map(f).sum::<f64>() / pixels as f64;
+    let dssim_mean = mean(&|r| r.dssim.iter().map(|&v| v as f64).sum());
+    let l2_mean = mean(&|r| r.l2.iter().map(|&v| v as f64).sum());
+    detector.card.scoring.ssim_scale = (dssim_mean as f32).max(1e-6);
+    detector.card.scoring.l2_scale = (l2_mean as f32).max(1e-9);
+
+    let s = detector.card.input.working_size;
+    let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.working_map(r)).collect();
+    let scores: Vec<f32> = maps.iter().map(|m| m.1).collect();
+    let min_area_threshold = maps
+        .iter()
+        .map(|(m, _)| min_area_threshold(m, s, s, cfg.min_defect_area))
+        .fold(0f32, f32::max);
+    let quantile_threshold = quantile(&scores, cfg.quantile) * (1.0 + cfg.margin);
+    let (image, pixel, method) = match cfg.method {
+        ThresholdMethod::Quantile => (quantile_threshold, min_area_threshold.min(quantile_threshold), "quantile"),
+        ThresholdMethod::MinArea => (min_area_threshold, min_area_threshold, "min-area"),
+    };
+    detector.card.thresholds = Thresholds {
+        image,
+        pixel,
+        method: method.into(),
+        quantile: cfg.quantile,
+        margin: cfg.margin,
+        min_defect_area: cfg.min_defect_area,
+        validation_images: images.len(),
+    };
+    detector.card.validation_scores = ScoreStats::of(&scores);
+    Ok(scores)
+}
+
+/// The lowest threshold (to 1e-4 relative) at which `map` has no 8-connected region of
+/// `min_area` pixels or more. Bisection: region sizes only shrink as the threshold rises.
+pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u32) -> f32 {
+    let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let min = map.iter().copied().fold(f32::INFINITY, f32::min);
+    let ok = |t: f32| largest_component_area(map, width, height, t) < min_area.max(1);
+    if ok(min) {
+        return min;
+    }
+    let (mut lo, mut hi) = (min, max);
+    while hi - lo > 1e-4 * hi.abs().max(1e-6) {
+        let mid = 0.5 * (lo + hi);
+        if ok(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_area_threshold_sits_just_below_the_kth_largest_blob_value() {
+        // A 3-pixel blob at value 5 with a 1-pixel spike of 9 elsewhere.
+        let mut m = vec![0f32; 25];
+        m[6] = 5.0;
+        m[7] = 5.0;
+        m[8] = 5.0;
+        m[20] = 9.0;
+        // min_area 2: the blob (3 px) must go, so the threshold reaches 5; the spike stays.
+        let t = min_area_threshold(&m, 5, 5, 2);
+        assert!((t - 5.0).abs() < 1e-3, "{t}");
+        // min_area 4: nothing is that large even at the bottom.
+        assert_eq!(min_area_threshold(&m, 5, 5, 4), 0.0);
+    }
+}

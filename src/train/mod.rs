@@ -1,0 +1,315 @@
+//! Training an autoencoder on good images, then calibrating its thresholds.
+
+pub mod augment;
+pub mod calibrate;
+pub mod dataset;
+pub mod loss;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::detector::Detector;
+use crate::image_io::Planar;
+use crate::model::artifact::{CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION};
+use crate::model::{device, ArtifactError, Architecture, Network};
+use crate::scoring::MapSpec;
+pub use augment::Augment;
+pub use calibrate::{CalibrationConfig, ThresholdMethod};
+pub use loss::LossKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Dataset(#[from] dataset::DatasetError),
+    #[error("invalid settings: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+    #[error("model error: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Calibration(#[from] calibrate::CalibrationError),
+}
+
+/// Everything `vigil train` decides.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub architecture: Architecture,
+    /// 1 or 3; None decides from the images (RGB when any has colour).
+    pub channels: Option<usize>,
+    pub working_size: usize,
+    pub patch_size: usize,
+    pub fit: Fit,
+    pub loss: LossKind,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub validation_fraction: f32,
+    pub seed: u64,
+    pub augment: Augment,
+    pub map: MapSpec,
+    pub calibration: CalibrationConfig,
+    pub device: Device,
+    pub threads: usize,
+    pub progress: bool,
+}
+
+/// Trains, calibrates and writes the artifact to `cfg.out`. Setting `stop` ends training
+/// early; the artifact is still calibrated and written.
+pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, TrainError> {
+    let started = Instant::now();
+    if cfg.patch_size > cfg.working_size {
+        return Err(TrainError::Config(format!(
+            "patch size {} is larger than the working size {}",
+            cfg.patch_size, cfg.working_size
+        )));
+    }
+    if cfg.batch_size == 0 || cfg.steps == 0 {
+        return Err(TrainError::Config("steps and batch size must be positive".into()));
+    }
+    if !(0.0..1.0).contains(&cfg.validation_fraction) {
+        return Err(TrainError::Config("validation fraction must be in [0, 1)".into()));
+    }
+    let files = dataset::training_files(&cfg.data)?;
+    let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
+    let channels = set.images[0].channels;
+    tracing::info!(images = set.images.len(), channels, "loaded training images");
+
+    // Hold out validation images for calibration (seeded, so reruns split alike).
+    let mut order: Vec<usize> = (0..set.images.len()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    order.shuffle(&mut rng);
+    let n_val = if set.images.len() < 2 || cfg.validation_fraction == 0.0 {
+        0
+    } else {
+        ((set.images.len() as f32 * cfg.validation_fraction).round() as usize).clamp(1, set.images.len() - 1)
+    };
+    let validation: Vec<Planar> = order[..n_val].iter().map(|&i| set.images[i].clone()).collect();
+    let training: Vec<Planar> = order[n_val..].iter().map(|&i| set.images[i].clone()).collect();
+
+    let mut card = ModelCard {
+        schema_version: SCHEMA_VERSION,
+        vigil_version: env!("CARGO_PKG_VERSION").into(),
+        architecture: cfg.architecture.clone(),
+        input: InputSpec {
+            channels,
+            working_size: cfg.working_size,
+            patch_size: cfg.patch_size,
+            fit: cfg.fit,
+            normalisation: "unit-range".into(),
+        },
+        scoring: cfg.map.clone(),
+        thresholds: Thresholds {
+            image: f32::INFINITY,
+            pixel: f32::INFINITY,
+            method: "uncalibrated".into(),
+            quantile: 0.0,
+            margin: 0.0,
+            min_defect_area: cfg.calibration.min_defect_area,
+            validation_images: 0,
+        },
+        validation_scores: ScoreStats::default(),
+        training: TrainingSummary::default(),
+        data_fingerprint: set.fingerprint.clone(),
+    };
+    card.check().map_err(TrainError::Config)?;
+
+    let net = Network::new_seeded(&cfg.architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
+    tracing::info!(parameters = net.parameter_count(), "built {:?}", cfg.architecture);
+    let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
+    card.training = TrainingSummary {
+        training_images: training.len(),
+        ..summary
+    };
+    if card.training.collapse.collapsed {
+        tracing::warn!(
+            ratio = card.training.collapse.contrast_ratio,
+            "the reconstructions lost most of the input's contrast (collapse): the model will detect poorly; train longer or change the loss"
+        );
+    }
+
+    let net = Arc::new(net);
+    let mut detector = Detector::new(card, net.clone());
+    let calibration_images = if validation.is_empty() {
+        tracing::warn!("no validation images held out: calibrating on the training images (thresholds will be optimistic)");
+        &training
+    } else {
+        &validation
+    };
+    calibrate::calibrate(&mut detector, calibration_images, &cfg.calibration)?;
+    detector.card.training.seconds = started.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&cfg.out).map_err(|source| ArtifactError::Io {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    net.save_weights(&cfg.out)?;
+    detector.card.save(&cfg.out)?;
+    Ok(detector.card)
+}
+
+/// The optimisation loop. Returns the training summary (without image count).
+fn fit(
+    cfg: &TrainConfig,
+    net: &Network,
+    training: &[Planar],
+    validation: &[Planar],
+    rng: &mut rand_chacha::ChaCha8Rng,
+    stop: &AtomicBool,
+) -> Result<TrainingSummary, TrainError> {
+    let started = Instant::now();
+    let vars: Vec<candle_core::Var> = {
+        let data = net.varmap.data().lock().expect("varmap lock");
+        let mut named: Vec<(&String, &candle_core::Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let params = ParamsAdamW {
+        lr: cfg.learning_rate,
+        weight_decay: 1e-5,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vars, params)?;
+    let bar = progress_bar(cfg.steps, cfg.progress);
+    let curve_every = (cfg.steps / 100).max(1);
+    let mut curve = Vec::new();
+    let (mut interval_loss, mut interval_n) = (0f64, 0usize);
+    let mut last_loss = f32::NAN;
+    let mut steps_done = 0;
+    let (c, p) = (training[0].channels, cfg.patch_size);
+    for step in 0..cfg.steps {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        opt.set_learning_rate(cosine_lr(cfg.learning_rate, step, cfg.steps));
+        let (mut xs, mut ys) = (Vec::with_capacity(cfg.batch_size * c * p * p), Vec::with_capacity(cfg.batch_size * c * p * p));
+        for _ in 0..cfg.batch_size {
+            let (x, y) = augment::sample(training, p, &cfg.augment, rng);
+            xs.extend_from_slice(&x.data);
+            ys.extend_from_slice(&y.data);
+        }
+        let x = Tensor::from_vec(xs, (cfg.batch_size, c, p, p), &cfg.device)?;
+        let y = Tensor::from_vec(ys, (cfg.batch_size, c, p, p), &cfg.device)?;
+        let recon = net.autoencoder.forward_t(&x, true)?;
+        let loss = cfg.loss.compute(&recon, &y)?;
+        opt.backward_step(&loss)?;
+        last_loss = loss.to_scalar::<f32>()?;
+        if !last_loss.is_finite() {
+            return Err(TrainError::Config(format!(
+                "the loss became {last_loss} at step {step}; lower --lr"
+            )));
+        }
+        interval_loss += last_loss as f64;
+        interval_n += 1;
+        steps_done = step + 1;
+        if steps_done % curve_every == 0 || steps_done == cfg.steps {
+            curve.push((steps_done, (interval_loss / interval_n as f64) as f32));
+            interval_loss = 0.0;
+            interval_n = 0;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        bar.set_message(format!(
+            "loss {last_loss:.4}  {:.1} img/s",
+            (steps_done * cfg.batch_size) as f64 / secs.max(1e-9)
+        ));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let stopped_early = steps_done < cfg.steps;
+    if stopped_early {
+        tracing::warn!(steps_done, planned = cfg.steps, "training stopped early; writing the model trained so far");
+    }
+    let collapse = collapse_check(net, if validation.is_empty() { training } else { validation }, p)?;
+    Ok(TrainingSummary {
+        steps: steps_done,
+        planned_steps: cfg.steps,
+        stopped_early,
+        batch_size: cfg.batch_size,
+        learning_rate: cfg.learning_rate,
+        loss: cfg.loss.name().into(),
+        seed: cfg.seed,
+        threads: cfg.threads,
+        device: device::name(&cfg.device).into(),
+        seconds: started.elapsed().as_secs_f64(),
+        final_loss: last_loss,
+        loss_curve: curve,
+        training_images: 0,
+        augment: cfg.augment.names(),
+        inpainting_fraction: cfg.augment.inpaint_fraction,
+        collapse,
+    })
+}
+
+/// Cosine decay from `lr` to 1% of it, after a warm-up over the first 2% of steps.
+pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f64 {
+    let warmup = (steps / 50).max(1);
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let t = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+    lr * (0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+/// Compares the contrast (standard deviation) of centre crops and their reconstructions.
+fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<CollapseCheck, TrainError> {
+    use crate::model::Reconstructor;
+    let crops: Vec<Planar> = images
+        .iter()
+        .take(8)
+        .map(|im| im.crop((im.width - patch) / 2, (im.height - patch) / 2, patch, patch))
+        .collect();
+    let c = crops[0].channels;
+    let flat: Vec<f32> = crops.iter().flat_map(|p| p.data.iter().copied()).collect();
+    let x = Tensor::from_vec(flat.clone(), (crops.len(), c, patch, patch), net.device())?;
+    let y: Vec<f32> = net.reconstruct(&x)?.flatten_all()?.to_vec1()?;
+    let per = c * patch * patch;
+    let std = |v: &[f32]| {
+        let m = v.iter().sum::<f32>() / v.len() as f32;
+        (v.iter().map(|a| (a - m).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+    };
+    let mean_std = |all: &[f32]| all.chunks(per).map(std).sum::<f32>() / crops.len() as f32;
+    let (input_std, reconstruction_std) = (mean_std(&flat), mean_std(&y));
+    let contrast_ratio = if input_std > 1e-6 { reconstruction_std / input_std } else { 1.0 };
+    Ok(CollapseCheck {
+        input_std,
+        reconstruction_std,
+        contrast_ratio,
+        collapsed: contrast_ratio < 0.2,
+    })
+}
+
+fn progress_bar(len: usize, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("training {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_warms_up_then_decays_to_one_percent() {
+        let lr = 1e-3;
+        assert!(cosine_lr(lr, 0, 1000) < lr / 10.0);
+        assert!((cosine_lr(lr, 19, 1000) - lr).abs() < 1e-12);
+        assert!(cosine_lr(lr, 500, 1000) < lr && cosine_lr(lr, 500, 1000) > lr * 0.4);
+        assert!((cosine_lr(lr, 999, 1000) - lr * 0.01).abs() < lr * 0.001);
+    }
+}
