@@ -4,9 +4,14 @@
 //! [`model`] reconstructs) → [`scoring`] (SSIM/L2 maps, smoothing, score, regions,
 //! heatmap) → the caller (CLI, evaluation, server).
 
+pub mod cli;
+pub mod commands;
 pub mod detector;
 pub mod eval;
 pub mod image_io;
 pub mod model;
+pub mod npy;
 pub mod scoring;
+pub mod synth;
+pub mod telemetry;
 pub mod train;

@@ -1,1 +1,37 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use vigil::cli::{Cli, Command};
+use vigil::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Before any thread pool exists: candle and rayon both read this.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    vigil::telemetry::init(cli.json_logs);
+    let threads = candle_core::utils::get_num_threads();
+    let result = match &cli.command {
+        Command::Train(a) => commands::train::run(a, threads),
+        Command::Inspect(a) => match commands::inspect::run(a) {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                eprintln!("{n} image(s) could not be inspected (see their error objects)");
+                return ExitCode::from(1);
+            }
+            Err(e) => Err(e),
+        },
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Calibrate(a) => commands::calibrate(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Synth(a) => commands::synth(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,235 @@
+//! Evaluation on a labelled test set in the MVTec AD layout:
+//! `test/good/*`, `test/<defect>/*`, `ground_truth/<defect>/<name>_mask.png` (optional).
+
+pub mod figure;
 pub mod metrics;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::detector::Detector;
+use crate::image_io;
+use crate::train::dataset::{image_files, DatasetError};
+use metrics::{Confusion, MaskedMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{0}: no `test` folder (expected the MVTec AD layout: test/good, test/<defect>, ground_truth/<defect>)")]
+    NoTestFolder(PathBuf),
+    #[error("{0}: the test set needs both good images (test/good) and defective ones (test/<defect>)")]
+    OneClass(PathBuf),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("{path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: image_io::ImageError,
+    },
+    #[error("model error: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// One test image and where its mask is.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub path: PathBuf,
+    /// `good` or the defect folder's name.
+    pub category: String,
+    pub mask: Option<PathBuf>,
+}
+
+impl TestImage {
+    pub fn is_defective(&self) -> bool {
+        self.category != "good"
+    }
+}
+
+/// Lists the test images of an MVTec AD category folder.
+pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
+    let test = dir.join("test");
+    if !test.is_dir() {
+        return Err(EvalError::NoTestFolder(dir.to_path_buf()));
+    }
+    let mut categories: Vec<PathBuf> = std::fs::read_dir(&test)
+        .map_err(DatasetError::Io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    categories.sort();
+    let mut out = Vec::new();
+    for cat in categories {
+        let name = cat.file_name().expect("dir name").to_string_lossy().to_string();
+        for path in image_files(&cat)? {
+            let stem = path.file_stem().expect("file stem").to_string_lossy().to_string();
+            let mask = dir.join("ground_truth").join(&name).join(format!("{stem}_mask.png"));
+            out.push(TestImage {
+                category: name.clone(),
+                mask: mask.is_file().then_some(mask),
+                path,
+            });
+        }
+    }
+    let defective = out.iter().filter(|t| t.is_defective()).count();
+    if defective == 0 || defective == out.len() {
+        return Err(EvalError::OneClass(dir.to_path_buf()));
+    }
+    Ok(out)
+}
+
+/// Metrics for all images or one defect kind (against all good images).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub good_images: usize,
+    pub defective_images: usize,
+    pub image_auroc: f64,
+    /// None when masks are missing for some defective image.
+    pub pixel_auroc: Option<f64>,
+    /// Normalised area under the PRO curve up to 30% FPR.
+    pub aupro: Option<f64>,
+    /// At the model's threshold.
+    pub at_threshold: Confusion,
+}
+
+/// What `vigil eval` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub threshold: f32,
+    pub overall: Metrics,
+    /// The threshold with the best image-level F1 on this test set.
+    pub best_f1: Confusion,
+    pub per_defect: Vec<(String, Metrics)>,
+    pub seconds: f64,
+    /// Inputs for the figure: image scores with their categories, ROC curve points.
+    #[serde(skip)]
+    pub scores: Vec<(String, f32)>,
+}
+
+/// Scores every test image and computes the metrics.
+pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: bool) -> Result<EvalReport, EvalError> {
+    let started = std::time::Instant::now();
+    let set = test_set(dir)?;
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(set.len() as u64);
+        b.set_style(indicatif::ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} images  eta {eta}").expect("template"));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut scored = Vec::with_capacity(set.len());
+    for chunk in set.chunks(8) {
+        let images = chunk
+            .iter()
+            .map(|t| image_io::load(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image { path: t.path.clone(), source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&image::DynamicImage> = images.iter().collect();
+        for (t, insp) in chunk.iter().zip(detector.inspect_batch(&refs, None)?) {
+            let mask = match &t.mask {
+                Some(p) => Some(load_mask(p, insp.width, insp.height)?),
+                None if !t.is_defective() => Some(vec![false; insp.width * insp.height]),
+                None => None,
+            };
+            scored.push((t.category.clone(), insp, mask));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let threshold = detector.card.thresholds.image;
+    let overall = metrics_of(scored.iter().collect(), threshold);
+    let mut defects: Vec<String> = scored.iter().filter(|s| s.0 != "good").map(|s| s.0.clone()).collect();
+    defects.dedup();
+    let per_defect = defects
+        .into_iter()
+        .map(|d| {
+            let subset = scored.iter().filter(|s| s.0 == "good" || s.0 == d).collect();
+            (d, metrics_of(subset, threshold))
+        })
+        .collect();
+    let scores: Vec<(String, f32)> = scored.iter().map(|s| (s.0.clone(), s.1.score)).collect();
+    let (s, l): (Vec<f32>, Vec<bool>) = scored.iter().map(|x| (x.1.score, x.0 != "good")).unzip();
+    Ok(EvalReport {
+        model: model_dir.display().to_string(),
+        data: dir.display().to_string(),
+        threshold,
+        overall,
+        best_f1: Confusion::best_f1(&s, &l),
+        per_defect,
+        seconds: started.elapsed().as_secs_f64(),
+        scores,
+    })
+}
+
+type Scored = (String, crate::detector::Inspection, Option<Vec<bool>>);
+
+fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
+    let scores: Vec<f32> = items.iter().map(|s| s.1.score).collect();
+    let labels: Vec<bool> = items.iter().map(|s| s.0 != "good").collect();
+    let all_masks = items.iter().all(|s| s.2.is_some());
+    let (pixel_auroc, aupro) = if all_masks {
+        let total: usize = items.iter().map(|s| s.1.map.len()).sum();
+        let mut pix = Vec::with_capacity(total);
+        let mut lab = Vec::with_capacity(total);
+        for s in &items {
+            pix.extend_from_slice(&s.1.map);
+            lab.extend_from_slice(s.2.as_ref().expect("checked"));
+        }
+        let masked: Vec<MaskedMap> = items
+            .iter()
+            .map(|s| MaskedMap { map: &s.1.map, mask: s.2.as_ref().expect("checked"), width: s.1.width, height: s.1.height })
+            .collect();
+        (metrics::auroc(&pix, &lab), metrics::aupro(&masked, 0.3))
+    } else {
+        (None, None)
+    };
+    Metrics {
+        good_images: labels.iter().filter(|l| !**l).count(),
+        defective_images: labels.iter().filter(|l| **l).count(),
+        image_auroc: metrics::auroc(&scores, &labels).unwrap_or(f64::NAN),
+        pixel_auroc,
+        aupro,
+        at_threshold: Confusion::at(&scores, &labels, threshold),
+    }
+}
+
+/// Loads a mask (nonzero = defect), resized with nearest neighbour to the image's size.
+fn load_mask(path: &Path, width: usize, height: usize) -> Result<Vec<bool>, EvalError> {
+    let img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image { path: path.to_path_buf(), source })?;
+    let mut g = img.to_luma8();
+    if (g.width() as usize, g.height() as usize) != (width, height) {
+        g = image::imageops::resize(&g, width as u32, height as u32, image::imageops::FilterType::Nearest);
+    }
+    Ok(g.pixels().map(|p| p[0] > 0).collect())
+}
+
+impl EvalReport {
+    /// A plain-text summary for the terminal.
+    pub fn summary(&self) -> String {
+        let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
+        let mut s = format!(
+            "{:<16} {:>6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+            "defect", "good", "bad", "img AUROC", "pix AUROC", "AUPRO", "recall", "F1"
+        );
+        let mut row = |name: &str, m: &Metrics| {
+            s.push_str(&format!(
+                "{:<16} {:>6} {:>6} {:>9.4} {:>9} {:>8} {:>8.3} {:>8.3}\n",
+                name, m.good_images, m.defective_images, m.image_auroc, f(m.pixel_auroc), f(m.aupro), m.at_threshold.recall, m.at_threshold.f1
+            ));
+        };
+        for (d, m) in &self.per_defect {
+            row(d, m);
+        }
+        row("all", &self.overall);
+        let t = &self.overall.at_threshold;
+        s.push_str(&format!(
+            "\nat the model's threshold {:.4}: precision {:.3}, recall {:.3}, F1 {:.3}, accuracy {:.3} (FP {}, FN {})\n",
+            self.threshold, t.precision, t.recall, t.f1, t.accuracy, t.false_positives, t.false_negatives
+        ));
+        s.push_str(&format!(
+            "best F1 on this set: {:.3} at threshold {:.4} (precision {:.3}, recall {:.3})\n",
+            self.best_f1.f1, self.best_f1.threshold, self.best_f1.precision, self.best_f1.recall
+        ));
+        s
+    }
+}

@@ -238,6 +238,38 @@ impl Autoencoder {
         })
     }
 
+    /// Multiply-adds × 2 of one forward pass on an `h × w` input (convolutions and the
+    /// linear layer; activations and normalisation are not counted).
+    pub fn flops(&self, h: usize, w: usize) -> u64 {
+        let (mut h, mut w) = (h, w);
+        let mut total = 0u64;
+        for l in self.encoder.iter().chain(&self.decoder) {
+            match l {
+                Layer::Conv(c) => {
+                    let (cout, cin, k, _) = c.weight().dims4().expect("4-D weight");
+                    let cfg = c.config();
+                    h = (h + 2 * cfg.padding - k) / cfg.stride + 1;
+                    w = (w + 2 * cfg.padding - k) / cfg.stride + 1;
+                    total += 2 * (cout * cin * k * k * h * w) as u64;
+                }
+                Layer::ConvT(c) => {
+                    let (cin, cout, k, _) = c.weight().dims4().expect("4-D weight");
+                    total += 2 * (cout * cin * k * k * h * w) as u64;
+                    let cfg = c.config();
+                    h = (h - 1) * cfg.stride + k - 2 * cfg.padding;
+                    w = (w - 1) * cfg.stride + k - 2 * cfg.padding;
+                }
+                Layer::Expand(lin, _, eh, ew) => {
+                    let (o, i) = lin.weight().dims2().expect("2-D weight");
+                    total += 2 * (o * i) as u64;
+                    (h, w) = (*eh, *ew);
+                }
+                _ => {}
+            }
+        }
+        total
+    }
+
     /// Runs the network; `train` selects batch statistics in BatchNorm layers.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();

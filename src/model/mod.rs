@@ -176,3 +176,18 @@ mod tests {
         assert_ne!(ya, yc);
     }
 }
+
+#[cfg(test)]
+mod flop_tests {
+    use super::*;
+
+    #[test]
+    fn bergmann_flops_match_the_published_count() {
+        // ../shared/FINDINGS.md: 242.5 MFLOP per 128×128 grayscale image with a
+        // transposed-conv latent expansion; ours expands with a Linear layer, which does
+        // 2·100·2048 FLOPs instead of 2·100·32·64·... — compare the conv layers alone.
+        let net = Network::new_seeded(&Architecture::Bergmann { latent: 100 }, 1, 128, &Device::Cpu, 0).unwrap();
+        let f = net.autoencoder.flops(128, 128) as f64 / 1e6;
+        assert!(f > 200.0 && f < 250.0, "{f} MFLOP");
+    }
+}

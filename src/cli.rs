@@ -1,0 +1,241 @@
+//! Command-line interface definitions (clap). Every option has a default that works.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::device::DeviceChoice;
+use crate::scoring::MapMethod;
+use crate::train::{LossKind, ThresholdMethod};
+
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about = "Visual anomaly detection: learn what good parts look like, flag what cannot be reproduced.")]
+pub struct Cli {
+    /// CPU threads for the model (default: all cores). Same as RAYON_NUM_THREADS.
+    #[arg(long, global = true, env = "VIGIL_THREADS")]
+    pub threads: Option<usize>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "VIGIL_JSON_LOGS")]
+    pub json_logs: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model on a folder of good images and calibrate its thresholds.
+    Train(TrainArgs),
+    /// Score images: verdict, regions, anomaly maps and heatmaps.
+    Inspect(InspectArgs),
+    /// Evaluate a model on a labelled test set in the MVTec AD layout.
+    Eval(EvalArgs),
+    /// Re-set a model's thresholds from new good images, without retraining.
+    Calibrate(CalibrateArgs),
+    /// Measure speeds: matmul peak, forward passes, SSIM map, training step.
+    Bench(BenchArgs),
+    /// Generate the synthetic surface data set (MVTec AD layout) the bundled model is trained on.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Channels {
+    Gray,
+    Rgb,
+    /// RGB if any training image has colour, else gray.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchName {
+    /// Fully convolutional, spatial bottleneck, BatchNorm (the default; does not collapse).
+    Spatial,
+    /// Bergmann et al. 2019: vector latent (see --latent).
+    Bergmann,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FitName {
+    /// The working image passes through the network whole (spatial architecture).
+    Whole,
+    /// Overlapping patches of --patch pixels at --stride; maps averaged.
+    Tiles,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder of good images (PNG, JPEG, BMP, TIFF; searched recursively), or an MVTec AD
+    /// category folder (its train/good is used).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the model (model.json + weights.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = ArchName::Spatial)]
+    pub arch: ArchName,
+    /// Working resolution: every image is resized to SIZE×SIZE first.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Training crop size (and tile size with --fit tiles). For --arch bergmann this is the
+    /// network's input: 128, 256 or 512.
+    #[arg(long, default_value_t = 128)]
+    pub patch: usize,
+    /// How images meet the network at inference (default: whole for spatial, tiles for bergmann).
+    #[arg(long, value_enum)]
+    pub fit: Option<FitName>,
+    /// Tile stride for --fit tiles.
+    #[arg(long, default_value_t = 32)]
+    pub stride: usize,
+    #[arg(long, value_enum, default_value_t = Channels::Auto)]
+    pub channels: Channels,
+    /// Training loss. ssim+l2 = (1 − SSIM) + 5·MSE.
+    #[arg(long, value_enum, default_value_t = LossKind::SsimL2)]
+    pub loss: LossKind,
+    /// Latent vector size (--arch bergmann).
+    #[arg(long, default_value_t = 100)]
+    pub latent: usize,
+    /// Base channel width (--arch spatial: width, 2·width, 4·width).
+    #[arg(long, default_value_t = 16)]
+    pub width: usize,
+    /// Bottleneck channels at 1/8 resolution (--arch spatial).
+    #[arg(long, default_value_t = 8)]
+    pub bottleneck: usize,
+    /// Optimisation steps (batches). Ignored when --epochs is given.
+    #[arg(long, default_value_t = 700)]
+    pub steps: usize,
+    /// Passes over the training images, one crop per image each; overrides --steps.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW, cosine decay, 2% warm-up).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Fraction of the good images held out of training to calibrate thresholds.
+    #[arg(long, default_value_t = 0.1)]
+    pub validation_fraction: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Augmentations: any of flips, rot90, brightness, inpaint; or none.
+    #[arg(long, value_delimiter = ',', default_value = "flips,rot90,brightness,inpaint")]
+    pub augment: Vec<String>,
+    #[command(flatten)]
+    pub scoring: ScoringArgs,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoringArgs {
+    /// Anomaly map: ssim (1 − SSIM), l2, or ssim+l2 (each divided by its mean on good images).
+    #[arg(long, value_enum, default_value_t = MapMethod::SsimL2)]
+    pub map: MapMethod,
+    /// σ of the Gaussian smoothing of the anomaly map, in working-resolution pixels.
+    #[arg(long, default_value_t = 4.0)]
+    pub smoothing: f32,
+    /// Score = mean of the K highest map values instead of the maximum.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrationArgs {
+    /// quantile: the good images' score quantile × (1 + margin); min-area: Bergmann's rule.
+    #[arg(long, value_enum, default_value_t = ThresholdMethod::Quantile)]
+    pub threshold_method: ThresholdMethod,
+    #[arg(long, default_value_t = 0.99)]
+    pub quantile: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub margin: f32,
+    /// Smallest defect worth reporting, in working-resolution pixels.
+    #[arg(long, default_value_t = 25)]
+    pub min_defect_area: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model directory.
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// Write one JSON object per image here (default: standard output).
+    #[arg(long)]
+    pub json_lines: Option<PathBuf>,
+    /// Write each anomaly map as float32 .npy (height × width) here.
+    #[arg(long)]
+    pub maps_dir: Option<PathBuf>,
+    /// Write each heatmap overlay as PNG here.
+    #[arg(long)]
+    pub heatmaps_dir: Option<PathBuf>,
+    /// Override the model's image threshold.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Images or folders (searched recursively).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// MVTec AD category folder (test/good, test/<defect>, ground_truth/<defect>).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a PNG with the ROC curve and the score histograms here.
+    #[arg(long)]
+    pub figure: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Folder of good images (all are used for calibration).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// Also time the Bergmann architecture beside the default one.
+    #[arg(long)]
+    pub bergmann: bool,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder (MVTec AD layout).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    #[arg(long, default_value_t = 80)]
+    pub train_good: usize,
+    #[arg(long, default_value_t = 20)]
+    pub test_good: usize,
+    /// Test images per defect kind (scratch, stain, hole, contamination).
+    #[arg(long, default_value_t = 10)]
+    pub test_defective: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}

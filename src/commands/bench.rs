@@ -1,0 +1,218 @@
+//! `vigil bench`: speeds of the building blocks, each next to the machine's matmul peak
+//! measured in the same run, so figures read as a fraction of what the CPU can do.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::cli::BenchArgs;
+use crate::model::{device, Architecture, Network, Reconstructor};
+use crate::scoring::ssim::{ssim_map, SsimParams};
+use crate::train::LossKind;
+
+#[derive(Debug, Serialize)]
+pub struct Forward {
+    pub arch: String,
+    pub size: usize,
+    pub batch: usize,
+    pub images_per_s: f64,
+    pub gflops: f64,
+    pub share_of_peak: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Choice {
+    pub what: String,
+    pub chosen_ms: f64,
+    pub alternative_ms: f64,
+    /// alternative / chosen: above 1 means the chosen path is faster.
+    pub speedup: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub threads: usize,
+    pub matmul_gflops: f64,
+    pub forward: Vec<Forward>,
+    /// Batch 16, 128², default architecture, ssim+l2 loss, AdamW.
+    pub train_step_s: f64,
+    pub train_step_l2_s: f64,
+    pub ssim_map_256_ms: f64,
+    pub ssim_map_256_candle_ms: f64,
+    pub choices: Vec<Choice>,
+}
+
+/// Median seconds of `repeat` runs after one warm-up.
+fn time<F: FnMut() -> candle_core::Result<()>>(repeat: usize, mut f: F) -> candle_core::Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(repeat);
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let dev = device::select(args.device)?;
+    let report = measure(&dev, args.repeat, args.bergmann)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<BenchReport> {
+    let n = 1024;
+    let a = Tensor::rand(0f32, 1f32, (n, n), dev)?;
+    let b = Tensor::rand(0f32, 1f32, (n, n), dev)?;
+    let mm = time(repeat, || {
+        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let peak = 2.0 * (n * n * n) as f64 / mm / 1e9;
+
+    let default_arch = Architecture::Spatial { width: 16, bottleneck: 8 };
+    let mut archs = vec![("spatial", default_arch.clone())];
+    if bergmann {
+        archs.push(("bergmann", Architecture::Bergmann { latent: 100 }));
+    }
+    let mut forward = Vec::new();
+    for (name, arch) in &archs {
+        for size in [128usize, 256] {
+            let net = Network::new_seeded(arch, 1, size, dev, 0)?;
+            let flops = net.autoencoder.flops(size, size) as f64;
+            for batch in [1usize, 16] {
+                let x = Tensor::rand(0f32, 1f32, (batch, 1, size, size), dev)?;
+                let s = time(repeat, || {
+                    net.reconstruct(&x)?.sum_all()?.to_scalar::<f32>()?;
+                    Ok(())
+                })?;
+                let ips = batch as f64 / s;
+                forward.push(Forward {
+                    arch: name.to_string(),
+                    size,
+                    batch,
+                    images_per_s: ips,
+                    gflops: ips * flops / 1e9,
+                    share_of_peak: ips * flops / 1e9 / peak,
+                });
+            }
+        }
+    }
+
+    let step = |loss: LossKind| -> candle_core::Result<f64> {
+        use candle_nn::Optimizer;
+        let net = Network::new_seeded(&default_arch, 1, 128, dev, 0)?;
+        let mut opt = candle_nn::AdamW::new(net.varmap.all_vars(), Default::default())?;
+        let x = Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?;
+        time(repeat, || {
+            let y = net.autoencoder.forward_t(&x, true)?;
+            let l = loss.compute(&y, &x)?;
+            opt.backward_step(&l)?;
+            l.to_scalar::<f32>()?;
+            Ok(())
+        })
+    };
+    let train_step_s = step(LossKind::SsimL2)?;
+    let train_step_l2_s = step(LossKind::L2)?;
+
+    let plane: Vec<f32> = (0..256 * 256).map(|i| ((i * 7919) % 256) as f32 / 255.0).collect();
+    let other: Vec<f32> = plane.iter().map(|v| (v * 0.9 + 0.05).min(1.0)).collect();
+    let ssim = time(repeat, || {
+        std::hint::black_box(ssim_map(&plane, &other, 256, 256, &SsimParams::default()));
+        Ok(())
+    })?;
+    let ta = Tensor::from_vec(plane.clone(), (1, 1, 256, 256), dev)?;
+    let tb = Tensor::from_vec(other.clone(), (1, 1, 256, 256), dev)?;
+    let ssim_candle = time(repeat, || {
+        crate::train::loss::ssim_mean(&ta, &tb)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+
+    let choices = measure_choices(dev, repeat)?;
+    Ok(BenchReport {
+        device: device::name(dev).into(),
+        threads: candle_core::utils::get_num_threads(),
+        matmul_gflops: peak,
+        forward,
+        train_step_s,
+        train_step_l2_s,
+        ssim_map_256_ms: ssim * 1e3,
+        ssim_map_256_candle_ms: ssim_candle * 1e3,
+        choices,
+    })
+}
+
+/// The measured design choices of the model module.
+fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choice>> {
+    let mut out = Vec::new();
+    let mut push = |what: &str, chosen: f64, alt: f64| {
+        out.push(Choice { what: what.into(), chosen_ms: chosen * 1e3, alternative_ms: alt * 1e3, speedup: alt / chosen })
+    };
+    let x = Tensor::randn(0f32, 1f32, (16, 32, 64, 64), dev)?;
+    let mine = time(repeat, || {
+        x.maximum(&(&x * 0.2)?)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let theirs = time(repeat, || {
+        candle_nn::ops::leaky_relu(&x, 0.2)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    push("LeakyReLU on 16×32×64×64: max(x, 0.2x) vs candle_nn::ops::leaky_relu", mine, theirs);
+
+    // Up-sampling 16×32×64×64 → 128×128 with 32 output channels.
+    let wt = Tensor::randn(0f32, 0.1, (32, 32, 4, 4), dev)?;
+    let wc = Tensor::randn(0f32, 0.1, (32, 32, 3, 3), dev)?;
+    let convt = time(repeat, || {
+        x.conv_transpose2d(&wt, 1, 0, 2, 1)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let upconv = time(repeat, || {
+        x.upsample_nearest2d(128, 128)?.conv2d(&wc, 1, 1, 1, 1)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    push("2× up-sampling 32→32 ch at 64→128, batch 16: 4×4 stride-2 transposed conv vs nearest + 3×3 conv", convt, upconv);
+
+    // Latent expansion 100 → 32×8×8, batch 16.
+    let z = Tensor::randn(0f32, 1f32, (16, 100), dev)?;
+    let wl = Tensor::randn(0f32, 0.1, (2048, 100), dev)?;
+    let wk = Tensor::randn(0f32, 0.1, (100, 32, 8, 8), dev)?;
+    let linear = time(repeat, || {
+        z.matmul(&wl.t()?)?.reshape((16, 32, 8, 8))?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let z4 = z.reshape((16, 100, 1, 1))?;
+    let convt8 = time(repeat, || {
+        z4.conv_transpose2d(&wk, 0, 0, 1, 1)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    push("latent 100 → 32×8×8, batch 16: Linear vs 8×8 transposed conv", linear, convt8);
+    let _ = DType::F32;
+    Ok(out)
+}
+
+fn print_table(r: &BenchReport) {
+    println!("device {} with {} threads; matmul (1024³, f32): {:.1} GFLOP/s", r.device, r.threads, r.matmul_gflops);
+    println!("\n{:<10} {:>5} {:>6} {:>10} {:>8} {:>7}", "forward", "size", "batch", "images/s", "GFLOP/s", "% peak");
+    for f in &r.forward {
+        println!("{:<10} {:>5} {:>6} {:>10.1} {:>8.1} {:>6.1}%", f.arch, f.size, f.batch, f.images_per_s, f.gflops, f.share_of_peak * 100.0);
+    }
+    println!("\ntraining step, batch 16, 128², spatial: {:.3} s with ssim+l2 loss, {:.3} s with l2", r.train_step_s, r.train_step_l2_s);
+    println!(
+        "SSIM map 256²: {:.2} ms hand-written, {:.1} ms through candle conv2d ({:.0}×)",
+        r.ssim_map_256_ms,
+        r.ssim_map_256_candle_ms,
+        r.ssim_map_256_candle_ms / r.ssim_map_256_ms
+    );
+    println!("\nchoices:");
+    for c in &r.choices {
+        println!("  {}: {:.2} ms vs {:.2} ms ({:.1}×)", c.what, c.chosen_ms, c.alternative_ms, c.speedup);
+    }
+}

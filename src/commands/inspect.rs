@@ -1,0 +1,110 @@
+//! `vigil inspect`: one JSON object per image; bad images give an error object and the run goes on.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::cli::InspectArgs;
+use crate::detector::{Detector, Inspection};
+use crate::image_io;
+use crate::scoring::heatmap::render_heatmap;
+use crate::train::dataset::image_files;
+
+#[derive(Serialize)]
+struct Record<'a> {
+    path: String,
+    #[serde(flatten)]
+    inspection: &'a Inspection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    map_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heatmap_path: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Failure {
+    path: String,
+    error: String,
+}
+
+/// Returns the number of images that could not be inspected.
+pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
+    let detector = super::load_detector(&args.model, args.device)?;
+    let mut paths = Vec::new();
+    for input in &args.inputs {
+        if input.is_dir() {
+            paths.extend(image_files(input)?);
+        } else {
+            paths.push(input.clone());
+        }
+    }
+    for dir in [&args.maps_dir, &args.heatmaps_dir].into_iter().flatten() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut out: Box<dyn Write> = match &args.json_lines {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut failures = 0;
+    for chunk in paths.chunks(8) {
+        let mut ok = Vec::new();
+        for p in chunk {
+            match image_io::load(p, image_io::DEFAULT_MAX_PIXELS) {
+                Ok(img) => ok.push((p, img)),
+                Err(e) => {
+                    failures += 1;
+                    writeln!(out, "{}", serde_json::to_string(&Failure { path: p.display().to_string(), error: e.to_string() })?)?;
+                }
+            }
+        }
+        let images: Vec<&image::DynamicImage> = ok.iter().map(|(_, i)| i).collect();
+        let results = detector.inspect_batch(&images, args.threshold)?;
+        for ((path, img), insp) in ok.iter().zip(&results) {
+            let rec = write_outputs(&detector, args, path, img, insp)?;
+            writeln!(out, "{}", serde_json::to_string(&rec)?)?;
+        }
+    }
+    out.flush()?;
+    Ok(failures)
+}
+
+fn write_outputs<'a>(
+    detector: &Detector,
+    args: &InspectArgs,
+    path: &Path,
+    img: &image::DynamicImage,
+    insp: &'a Inspection,
+) -> anyhow::Result<Record<'a>> {
+    let name = unique_name(path);
+    let map_path = match &args.maps_dir {
+        Some(dir) => {
+            let p = dir.join(format!("{name}.npy"));
+            crate::npy::write_f32_2d(&p, &insp.map, insp.height, insp.width).with_context(|| format!("writing {}", p.display()))?;
+            Some(p.display().to_string())
+        }
+        None => None,
+    };
+    let heatmap_path = match &args.heatmaps_dir {
+        Some(dir) => {
+            let p = dir.join(format!("{name}.png"));
+            let base = image_io::Planar::from_image(img, detector.card.input.channels).to_rgb8();
+            render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, 0.5)
+                .save(&p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            Some(p.display().to_string())
+        }
+        None => None,
+    };
+    Ok(Record { path: path.display().to_string(), inspection: insp, map_path, heatmap_path })
+}
+
+/// `<stem>-<8 hex digits of the path's hash>`: unique even when two inputs share a name.
+pub fn unique_name(path: &Path) -> String {
+    let full: PathBuf = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let digest = Sha256::digest(full.to_string_lossy().as_bytes());
+    let stem = path.file_stem().map_or("image".into(), |s| s.to_string_lossy().to_string());
+    format!("{stem}-{}", &hex::encode(digest)[..8])
+}

@@ -1,0 +1,66 @@
+//! The CLI's subcommands: argument structs in, work done through the library, exit codes out.
+
+pub mod bench;
+pub mod eval;
+pub mod inspect;
+pub mod train;
+
+use std::path::Path;
+
+use crate::cli::CalibrationArgs;
+use crate::detector::Detector;
+use crate::model::device::{self, DeviceChoice};
+use crate::train::CalibrationConfig;
+
+impl From<&CalibrationArgs> for CalibrationConfig {
+    fn from(a: &CalibrationArgs) -> Self {
+        Self {
+            method: a.threshold_method,
+            quantile: a.quantile,
+            margin: a.margin,
+            min_defect_area: a.min_defect_area,
+        }
+    }
+}
+
+/// Loads a model on the chosen device.
+pub fn load_detector(dir: &Path, choice: DeviceChoice) -> anyhow::Result<Detector> {
+    let device = device::select(choice)?;
+    Ok(Detector::load(dir, &device)?)
+}
+
+/// `vigil calibrate`: new thresholds from good images, weights untouched.
+pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
+    use crate::train::{calibrate, dataset};
+    let mut detector = load_detector(&args.model, args.device)?;
+    let files = dataset::training_files(&args.data)?;
+    let set = dataset::load_set(&args.data, &files, Some(detector.card.input.channels), detector.card.input.working_size)?;
+    let before = detector.card.thresholds.clone();
+    calibrate::calibrate(&mut detector, &set.images, &(&args.calibration).into())?;
+    detector.card.save(&args.model)?;
+    let t = &detector.card.thresholds;
+    println!(
+        "calibrated on {} good images: image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}), method {}",
+        set.images.len(),
+        t.image,
+        before.image,
+        t.pixel,
+        before.pixel,
+        t.method
+    );
+    Ok(())
+}
+
+/// `vigil synth`.
+pub fn synth(args: &crate::cli::SynthArgs) -> anyhow::Result<()> {
+    let cfg = crate::synth::SynthConfig {
+        size: args.size,
+        train_good: args.train_good,
+        test_good: args.test_good,
+        test_defective: args.test_defective,
+        seed: args.seed,
+    };
+    crate::synth::generate(&args.out, &cfg)?;
+    println!("wrote a synthetic data set to {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! `vigil train`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use crate::cli::{ArchName, Channels, FitName, TrainArgs};
+use crate::model::artifact::Fit;
+use crate::model::{device, Architecture};
+use crate::scoring::{MapSpec, Reduction};
+use crate::train::{self, Augment, TrainConfig};
+
+pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
+    let architecture = match args.arch {
+        ArchName::Spatial => Architecture::Spatial { width: args.width, bottleneck: args.bottleneck },
+        ArchName::Bergmann => Architecture::Bergmann { latent: args.latent },
+    };
+    let fit = match args.fit.unwrap_or(if architecture.fully_convolutional() { FitName::Whole } else { FitName::Tiles }) {
+        FitName::Whole => Fit::Whole,
+        FitName::Tiles => Fit::Tiles { stride: args.stride },
+    };
+    let mut augment = Augment { flips: false, rotations: false, brightness: 0.0, inpaint_fraction: 0.0 };
+    for a in &args.augment {
+        match a.as_str() {
+            "flips" => augment.flips = true,
+            "rot90" => augment.rotations = true,
+            "brightness" => augment.brightness = 0.05,
+            "inpaint" => augment.inpaint_fraction = 0.8,
+            "none" => {}
+            other => bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, none)"),
+        }
+    }
+    let training_images = train::dataset::training_files(&args.data)?.len();
+    let steps = match args.epochs {
+        Some(e) => (e * training_images).div_ceil(args.batch_size).max(1),
+        None => args.steps,
+    };
+    let device = device::select(args.device)?;
+    let cfg = TrainConfig {
+        data: args.data.clone(),
+        out: args.out.clone(),
+        architecture,
+        channels: match args.channels {
+            Channels::Gray => Some(1),
+            Channels::Rgb => Some(3),
+            Channels::Auto => None,
+        },
+        working_size: args.size,
+        patch_size: args.patch,
+        fit,
+        loss: args.loss,
+        steps,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        validation_fraction: args.validation_fraction,
+        seed: args.seed,
+        augment,
+        map: MapSpec {
+            method: args.scoring.map,
+            smoothing_sigma: args.scoring.smoothing,
+            reduction: args.scoring.top_k.map_or(Reduction::Max, |k| Reduction::TopKMean { k }),
+            ..MapSpec::default()
+        },
+        calibration: (&args.calibration).into(),
+        device,
+        threads,
+        progress: true,
+    };
+    // First Ctrl-C: finish the current step, calibrate and write the model. Second: quit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    eprintln!("training on {training_images} images from {} ({steps} steps of {})", args.data.display(), args.batch_size);
+    let card = train::train(&cfg, &stop)?;
+    let t = &card.training;
+    println!(
+        "wrote {}: {} steps in {:.0} s, final loss {:.4}, contrast kept {:.0}%{}; image threshold {:.4}, pixel threshold {:.4} ({} validation images)",
+        args.out.display(),
+        t.steps,
+        t.seconds,
+        t.final_loss,
+        t.collapse.contrast_ratio * 100.0,
+        if t.collapse.collapsed { " (COLLAPSED: see model.json)" } else { "" },
+        card.thresholds.image,
+        card.thresholds.pixel,
+        card.thresholds.validation_images
+    );
+    Ok(())
+}
