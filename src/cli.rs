@@ -9,7 +9,11 @@ use crate::scoring::MapMethod;
 use crate::train::{LossKind, ThresholdMethod};
 
 #[derive(Debug, Parser)]
-#[command(name = "vigil", version, about = "Visual anomaly detection: learn what good parts look like, flag what cannot be reproduced.")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Visual anomaly detection: learn what good parts look like, flag what cannot be reproduced."
+)]
 pub struct Cli {
     /// CPU threads for the model (default: all cores). Same as RAYON_NUM_THREADS.
     #[arg(long, global = true, env = "VIGIL_THREADS")]

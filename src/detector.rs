@@ -91,9 +91,7 @@ impl Detector {
             Fit::Whole => vec![(0, 0)],
             Fit::Tiles { stride } => {
                 let axis = tile_axis(i.working_size, i.patch_size, stride);
-                axis.iter()
-                    .flat_map(|&y| axis.iter().map(move |&x| (x, y)))
-                    .collect()
+                axis.iter().flat_map(|&y| axis.iter().map(move |&x| (x, y))).collect()
             }
         }
     }
@@ -190,7 +188,11 @@ impl Detector {
     }
 
     /// Prepare, reconstruct and score images in one call.
-    pub fn inspect_batch(&self, images: &[&DynamicImage], threshold: Option<f32>) -> candle_core::Result<Vec<Inspection>> {
+    pub fn inspect_batch(
+        &self,
+        images: &[&DynamicImage],
+        threshold: Option<f32>,
+    ) -> candle_core::Result<Vec<Inspection>> {
         let prepared: Vec<Prepared> = images.iter().map(|i| self.prepare(i)).collect();
         let inputs: Vec<&Planar> = prepared.iter().map(|p| &p.working).collect();
         let recons = self.reconstruct(&inputs)?;

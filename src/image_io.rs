@@ -14,27 +14,15 @@ pub enum ImageError {
     #[error("not an image, or a format vigil does not read (PNG, JPEG, BMP, TIFF)")]
     UnsupportedFormat,
     #[error("the image declares {width}×{height} pixels, over the limit of {max_pixels}")]
-    TooManyPixels {
-        width: u32,
-        height: u32,
-        max_pixels: u64,
-    },
+    TooManyPixels { width: u32, height: u32, max_pixels: u64 },
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// Formats vigil accepts.
-pub const SUPPORTED: &[ImageFormat] = &[
-    ImageFormat::Png,
-    ImageFormat::Jpeg,
-    ImageFormat::Bmp,
-    ImageFormat::Tiff,
-];
+pub const SUPPORTED: &[ImageFormat] = &[ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Bmp, ImageFormat::Tiff];
 
 /// File extensions treated as images when walking folders.
 pub const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -70,9 +58,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     // Room for 16-bit RGBA of the declared size plus decoder scratch.
     limits.max_alloc = Some(width as u64 * height as u64 * 8 * 2 + (64 << 20));
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))
+    reader.decode().map_err(|e| ImageError::Corrupt(e.to_string()))
 }
 
 /// Reads and decodes a file.
@@ -175,8 +161,7 @@ pub fn resize_plane(plane: &[f32], w: usize, h: usize, nw: usize, nh: usize) -> 
     }
     let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, plane.to_vec())
         .expect("plane size matches its dimensions");
-    image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle)
-        .into_raw()
+    image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle).into_raw()
 }
 
 /// True when an RGB image carries colour (some pixel's channels differ by more than 2/255).
@@ -204,15 +189,25 @@ mod tests {
     #[test]
     fn decode_reports_each_failure_kind() {
         assert!(matches!(decode(b"", 100), Err(ImageError::Empty)));
-        assert!(matches!(decode(b"hello world", 100), Err(ImageError::UnsupportedFormat)));
+        assert!(matches!(
+            decode(b"hello world", 100),
+            Err(ImageError::UnsupportedFormat)
+        ));
         let img = DynamicImage::new_luma8(20, 10);
         let bytes = png_bytes(&img);
         assert!(decode(&bytes, 200).is_ok());
         assert!(matches!(
             decode(&bytes, 199),
-            Err(ImageError::TooManyPixels { width: 20, height: 10, .. })
+            Err(ImageError::TooManyPixels {
+                width: 20,
+                height: 10,
+                ..
+            })
         ));
-        assert!(matches!(decode(&bytes[..bytes.len() / 2], 1000), Err(ImageError::Corrupt(_))));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() / 2], 1000),
+            Err(ImageError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -50,12 +50,17 @@ pub fn read_f32_2d(path: &Path) -> std::io::Result<(Vec<f32>, usize, usize)> {
         .and_then(|s| s.split(')').next())
         .ok_or_else(|| bad("no shape"))?;
     let dims: Vec<usize> = shape.split(',').filter_map(|d| d.trim().parse().ok()).collect();
-    let [h, w] = dims[..] else { return Err(bad("expected a 2-D array")) };
+    let [h, w] = dims[..] else {
+        return Err(bad("expected a 2-D array"));
+    };
     let body = &bytes[10 + hlen..];
     if body.len() != h * w * 4 {
         return Err(bad("data length does not match the shape"));
     }
-    let data = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok((data, h, w))
 }
 

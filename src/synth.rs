@@ -43,10 +43,16 @@ pub fn generate(root: &Path, cfg: &SynthConfig) -> std::io::Result<()> {
         img.save(path).map_err(std::io::Error::other)
     };
     for i in 0..cfg.train_good {
-        save(&texture(cfg.size, &mut rng), &root.join(format!("train/good/{i:03}.png")))?;
+        save(
+            &texture(cfg.size, &mut rng),
+            &root.join(format!("train/good/{i:03}.png")),
+        )?;
     }
     for i in 0..cfg.test_good {
-        save(&texture(cfg.size, &mut rng), &root.join(format!("test/good/{i:03}.png")))?;
+        save(
+            &texture(cfg.size, &mut rng),
+            &root.join(format!("test/good/{i:03}.png")),
+        )?;
     }
     for defect in DEFECTS {
         for i in 0..cfg.test_defective {
@@ -97,7 +103,10 @@ fn texture(size: usize, rng: &mut ChaCha8Rng) -> GrayImage {
             let v = ((y as f32 + py - w) / period * tau).sin();
             // Over-under weave: horizontal threads where the checker of the two phases says so.
             let weave = if (u > 0.0) ^ (v > 0.0) { u.abs() } else { v.abs() };
-            let val = 0.30 + 0.28 * weave + 0.12 * (grain[i] - 0.5) + 0.16 * (light[i] - 0.5)
+            let val = 0.30
+                + 0.28 * weave
+                + 0.12 * (grain[i] - 0.5)
+                + 0.16 * (light[i] - 0.5)
                 + 0.03 * (rng.random::<f32>() - 0.5);
             img.put_pixel(x as u32, y as u32, Luma([(val.clamp(0.0, 1.0) * 255.0) as u8]));
         }
@@ -134,8 +143,16 @@ fn add_defect(img: &mut GrayImage, kind: &str, rng: &mut ChaCha8Rng) -> GrayImag
             }
         }
         "stain" | "hole" => {
-            let r = if kind == "stain" { rng.random_range(0.05..0.1) * size } else { rng.random_range(0.02..0.04) * size };
-            let shift = if kind == "stain" { rng.random_range(-0.25..-0.12f32) } else { 0.0 };
+            let r = if kind == "stain" {
+                rng.random_range(0.05..0.1) * size
+            } else {
+                rng.random_range(0.02..0.04) * size
+            };
+            let shift = if kind == "stain" {
+                rng.random_range(-0.25..-0.12f32)
+            } else {
+                0.0
+            };
             let ri = r.ceil() as i64 + 1;
             for y in -ri..=ri {
                 for x in -ri..=ri {

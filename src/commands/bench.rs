@@ -78,7 +78,10 @@ pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<Be
     })?;
     let peak = 2.0 * (n * n * n) as f64 / mm / 1e9;
 
-    let default_arch = Architecture::Spatial { width: 16, bottleneck: 8 };
+    let default_arch = Architecture::Spatial {
+        width: 16,
+        bottleneck: 8,
+    };
     let mut archs = vec![("spatial", default_arch.clone())];
     if bergmann {
         archs.push(("bergmann", Architecture::Bergmann { latent: 100 }));
@@ -154,7 +157,12 @@ pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<Be
 fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choice>> {
     let mut out = Vec::new();
     let mut push = |what: &str, chosen: f64, alt: f64| {
-        out.push(Choice { what: what.into(), chosen_ms: chosen * 1e3, alternative_ms: alt * 1e3, speedup: alt / chosen })
+        out.push(Choice {
+            what: what.into(),
+            chosen_ms: chosen * 1e3,
+            alternative_ms: alt * 1e3,
+            speedup: alt / chosen,
+        })
     };
     let x = Tensor::randn(0f32, 1f32, (16, 32, 64, 64), dev)?;
     let mine = time(repeat, || {
@@ -165,7 +173,11 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         candle_nn::ops::leaky_relu(&x, 0.2)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    push("LeakyReLU on 16×32×64×64: max(x, 0.2x) vs candle_nn::ops::leaky_relu", mine, theirs);
+    push(
+        "LeakyReLU on 16×32×64×64: max(x, 0.2x) vs candle_nn::ops::leaky_relu",
+        mine,
+        theirs,
+    );
 
     // Up-sampling 16×32×64×64 → 128×128 with 32 output channels.
     let wt = Tensor::randn(0f32, 0.1, (32, 32, 4, 4), dev)?;
@@ -175,17 +187,27 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         Ok(())
     })?;
     let upconv = time(repeat, || {
-        x.upsample_nearest2d(128, 128)?.conv2d(&wc, 1, 1, 1, 1)?.sum_all()?.to_scalar::<f32>()?;
+        x.upsample_nearest2d(128, 128)?
+            .conv2d(&wc, 1, 1, 1, 1)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         Ok(())
     })?;
-    push("2× up-sampling 32→32 ch at 64→128, batch 16: 4×4 stride-2 transposed conv vs nearest + 3×3 conv", convt, upconv);
+    push(
+        "2× up-sampling 32→32 ch at 64→128, batch 16: 4×4 stride-2 transposed conv vs nearest + 3×3 conv",
+        convt,
+        upconv,
+    );
 
     // Latent expansion 100 → 32×8×8, batch 16.
     let z = Tensor::randn(0f32, 1f32, (16, 100), dev)?;
     let wl = Tensor::randn(0f32, 0.1, (2048, 100), dev)?;
     let wk = Tensor::randn(0f32, 0.1, (100, 32, 8, 8), dev)?;
     let linear = time(repeat, || {
-        z.matmul(&wl.t()?)?.reshape((16, 32, 8, 8))?.sum_all()?.to_scalar::<f32>()?;
+        z.matmul(&wl.t()?)?
+            .reshape((16, 32, 8, 8))?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         Ok(())
     })?;
     let z4 = z.reshape((16, 100, 1, 1))?;
@@ -193,18 +215,39 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         z4.conv_transpose2d(&wk, 0, 0, 1, 1)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    push("latent 100 → 32×8×8, batch 16: Linear vs 8×8 transposed conv", linear, convt8);
+    push(
+        "latent 100 → 32×8×8, batch 16: Linear vs 8×8 transposed conv",
+        linear,
+        convt8,
+    );
     let _ = DType::F32;
     Ok(out)
 }
 
 fn print_table(r: &BenchReport) {
-    println!("device {} with {} threads; matmul (1024³, f32): {:.1} GFLOP/s", r.device, r.threads, r.matmul_gflops);
-    println!("\n{:<10} {:>5} {:>6} {:>10} {:>8} {:>7}", "forward", "size", "batch", "images/s", "GFLOP/s", "% peak");
+    println!(
+        "device {} with {} threads; matmul (1024³, f32): {:.1} GFLOP/s",
+        r.device, r.threads, r.matmul_gflops
+    );
+    println!(
+        "\n{:<10} {:>5} {:>6} {:>10} {:>8} {:>7}",
+        "forward", "size", "batch", "images/s", "GFLOP/s", "% peak"
+    );
     for f in &r.forward {
-        println!("{:<10} {:>5} {:>6} {:>10.1} {:>8.1} {:>6.1}%", f.arch, f.size, f.batch, f.images_per_s, f.gflops, f.share_of_peak * 100.0);
+        println!(
+            "{:<10} {:>5} {:>6} {:>10.1} {:>8.1} {:>6.1}%",
+            f.arch,
+            f.size,
+            f.batch,
+            f.images_per_s,
+            f.gflops,
+            f.share_of_peak * 100.0
+        );
     }
-    println!("\ntraining step, batch 16, 128², spatial: {:.3} s with ssim+l2 loss, {:.3} s with l2", r.train_step_s, r.train_step_l2_s);
+    println!(
+        "\ntraining step, batch 16, 128², spatial: {:.3} s with ssim+l2 loss, {:.3} s with l2",
+        r.train_step_s, r.train_step_l2_s
+    );
     println!(
         "SSIM map 256²: {:.2} ms hand-written, {:.1} ms through candle conv2d ({:.0}×)",
         r.ssim_map_256_ms,
@@ -213,6 +256,9 @@ fn print_table(r: &BenchReport) {
     );
     println!("\nchoices:");
     for c in &r.choices {
-        println!("  {}: {:.2} ms vs {:.2} ms ({:.1}×)", c.what, c.chosen_ms, c.alternative_ms, c.speedup);
+        println!(
+            "  {}: {:.2} ms vs {:.2} ms ({:.1}×)",
+            c.what, c.chosen_ms, c.alternative_ms, c.speedup
+        );
     }
 }

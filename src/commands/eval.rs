@@ -9,7 +9,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let report = crate::eval::evaluate(&detector, &args.model, &args.data, true)?;
     print!("{}", report.summary());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.figure {
         crate::eval::figure::render(&report, path).with_context(|| format!("writing {}", path.display()))?;

@@ -45,7 +45,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut out: Box<dyn Write> = match &args.json_lines {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
         None => Box::new(std::io::stdout().lock()),
     };
     let mut failures = 0;
@@ -56,7 +58,14 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
                 Ok(img) => ok.push((p, img)),
                 Err(e) => {
                     failures += 1;
-                    writeln!(out, "{}", serde_json::to_string(&Failure { path: p.display().to_string(), error: e.to_string() })?)?;
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string(&Failure {
+                            path: p.display().to_string(),
+                            error: e.to_string()
+                        })?
+                    )?;
                 }
             }
         }
@@ -82,7 +91,8 @@ fn write_outputs<'a>(
     let map_path = match &args.maps_dir {
         Some(dir) => {
             let p = dir.join(format!("{name}.npy"));
-            crate::npy::write_f32_2d(&p, &insp.map, insp.height, insp.width).with_context(|| format!("writing {}", p.display()))?;
+            crate::npy::write_f32_2d(&p, &insp.map, insp.height, insp.width)
+                .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())
         }
         None => None,
@@ -98,13 +108,20 @@ fn write_outputs<'a>(
         }
         None => None,
     };
-    Ok(Record { path: path.display().to_string(), inspection: insp, map_path, heatmap_path })
+    Ok(Record {
+        path: path.display().to_string(),
+        inspection: insp,
+        map_path,
+        heatmap_path,
+    })
 }
 
 /// `<stem>-<8 hex digits of the path's hash>`: unique even when two inputs share a name.
 pub fn unique_name(path: &Path) -> String {
     let full: PathBuf = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let digest = Sha256::digest(full.to_string_lossy().as_bytes());
-    let stem = path.file_stem().map_or("image".into(), |s| s.to_string_lossy().to_string());
+    let stem = path
+        .file_stem()
+        .map_or("image".into(), |s| s.to_string_lossy().to_string());
     format!("{stem}-{}", &hex::encode(digest)[..8])
 }

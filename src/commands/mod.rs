@@ -34,7 +34,12 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     use crate::train::{calibrate, dataset};
     let mut detector = load_detector(&args.model, args.device)?;
     let files = dataset::training_files(&args.data)?;
-    let set = dataset::load_set(&args.data, &files, Some(detector.card.input.channels), detector.card.input.working_size)?;
+    let set = dataset::load_set(
+        &args.data,
+        &files,
+        Some(detector.card.input.channels),
+        detector.card.input.working_size,
+    )?;
     let before = detector.card.thresholds.clone();
     calibrate::calibrate(&mut detector, &set.images, &(&args.calibration).into())?;
     detector.card.save(&args.model)?;

@@ -13,14 +13,26 @@ use crate::train::{self, Augment, TrainConfig};
 
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let architecture = match args.arch {
-        ArchName::Spatial => Architecture::Spatial { width: args.width, bottleneck: args.bottleneck },
+        ArchName::Spatial => Architecture::Spatial {
+            width: args.width,
+            bottleneck: args.bottleneck,
+        },
         ArchName::Bergmann => Architecture::Bergmann { latent: args.latent },
     };
-    let fit = match args.fit.unwrap_or(if architecture.fully_convolutional() { FitName::Whole } else { FitName::Tiles }) {
+    let fit = match args.fit.unwrap_or(if architecture.fully_convolutional() {
+        FitName::Whole
+    } else {
+        FitName::Tiles
+    }) {
         FitName::Whole => Fit::Whole,
         FitName::Tiles => Fit::Tiles { stride: args.stride },
     };
-    let mut augment = Augment { flips: false, rotations: false, brightness: 0.0, inpaint_fraction: 0.0 };
+    let mut augment = Augment {
+        flips: false,
+        rotations: false,
+        brightness: 0.0,
+        inpaint_fraction: 0.0,
+    };
     for a in &args.augment {
         match a.as_str() {
             "flips" => augment.flips = true,
@@ -74,10 +86,16 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)");
+        eprintln!(
+            "\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)"
+        );
     })
     .context("installing the Ctrl-C handler")?;
-    eprintln!("training on {training_images} images from {} ({steps} steps of {})", args.data.display(), args.batch_size);
+    eprintln!(
+        "training on {training_images} images from {} ({steps} steps of {})",
+        args.data.display(),
+        args.batch_size
+    );
     let card = train::train(&cfg, &stop)?;
     let t = &card.training;
     println!(

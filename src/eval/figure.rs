@@ -1,9 +1,134 @@
-//! The evaluation figure: ROC curve and score histograms.
+//! The evaluation figure: ROC curves (all defects and each kind) beside the histograms of
+//! good and defective image scores with the threshold marked. PNG via plotters, drawn
+//! into a buffer and encoded by `image`; the font ships inside the binary (DejaVu Sans,
+//! see fonts/DejaVuSans-LICENSE.txt) so a bare machine or container can draw text.
 
 use std::path::Path;
+use std::sync::Once;
 
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::metrics::roc_curve;
 use super::EvalReport;
 
-pub fn render(_report: &EvalReport, _path: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("figure rendering is not built yet")
+const FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+];
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font is compiled in; failing to parse it is a build defect.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+pub fn render(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+    register_font();
+    let (w, h) = (1300u32, 520u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    draw(report, &mut buf, (w, h)).map_err(|e| anyhow::anyhow!("drawing the figure: {e}"))?;
+    image::RgbImage::from_raw(w, h, buf)
+        .expect("buffer matches its size")
+        .save(path)?;
+    Ok(())
+}
+
+fn draw(report: &EvalReport, buf: &mut [u8], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(560);
+
+    let mut roc = ChartBuilder::on(&left)
+        .caption(
+            format!("Image ROC (AUROC {:.3})", report.overall.image_auroc),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)?;
+    roc.configure_mesh()
+        .x_desc("false positive rate")
+        .y_desc("true positive rate")
+        .draw()?;
+    roc.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], RGBColor(190, 190, 190)))?;
+    let curve_of = |defect: Option<&str>| {
+        let (s, l): (Vec<f32>, Vec<bool>) = report
+            .scores
+            .iter()
+            .filter(|(c, _)| c == "good" || defect.is_none_or(|d| c == d))
+            .map(|(c, s)| (*s, c != "good"))
+            .unzip();
+        roc_curve(&s, &l)
+    };
+    roc.draw_series(LineSeries::new(curve_of(None), BLACK.stroke_width(3)))?
+        .label("all")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
+    for (i, (defect, m)) in report.per_defect.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        roc.draw_series(LineSeries::new(curve_of(Some(defect)), colour.stroke_width(2)))?
+            .label(format!("{defect} ({:.3})", m.image_auroc))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    roc.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+
+    // Histograms over a shared range that includes the threshold.
+    let lo = report.scores.iter().map(|s| s.1).fold(report.threshold, f32::min) as f64;
+    let hi = report.scores.iter().map(|s| s.1).fold(report.threshold, f32::max) as f64;
+    let bins = 30usize;
+    let width = ((hi - lo) / bins as f64).max(1e-9);
+    let count = |good: bool| {
+        let mut c = vec![0u32; bins];
+        for (cat, s) in &report.scores {
+            if (cat == "good") == good {
+                c[(((*s as f64 - lo) / width) as usize).min(bins - 1)] += 1;
+            }
+        }
+        c
+    };
+    let (good, bad) = (count(true), count(false));
+    let top = good.iter().chain(&bad).copied().max().unwrap_or(1) as f64 * 1.1;
+    let mut hist = ChartBuilder::on(&right)
+        .caption("Image scores", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(lo..hi + width, 0f64..top)?;
+    hist.configure_mesh().x_desc("score").y_desc("images").draw()?;
+    for (counts, colour, name) in [
+        (&good, RGBColor(44, 160, 44), "good"),
+        (&bad, RGBColor(214, 39, 40), "defective"),
+    ] {
+        hist.draw_series(counts.iter().enumerate().map(|(i, &n)| {
+            let x0 = lo + i as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], colour.mix(0.45).filled())
+        }))?
+        .label(name)
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], colour.mix(0.45).filled()));
+    }
+    let t = report.threshold as f64;
+    hist.draw_series(LineSeries::new(vec![(t, 0.0), (t, top)], BLACK.stroke_width(2)))?
+        .label(format!("threshold {:.3}", report.threshold))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+    hist.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
 }

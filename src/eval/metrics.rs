@@ -28,7 +28,10 @@ pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
         }
         let last_of_tie = k + 1 == idx.len() || scores[idx[k + 1] as usize] != scores[i as usize];
         if last_of_tie {
-            pts.push((if neg > 0.0 { fp / neg } else { 0.0 }, if pos > 0.0 { tp / pos } else { 0.0 }));
+            pts.push((
+                if neg > 0.0 { fp / neg } else { 0.0 },
+                if pos > 0.0 { tp / pos } else { 0.0 },
+            ));
         }
     }
     pts
@@ -85,7 +88,10 @@ pub fn pro_curve(images: &[MaskedMap]) -> Vec<(f64, f64)> {
         assert_eq!(m.map.len(), m.mask.len(), "map and mask sizes differ");
         let (labels, n) = label_components(m.mask, m.width, m.height);
         let mut areas = vec![0u32; n as usize];
-        labels.iter().filter(|&&l| l > 0).for_each(|&l| areas[l as usize - 1] += 1);
+        labels
+            .iter()
+            .filter(|&&l| l > 0)
+            .for_each(|&l| areas[l as usize - 1] += 1);
         regions += n as usize;
         for (i, &l) in labels.iter().enumerate() {
             scores.push(m.map[i]);
@@ -156,7 +162,11 @@ impl Confusion {
         let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let precision = ratio(tp, tp + fp);
         let recall = ratio(tp, tp + fneg);
-        let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
         Self {
             threshold,
             true_positives: tp,
@@ -216,13 +226,23 @@ mod tests {
         // Sorted: 0.9 (gt), 0.8 (ok), 0.2 (ok), 0.1 (gt): PRO is 0.5 for all FPR < 1.
         let map = [0.9, 0.1, 0.8, 0.2];
         let mask = [true, true, false, false];
-        let m = [MaskedMap { map: &map, mask: &mask, width: 4, height: 1 }];
+        let m = [MaskedMap {
+            map: &map,
+            mask: &mask,
+            width: 4,
+            height: 1,
+        }];
         assert!((aupro(&m, 0.3).unwrap() - 0.5).abs() < 1e-9);
         // Two 1-pixel regions (not adjacent), a tie between a region and a good pixel:
         // curve (0,0) (0.5,0) (1,0.5) (1,1); area to 0.75 = 0.25·0.25/2, over 0.75.
         let map = [0.9, 0.5, 0.5, 0.1];
         let mask = [false, true, false, true];
-        let m = [MaskedMap { map: &map, mask: &mask, width: 4, height: 1 }];
+        let m = [MaskedMap {
+            map: &map,
+            mask: &mask,
+            width: 4,
+            height: 1,
+        }];
         assert!((aupro(&m, 0.75).unwrap() - 0.03125 / 0.75).abs() < 1e-9);
     }
 
@@ -244,18 +264,33 @@ mod tests {
         ];
         // Pixel (1,2) is adjacent to the diagonal, so the mask is one 4-pixel region:
         // found 3/4 at the first threshold.
-        let m = [MaskedMap { map: &map, mask: &mask, width: 3, height: 3 }];
+        let m = [MaskedMap {
+            map: &map,
+            mask: &mask,
+            width: 3,
+            height: 3,
+        }];
         let curve = pro_curve(&m);
         assert_eq!(curve[1], (0.0, 0.75));
         // Now split: a lone pixel far from the diagonal counts as much as the diagonal.
         let map2 = [0.9, 0.0, 0.1, 0.0, 0.9, 0.0, 0.0, 0.0, 0.9];
         let mask2 = [true, false, true, false, true, false, false, false, true];
         // Regions: diagonal {0,4,8} and {2}? (2) touches (4) diagonally: one region.
-        let m2 = [MaskedMap { map: &map2, mask: &mask2, width: 3, height: 3 }];
+        let m2 = [MaskedMap {
+            map: &map2,
+            mask: &mask2,
+            width: 3,
+            height: 3,
+        }];
         assert_eq!(pro_curve(&m2)[1], (0.0, 0.75));
         let map3 = [0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1];
         let mask3 = [true, false, false, false, false, false, false, false, true];
-        let m3 = [MaskedMap { map: &map3, mask: &mask3, width: 3, height: 3 }];
+        let m3 = [MaskedMap {
+            map: &map3,
+            mask: &mask3,
+            width: 3,
+            height: 3,
+        }];
         // Two 1-pixel regions: the first found gives PRO 0.5.
         assert_eq!(pro_curve(&m3)[1], (0.0, 0.5));
     }
@@ -265,7 +300,10 @@ mod tests {
         let s = [0.1, 0.4, 0.35, 0.8];
         let l = [false, false, true, true];
         let c = Confusion::at(&s, &l, 0.3);
-        assert_eq!((c.true_positives, c.false_positives, c.true_negatives, c.false_negatives), (2, 1, 1, 0));
+        assert_eq!(
+            (c.true_positives, c.false_positives, c.true_negatives, c.false_negatives),
+            (2, 1, 1, 0)
+        );
         assert!((c.precision - 2.0 / 3.0).abs() < 1e-12);
         assert!((c.f1 - 0.8).abs() < 1e-12);
         assert!((c.accuracy - 0.75).abs() < 1e-12);

@@ -113,7 +113,10 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
     let set = test_set(dir)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(set.len() as u64);
-        b.set_style(indicatif::ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} images  eta {eta}").expect("template"));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} images  eta {eta}")
+                .expect("template"),
+        );
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -122,7 +125,12 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
     for chunk in set.chunks(8) {
         let images = chunk
             .iter()
-            .map(|t| image_io::load(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image { path: t.path.clone(), source }))
+            .map(|t| {
+                image_io::load(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+                    path: t.path.clone(),
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&image::DynamicImage> = images.iter().collect();
         for (t, insp) in chunk.iter().zip(detector.inspect_batch(&refs, None)?) {
@@ -177,7 +185,12 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
         }
         let masked: Vec<MaskedMap> = items
             .iter()
-            .map(|s| MaskedMap { map: &s.1.map, mask: s.2.as_ref().expect("checked"), width: s.1.width, height: s.1.height })
+            .map(|s| MaskedMap {
+                map: &s.1.map,
+                mask: s.2.as_ref().expect("checked"),
+                width: s.1.width,
+                height: s.1.height,
+            })
             .collect();
         (metrics::auroc(&pix, &lab), metrics::aupro(&masked, 0.3))
     } else {
@@ -195,7 +208,10 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
 
 /// Loads a mask (nonzero = defect), resized with nearest neighbour to the image's size.
 fn load_mask(path: &Path, width: usize, height: usize) -> Result<Vec<bool>, EvalError> {
-    let img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image { path: path.to_path_buf(), source })?;
+    let img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut g = img.to_luma8();
     if (g.width() as usize, g.height() as usize) != (width, height) {
         g = image::imageops::resize(&g, width as u32, height as u32, image::imageops::FilterType::Nearest);
@@ -214,7 +230,14 @@ impl EvalReport {
         let mut row = |name: &str, m: &Metrics| {
             s.push_str(&format!(
                 "{:<16} {:>6} {:>6} {:>9.4} {:>9} {:>8} {:>8.3} {:>8.3}\n",
-                name, m.good_images, m.defective_images, m.image_auroc, f(m.pixel_auroc), f(m.aupro), m.at_threshold.recall, m.at_threshold.f1
+                name,
+                m.good_images,
+                m.defective_images,
+                m.image_auroc,
+                f(m.pixel_auroc),
+                f(m.aupro),
+                m.at_threshold.recall,
+                m.at_threshold.f1
             ));
         };
         for (d, m) in &self.per_defect {

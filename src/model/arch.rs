@@ -169,9 +169,7 @@ impl Autoencoder {
         arch.validate(channels, size).map_err(candle_core::Error::Msg)?;
         match arch {
             Architecture::Bergmann { latent } => Self::bergmann(*latent, channels, size, vb),
-            Architecture::Spatial { width, bottleneck } => {
-                Self::spatial(*width, *bottleneck, channels, vb)
-            }
+            Architecture::Spatial { width, bottleneck } => Self::spatial(*width, *bottleneck, channels, vb),
         }
     }
 
@@ -218,18 +216,14 @@ impl Autoencoder {
     fn spatial(w: usize, bottleneck: usize, c: usize, vb: VarBuilder) -> Result<Self> {
         let e = Builder::new(vb.pp("enc"), true)
             .conv_act(c, w, 4, 2, 1)?
-            .conv_act(w, w, 3, 1, 1)?
             .conv_act(w, 2 * w, 4, 2, 1)?
-            .conv_act(2 * w, 2 * w, 3, 1, 1)?
             .conv_act(2 * w, 4 * w, 4, 2, 1)?
             .conv_act(4 * w, 4 * w, 3, 1, 1)?
             .conv(4 * w, bottleneck, 1, 1, 0)?;
         let d = Builder::new(vb.pp("dec"), true)
             .conv_act(bottleneck, 4 * w, 3, 1, 1)?
             .up_act(4 * w, 2 * w)?
-            .conv_act(2 * w, 2 * w, 3, 1, 1)?
             .up_act(2 * w, w)?
-            .conv_act(w, w, 3, 1, 1)?
             .up(w, c)?
             .push(Layer::Sigmoid);
         Ok(Self {

@@ -13,18 +13,14 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("{path}: not found (a model directory holds {CARD_FILE} and {WEIGHTS_FILE}; train one with `vigil train`)")]
+    #[error(
+        "{path}: not found (a model directory holds {CARD_FILE} and {WEIGHTS_FILE}; train one with `vigil train`)"
+    )]
     Missing { path: PathBuf },
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid vigil model card: {source}")]
-    BadCard {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    BadCard { path: PathBuf, source: serde_json::Error },
     #[error("{path}: schema version {found} is newer than this vigil understands ({SCHEMA_VERSION}); upgrade vigil")]
     Schema { path: PathBuf, found: u32 },
     #[error("{path}: weights do not load: {message}")]
@@ -192,7 +188,8 @@ impl ModelCard {
                 found: card.schema_version,
             });
         }
-        card.check().map_err(|message| ArtifactError::Inconsistent { path, message })?;
+        card.check()
+            .map_err(|message| ArtifactError::Inconsistent { path, message })?;
         Ok(card)
     }
 

@@ -29,8 +29,12 @@ pub fn select(choice: DeviceChoice) -> Result<Device, DeviceError> {
         DeviceChoice::Cuda => open_cuda(),
         DeviceChoice::Auto => match open_cuda() {
             Ok(d) => Ok(d),
+            Err(DeviceError::CudaNotBuilt) => {
+                tracing::debug!("this build has no CUDA support; using the CPU");
+                Ok(Device::Cpu)
+            }
             Err(e) => {
-                tracing::info!("using the CPU: {e}");
+                tracing::info!("no usable GPU ({e}); using the CPU");
                 Ok(Device::Cpu)
             }
         },

@@ -142,7 +142,14 @@ mod tests {
         for (arch, c, size) in [
             (Architecture::Bergmann { latent: 10 }, 1, 128),
             (Architecture::Bergmann { latent: 10 }, 3, 256),
-            (Architecture::Spatial { width: 4, bottleneck: 2 }, 3, 32),
+            (
+                Architecture::Spatial {
+                    width: 4,
+                    bottleneck: 2,
+                },
+                3,
+                32,
+            ),
         ] {
             let net = Network::new_seeded(&arch, c, size, &dev, 1).unwrap();
             let x = Tensor::rand(0f32, 1f32, (2, c, size, size), &dev).unwrap();
@@ -156,7 +163,17 @@ mod tests {
     #[test]
     fn spatial_network_takes_larger_inputs_than_its_patch() {
         let dev = Device::Cpu;
-        let net = Network::new_seeded(&Architecture::Spatial { width: 4, bottleneck: 2 }, 1, 32, &dev, 1).unwrap();
+        let net = Network::new_seeded(
+            &Architecture::Spatial {
+                width: 4,
+                bottleneck: 2,
+            },
+            1,
+            32,
+            &dev,
+            1,
+        )
+        .unwrap();
         let x = Tensor::rand(0f32, 1f32, (1, 1, 48, 64), &dev).unwrap();
         assert_eq!(net.reconstruct(&x).unwrap().dims(), &[1, 1, 48, 64]);
     }
@@ -164,7 +181,10 @@ mod tests {
     #[test]
     fn seeded_initialisation_is_reproducible() {
         let dev = Device::Cpu;
-        let arch = Architecture::Spatial { width: 4, bottleneck: 2 };
+        let arch = Architecture::Spatial {
+            width: 4,
+            bottleneck: 2,
+        };
         let a = Network::new_seeded(&arch, 1, 32, &dev, 7).unwrap();
         let b = Network::new_seeded(&arch, 1, 32, &dev, 7).unwrap();
         let c = Network::new_seeded(&arch, 1, 32, &dev, 8).unwrap();

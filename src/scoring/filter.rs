@@ -123,12 +123,7 @@ mod tests {
         let sum: f32 = out.iter().sum();
         assert!((sum - 1.0).abs() < 1e-4);
         // The peak stays where the impulse was.
-        let argmax = out
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0;
+        let argmax = out.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         assert_eq!(argmax, 20 * w + 20);
     }
 }

@@ -10,13 +10,7 @@ use super::regions::label_components;
 /// Colour scale: 0 at the bottom of turbo, `threshold` at its middle and `2 × threshold`
 /// at its top, so the same colour means the same thing on every image of a model.
 /// Pixels above `pixel_threshold` get a white outline around each connected region.
-pub fn render_heatmap(
-    base: &RgbImage,
-    map: &[f32],
-    threshold: f32,
-    pixel_threshold: f32,
-    alpha: f32,
-) -> RgbImage {
+pub fn render_heatmap(base: &RgbImage, map: &[f32], threshold: f32, pixel_threshold: f32, alpha: f32) -> RgbImage {
     let (w, h) = base.dimensions();
     let (wu, hu) = (w as usize, h as usize);
     assert_eq!(map.len(), wu * hu, "map and image sizes differ");
@@ -26,9 +20,7 @@ pub fn render_heatmap(
         let t = (map[i] * scale).clamp(0.0, 1.0) as f64;
         let c = colorous::TURBO.eval_continuous(t);
         let b = base.as_raw();
-        let blend = |a: u8, k: usize| -> u8 {
-            (alpha * a as f32 + (1.0 - alpha) * b[3 * i + k] as f32).round() as u8
-        };
+        let blend = |a: u8, k: usize| -> u8 { (alpha * a as f32 + (1.0 - alpha) * b[3 * i + k] as f32).round() as u8 };
         *px = Rgb([blend(c.r, 0), blend(c.g, 1), blend(c.b, 2)]);
     }
     // Outline: pixels of a region with a 4-neighbour outside it.

@@ -32,7 +32,9 @@ pub enum MapMethod {
 pub enum Reduction {
     Max,
     /// Mean of the `k` highest pixels.
-    TopKMean { k: usize },
+    TopKMean {
+        k: usize,
+    },
 }
 
 /// Everything needed to turn raw error maps into the anomaly map; stored in `model.json`.
@@ -166,7 +168,10 @@ mod tests {
     #[test]
     fn identical_images_have_zero_raw_error() {
         let mut p = Planar::new(3, 16, 12);
-        p.data.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32 / 7.0);
+        p.data
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i % 7) as f32 / 7.0);
         let raw = RawMaps::compute(&p, &p, &MapSpec::default());
         assert!(raw.dssim.iter().all(|v| v.abs() < 1e-5));
         assert!(raw.l2.iter().all(|v| *v == 0.0));
@@ -184,8 +189,18 @@ mod tests {
     fn tiles_average_where_they_overlap() {
         let mut acc = RawMaps::zeros(3, 1);
         let mut counts = vec![0u32; 3];
-        let a = RawMaps { width: 2, height: 1, dssim: vec![1.0, 1.0], l2: vec![2.0, 2.0] };
-        let b = RawMaps { width: 2, height: 1, dssim: vec![3.0, 3.0], l2: vec![0.0, 0.0] };
+        let a = RawMaps {
+            width: 2,
+            height: 1,
+            dssim: vec![1.0, 1.0],
+            l2: vec![2.0, 2.0],
+        };
+        let b = RawMaps {
+            width: 2,
+            height: 1,
+            dssim: vec![3.0, 3.0],
+            l2: vec![0.0, 0.0],
+        };
         acc.add_tile(&a, 0, 0, &mut counts);
         acc.add_tile(&b, 1, 0, &mut counts);
         acc.normalise(&counts);
@@ -195,8 +210,18 @@ mod tests {
 
     #[test]
     fn mixed_map_divides_each_part_by_its_scale() {
-        let raw = RawMaps { width: 1, height: 1, dssim: vec![0.2], l2: vec![0.01] };
-        let spec = MapSpec { ssim_scale: 0.1, l2_scale: 0.005, smoothing_sigma: 0.0, ..Default::default() };
+        let raw = RawMaps {
+            width: 1,
+            height: 1,
+            dssim: vec![0.2],
+            l2: vec![0.01],
+        };
+        let spec = MapSpec {
+            ssim_scale: 0.1,
+            l2_scale: 0.005,
+            smoothing_sigma: 0.0,
+            ..Default::default()
+        };
         assert!((anomaly_map(&raw, &spec)[0] - 4.0).abs() < 1e-5);
     }
 }

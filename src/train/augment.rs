@@ -78,7 +78,10 @@ fn corrupt<R: Rng>(p: &mut Planar, images: &[Planar], rng: &mut R) {
         let y0 = rng.random_range(0..=p.height - h);
         let kind = rng.random_range(0..3);
         let other = &images[rng.random_range(0..images.len())];
-        let (ox, oy) = (rng.random_range(0..=other.width - w), rng.random_range(0..=other.height - h));
+        let (ox, oy) = (
+            rng.random_range(0..=other.width - w),
+            rng.random_range(0..=other.height - h),
+        );
         let grey: f32 = rng.random();
         for c in 0..p.channels {
             for r in 0..h {
@@ -156,7 +159,12 @@ mod tests {
     #[test]
     fn samples_are_patches_and_targets_stay_clean() {
         let images = vec![ramp(20, 20)];
-        let aug = Augment { flips: false, rotations: false, brightness: 0.0, inpaint_fraction: 1.0 };
+        let aug = Augment {
+            flips: false,
+            rotations: false,
+            brightness: 0.0,
+            inpaint_fraction: 1.0,
+        };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let (input, target) = sample(&images, 8, &aug, &mut rng);
         assert_eq!((target.width, target.height), (8, 8));

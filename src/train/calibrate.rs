@@ -50,7 +50,11 @@ pub enum CalibrationError {
 
 /// Sets the map scales and both thresholds of `detector.card` from good `images`
 /// (already at working resolution). Returns the good images' scores.
-pub fn calibrate(detector: &mut Detector, images: &[Planar], cfg: &CalibrationConfig) -> Result<Vec<f32>, CalibrationError> {
+pub fn calibrate(
+    detector: &mut Detector,
+    images: &[Planar],
+    cfg: &CalibrationConfig,
+) -> Result<Vec<f32>, CalibrationError> {
     if images.is_empty() {
         return Err(CalibrationError::NoImages);
     }
@@ -77,7 +81,11 @@ pub fn calibrate(detector: &mut Detector, images: &[Planar], cfg: &CalibrationCo
         .fold(0f32, f32::max);
     let quantile_threshold = quantile(&scores, cfg.quantile) * (1.0 + cfg.margin);
     let (image, pixel, method) = match cfg.method {
-        ThresholdMethod::Quantile => (quantile_threshold, min_area_threshold.min(quantile_threshold), "quantile"),
+        ThresholdMethod::Quantile => (
+            quantile_threshold,
+            min_area_threshold.min(quantile_threshold),
+            "quantile",
+        ),
         ThresholdMethod::MinArea => (min_area_threshold, min_area_threshold, "min-area"),
     };
     detector.card.thresholds = Thresholds {

@@ -68,7 +68,12 @@ pub struct LoadedSet {
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
 /// and resizing to `size × size`. Any unreadable image is an error naming it.
-pub fn load_set(root: &Path, files: &[PathBuf], channels: Option<usize>, size: usize) -> Result<LoadedSet, DatasetError> {
+pub fn load_set(
+    root: &Path,
+    files: &[PathBuf],
+    channels: Option<usize>,
+    size: usize,
+) -> Result<LoadedSet, DatasetError> {
     let mut hasher = Sha256::new();
     let mut decoded = Vec::with_capacity(files.len());
     for f in files {

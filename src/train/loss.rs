@@ -45,19 +45,34 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (a - b)?.sqr()?.mean_all()
 }
 
+/// A `(n, n − taps + 1)` matrix whose product with a row applies `kernel` over the valid
+/// region: the Gaussian blur as a matmul, which candle runs (and differentiates) with its
+/// fast GEMM, where a 1-channel conv2d spends its time copying.
+fn band_matrix(kernel: &[f32], n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let out = n + 1 - kernel.len();
+    let mut m = vec![0f32; n * out];
+    for i in 0..out {
+        for (j, k) in kernel.iter().enumerate() {
+            m[(i + j) * out + i] = *k;
+        }
+    }
+    Tensor::from_vec(m, (n, out), device)
+}
+
 /// Mean SSIM over (N, C, H, W) tensors with an 11-tap Gaussian window (σ 1.5), computed
 /// over the valid region (no padding), averaged over channels and images.
 pub fn ssim_mean(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let n = b * c;
-    let x = x.reshape((n, 1, h, w))?;
-    let y = y.reshape((n, 1, h, w))?;
+    let x = x.reshape((n, h, w))?;
+    let y = y.reshape((n, h, w))?;
     let stacked = Tensor::cat(&[&x, &y, &x.sqr()?, &y.sqr()?, &(&x * &y)?], 0)?;
     let k = gaussian_kernel(1.5, 5);
-    let taps = k.len();
-    let kh = Tensor::from_vec(k.clone(), (1, 1, 1, taps), x.device())?;
-    let kv = Tensor::from_vec(k, (1, 1, taps, 1), x.device())?;
-    let f = stacked.conv2d(&kh, 0, 1, 1, 1)?.conv2d(&kv, 0, 1, 1, 1)?;
+    let gw = band_matrix(&k, w, x.device())?;
+    let gh = band_matrix(&k, h, x.device())?.t()?.unsqueeze(0)?;
+    // (5n, h, w) · (w, w') then (1, h', h) · (5n, h, w').
+    let f = stacked.broadcast_matmul(&gw)?;
+    let f = gh.broadcast_matmul(&f)?;
     let mx = f.narrow(0, 0, n)?;
     let my = f.narrow(0, n, n)?;
     let vx = (f.narrow(0, 2 * n, n)? - mx.sqr()?)?;

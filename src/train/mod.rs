@@ -17,8 +17,10 @@ use rand::SeedableRng;
 
 use crate::detector::Detector;
 use crate::image_io::Planar;
-use crate::model::artifact::{CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION};
-use crate::model::{device, ArtifactError, Architecture, Network};
+use crate::model::artifact::{
+    CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION,
+};
+use crate::model::{device, Architecture, ArtifactError, Network};
 use crate::scoring::MapSpec;
 pub use augment::Augment;
 pub use calibrate::{CalibrationConfig, ThresholdMethod};
@@ -142,7 +144,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let net = Arc::new(net);
     let mut detector = Detector::new(card, net.clone());
     let calibration_images = if validation.is_empty() {
-        tracing::warn!("no validation images held out: calibrating on the training images (thresholds will be optimistic)");
+        tracing::warn!(
+            "no validation images held out: calibrating on the training images (thresholds will be optimistic)"
+        );
         &training
     } else {
         &validation
@@ -170,7 +174,8 @@ fn fit(
     let started = Instant::now();
     let vars: Vec<candle_core::Var> = {
         let data = net.varmap.data().lock().expect("varmap lock");
-        let mut named: Vec<(&String, &candle_core::Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).collect();
+        let mut named: Vec<(&String, &candle_core::Var)> =
+            data.iter().filter(|(k, _)| !k.contains("running_")).collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         named.into_iter().map(|(_, v)| v.clone()).collect()
     };
@@ -184,7 +189,7 @@ fn fit(
     let curve_every = (cfg.steps / 100).max(1);
     let mut curve = Vec::new();
     let (mut interval_loss, mut interval_n) = (0f64, 0usize);
-    let mut last_loss = f32::NAN;
+    let mut last_loss = 0f32;
     let mut steps_done = 0;
     let (c, p) = (training[0].channels, cfg.patch_size);
     for step in 0..cfg.steps {
@@ -192,7 +197,10 @@ fn fit(
             break;
         }
         opt.set_learning_rate(cosine_lr(cfg.learning_rate, step, cfg.steps));
-        let (mut xs, mut ys) = (Vec::with_capacity(cfg.batch_size * c * p * p), Vec::with_capacity(cfg.batch_size * c * p * p));
+        let (mut xs, mut ys) = (
+            Vec::with_capacity(cfg.batch_size * c * p * p),
+            Vec::with_capacity(cfg.batch_size * c * p * p),
+        );
         for _ in 0..cfg.batch_size {
             let (x, y) = augment::sample(training, p, &cfg.augment, rng);
             xs.extend_from_slice(&x.data);
@@ -227,7 +235,11 @@ fn fit(
     bar.finish_and_clear();
     let stopped_early = steps_done < cfg.steps;
     if stopped_early {
-        tracing::warn!(steps_done, planned = cfg.steps, "training stopped early; writing the model trained so far");
+        tracing::warn!(
+            steps_done,
+            planned = cfg.steps,
+            "training stopped early; writing the model trained so far"
+        );
     }
     let collapse = collapse_check(net, if validation.is_empty() { training } else { validation }, p)?;
     Ok(TrainingSummary {
@@ -279,7 +291,11 @@ fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<Coll
     };
     let mean_std = |all: &[f32]| all.chunks(per).map(std).sum::<f32>() / crops.len() as f32;
     let (input_std, reconstruction_std) = (mean_std(&flat), mean_std(&y));
-    let contrast_ratio = if input_std > 1e-6 { reconstruction_std / input_std } else { 1.0 };
+    let contrast_ratio = if input_std > 1e-6 {
+        reconstruction_std / input_std
+    } else {
+        1.0
+    };
     Ok(CollapseCheck {
         input_std,
         reconstruction_std,

@@ -1,0 +1,266 @@
+//! End-to-end tests of the `vigil` binary: train → inspect → eval → calibrate, and the
+//! errors a user meets.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn train_writes_a_complete_artifact() {
+    let dir = tiny_model();
+    let card: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["schema_version"], 1);
+    assert_eq!(card["architecture"]["name"], "spatial");
+    assert_eq!(card["input"]["channels"], 1, "synthetic images are gray");
+    assert_eq!(card["input"]["working_size"], 64);
+    assert_eq!(card["training"]["steps"], 6);
+    assert_eq!(card["training"]["loss_curve"].as_array().unwrap().len(), 6);
+    assert_eq!(card["thresholds"]["method"], "quantile");
+    let image = card["thresholds"]["image"].as_f64().unwrap();
+    let max = card["validation_scores"]["max"].as_f64().unwrap();
+    assert!(
+        image > max,
+        "threshold {image} above the best validation score {max} (margin)"
+    );
+    assert_eq!(card["thresholds"]["validation_images"], 1, "10% of 12 images, rounded");
+    assert_eq!(card["data_fingerprint"].as_str().unwrap().len(), 64);
+    assert!(dir.join("weights.safetensors").is_file());
+}
+
+#[test]
+fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    // Two inputs with the same base name, one corrupt file.
+    let a = work.path().join("a");
+    let b = work.path().join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let src = dataset().join("test/stain/000.png");
+    std::fs::copy(&src, a.join("x.png")).unwrap();
+    std::fs::copy(dataset().join("test/good/000.png"), b.join("x.png")).unwrap();
+    std::fs::write(b.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let maps = work.path().join("maps");
+    let heat = work.path().join("heat");
+    let out = work.path().join("out.jsonl");
+    let o = run(&[
+        "inspect",
+        "--model",
+        model.to_str().unwrap(),
+        "--json-lines",
+        out.to_str().unwrap(),
+        "--maps-dir",
+        maps.to_str().unwrap(),
+        "--heatmaps-dir",
+        heat.to_str().unwrap(),
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "one image failed: {}", stderr(&o));
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let failed: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["path"].as_str().unwrap().ends_with("broken.png"));
+    let ok: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_none()).collect();
+    let mut map_paths = Vec::new();
+    for r in &ok {
+        for key in [
+            "score",
+            "threshold",
+            "is_anomalous",
+            "regions",
+            "width",
+            "height",
+            "map_path",
+            "heatmap_path",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key} in {r}");
+        }
+        assert_eq!(
+            r["is_anomalous"].as_bool().unwrap(),
+            r["score"].as_f64().unwrap() > r["threshold"].as_f64().unwrap()
+        );
+        let (m, h, w) = vigil::npy::read_f32_2d(std::path::Path::new(r["map_path"].as_str().unwrap())).unwrap();
+        assert_eq!((h, w), (64, 64));
+        // The image score is the map's maximum (up to the resize back to full resolution).
+        let peak = m.iter().copied().fold(f32::MIN, f32::max) as f64;
+        assert!((peak - r["score"].as_f64().unwrap()).abs() < 0.05 * peak.abs().max(1e-3));
+        let heatmap = image::open(r["heatmap_path"].as_str().unwrap()).unwrap();
+        assert_eq!((heatmap.width(), heatmap.height()), (64, 64));
+        map_paths.push(r["map_path"].as_str().unwrap().to_string());
+    }
+    assert_ne!(map_paths[0], map_paths[1], "same base name, distinct map files");
+}
+
+#[test]
+fn eval_reports_metrics_and_writes_json_and_figure() {
+    let model = tiny_model();
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("report.json");
+    let fig = work.path().join("fig.png");
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dataset().to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--figure",
+        fig.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("img AUROC"));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["overall"]["good_images"], 4);
+    assert_eq!(r["overall"]["defective_images"], 8);
+    for key in ["image_auroc", "pixel_auroc", "aupro"] {
+        let v = r["overall"][key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert_eq!(r["per_defect"].as_array().unwrap().len(), 4);
+    let img = image::open(&fig).unwrap();
+    assert!(img.width() > 1000);
+}
+
+#[test]
+fn calibrate_rewrites_thresholds_from_new_good_images() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    let src = tiny_model();
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let weights_before = std::fs::read(model.join("weights.safetensors")).unwrap();
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dataset().join("test/good").to_str().unwrap(),
+        "--threshold-method",
+        "min-area",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let card: Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["thresholds"]["method"], "min-area");
+    assert_eq!(card["thresholds"]["validation_images"], 4);
+    assert_eq!(
+        std::fs::read(model.join("weights.safetensors")).unwrap(),
+        weights_before
+    );
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed_and_thread_count() {
+    let work = tempfile::tempdir().unwrap();
+    let data = dataset().to_str().unwrap().to_string();
+    let outs: Vec<std::path::PathBuf> = (0..2).map(|i| work.path().join(format!("m{i}"))).collect();
+    for out in &outs {
+        let o = run(&tiny_train_args(&data, out.to_str().unwrap()));
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let w0 = std::fs::read(outs[0].join("weights.safetensors")).unwrap();
+    let w1 = std::fs::read(outs[1].join("weights.safetensors")).unwrap();
+    assert!(w0 == w1, "same seed and threads, different weights");
+}
+
+#[test]
+fn user_errors_are_clear_and_never_panics() {
+    let work = tempfile::tempdir().unwrap();
+    let empty = work.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = work.path().join("m");
+    let o = run(&tiny_train_args(empty.to_str().unwrap(), out.to_str().unwrap()));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no images found"), "{}", stderr(&o));
+
+    let o = run(&tiny_train_args("/nonexistent/folder", out.to_str().unwrap()));
+    assert!(stderr(&o).contains("no such folder"), "{}", stderr(&o));
+
+    // A text file posing as an image in the training folder: named in the error.
+    std::fs::write(empty.join("fake.png"), b"hello").unwrap();
+    let o = run(&tiny_train_args(empty.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(stderr(&o).contains("fake.png"), "{}", stderr(&o));
+
+    // Corrupt and missing artifacts name the file.
+    let bad_model = work.path().join("bad");
+    std::fs::create_dir_all(&bad_model).unwrap();
+    let img = dataset().join("test/good/000.png");
+    let o = run(&["inspect", "--model", bad_model.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("model.json") && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(bad_model.join("model.json"), "{ not json").unwrap();
+    let o = run(&["inspect", "--model", bad_model.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("model.json") && stderr(&o).contains("not a valid"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::copy(tiny_model().join("model.json"), bad_model.join("model.json")).unwrap();
+    std::fs::write(bad_model.join("weights.safetensors"), b"garbage").unwrap();
+    let o = run(&["inspect", "--model", bad_model.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(stderr(&o).contains("weights.safetensors"), "{}", stderr(&o));
+
+    // CUDA asked of a CPU build.
+    if !cfg!(feature = "cuda") {
+        let o = run(&[
+            "inspect",
+            "--device",
+            "cuda",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains("without the `cuda` feature"), "{}", stderr(&o));
+    }
+    for o in [&o] {
+        assert!(!stderr(o).contains("panicked"));
+    }
+}
+
+#[test]
+fn ctrl_c_stops_training_and_still_writes_a_usable_model() {
+    use std::io::{BufRead, BufReader};
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("m");
+    let data = dataset().to_str().unwrap().to_string();
+    let mut args = tiny_train_args(&data, out.to_str().unwrap());
+    let steps = args.iter().position(|a| *a == "--steps").unwrap();
+    args[steps + 1] = "1000000";
+    let mut child = vigil()
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The handler is installed before this line is printed.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("training on") {
+        line.clear();
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}");
+    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["training"]["stopped_early"], true);
+    assert!(card["training"]["steps"].as_u64().unwrap() < 1_000_000);
+    assert!(card["thresholds"]["image"].as_f64().unwrap().is_finite());
+}

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: a tiny synthetic data set and a tiny model,
+//! made once per test binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn vigil() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    vigil().args(args).output().expect("vigil runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// A directory that lives for the whole test binary.
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
+
+/// A small synthetic MVTec-layout data set (64×64 images).
+pub fn dataset() -> &'static Path {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = scratch().join("data");
+        vigil::synth::generate(
+            &dir,
+            &vigil::synth::SynthConfig {
+                size: 64,
+                train_good: 12,
+                test_good: 4,
+                test_defective: 2,
+                seed: 1,
+            },
+        )
+        .expect("synthetic data");
+        dir
+    })
+}
+
+/// Arguments that train a tiny model in about a second.
+pub fn tiny_train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--size",
+        "64",
+        "--patch",
+        "32",
+        "--width",
+        "4",
+        "--bottleneck",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    ]
+}
+
+/// A tiny trained model.
+pub fn tiny_model() -> &'static Path {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = scratch().join("tiny-model");
+        let data = dataset().to_str().unwrap().to_string();
+        let o = run(&tiny_train_args(&data, out.to_str().unwrap()));
+        assert!(o.status.success(), "training failed: {}", stderr(&o));
+        out
+    })
+}

@@ -1,0 +1,142 @@
+//! The inspection pipeline with fake reconstructors: batching, tiling, thresholds, regions.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, GrayImage, Luma};
+use vigil::detector::Detector;
+use vigil::model::artifact::{Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary};
+use vigil::model::{Architecture, Network, Reconstructor};
+use vigil::scoring::MapSpec;
+
+/// Reconstructs every image as flat mid-grey: the error map then shows the input's structure.
+struct Flat(Device);
+impl Reconstructor for Flat {
+    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
+        batch.ones_like()? * 0.5
+    }
+    fn device(&self) -> &Device {
+        &self.0
+    }
+}
+
+fn card(fit: Fit, working: usize, patch: usize) -> ModelCard {
+    ModelCard {
+        schema_version: 1,
+        vigil_version: "test".into(),
+        architecture: Architecture::Spatial {
+            width: 4,
+            bottleneck: 2,
+        },
+        input: InputSpec {
+            channels: 1,
+            working_size: working,
+            patch_size: patch,
+            fit,
+            normalisation: "unit-range".into(),
+        },
+        scoring: MapSpec {
+            smoothing_sigma: 1.0,
+            ..MapSpec::default()
+        },
+        thresholds: Thresholds {
+            image: 0.5,
+            pixel: 0.3,
+            method: "test".into(),
+            quantile: 0.99,
+            margin: 0.1,
+            min_defect_area: 1,
+            validation_images: 1,
+        },
+        validation_scores: ScoreStats::default(),
+        training: TrainingSummary::default(),
+        data_fingerprint: String::new(),
+    }
+}
+
+/// Grey image with a bright square at (x, y).
+fn with_square(size: u32, x: u32, y: u32) -> DynamicImage {
+    let mut g = GrayImage::from_pixel(size, size, Luma([128]));
+    for yy in y..y + 8 {
+        for xx in x..x + 8 {
+            g.put_pixel(xx, yy, Luma([255]));
+        }
+    }
+    DynamicImage::ImageLuma8(g)
+}
+
+#[test]
+fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
+    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let flat = DynamicImage::ImageLuma8(GrayImage::from_pixel(64, 64, Luma([128])));
+    let square = with_square(64, 40, 10);
+    let r = d.inspect_batch(&[&flat, &square], None).unwrap();
+    assert!(r[0].score < 1e-3 && !r[0].is_anomalous && r[0].regions.is_empty());
+    assert!(r[1].is_anomalous);
+    assert_eq!(r[1].regions.len(), 1);
+    let reg = &r[1].regions[0];
+    // The region contains the square's centre.
+    assert!(
+        reg.x <= 44 && reg.x + reg.width >= 44 && reg.y <= 14 && reg.y + reg.height >= 14,
+        "{reg:?}"
+    );
+    // A per-request threshold above the score turns the verdict and removes the regions.
+    let r = d.inspect_batch(&[&square], Some(r[1].score * 2.0)).unwrap();
+    assert!(!r[0].is_anomalous && r[0].regions.is_empty());
+}
+
+#[test]
+fn maps_come_back_at_the_images_own_resolution() {
+    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(90, 50, Luma([10])));
+    let r = d.inspect_batch(&[&img], None).unwrap();
+    assert_eq!((r[0].width, r[0].height, r[0].map.len()), (90, 50, 4500));
+}
+
+#[test]
+fn tiles_cover_the_image_and_agree_with_whole_fitting_away_from_tile_borders() {
+    let whole = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let tiled = Detector::new(card(Fit::Tiles { stride: 16 }, 64, 32), Arc::new(Flat(Device::Cpu)));
+    assert_eq!(tiled.tile_origins().len(), 9);
+    let img = with_square(64, 28, 28);
+    let a = whole.inspect_batch(&[&img], None).unwrap();
+    let b = tiled.inspect_batch(&[&img], None).unwrap();
+    // The flat reconstruction is the same everywhere, so the L2 part agrees exactly and the
+    // SSIM part differs only where a tile border cuts the window: the peaks are close.
+    assert!(
+        (a[0].score - b[0].score).abs() < 0.25 * a[0].score,
+        "{} vs {}",
+        a[0].score,
+        b[0].score
+    );
+}
+
+#[test]
+fn a_batch_scores_exactly_as_one_by_one() {
+    let dev = Device::Cpu;
+    let net = Network::new_seeded(
+        &Architecture::Spatial {
+            width: 4,
+            bottleneck: 2,
+        },
+        1,
+        32,
+        &dev,
+        3,
+    )
+    .unwrap();
+    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(net));
+    let imgs: Vec<DynamicImage> = (0..5).map(|i| with_square(64, 5 + 9 * i, 50 - 8 * i)).collect();
+    let refs: Vec<&DynamicImage> = imgs.iter().collect();
+    let batch = d.inspect_batch(&refs, None).unwrap();
+    for (img, b) in imgs.iter().zip(&batch) {
+        let one = d.inspect_batch(&[img], None).unwrap();
+        assert!(
+            (one[0].score - b.score).abs() <= 1e-5 * b.score.abs().max(1.0),
+            "{} vs {}",
+            one[0].score,
+            b.score
+        );
+        assert_eq!(one[0].regions.len(), b.regions.len());
+    }
+}
