@@ -100,8 +100,8 @@ impl Planar {
         } else {
             let rgb = img.to_rgb32f();
             for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    out.data[c * n + i] = px[c];
+                for (c, v) in px.iter().enumerate() {
+                    out.data[c * n + i] = *v;
                 }
             }
         }
@@ -145,9 +145,9 @@ impl Planar {
         let n = self.width * self.height;
         let mut img = RgbImage::new(self.width as u32, self.height as u32);
         for (i, px) in img.pixels_mut().enumerate() {
-            for c in 0..3 {
+            for (c, v) in px.0.iter_mut().enumerate() {
                 let src = if self.channels == 1 { 0 } else { c };
-                px[c] = (self.data[src * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+                *v = (self.data[src * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }
         img

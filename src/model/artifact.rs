@@ -208,7 +208,7 @@ impl ModelCard {
                 Err("this architecture needs working_size == patch_size for whole-image fitting".into())
             }
             Fit::Whole => self.architecture.validate(i.channels, i.working_size),
-            Fit::Tiles { stride } if stride == 0 => Err("tile stride must be positive".into()),
+            Fit::Tiles { stride: 0 } => Err("tile stride must be positive".into()),
             Fit::Tiles { .. } => Ok(()),
         }
     }

@@ -131,7 +131,9 @@ mod tests {
     #[test]
     fn matches_scikit_image_reference_values() {
         let (h, w) = (24, 20);
-        let cases: [(_, [(usize, usize, f32); 6]); 2] = [
+        type Points = [(usize, usize, f32); 6];
+        type Pair = (Vec<f32>, Vec<f32>);
+        let cases: [(Pair, Points); 2] = [
             (
                 pair_mod(h, w),
                 [
