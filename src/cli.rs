@@ -27,6 +27,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the inspection service (HTTP API, batching engine, database, metrics).
+    Serve(ServeArgs),
     /// Train a model on a folder of good images and calibrate its thresholds.
     Train(TrainArgs),
     /// Score images: verdict, regions, anomaly maps and heatmaps.
@@ -242,4 +244,49 @@ pub struct SynthArgs {
     pub test_defective: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+}
+
+/// `vigil serve`: every flag is also an environment variable (VIGIL_*).
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on. Without --api-keys-file, keep it on loopback.
+    #[arg(long, env = "VIGIL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Every sub-folder holding a model.json is served under its folder name; `default`
+    /// is the model behind POST /v1/inspect.
+    #[arg(long, env = "VIGIL_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Database and stored images live here.
+    #[arg(long, env = "VIGIL_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// sqlite://FILE or postgres://USER:PASS@HOST/DB. Default: an SQLite file in --data-dir.
+    #[arg(long, env = "VIGIL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    #[arg(long, env = "VIGIL_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Most images run through the model at once.
+    #[arg(long, env = "VIGIL_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Requests admitted per model (queued or running); beyond this the answer is 429.
+    #[arg(long, env = "VIGIL_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// Seconds an inspection may wait for the model before a 503.
+    #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest image accepted, judged from its header before decoding (413 beyond).
+    #[arg(long, env = "VIGIL_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+    /// Keep each inspected image under --data-dir (needed for heatmaps and maps later).
+    #[arg(long, env = "VIGIL_STORE_IMAGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub store_images: bool,
+    /// Delete inspections (and their images) older than this many days; 0 keeps everything.
+    #[arg(long, env = "VIGIL_RETENTION_DAYS", default_value_t = 0)]
+    pub retention_days: u64,
+    /// File of API keys, one per line: `<role> <key>` with role `inspect` or `admin`.
+    /// When given, every /v1 route needs `Authorization: Bearer <key>`.
+    #[arg(long, env = "VIGIL_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
 }

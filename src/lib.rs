@@ -4,14 +4,20 @@
 //! [`model`] reconstructs) → [`scoring`] (SSIM/L2 maps, smoothing, score, regions,
 //! heatmap) → the caller (CLI, evaluation, server).
 
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod detector;
+pub mod engine;
+pub mod error;
 pub mod eval;
 pub mod image_io;
+pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod scoring;
+pub mod server;
+pub mod storage;
 pub mod synth;
 pub mod telemetry;
 pub mod train;

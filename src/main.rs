@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     vigil::telemetry::init(cli.json_logs);
     let threads = candle_core::utils::get_num_threads();
     let result = match &cli.command {
+        Command::Serve(a) => vigil::server::serve(a),
         Command::Train(a) => commands::train::run(a, threads),
         Command::Inspect(a) => match commands::inspect::run(a) {
             Ok(0) => Ok(()),

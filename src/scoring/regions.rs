@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One connected region of pixels over the pixel threshold.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Region {
     /// Bounding box: left column, top row, width and height in pixels of the original image.
     pub x: u32,

@@ -1,0 +1,107 @@
+//! API keys: `Authorization: Bearer <key>` on every /v1 route when a keys file is given.
+//! Keys are compared in constant time and never logged.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Inspect,
+    Admin,
+}
+
+pub struct ApiKeys {
+    keys: Vec<(Role, Vec<u8>)>,
+}
+
+impl ApiKeys {
+    /// Reads `<role> <key>` lines; blank lines and `#` comments are skipped.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (role, key) = line
+                .split_once(char::is_whitespace)
+                .ok_or(format!("line {}: expected `<role> <key>`", n + 1))?;
+            let role = match role {
+                "inspect" => Role::Inspect,
+                "admin" => Role::Admin,
+                other => return Err(format!("line {}: unknown role {other:?} (inspect or admin)", n + 1)),
+            };
+            let key = key.trim();
+            if key.len() < 16 {
+                return Err(format!("line {}: keys must be at least 16 characters", n + 1));
+            }
+            keys.push((role, key.as_bytes().to_vec()));
+        }
+        if keys.is_empty() {
+            return Err("no keys".into());
+        }
+        Ok(Self { keys })
+    }
+
+    /// The role of `key`, comparing against every key in constant time.
+    pub fn role_of(&self, key: &[u8]) -> Option<Role> {
+        let mut found = None;
+        for (role, k) in &self.keys {
+            if bool::from(k.as_slice().ct_eq(key)) {
+                found = Some(*role);
+            }
+        }
+        found
+    }
+}
+
+/// Admin routes: model reload.
+fn needs_admin(req: &Request) -> bool {
+    req.method() == Method::POST && req.uri().path().ends_with("/reload")
+}
+
+pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(keys) = &state.keys else {
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| k.trim().as_bytes().to_vec());
+    match presented.and_then(|k| keys.role_of(&k)) {
+        None => ApiError::Unauthorized.into_response(),
+        Some(Role::Inspect) if needs_admin(&req) => ApiError::Forbidden.into_response(),
+        Some(_) => next.run(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_roles_and_matches_keys() {
+        let k = ApiKeys::parse("# keys\ninspect aaaaaaaaaaaaaaaa\nadmin bbbbbbbbbbbbbbbbbbbb\n").unwrap();
+        assert_eq!(k.role_of(b"aaaaaaaaaaaaaaaa"), Some(Role::Inspect));
+        assert_eq!(k.role_of(b"bbbbbbbbbbbbbbbbbbbb"), Some(Role::Admin));
+        assert_eq!(k.role_of(b"aaaaaaaaaaaaaaa"), None);
+        assert!(ApiKeys::parse("root aaaaaaaaaaaaaaaa").is_err());
+        assert!(ApiKeys::parse("inspect short").is_err());
+    }
+}

@@ -1,0 +1,246 @@
+//! POST /v1/inspect and /v1/models/{model}/inspect.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use sha2::{Digest, Sha256};
+
+use super::types::{InspectQuery, InspectionResponse, Links, Timings};
+use super::{now_us, rfc3339, AppState};
+use crate::error::ApiError;
+use crate::storage::Record;
+
+/// Inspect an image with the default model.
+#[utoipa::path(post, path = "/v1/inspect", params(InspectQuery),
+    request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
+    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody),
+        (status = 415, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 503, body = crate::error::ErrorBody)))]
+pub async fn inspect_default(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<InspectQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Json<InspectionResponse>, ApiError> {
+    let model = state.default_model.clone();
+    inspect(state, model, query(q)?, req).await
+}
+
+/// Inspect an image with a named model.
+#[utoipa::path(post, path = "/v1/models/{model}/inspect", params(("model" = String, Path), InspectQuery),
+    request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
+    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn inspect_model(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    q: Result<Query<InspectQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Json<InspectionResponse>, ApiError> {
+    inspect(state, model, query(q)?, req).await
+}
+
+/// Query-string errors in our JSON shape.
+pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v).map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+async fn inspect(
+    state: Arc<AppState>,
+    model: String,
+    q: InspectQuery,
+    req: Request,
+) -> Result<Json<InspectionResponse>, ApiError> {
+    let started = Instant::now();
+    let served = state.model(&model)?;
+    let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let request_id = header_str(req.headers(), "x-request-id");
+    let part_id = header_str(req.headers(), "x-part-id");
+    if let Some(t) = q.threshold {
+        if !t.is_finite() {
+            return Err(ApiError::BadRequest("threshold must be a finite number".into()));
+        }
+    }
+    let bytes = read_image_body(req, state.limits.max_body_bytes).await?;
+    // Admission before any heavy work: a full queue answers 429 at once.
+    let permit = served.engine.admit().map_err(|_| ApiError::Overloaded(model.clone()))?;
+    metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => model.clone()).set(served.engine.in_flight() as f64);
+
+    let detector = served.engine.detector();
+    let version = served.version.read().expect("version lock").clone();
+    let max_pixels = state.limits.max_pixels;
+    let d = detector.clone();
+    let decode_started = Instant::now();
+    let (prepared, sha, ext) = tokio::task::spawn_blocking(move || {
+        let img = crate::image_io::decode(&bytes, max_pixels)?;
+        let ext = image::guess_format(&bytes)
+            .ok()
+            .and_then(|f| f.extensions_str().first().copied())
+            .unwrap_or("bin");
+        Ok::<_, ApiError>((d.prepare(&img), Sha256::digest(&bytes), ext, bytes))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map(|(p, sha, ext, bytes)| (p, (sha, bytes), ext))?;
+    let decode = decode_started.elapsed();
+    metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.clone()).record(decode.as_secs_f64());
+
+    let prepared = Arc::new(prepared);
+    let reply = tokio::time::timeout(
+        state.limits.request_timeout,
+        served.engine.run(permit, prepared.clone(), detector.clone()),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout)??;
+    metrics::histogram!(crate::metrics::QUEUE_SECONDS, "model" => model.clone()).record(reply.queue_time.as_secs_f64());
+
+    let scoring_started = Instant::now();
+    let threshold = q.threshold;
+    let d = detector.clone();
+    let p = prepared.clone();
+    let inspection = tokio::task::spawn_blocking(move || d.score(&p, &reply.reconstruction, threshold))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let scoring = scoring_started.elapsed();
+    metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.clone()).record(scoring.as_secs_f64());
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let created_at = now_us();
+    let (sha, bytes) = sha;
+    let store = q.store_image.unwrap_or(state.limits.store_images);
+    let image_path = if store {
+        let blobs = state.blobs.clone();
+        let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        let id2 = id.clone();
+        let put = tokio::task::spawn_blocking(move || blobs.put(&day, &id2, ext, &bytes))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Some(put.map_err(|e| {
+            tracing::error!(error = %e, "storing the image failed");
+            metrics::counter!(crate::metrics::DATABASE_ERRORS).increment(1);
+            ApiError::DatabaseUnavailable
+        })?)
+    } else {
+        None
+    };
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let timings = Timings {
+        decode: ms(decode),
+        queue: ms(reply.queue_time),
+        inference: ms(reply.inference_time),
+        scoring: ms(scoring),
+        total: ms(started.elapsed()),
+    };
+    let record = Record {
+        id: id.clone(),
+        model: model.clone(),
+        model_version: version.clone(),
+        created_at,
+        score: inspection.score as f64,
+        threshold: inspection.threshold as f64,
+        is_anomalous: inspection.is_anomalous,
+        width: inspection.width as i64,
+        height: inspection.height as i64,
+        regions: serde_json::to_value(&inspection.regions).expect("regions serialise"),
+        timings: serde_json::to_value(&timings).expect("timings serialise"),
+        image_sha256: hex::encode(sha),
+        image_path: image_path.clone(),
+        request_id: request_id.clone(),
+        part_id: part_id.clone(),
+    };
+    // A 200 means the row is committed.
+    state.store.insert(&record).await?;
+
+    let verdict = if inspection.is_anomalous { "anomalous" } else { "normal" };
+    metrics::counter!(crate::metrics::VERDICTS, "model" => model.clone(), "verdict" => verdict).increment(1);
+    metrics::histogram!(crate::metrics::SCORES, "model" => model.clone()).record(inspection.score as f64);
+    metrics::histogram!(crate::metrics::INSPECTION_SECONDS, "model" => model.clone())
+        .record(started.elapsed().as_secs_f64());
+    Ok(Json(InspectionResponse {
+        links: Links::for_id(&id),
+        id,
+        model,
+        model_version: version,
+        score: record.score,
+        threshold: record.threshold,
+        is_anomalous: inspection.is_anomalous,
+        regions: inspection.regions,
+        width: record.width,
+        height: record.height,
+        timings_ms: timings,
+        created_at: rfc3339(created_at),
+        request_id,
+        part_id,
+        image_stored: image_path.is_some(),
+        feedback: None,
+    }))
+}
+
+/// Reads the image from a raw body or a multipart field `image`, within `limit` bytes.
+async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_string();
+    let bytes = if mime == "multipart/form-data" {
+        let (parts, body) = req.into_parts();
+        let limited = Body::new(http_body_util::Limited::new(body, limit));
+        let mut mp = axum::extract::Multipart::from_request(Request::from_parts(parts, limited), &())
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = mp.next_field().await.map_err(|e| multipart_error(e, limit))? {
+            if field.name() == Some("image") {
+                found = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?.to_vec());
+                break;
+            }
+        }
+        found.ok_or_else(|| ApiError::BadRequest("multipart body has no field named `image`".into()))?
+    } else {
+        let accepted = [
+            "",
+            "image/png",
+            "image/jpeg",
+            "image/jpg",
+            "image/bmp",
+            "image/x-ms-bmp",
+            "image/tiff",
+            "application/octet-stream",
+        ];
+        if !accepted.contains(&mime.as_str()) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "{mime}: send image/png, image/jpeg, image/bmp, image/tiff, application/octet-stream or multipart/form-data"
+            )));
+        }
+        axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::BodyTooLarge(limit))?
+            .to_vec()
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::EmptyBody);
+    }
+    Ok(bytes)
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge(limit)
+    } else {
+        ApiError::BadRequest(e.body_text())
+    }
+}

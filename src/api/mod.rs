@@ -1,0 +1,135 @@
+//! HTTP routes. Handlers decode, hand the model work to the engine, score off the async
+//! workers, record, and answer; errors become JSON in `crate::error`.
+
+pub mod auth;
+pub mod docs;
+pub mod health;
+pub mod inspect;
+pub mod models;
+pub mod records;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::engine::Engine;
+use crate::storage::blobs::BlobStore;
+use crate::storage::Store;
+
+/// Request limits and options.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_pixels: u64,
+    pub request_timeout: Duration,
+    pub store_images: bool,
+}
+
+/// A served model: its engine and the artifact it came from.
+pub struct ServedModel {
+    pub engine: Arc<Engine>,
+    pub dir: PathBuf,
+    /// Hash of model.json and the weights (first 16 hex digits of SHA-256).
+    pub version: std::sync::RwLock<String>,
+}
+
+pub struct AppState {
+    pub models: BTreeMap<String, ServedModel>,
+    pub default_model: String,
+    pub store: Store,
+    pub blobs: BlobStore,
+    pub limits: Limits,
+    pub keys: Option<auth::ApiKeys>,
+    pub metrics: PrometheusHandle,
+    pub device: candle_core::Device,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn model(&self, name: &str) -> Result<&ServedModel, crate::error::ApiError> {
+        self.models
+            .get(name)
+            .ok_or_else(|| crate::error::ApiError::UnknownModel(name.to_string()))
+    }
+}
+
+/// The router, so tests can drive it in-process.
+pub fn app(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/inspect", post(inspect::inspect_default))
+        .route("/models", get(models::list))
+        .route("/models/{model}", get(models::card))
+        .route("/models/{model}/inspect", post(inspect::inspect_model))
+        .route("/models/{model}/reload", post(models::reload))
+        .route("/inspections", get(records::list))
+        .route("/inspections/{id}", get(records::get_one))
+        .route("/inspections/{id}/heatmap.png", get(records::heatmap))
+        .route("/inspections/{id}/anomaly_map.npy", get(records::anomaly_map))
+        .route("/inspections/{id}/reconstruction.png", get(records::reconstruction))
+        .route("/inspections/{id}/feedback", post(records::feedback))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(docs::openapi))
+        .route("/docs", get(docs::page))
+        .fallback(|| async { crate::error::ApiError::BadRequest("no such route".into()) })
+        // The body limit is enforced by the handlers (to answer in our JSON shape).
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(record_metrics))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Requests by route and status; latency by route. Routes are the matched patterns, so
+/// ids never become labels.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(crate::metrics::REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metrics::REQUEST_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Unix time in microseconds.
+pub fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+pub fn rfc3339(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+pub type AppStateRef = State<Arc<AppState>>;

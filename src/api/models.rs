@@ -1,0 +1,100 @@
+//! Models: list, card with feedback counts, reload.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+
+use super::types::{FeedbackSummary, ModelDetail, ModelSummary};
+use super::AppState;
+use crate::detector::Detector;
+use crate::error::ApiError;
+use crate::eval::metrics::Confusion;
+
+/// The models this server serves.
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = Vec<ModelSummary>)))]
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>> {
+    Json(
+        state
+            .models
+            .iter()
+            .map(|(name, m)| {
+                let d = m.engine.detector();
+                ModelSummary {
+                    name: name.clone(),
+                    version: m.version.read().expect("version lock").clone(),
+                    architecture: serde_json::to_value(&d.card.architecture)
+                        .ok()
+                        .and_then(|v| v["name"].as_str().map(String::from))
+                        .unwrap_or_default(),
+                    image_threshold: d.card.thresholds.image as f64,
+                    is_default: *name == state.default_model,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// A model's card and what operator feedback says about its threshold.
+#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path)), responses((status = 200, body = ModelDetail), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn card(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelDetail>, ApiError> {
+    let served = state.model(&model)?;
+    let d = served.engine.detector();
+    let stats = state.store.feedback_stats(&model).await?;
+    let both = stats.labelled_scores.iter().any(|s| s.1) && stats.labelled_scores.iter().any(|s| !s.1);
+    let suggested_threshold = both.then(|| {
+        let (s, l): (Vec<f32>, Vec<bool>) = stats.labelled_scores.iter().map(|(s, d)| (*s as f32, *d)).unzip();
+        Confusion::best_f1(&s, &l).threshold as f64
+    });
+    Ok(Json(ModelDetail {
+        name: model,
+        version: served.version.read().expect("version lock").clone(),
+        device: crate::model::device::name(d.device()).into(),
+        card: serde_json::to_value(&d.card).map_err(|e| ApiError::Internal(e.to_string()))?,
+        feedback: FeedbackSummary {
+            labelled: stats.labelled,
+            false_positives: stats.false_positives,
+            false_negatives: stats.false_negatives,
+            suggested_threshold,
+        },
+    }))
+}
+
+/// Reload a model's artifact from disk (admin). Requests in flight finish with the old one.
+#[utoipa::path(post, path = "/v1/models/{model}/reload", params(("model" = String, Path)), responses((status = 200, body = ModelSummary), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn reload(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelSummary>, ApiError> {
+    let served = state.model(&model)?;
+    let dir = served.dir.clone();
+    let device = state.device.clone();
+    let (detector, version) = tokio::task::spawn_blocking(move || -> Result<(Detector, String), String> {
+        let d = Detector::load(&dir, &device).map_err(|e| e.to_string())?;
+        crate::server::warm_up(&d).map_err(|e| e.to_string())?;
+        let v = crate::server::artifact_version(&dir).map_err(|e| e.to_string())?;
+        Ok((d, v))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::BadRequest(format!("the model on disk does not load: {e}")))?;
+    let threshold = detector.card.thresholds.image as f64;
+    let architecture = serde_json::to_value(&detector.card.architecture)
+        .ok()
+        .and_then(|v| v["name"].as_str().map(String::from))
+        .unwrap_or_default();
+    served.engine.replace(detector);
+    *served.version.write().expect("version lock") = version.clone();
+    metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
+    tracing::info!(model, version, "model reloaded");
+    Ok(Json(ModelSummary {
+        is_default: model == state.default_model,
+        name: model,
+        version,
+        architecture,
+        image_threshold: threshold,
+    }))
+}

@@ -1,0 +1,239 @@
+//! Stored inspections: listing, one record, feedback, and images rendered on demand.
+//!
+//! Heatmap, anomaly map and reconstruction are rendered on demand from the stored image
+//! with the model version that made the verdict (the pipeline is deterministic), so the
+//! hot path writes only the image and the row. Records without a stored image, or whose
+//! model has since changed, answer 404 / 409 with a stable code.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use super::types::{FeedbackRequest, InspectionPage, InspectionResponse, Links, ListParams, Timings};
+use super::{now_us, rfc3339, AppState};
+use crate::detector::{Inspection, Reconstruction};
+use crate::error::ApiError;
+use crate::storage::{ListQuery, Record};
+
+pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
+    let timings: Timings = serde_json::from_value(r.timings).unwrap_or(Timings {
+        decode: 0.0,
+        queue: 0.0,
+        inference: 0.0,
+        scoring: 0.0,
+        total: 0.0,
+    });
+    InspectionResponse {
+        links: Links::for_id(&r.id),
+        id: r.id,
+        model: r.model,
+        model_version: r.model_version,
+        score: r.score,
+        threshold: r.threshold,
+        is_anomalous: r.is_anomalous,
+        regions: serde_json::from_value(r.regions).unwrap_or_default(),
+        width: r.width,
+        height: r.height,
+        timings_ms: timings,
+        created_at: rfc3339(r.created_at),
+        request_id: r.request_id,
+        part_id: r.part_id,
+        image_stored: r.image_path.is_some(),
+        feedback,
+    }
+}
+
+/// List inspections, newest first, with cursor pagination.
+#[utoipa::path(get, path = "/v1/inspections", params(ListParams), responses((status = 200, body = InspectionPage)))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    p: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<InspectionPage>, ApiError> {
+    let p = super::inspect::query(p)?;
+    let parse_time = |s: &Option<String>, name: &str| -> Result<Option<i64>, ApiError> {
+        s.as_ref()
+            .map(|t| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|d| d.timestamp_micros())
+                    .map_err(|_| {
+                        ApiError::BadRequest(format!("{name} must be an RFC 3339 time, e.g. 2026-11-27T12:00:00Z"))
+                    })
+            })
+            .transpose()
+    };
+    let anomalous = match p.verdict.as_deref() {
+        None => None,
+        Some("anomalous") => Some(true),
+        Some("normal") => Some(false),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "verdict must be `anomalous` or `normal`, not {other:?}"
+            )))
+        }
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
+    }
+    if let Some(c) = &p.cursor {
+        uuid::Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("cursor is not one this server gave out".into()))?;
+    }
+    let q = ListQuery {
+        model: p.model.clone(),
+        anomalous,
+        since_us: parse_time(&p.since, "since")?,
+        until_us: parse_time(&p.until, "until")?,
+        before_id: p.cursor.clone(),
+        limit: limit + 1,
+    };
+    let mut rows = state.store.list(&q).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = if more { rows.last().map(|r| r.id.clone()) } else { None };
+    Ok(Json(InspectionPage {
+        items: rows.into_iter().map(|r| to_response(r, None)).collect(),
+        next_cursor,
+    }))
+}
+
+async fn load(state: &AppState, id: &str) -> Result<Record, ApiError> {
+    state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::UnknownInspection(id.to_string()))
+}
+
+/// One inspection.
+#[utoipa::path(get, path = "/v1/inspections/{id}", params(("id" = String, Path)), responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<InspectionResponse>, ApiError> {
+    let r = load(&state, &id).await?;
+    let fb = state.store.feedback_of(&id).await?.map(|f| f.0);
+    Ok(Json(to_response(r, fb)))
+}
+
+/// Label an inspection `good` or `defective`.
+#[utoipa::path(post, path = "/v1/inspections/{id}/feedback", params(("id" = String, Path)), request_body = FeedbackRequest,
+    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn feedback(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<InspectionResponse>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let defective = match body.label.as_str() {
+        "good" => false,
+        "defective" => true,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "label must be `good` or `defective`, not {other:?}"
+            )))
+        }
+    };
+    if !state
+        .store
+        .set_feedback(&id, defective, body.note.as_deref(), now_us())
+        .await?
+    {
+        return Err(ApiError::UnknownInspection(id));
+    }
+    get_one(State(state), Path(id)).await
+}
+
+/// Re-runs the stored image through the model version that judged it.
+async fn rerun(
+    state: &AppState,
+    id: &str,
+) -> Result<(Record, image::DynamicImage, Reconstruction, Inspection), ApiError> {
+    let r = load(state, id).await?;
+    let served = state.model(&r.model)?;
+    let current = served.version.read().expect("version lock").clone();
+    if current != r.model_version {
+        return Err(ApiError::ModelChanged(format!(
+            "inspection {id} was made by model version {}, the server now runs {current}",
+            r.model_version
+        )));
+    }
+    let path = r
+        .image_path
+        .clone()
+        .ok_or_else(|| ApiError::NotStored(format!("the image of inspection {id} was not stored")))?;
+    let blobs = state.blobs.clone();
+    let bytes = tokio::task::spawn_blocking(move || blobs.get(&path))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
+    let detector = served.engine.detector();
+    let d = detector.clone();
+    let max = state.limits.max_pixels;
+    let (img, prepared) = tokio::task::spawn_blocking(move || {
+        let img = crate::image_io::decode(&bytes, max)?;
+        let p = d.prepare(&img);
+        Ok::<_, ApiError>((img, p))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let permit = served
+        .engine
+        .admit()
+        .map_err(|_| ApiError::Overloaded(r.model.clone()))?;
+    let prepared = Arc::new(prepared);
+    let reply = served.engine.run(permit, prepared.clone(), detector.clone()).await?;
+    let threshold = Some(r.threshold as f32);
+    let recon = reply.reconstruction;
+    let (insp, recon) = tokio::task::spawn_blocking(move || (detector.score(&prepared, &recon, threshold), recon))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((r, img, recon, insp))
+}
+
+fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], out.into_inner()).into_response())
+}
+
+/// The heatmap overlay (PNG), rendered on demand.
+#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn heatmap(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let (r, img, _, insp) = rerun(&state, &id).await?;
+    let channels = state.model(&r.model)?.engine.detector().card.input.channels;
+    let out = tokio::task::spawn_blocking(move || {
+        let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
+        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, 0.5)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    png(out)
+}
+
+/// The anomaly map: float32 .npy, height × width (as `vigil inspect --maps-dir` writes).
+#[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn anomaly_map(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let (_, _, _, insp) = rerun(&state, &id).await?;
+    let bytes = crate::npy::encode_f32_2d(&insp.map, insp.height, insp.width);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// The model's reconstruction at working resolution (PNG).
+#[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn reconstruction(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let (_, _, recon, _) = rerun(&state, &id).await?;
+    png(recon.image.to_rgb8())
+}

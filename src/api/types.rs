@@ -1,0 +1,132 @@
+//! Request and response bodies (the OpenAPI document is generated from these).
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::scoring::Region;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    pub decode: f64,
+    pub queue: f64,
+    pub inference: f64,
+    pub scoring: f64,
+    pub total: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Links {
+    #[serde(rename = "self")]
+    pub self_: String,
+    pub heatmap: String,
+    pub anomaly_map: String,
+    pub reconstruction: String,
+}
+
+impl Links {
+    pub fn for_id(id: &str) -> Self {
+        let base = format!("/v1/inspections/{id}");
+        Self {
+            heatmap: format!("{base}/heatmap.png"),
+            anomaly_map: format!("{base}/anomaly_map.npy"),
+            reconstruction: format!("{base}/reconstruction.png"),
+            self_: base,
+        }
+    }
+}
+
+/// One inspection: the verdict and where to find its images.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InspectionResponse {
+    /// Time-ordered UUID (v7).
+    pub id: String,
+    pub model: String,
+    /// Hash of the model artifact that made this verdict.
+    pub model_version: String,
+    pub score: f64,
+    pub threshold: f64,
+    pub is_anomalous: bool,
+    #[schema(value_type = Vec<Object>)]
+    pub regions: Vec<Region>,
+    pub width: i64,
+    pub height: i64,
+    pub timings_ms: Timings,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub links: Links,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_id: Option<String>,
+    pub image_stored: bool,
+    /// The operator's label, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct InspectQuery {
+    /// Image threshold for this request only.
+    pub threshold: Option<f32>,
+    /// Keep the image (default: the server's --store-images).
+    pub store_image: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListParams {
+    pub model: Option<String>,
+    /// `anomalous` or `normal`.
+    pub verdict: Option<String>,
+    /// RFC 3339 time; records at or after it.
+    pub since: Option<String>,
+    /// RFC 3339 time; records before it.
+    pub until: Option<String>,
+    /// 1–500, default 50.
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InspectionPage {
+    pub items: Vec<InspectionResponse>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FeedbackRequest {
+    /// `good` or `defective`.
+    pub label: String,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelSummary {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    pub image_threshold: f64,
+    pub is_default: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FeedbackSummary {
+    pub labelled: i64,
+    pub false_positives: i64,
+    pub false_negatives: i64,
+    /// The threshold with the best F1 on the labelled inspections (both labels needed).
+    pub suggested_threshold: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelDetail {
+    pub name: String,
+    pub version: String,
+    pub device: String,
+    /// The model card (model.json).
+    #[schema(value_type = Object)]
+    pub card: serde_json::Value,
+    pub feedback: FeedbackSummary,
+}

@@ -1,0 +1,144 @@
+//! The one place where errors become HTTP statuses and JSON bodies:
+//! `{"error": {"code": "...", "message": "..."}}` with stable codes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::engine::EngineError;
+use crate::image_io::ImageError;
+use crate::storage::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request body is empty: send an image")]
+    EmptyBody,
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    CorruptImage(String),
+    #[error("{0}")]
+    TooManyPixels(String),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no model named {0:?}")]
+    UnknownModel(String),
+    #[error("no inspection with id {0:?}")]
+    UnknownInspection(String),
+    #[error("{0}")]
+    NotStored(String),
+    #[error("{0}")]
+    ModelChanged(String),
+    #[error("the model {0:?} is busy: retry shortly")]
+    Overloaded(String),
+    #[error("the inspection did not finish within the request timeout")]
+    Timeout,
+    #[error("the database is unavailable")]
+    DatabaseUnavailable,
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("this API key may not do that")]
+    Forbidden,
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ApiError::*;
+        match self {
+            EmptyBody => (StatusCode::BAD_REQUEST, "empty_body"),
+            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            CorruptImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
+            TooManyPixels(_) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
+            BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            UnknownModel(_) => (StatusCode::NOT_FOUND, "unknown_model"),
+            UnknownInspection(_) => (StatusCode::NOT_FOUND, "unknown_inspection"),
+            NotStored(_) => (StatusCode::NOT_FOUND, "image_not_stored"),
+            ModelChanged(_) => (StatusCode::CONFLICT, "model_changed"),
+            Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            // Internals go to the log, never to the client.
+            ApiError::Internal(detail) => {
+                tracing::error!(detail, "internal error");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = (
+            status,
+            axum::Json(ErrorBody {
+                error: ErrorDetail { code, message },
+            }),
+        )
+            .into_response();
+        if matches!(
+            self,
+            ApiError::Overloaded(_) | ApiError::Timeout | ApiError::DatabaseUnavailable
+        ) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::Empty => ApiError::EmptyBody,
+            ImageError::UnsupportedFormat => ApiError::UnsupportedMediaType(e.to_string()),
+            ImageError::TooManyPixels { .. } => ApiError::TooManyPixels(e.to_string()),
+            ImageError::Corrupt(_) => ApiError::CorruptImage(e.to_string()),
+            ImageError::Io { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Overloaded => ApiError::Overloaded(String::new()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "database error");
+        metrics::counter!(crate::metrics::DATABASE_ERRORS).increment(1);
+        ApiError::DatabaseUnavailable
+    }
+}

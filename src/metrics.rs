@@ -1,0 +1,48 @@
+//! Metric names (prefix `vigil_`, unit suffixes, `_total` on counters) and their buckets.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "vigil_http_requests_total";
+pub const REQUEST_SECONDS: &str = "vigil_http_request_duration_seconds";
+pub const DECODE_SECONDS: &str = "vigil_decode_duration_seconds";
+pub const QUEUE_SECONDS: &str = "vigil_queue_duration_seconds";
+pub const INFERENCE_SECONDS: &str = "vigil_inference_duration_seconds";
+pub const SCORING_SECONDS: &str = "vigil_scoring_duration_seconds";
+pub const INSPECTION_SECONDS: &str = "vigil_inspection_duration_seconds";
+pub const BATCH_SIZE: &str = "vigil_batch_size";
+pub const QUEUE_DEPTH: &str = "vigil_queue_depth";
+pub const VERDICTS: &str = "vigil_verdicts_total";
+pub const SCORES: &str = "vigil_anomaly_score";
+pub const MODEL_INFO: &str = "vigil_model_info";
+pub const DATABASE_ERRORS: &str = "vigil_database_errors_total";
+pub const REJECTED: &str = "vigil_rejected_requests_total";
+
+/// Installs the global recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .expect("buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full(BATCH_SIZE.into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+                )
+                .expect("buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full(SCORES.into()),
+                    &[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0],
+                )
+                .expect("buckets");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests in one process): keep ours for rendering.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,203 @@
+//! `vigil serve`: load and warm every model, open the database, then bind and serve
+//! until SIGTERM/Ctrl-C, draining requests in flight.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use candle_core::Tensor;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, Limits, ServedModel};
+use crate::cli::ServeArgs;
+use crate::detector::Detector;
+use crate::engine::Engine;
+use crate::model::{artifact, device};
+use crate::storage::blobs::BlobStore;
+use crate::storage::Store;
+
+/// A model version: the first 16 hex digits of SHA-256 over model.json and the weights.
+pub fn artifact_version(dir: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    for f in [artifact::CARD_FILE, artifact::WEIGHTS_FILE] {
+        h.update(std::fs::read(dir.join(f))?);
+    }
+    Ok(hex::encode(h.finalize())[..16].to_string())
+}
+
+/// One forward pass, so the first request does not pay for allocation and kernel set-up.
+pub fn warm_up(d: &Detector) -> candle_core::Result<()> {
+    let s = d.card.input.working_size;
+    let p = crate::image_io::Planar::new(d.card.input.channels, s, s);
+    d.reconstruct(&[&p])?;
+    let _ = Tensor::zeros(1, candle_core::DType::F32, d.device())?;
+    Ok(())
+}
+
+/// Every sub-folder of `dir` holding a model.json, loaded and warmed.
+pub fn load_models(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<Vec<(String, std::path::PathBuf, Detector, String)>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
+    let mut dirs: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(artifact::CARD_FILE).is_file())
+        .collect();
+    dirs.sort();
+    for path in dirs {
+        let name = path.file_name().expect("folder name").to_string_lossy().to_string();
+        let d = Detector::load(&path, device)?;
+        warm_up(&d).with_context(|| format!("warming up {name}"))?;
+        let version = artifact_version(&path)?;
+        tracing::info!(model = name, version, "model loaded and warm");
+        out.push((name, path, d, version));
+    }
+    if out.is_empty() {
+        bail!(
+            "no models in {} (each model is a folder holding model.json and weights.safetensors)",
+            dir.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Builds the state: models and engines, database, blobs, keys.
+pub async fn build_state(
+    args: &ServeArgs,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<Arc<AppState>> {
+    let device = device::select(args.device)?;
+    let keys = match &args.api_keys_file {
+        Some(p) => Some(api::auth::ApiKeys::load(p).map_err(|e| anyhow::anyhow!("API keys file {e}"))?),
+        None => None,
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let url = match &args.database_url {
+        Some(u) => u.clone(),
+        None => format!("sqlite://{}", args.data_dir.join("vigil.db").display()),
+    };
+    let store = Store::connect(&url)
+        .await
+        .with_context(|| "opening the database".to_string())?;
+    tracing::info!(backend = store.backend, "database ready");
+    let dir = args.models_dir.clone();
+    let dev = device.clone();
+    let loaded = tokio::task::spawn_blocking(move || load_models(&dir, &dev)).await??;
+    let mut models = BTreeMap::new();
+    for (name, dir, detector, version) in loaded {
+        metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.clone(), "version" => version.clone(), "device" => device::name(&device)).set(1.0);
+        let engine = Engine::start(&name, detector, args.max_batch, args.queue_capacity);
+        models.insert(
+            name,
+            ServedModel {
+                engine,
+                dir,
+                version: std::sync::RwLock::new(version),
+            },
+        );
+    }
+    let default_model = if models.contains_key("default") {
+        "default".to_string()
+    } else {
+        models.keys().next().expect("one model").clone()
+    };
+    Ok(Arc::new(AppState {
+        models,
+        default_model,
+        store,
+        blobs: BlobStore::new(&args.data_dir),
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_pixels: args.max_pixels,
+            request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
+            store_images: args.store_images,
+        },
+        keys,
+        metrics,
+        device,
+        ready: AtomicBool::new(true),
+    }))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = api::app(state.clone());
+    let s = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            s.ready.store(false, Ordering::SeqCst);
+            tracing::info!("shutting down: draining requests in flight");
+        })
+        .await
+}
+
+/// Deletes records (and images) older than `days`, hourly.
+fn spawn_retention(state: Arc<AppState>, days: u64) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let cutoff = api::now_us() - (days as i64) * 86_400_000_000;
+            match state.store.prune(cutoff).await {
+                Ok(paths) => {
+                    for p in &paths {
+                        let _ = state.blobs.remove(p);
+                    }
+                    tracing::info!(pruned_images = paths.len(), days, "retention pass");
+                }
+                Err(e) => tracing::error!(error = %e, "retention pass failed"),
+            }
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The `serve` subcommand.
+pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let handle = crate::metrics::install();
+        let state = build_state(args, handle).await?;
+        if args.retention_days > 0 {
+            spawn_retention(state.clone(), args.retention_days);
+        }
+        // Bound only now: every model is loaded and warm.
+        let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        if state.keys.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "listening beyond loopback without API keys: anyone who can reach this port can use the API (give --api-keys-file)");
+        }
+        tracing::info!(models = ?state.models.keys().collect::<Vec<_>>(), "listening on http://{addr}");
+        run(listener, state, shutdown_signal()).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,49 @@
+//! Stored images: files under `<data-dir>/images/<yyyy-mm-dd>/<id>.<ext>`, written and
+//! synced before the record that names them is committed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.to_path_buf(),
+        }
+    }
+
+    /// Writes `bytes` durably; returns the path relative to the data directory.
+    pub fn put(&self, day: &str, id: &str, ext: &str, bytes: &[u8]) -> std::io::Result<String> {
+        let rel = format!("images/{day}/{id}.{ext}");
+        let path = self.root.join(&rel);
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(rel)
+    }
+
+    pub fn get(&self, rel: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.resolve(rel)?)
+    }
+
+    pub fn remove(&self, rel: &str) -> std::io::Result<()> {
+        std::fs::remove_file(self.resolve(rel)?)
+    }
+
+    /// Refuses paths that would leave the data directory.
+    fn resolve(&self, rel: &str) -> std::io::Result<PathBuf> {
+        if rel.contains("..") || Path::new(rel).is_absolute() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad blob path"));
+        }
+        Ok(self.root.join(rel))
+    }
+}

@@ -1,0 +1,309 @@
+//! Inspection records in SQLite (embedded default) or PostgreSQL, chosen by the URL,
+//! through one code path (sqlx's `Any` driver with runtime queries), plus a blob store
+//! for the images.
+
+pub mod blobs;
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Row};
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored record is malformed: {0}")]
+    Malformed(String),
+}
+
+/// One stored inspection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub model: String,
+    pub model_version: String,
+    /// Unix time in microseconds.
+    pub created_at: i64,
+    pub score: f64,
+    pub threshold: f64,
+    pub is_anomalous: bool,
+    pub width: i64,
+    pub height: i64,
+    /// JSON array of regions.
+    pub regions: serde_json::Value,
+    /// JSON object of timings in milliseconds.
+    pub timings: serde_json::Value,
+    pub image_sha256: String,
+    pub image_path: Option<String>,
+    pub request_id: Option<String>,
+    pub part_id: Option<String>,
+}
+
+/// Filters for listing, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub model: Option<String>,
+    pub anomalous: Option<bool>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+    /// Return records with ids below this one (the previous page's last id).
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+/// Feedback counts for one model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackStats {
+    pub labelled: i64,
+    pub false_positives: i64,
+    pub false_negatives: i64,
+    /// (score, defective) of every labelled inspection.
+    pub labelled_scores: Vec<(f64, bool)>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    pub backend: &'static str,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Connects (creating an SQLite file if needed) and runs the migrations.
+    /// SQLite runs in WAL mode with `synchronous = FULL`: a committed row survives a crash.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
+        } else {
+            url.to_string()
+        };
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let mut pool = AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 8 });
+        if sqlite {
+            pool = pool.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self {
+            pool,
+            backend: if sqlite { "sqlite" } else { "postgres" },
+        })
+    }
+
+    /// True when the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Inserts a record in a transaction; returns once it is committed.
+    pub async fn insert(&self, r: &Record) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, height, \
+             regions, timings, image_sha256, image_path, request_id, part_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&r.id)
+        .bind(&r.model)
+        .bind(&r.model_version)
+        .bind(r.created_at)
+        .bind(r.score)
+        .bind(r.threshold)
+        .bind(if r.is_anomalous { "anomalous" } else { "normal" })
+        .bind(r.width)
+        .bind(r.height)
+        .bind(r.regions.to_string())
+        .bind(r.timings.to_string())
+        .bind(&r.image_sha256)
+        .bind(r.image_path.clone())
+        .bind(r.request_id.clone())
+        .bind(r.part_id.clone())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM inspections WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| from_row(&r)).transpose()
+    }
+
+    /// Records matching `q`, newest first.
+    pub async fn list(&self, q: &ListQuery) -> Result<Vec<Record>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM inspections WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.model.is_some() {
+            sql += &format!(" AND model = {}", next());
+        }
+        if q.anomalous.is_some() {
+            sql += &format!(" AND verdict = {}", next());
+        }
+        if q.since_us.is_some() {
+            sql += &format!(" AND created_at >= {}", next());
+        }
+        if q.until_us.is_some() {
+            sql += &format!(" AND created_at < {}", next());
+        }
+        if q.before_id.is_some() {
+            sql += &format!(" AND id < {}", next());
+        }
+        sql += &format!(" ORDER BY id DESC LIMIT {}", next());
+        let mut query = sqlx::query(&sql);
+        if let Some(m) = &q.model {
+            query = query.bind(m.clone());
+        }
+        if let Some(a) = q.anomalous {
+            query = query.bind(if a { "anomalous" } else { "normal" });
+        }
+        if let Some(s) = q.since_us {
+            query = query.bind(s);
+        }
+        if let Some(u) = q.until_us {
+            query = query.bind(u);
+        }
+        if let Some(b) = &q.before_id {
+            query = query.bind(b.clone());
+        }
+        query = query.bind(q.limit);
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Stores (or replaces) an operator's label for an inspection. False when the
+    /// inspection does not exist.
+    pub async fn set_feedback(
+        &self,
+        id: &str,
+        defective: bool,
+        note: Option<&str>,
+        now_us: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT id FROM inspections WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO feedback (inspection_id, label, note, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (inspection_id) DO UPDATE SET label = excluded.label, note = excluded.note, created_at = excluded.created_at",
+        )
+        .bind(id)
+        .bind(if defective { "defective" } else { "good" })
+        .bind(note.map(str::to_string))
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The operator's label of an inspection, if any.
+    pub async fn feedback_of(&self, id: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let row = sqlx::query("SELECT label, note FROM feedback WHERE inspection_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1))))
+    }
+
+    /// Feedback counts for `model`.
+    pub async fn feedback_stats(&self, model: &str) -> Result<FeedbackStats, StoreError> {
+        let rows = sqlx::query(
+            "SELECT i.score, i.verdict, f.label FROM feedback f JOIN inspections i ON i.id = f.inspection_id WHERE i.model = $1",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut s = FeedbackStats::default();
+        for r in rows {
+            let score: f64 = r.get(0);
+            let anomalous = r.get::<String, _>(1) == "anomalous";
+            let defective = r.get::<String, _>(2) == "defective";
+            s.labelled += 1;
+            s.false_positives += (anomalous && !defective) as i64;
+            s.false_negatives += (!anomalous && defective) as i64;
+            s.labelled_scores.push((score, defective));
+        }
+        Ok(s)
+    }
+
+    /// Deletes records created before `cutoff_us`; returns their stored image paths.
+    pub async fn prune(&self, cutoff_us: i64) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT image_path FROM inspections WHERE created_at < $1 AND image_path IS NOT NULL")
+            .bind(cutoff_us)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM feedback WHERE inspection_id IN (SELECT id FROM inspections WHERE created_at < $1)")
+            .bind(cutoff_us)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM inspections WHERE created_at < $1")
+            .bind(cutoff_us)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    pub async fn count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM inspections")
+            .fetch_one(&self.pool)
+            .await?
+            .get::<i64, _>(0))
+    }
+}
+
+const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
+                       timings, image_sha256, image_path, request_id, part_id";
+
+fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
+    let json = |i: usize| -> Result<serde_json::Value, StoreError> {
+        serde_json::from_str(&r.try_get::<String, _>(i)?).map_err(|e| StoreError::Malformed(e.to_string()))
+    };
+    Ok(Record {
+        id: r.try_get(0)?,
+        model: r.try_get(1)?,
+        model_version: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        score: r.try_get(4)?,
+        threshold: r.try_get(5)?,
+        is_anomalous: r.try_get::<String, _>(6)? == "anomalous",
+        width: r.try_get(7)?,
+        height: r.try_get(8)?,
+        regions: json(9)?,
+        timings: json(10)?,
+        image_sha256: r.try_get(11)?,
+        image_path: r.try_get(12)?,
+        request_id: r.try_get(13)?,
+        part_id: r.try_get(14)?,
+    })
+}

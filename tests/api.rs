@@ -1,0 +1,561 @@
+//! Router tests in-process (`oneshot`, no sockets) with a fake reconstructor and a real
+//! SQLite database: every route, every error code, durability of answered inspections.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use candle_core::{Device, Tensor};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+use vigil::api::{self, AppState, Limits, ServedModel};
+use vigil::detector::Detector;
+use vigil::engine::Engine;
+use vigil::model::artifact::{Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary};
+use vigil::model::{Architecture, Reconstructor};
+use vigil::scoring::MapSpec;
+use vigil::storage::blobs::BlobStore;
+use vigil::storage::Store;
+
+/// Reconstructs as flat mid-grey: structure in the input shows up as anomaly.
+struct Flat(Device);
+impl Reconstructor for Flat {
+    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
+        batch.ones_like()? * 0.5
+    }
+    fn device(&self) -> &Device {
+        &self.0
+    }
+}
+
+fn card() -> ModelCard {
+    ModelCard {
+        schema_version: 1,
+        vigil_version: "test".into(),
+        architecture: Architecture::Spatial {
+            width: 4,
+            bottleneck: 2,
+        },
+        input: InputSpec {
+            channels: 1,
+            working_size: 32,
+            patch_size: 32,
+            fit: Fit::Whole,
+            normalisation: "unit-range".into(),
+        },
+        scoring: MapSpec {
+            smoothing_sigma: 1.0,
+            ..MapSpec::default()
+        },
+        thresholds: Thresholds {
+            image: 0.5,
+            pixel: 0.3,
+            method: "test".into(),
+            quantile: 0.99,
+            margin: 0.1,
+            min_defect_area: 1,
+            validation_images: 1,
+        },
+        validation_scores: ScoreStats::default(),
+        training: TrainingSummary::default(),
+        data_fingerprint: String::new(),
+    }
+}
+
+struct Harness {
+    state: Arc<AppState>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(keys: Option<&str>, queue_capacity: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        .await
+        .unwrap();
+    let mut models = BTreeMap::new();
+    let detector = Detector::new(card(), Arc::new(Flat(Device::Cpu)));
+    models.insert(
+        "default".to_string(),
+        ServedModel {
+            engine: Engine::start("default", detector, 4, queue_capacity),
+            dir: dir.path().into(),
+            version: "v1".to_string().into(),
+        },
+    );
+    let state = Arc::new(AppState {
+        models,
+        default_model: "default".into(),
+        store,
+        blobs: BlobStore::new(dir.path()),
+        limits: Limits {
+            max_body_bytes: 200_000,
+            max_pixels: 1_000_000,
+            request_timeout: Duration::from_secs(10),
+            store_images: true,
+        },
+        keys: keys.map(|k| api::auth::ApiKeys::parse(k).unwrap()),
+        metrics: vigil::metrics::install(),
+        device: Device::Cpu,
+        ready: AtomicBool::new(true),
+    });
+    Harness { state, _dir: dir }
+}
+
+fn png(w: u32, h: u32, square: bool) -> Vec<u8> {
+    let mut img = image::GrayImage::from_pixel(w, h, image::Luma([128]));
+    if square {
+        for y in 10..18 {
+            for x in 10..18 {
+                img.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+async fn send(state: &Arc<AppState>, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = api::app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
+}
+
+fn post(uri: &str, ct: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", ct)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn json(b: &[u8]) -> Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
+}
+
+fn error_code(b: &[u8]) -> String {
+    json(b)["error"]["code"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn inspect_answers_every_field_and_the_record_is_durable() {
+    let h = harness(None, 8).await;
+    let req = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("x-part-id", "part-42")
+        .header("x-request-id", "req-1")
+        .body(Body::from(png(40, 30, true)))
+        .unwrap();
+    let (status, headers, body) = send(&h.state, req).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-request-id"], "req-1");
+    let v = json(&body);
+    for key in [
+        "id",
+        "model",
+        "model_version",
+        "score",
+        "threshold",
+        "is_anomalous",
+        "regions",
+        "width",
+        "height",
+        "timings_ms",
+        "created_at",
+        "links",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    for key in ["decode", "queue", "inference", "scoring", "total"] {
+        assert!(v["timings_ms"][key].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!((v["width"].as_i64(), v["height"].as_i64()), (Some(40), Some(30)));
+    assert_eq!(v["is_anomalous"], true);
+    assert_eq!(v["part_id"], "part-42");
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+    // The row is there, with the client's ids.
+    let rec = h.state.store.get(id).await.unwrap().unwrap();
+    assert_eq!(rec.part_id.as_deref(), Some("part-42"));
+    assert_eq!(rec.request_id.as_deref(), Some("req-1"));
+    assert!((rec.score - v["score"].as_f64().unwrap()).abs() < 1e-9);
+    // GET it back, fetch its heatmap, map and reconstruction.
+    let (s, _, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&b)["id"], id);
+    let (s, hd, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(hd["content-type"], "image/png");
+    let img = image::load_from_memory(&b).unwrap();
+    assert_eq!((img.width(), img.height()), (40, 30));
+    let (s, _, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections/{id}/anomaly_map.npy"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &b).unwrap();
+    let (map, mh, mw) = vigil::npy::read_f32_2d(tmp.path()).unwrap();
+    assert_eq!((mh, mw), (30, 40));
+    let peak = map.iter().copied().fold(f32::MIN, f32::max) as f64;
+    // The score is the peak at working resolution (32²); the map is resampled to 40×30,
+    // which can only lower a sharp peak.
+    let score = v["score"].as_f64().unwrap();
+    assert!(
+        peak <= score * 1.001 && peak >= 0.5 * score,
+        "map peak {peak}, score {score}"
+    );
+    let (s, _, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections/{id}/reconstruction.png"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(image::load_from_memory(&b).is_ok());
+}
+
+#[tokio::test]
+async fn multipart_octet_stream_and_threshold_override() {
+    let h = harness(None, 8).await;
+    let boundary = "XBOUNDARYX";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").into_bytes();
+    body.extend(png(32, 32, true));
+    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let (s, _, b) = send(
+        &h.state,
+        post(
+            "/v1/models/default/inspect",
+            &format!("multipart/form-data; boundary={boundary}"),
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let score = json(&b)["score"].as_f64().unwrap();
+    let uri = format!("/v1/inspect?threshold={}&store_image=false", score * 2.0);
+    let (s, _, b) = send(&h.state, post(&uri, "application/octet-stream", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["is_anomalous"], false);
+    assert_eq!(v["regions"].as_array().unwrap().len(), 0);
+    assert_eq!(v["image_stored"], false);
+    // Not stored: its heatmap cannot be rendered.
+    let id = v["id"].as_str().unwrap();
+    let (s, _, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::NOT_FOUND, "image_not_stored")
+    );
+}
+
+#[tokio::test]
+async fn bad_inputs_get_the_right_status_and_code() {
+    let h = harness(None, 8).await;
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            post("/v1/inspect", "image/png", vec![]),
+            StatusCode::BAD_REQUEST,
+            "empty_body",
+        ),
+        (
+            post("/v1/inspect", "image/png", b"definitely not an image".to_vec()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            post("/v1/inspect", "text/plain", png(8, 8, false)),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            {
+                let p = png(64, 64, true);
+                post("/v1/inspect", "image/png", p[..p.len() - 30].to_vec())
+            },
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "corrupt_image",
+        ),
+        (
+            post("/v1/inspect", "image/png", huge_header_png()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "image_too_large",
+        ),
+        (
+            post("/v1/inspect", "application/octet-stream", vec![0u8; 300_000]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            post("/v1/models/nope/inspect", "image/png", png(8, 8, false)),
+            StatusCode::NOT_FOUND,
+            "unknown_model",
+        ),
+        (
+            Request::get("/v1/inspections/0190d6c2-0000-7000-8000-000000000000")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "unknown_inspection",
+        ),
+        (
+            Request::get("/v1/inspections?verdict=maybe")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::get("/v1/inspections?limit=0").body(Body::empty()).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            post("/v1/inspect?threshold=abc", "image/png", png(8, 8, false)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (req, want_status, want_code) in cases {
+        let uri = req.uri().to_string();
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(s, want_status, "{uri}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(error_code(&b), want_code, "{uri}");
+    }
+    // Nothing was recorded for the refusals.
+    assert_eq!(h.state.store.count().await.unwrap(), 0);
+}
+
+/// A 100000×100000 PNG header on a tiny file: refused before any allocation.
+fn huge_header_png() -> Vec<u8> {
+    let mut p = png(8, 8, false);
+    // IHDR: length at 8..12, type at 12..16, width/height at 16..24, CRC over 12..29.
+    p[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    p[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32fast::hash(&p[12..29]);
+    p[29..33].copy_from_slice(&crc.to_be_bytes());
+    p
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let h = harness(None, 1).await;
+    // Hold the only slot, as a request in flight would.
+    let _permit = h.state.models["default"].engine.admit().unwrap();
+    let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(error_code(&b), "overloaded");
+    assert_eq!(headers["retry-after"], "1");
+}
+
+#[tokio::test]
+async fn listing_filters_and_paginates_newest_first() {
+    let h = harness(None, 8).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, i % 2 == 0))).await;
+        assert_eq!(s, StatusCode::OK);
+        ids.push(json(&b)["id"].as_str().unwrap().to_string());
+    }
+    let (_, _, b) = send(
+        &h.state,
+        Request::get("/v1/inspections?limit=2").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let page = json(&b);
+    let got: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, _, b) = send(
+        &h.state,
+        Request::get(format!("/v1/inspections?limit=2&cursor={cursor}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let got: Vec<String> = json(&b)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, vec![ids[2].clone(), ids[1].clone()]);
+    let (_, _, b) = send(
+        &h.state,
+        Request::get("/v1/inspections?verdict=anomalous&limit=10")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let items = json(&b)["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 3, "squares on images 0, 2, 4");
+    assert!(items.iter().all(|i| i["is_anomalous"] == true));
+    let (_, _, b) = send(
+        &h.state,
+        Request::get("/v1/inspections?since=2999-01-01T00:00:00Z")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(json(&b)["items"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn feedback_counts_false_positives_and_suggests_a_threshold() {
+    let h = harness(None, 8).await;
+    let mut ids = Vec::new();
+    for square in [true, false] {
+        let (_, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, square))).await;
+        ids.push(json(&b)["id"].as_str().unwrap().to_string());
+    }
+    // The anomalous one is in fact good (a false positive); the normal one good too.
+    for id in &ids {
+        let body = serde_json::json!({"label": "good", "note": "checked by hand"}).to_string();
+        let (s, _, b) = send(
+            &h.state,
+            post(
+                &format!("/v1/inspections/{id}/feedback"),
+                "application/json",
+                body.into_bytes(),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["feedback"], "good");
+    }
+    let (s, _, b) = send(
+        &h.state,
+        Request::get("/v1/models/default").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["feedback"]["labelled"], 2);
+    assert_eq!(v["feedback"]["false_positives"], 1);
+    assert_eq!(v["feedback"]["false_negatives"], 0);
+    assert!(v["feedback"]["suggested_threshold"].is_null(), "needs both labels");
+    assert_eq!(v["card"]["architecture"]["name"], "spatial");
+    let (s, _, b) = send(
+        &h.state,
+        post(
+            &format!("/v1/inspections/{}/feedback", ids[0]),
+            "application/json",
+            b"{\"label\":\"meh\"}".to_vec(),
+        ),
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+}
+
+#[tokio::test]
+async fn api_keys_guard_v1_routes_and_admin_actions() {
+    let h = harness(Some("inspect inspect-key-0123456789\nadmin admin-key-0123456789"), 8).await;
+    let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let with_key = |key: &str, req: axum::http::request::Builder| req.header("authorization", format!("Bearer {key}"));
+    let req = with_key(
+        "wrong-key-0123456789",
+        Request::post("/v1/inspect").header("content-type", "image/png"),
+    )
+    .body(Body::from(png(8, 8, false)))
+    .unwrap();
+    assert_eq!(send(&h.state, req).await.0, StatusCode::UNAUTHORIZED);
+    let req = with_key(
+        "inspect-key-0123456789",
+        Request::post("/v1/inspect").header("content-type", "image/png"),
+    )
+    .body(Body::from(png(8, 8, false)))
+    .unwrap();
+    assert_eq!(send(&h.state, req).await.0, StatusCode::OK);
+    let req = with_key("inspect-key-0123456789", Request::post("/v1/models/default/reload"))
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, b) = send(&h.state, req).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    // Health and metrics stay open.
+    assert_eq!(
+        send(&h.state, Request::get("/health/live").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn health_metrics_openapi_and_models() {
+    let h = harness(None, 8).await;
+    let (s, _, b) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&b)["database"], true);
+    send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    let (s, _, b) = send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8(b).unwrap();
+    for name in [
+        "vigil_http_requests_total",
+        "vigil_inference_duration_seconds_bucket",
+        "vigil_batch_size_bucket",
+        "vigil_verdicts_total",
+        "vigil_anomaly_score_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    let (s, _, b) = send(&h.state, Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let doc = json(&b);
+    assert!(doc["paths"]["/v1/inspect"]["post"].is_object());
+    assert!(doc["paths"]["/v1/inspections/{id}/feedback"]["post"].is_object());
+    let (s, _, b) = send(&h.state, Request::get("/docs").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8(b).unwrap().contains("/openapi.json"));
+    let (_, _, b) = send(&h.state, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    assert_eq!(json(&b)[0]["name"], "default");
+    assert_eq!(json(&b)[0]["is_default"], true);
+    // Not ready while shutting down.
+    h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}

@@ -1,0 +1,184 @@
+//! The real binary on port 0 with the bundled model: bundled samples posted over HTTP,
+//! and a SIGKILL in the middle of a load after which every answered inspection is found.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+
+use serde_json::Value;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `vigil serve` on an ephemeral port and waits for its "listening on" line.
+fn start(data_dir: &std::path::Path) -> Server {
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    let mut child = common::vigil()
+        .env("RUST_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir", models, "--data-dir"])
+        .arg(data_dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vigil serve starts");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .to_string();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    Server { child, addr }
+}
+
+/// A minimal HTTP/1.1 exchange (Connection: close).
+fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+fn samples() -> Vec<std::path::PathBuf> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default/samples");
+    vigil::train::dataset::image_files(std::path::Path::new(dir)).unwrap()
+}
+
+#[test]
+fn bundled_samples_over_http() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path());
+    let (s, b) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    for path in samples() {
+        let bytes = std::fs::read(&path).unwrap();
+        let (s, b) = http(&server.addr, "POST", "/v1/inspect", "image/png", &bytes);
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy();
+        let expect_anomalous = !name.starts_with("good");
+        assert_eq!(v["is_anomalous"].as_bool().unwrap(), expect_anomalous, "{name}: {v}");
+        let id = v["id"].as_str().unwrap();
+        let (s, b) = http(
+            &server.addr,
+            "GET",
+            &format!("/v1/inspections/{id}/heatmap.png"),
+            "text/plain",
+            b"",
+        );
+        assert_eq!(s, 200);
+        assert!(image::load_from_memory(&b).is_ok());
+    }
+    let (s, b) = http(&server.addr, "GET", "/metrics", "text/plain", b"");
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&b).contains("vigil_model_info"));
+}
+
+#[test]
+fn every_answered_inspection_survives_sigkill() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path());
+    let image = std::fs::read(&samples()[0]).unwrap();
+    let addr = server.addr.clone();
+    // Four clients post until the server dies; each keeps the ids it got a 200 for.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            let image = image.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for _ in 0..200 {
+                    let Ok(mut s) = TcpStream::connect(&addr) else { break };
+                    let head = format!("POST /v1/inspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n", image.len());
+                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&image)).is_err() {
+                        break;
+                    }
+                    let mut resp = Vec::new();
+                    if s.read_to_end(&mut resp).is_err() || resp.is_empty() {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&resp);
+                    if text.starts_with("HTTP/1.1 200") {
+                        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+                        let start = body.find("\"id\":\"").unwrap() + 6;
+                        ids.push(body[start..start + 36].to_string());
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    // Kill once some inspections have been answered: wait on the database, not a clock.
+    let mut server = server;
+    let db = data.path().join("vigil.db");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(vigil::storage::Store::connect(&format!("sqlite://{}", db.display())))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while rt.block_on(store.count()).unwrap() < 8 {
+        assert!(std::time::Instant::now() < deadline, "no inspections recorded");
+        std::thread::yield_now();
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    let answered: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(answered.len() >= 1, "some requests were answered before the kill");
+    drop(store);
+    let restarted = start(data.path());
+    for id in &answered {
+        let (s, b) = http(
+            &restarted.addr,
+            "GET",
+            &format!("/v1/inspections/{id}"),
+            "text/plain",
+            b"",
+        );
+        assert_eq!(s, 200, "answered 200 but lost: {id}: {}", String::from_utf8_lossy(&b));
+    }
+}

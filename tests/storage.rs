@@ -1,0 +1,137 @@
+//! The store against a real SQLite file and, when `VIGIL_TEST_POSTGRES_URL` is set (as
+//! `.ci/run` does), a real PostgreSQL server: the same assertions on both.
+
+use serde_json::json;
+use vigil::storage::{ListQuery, Record, Store};
+
+fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record {
+    Record {
+        id: id.into(),
+        model: model.into(),
+        model_version: "abc".into(),
+        created_at: t,
+        score,
+        threshold: 1.0,
+        is_anomalous: anomalous,
+        width: 64,
+        height: 48,
+        regions: json!([{"x": 1}]),
+        timings: json!({"total": 1.5}),
+        image_sha256: "00".repeat(32),
+        image_path: Some(format!("images/x/{id}.png")),
+        request_id: Some("r".into()),
+        part_id: None,
+    }
+}
+
+async fn exercise(store: &Store, prefix: &str) {
+    let id = |i: u32| format!("{prefix}-0000-7000-8000-{i:012}");
+    let model = format!("m-{prefix}");
+    for i in 0..5u32 {
+        store
+            .insert(&record(&id(i), &model, 1_000 + i as i64, i % 2 == 0, i as f64))
+            .await
+            .unwrap();
+    }
+    let got = store.get(&id(3)).await.unwrap().unwrap();
+    assert_eq!(got, record(&id(3), &model, 1_003, false, 3.0));
+    assert!(store.get("missing").await.unwrap().is_none());
+    // Duplicate ids are refused (the primary key holds).
+    assert!(store.insert(&record(&id(3), &model, 1, false, 0.0)).await.is_err());
+
+    let q = ListQuery {
+        model: Some(model.clone()),
+        limit: 2,
+        ..Default::default()
+    };
+    let page = store.list(&q).await.unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        vec![id(4), id(3)]
+    );
+    let q = ListQuery {
+        model: Some(model.clone()),
+        limit: 10,
+        before_id: Some(id(3)),
+        anomalous: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .list(&q)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>(),
+        vec![id(2), id(0)]
+    );
+    let q = ListQuery {
+        model: Some(model.clone()),
+        limit: 10,
+        since_us: Some(1_001),
+        until_us: Some(1_003),
+        ..Default::default()
+    };
+    assert_eq!(store.list(&q).await.unwrap().len(), 2);
+
+    assert!(store.set_feedback(&id(0), false, Some("fine"), 5).await.unwrap());
+    assert!(store.set_feedback(&id(1), true, None, 5).await.unwrap());
+    assert!(
+        store.set_feedback(&id(1), true, Some("again"), 6).await.unwrap(),
+        "feedback replaces"
+    );
+    assert!(!store.set_feedback("missing", true, None, 5).await.unwrap());
+    let stats = store.feedback_stats(&model).await.unwrap();
+    assert_eq!(
+        (stats.labelled, stats.false_positives, stats.false_negatives),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        store.feedback_of(&id(1)).await.unwrap(),
+        Some(("defective".into(), Some("again".into())))
+    );
+
+    let pruned = store.prune(1_002).await.unwrap();
+    assert!(pruned.contains(&format!("images/x/{}.png", id(0))));
+    assert!(store.get(&id(1)).await.unwrap().is_none());
+    assert!(store.get(&id(2)).await.unwrap().is_some());
+    assert!(store.ping().await);
+}
+
+#[tokio::test]
+async fn sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    let store = Store::connect(&url).await.unwrap();
+    assert_eq!(store.backend, "sqlite");
+    exercise(&store, "0190aaaa-aaaa").await;
+    // Reopening runs the migrations again without harm and keeps the rows.
+    drop(store);
+    let store = Store::connect(&url).await.unwrap();
+    assert!(store
+        .get("0190aaaa-aaaa-0000-7000-8000-000000000004")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn postgres_store() {
+    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
+        eprintln!("SKIPPED postgres_store: set VIGIL_TEST_POSTGRES_URL=postgres://… to run it (.ci/run does)");
+        return;
+    };
+    let store = Store::connect(&url).await.unwrap();
+    assert_eq!(store.backend, "postgres");
+    let prefix = format!(
+        "{:08x}-{:04x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            % 65536
+    );
+    exercise(&store, &prefix).await;
+}
