@@ -119,7 +119,12 @@ async fn sqlite_store() {
 #[tokio::test]
 async fn postgres_store() {
     let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
-        eprintln!("SKIPPED postgres_store: set VIGIL_TEST_POSTGRES_URL=postgres://… to run it (.ci/run does)");
+        // Written straight to the stream so the test harness's capture does not hide it.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED postgres_store: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
+        );
         return;
     };
     let store = Store::connect(&url).await.unwrap();
