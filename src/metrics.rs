@@ -1,5 +1,6 @@
 //! Metric names (prefix `vigil_`, unit suffixes, `_total` on counters) and their buckets.
 
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "vigil_http_requests_total";
@@ -15,7 +16,6 @@ pub const VERDICTS: &str = "vigil_verdicts_total";
 pub const SCORES: &str = "vigil_anomaly_score";
 pub const MODEL_INFO: &str = "vigil_model_info";
 pub const DATABASE_ERRORS: &str = "vigil_database_errors_total";
-pub const REJECTED: &str = "vigil_rejected_requests_total";
 
 /// Installs the global recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -42,7 +42,33 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may already be installed (tests in one process): keep ours for rendering.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// Help text for every metric (Prometheus lints metrics without it).
+fn describe() {
+    describe_counter!(REQUESTS, "HTTP requests by matched route, method and status");
+    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "HTTP request latency by matched route");
+    describe_histogram!(DECODE_SECONDS, Unit::Seconds, "Image decoding and preparation time");
+    describe_histogram!(
+        QUEUE_SECONDS,
+        Unit::Seconds,
+        "Time an inspection waited for the model thread"
+    );
+    describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Model time per batch");
+    describe_histogram!(SCORING_SECONDS, Unit::Seconds, "Anomaly map, score and region time");
+    describe_histogram!(
+        INSPECTION_SECONDS,
+        Unit::Seconds,
+        "End-to-end time of a successful inspection"
+    );
+    describe_histogram!(BATCH_SIZE, "Images per model batch");
+    describe_gauge!(QUEUE_DEPTH, "Inspections admitted and not yet answered, per model");
+    describe_counter!(VERDICTS, "Verdicts by model and verdict");
+    describe_histogram!(SCORES, "Anomaly scores by model");
+    describe_gauge!(MODEL_INFO, "Served models: 1 per model, version and device");
+    describe_counter!(DATABASE_ERRORS, "Failed database or image-store writes and reads");
 }
