@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// How images meet the network at inference (default: whole for spatial, tiles for bergmann).
     #[arg(long, value_enum)]
     pub fit: Option<FitName>,
+    /// Objects rather than textures: resize every image to --size and train and infer on
+    /// the whole image (sets --patch to --size and --fit whole).
+    #[arg(long, conflicts_with_all = ["fit", "patch"])]
+    pub resize: bool,
     /// Tile stride for --fit tiles.
     #[arg(long, default_value_t = 32)]
     pub stride: usize,

@@ -559,3 +559,17 @@ async fn health_metrics_openapi_and_models() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+#[tokio::test]
+async fn a_database_that_cannot_take_the_row_gives_503_not_a_verdict() {
+    let h = harness(None, 8).await;
+    h.state.store.close().await;
+    let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+    );
+    assert_eq!(headers["retry-after"], "1");
+    let (s, _, _) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -266,3 +266,54 @@ fn ctrl_c_stops_training_and_still_writes_a_usable_model() {
     assert!(card["training"]["steps"].as_u64().unwrap() < 1_000_000);
     assert!(card["thresholds"]["image"].as_f64().unwrap().is_finite());
 }
+
+#[test]
+fn bergmann_with_resize_and_spatial_with_tiles_train_and_inspect() {
+    let work = tempfile::tempdir().unwrap();
+    let data = dataset().to_str().unwrap().to_string();
+    let img = dataset().join("test/hole/000.png");
+    let cases: [(&str, Vec<&str>, &str, u64); 2] = [
+        (
+            "bergmann",
+            vec!["--arch", "bergmann", "--latent", "8", "--resize", "--size", "128"],
+            "whole",
+            128,
+        ),
+        (
+            "tiles",
+            vec![
+                "--size", "64", "--patch", "32", "--fit", "tiles", "--stride", "16", "--width", "4",
+            ],
+            "tiles",
+            32,
+        ),
+    ];
+    for (name, extra, fit, patch) in cases {
+        let out = work.path().join(name);
+        let mut args = vec![
+            "train",
+            "--data",
+            &data,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+        assert_eq!(card["input"]["fit"]["kind"], fit, "{name}");
+        assert_eq!(card["input"]["patch_size"], patch, "{name}");
+        let o = run(&["inspect", "--model", out.to_str().unwrap(), img.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let r: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(
+            (r["width"].as_u64(), r["height"].as_u64()),
+            (Some(64), Some(64)),
+            "{name}"
+        );
+    }
+}

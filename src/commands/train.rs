@@ -19,11 +19,13 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         },
         ArchName::Bergmann => Architecture::Bergmann { latent: args.latent },
     };
-    let fit = match args.fit.unwrap_or(if architecture.fully_convolutional() {
+    let default_fit = if args.resize || architecture.fully_convolutional() {
         FitName::Whole
     } else {
         FitName::Tiles
-    }) {
+    };
+    let patch_size = if args.resize { args.size } else { args.patch };
+    let fit = match args.fit.unwrap_or(default_fit) {
         FitName::Whole => Fit::Whole,
         FitName::Tiles => Fit::Tiles { stride: args.stride },
     };
@@ -59,7 +61,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             Channels::Auto => None,
         },
         working_size: args.size,
-        patch_size: args.patch,
+        patch_size,
         fit,
         loss: args.loss,
         steps,

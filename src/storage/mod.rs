@@ -274,6 +274,11 @@ impl Store {
         Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
     }
 
+    /// Closes every connection; later queries fail (used to test the database-down path).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     pub async fn count(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query("SELECT COUNT(*) FROM inspections")
             .fetch_one(&self.pool)
