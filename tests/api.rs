@@ -1,6 +1,8 @@
 //! Router tests in-process (`oneshot`, no sockets) with a fake reconstructor and a real
 //! SQLite database: every route, every error code, durability of answered inspections.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,63 +10,16 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 use vigil::api::{self, AppState, Limits, ServedModel};
 use vigil::detector::Detector;
 use vigil::engine::Engine;
-use vigil::model::artifact::{Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary};
-use vigil::model::{Architecture, Reconstructor};
-use vigil::scoring::MapSpec;
+use vigil::model::artifact::Fit;
 use vigil::storage::blobs::BlobStore;
 use vigil::storage::Store;
-
-/// Reconstructs as flat mid-grey: structure in the input shows up as anomaly.
-struct Flat(Device);
-impl Reconstructor for Flat {
-    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
-        batch.ones_like()? * 0.5
-    }
-    fn device(&self) -> &Device {
-        &self.0
-    }
-}
-
-fn card() -> ModelCard {
-    ModelCard {
-        schema_version: 1,
-        vigil_version: "test".into(),
-        architecture: Architecture::Spatial {
-            width: 4,
-            bottleneck: 2,
-        },
-        input: InputSpec {
-            channels: 1,
-            working_size: 32,
-            patch_size: 32,
-            fit: Fit::Whole,
-            normalisation: "unit-range".into(),
-        },
-        scoring: MapSpec {
-            smoothing_sigma: 1.0,
-            ..MapSpec::default()
-        },
-        thresholds: Thresholds {
-            image: 0.5,
-            pixel: 0.3,
-            method: "test".into(),
-            quantile: 0.99,
-            margin: 0.1,
-            min_defect_area: 1,
-            validation_images: 1,
-        },
-        validation_scores: ScoreStats::default(),
-        training: TrainingSummary::default(),
-        data_fingerprint: String::new(),
-    }
-}
 
 struct Harness {
     state: Arc<AppState>,
@@ -77,7 +32,10 @@ async fn harness(keys: Option<&str>, queue_capacity: usize) -> Harness {
         .await
         .unwrap();
     let mut models = BTreeMap::new();
-    let detector = Detector::new(card(), Arc::new(Flat(Device::Cpu)));
+    let detector = Detector::new(
+        common::test_card(Fit::Whole, 32, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
     models.insert(
         "default".to_string(),
         ServedModel {

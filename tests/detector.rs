@@ -1,58 +1,14 @@
 //! The inspection pipeline with fake reconstructors: batching, tiling, thresholds, regions.
 
+mod common;
+
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use image::{DynamicImage, GrayImage, Luma};
 use vigil::detector::Detector;
-use vigil::model::artifact::{Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary};
-use vigil::model::{Architecture, Network, Reconstructor};
-use vigil::scoring::MapSpec;
-
-/// Reconstructs every image as flat mid-grey: the error map then shows the input's structure.
-struct Flat(Device);
-impl Reconstructor for Flat {
-    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
-        batch.ones_like()? * 0.5
-    }
-    fn device(&self) -> &Device {
-        &self.0
-    }
-}
-
-fn card(fit: Fit, working: usize, patch: usize) -> ModelCard {
-    ModelCard {
-        schema_version: 1,
-        vigil_version: "test".into(),
-        architecture: Architecture::Spatial {
-            width: 4,
-            bottleneck: 2,
-        },
-        input: InputSpec {
-            channels: 1,
-            working_size: working,
-            patch_size: patch,
-            fit,
-            normalisation: "unit-range".into(),
-        },
-        scoring: MapSpec {
-            smoothing_sigma: 1.0,
-            ..MapSpec::default()
-        },
-        thresholds: Thresholds {
-            image: 0.5,
-            pixel: 0.3,
-            method: "test".into(),
-            quantile: 0.99,
-            margin: 0.1,
-            min_defect_area: 1,
-            validation_images: 1,
-        },
-        validation_scores: ScoreStats::default(),
-        training: TrainingSummary::default(),
-        data_fingerprint: String::new(),
-    }
-}
+use vigil::model::artifact::Fit;
+use vigil::model::{Architecture, Network};
 
 /// Grey image with a bright square at (x, y).
 fn with_square(size: u32, x: u32, y: u32) -> DynamicImage {
@@ -67,7 +23,10 @@ fn with_square(size: u32, x: u32, y: u32) -> DynamicImage {
 
 #[test]
 fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
-    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let d = Detector::new(
+        common::test_card(Fit::Whole, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
     let flat = DynamicImage::ImageLuma8(GrayImage::from_pixel(64, 64, Luma([128])));
     let square = with_square(64, 40, 10);
     let r = d.inspect_batch(&[&flat, &square], None).unwrap();
@@ -87,7 +46,10 @@ fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
 
 #[test]
 fn maps_come_back_at_the_images_own_resolution() {
-    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let d = Detector::new(
+        common::test_card(Fit::Whole, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
     let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(90, 50, Luma([10])));
     let r = d.inspect_batch(&[&img], None).unwrap();
     assert_eq!((r[0].width, r[0].height, r[0].map.len()), (90, 50, 4500));
@@ -95,8 +57,14 @@ fn maps_come_back_at_the_images_own_resolution() {
 
 #[test]
 fn tiles_cover_the_image_and_agree_with_whole_fitting_away_from_tile_borders() {
-    let whole = Detector::new(card(Fit::Whole, 64, 32), Arc::new(Flat(Device::Cpu)));
-    let tiled = Detector::new(card(Fit::Tiles { stride: 16 }, 64, 32), Arc::new(Flat(Device::Cpu)));
+    let whole = Detector::new(
+        common::test_card(Fit::Whole, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
+    let tiled = Detector::new(
+        common::test_card(Fit::Tiles { stride: 16 }, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
     assert_eq!(tiled.tile_origins().len(), 9);
     let img = with_square(64, 28, 28);
     let a = whole.inspect_batch(&[&img], None).unwrap();
@@ -125,7 +93,7 @@ fn a_batch_scores_exactly_as_one_by_one() {
         3,
     )
     .unwrap();
-    let d = Detector::new(card(Fit::Whole, 64, 32), Arc::new(net));
+    let d = Detector::new(common::test_card(Fit::Whole, 64, 32), Arc::new(net));
     let imgs: Vec<DynamicImage> = (0..5).map(|i| with_square(64, 5 + 9 * i, 50 - 8 * i)).collect();
     let refs: Vec<&DynamicImage> = imgs.iter().collect();
     let batch = d.inspect_batch(&refs, None).unwrap();

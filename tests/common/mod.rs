@@ -87,3 +87,50 @@ pub fn tiny_model() -> &'static Path {
         out
     })
 }
+
+/// Reconstructs every image as flat mid-grey: the error map then shows the input's structure.
+pub struct Flat(pub candle_core::Device);
+impl vigil::model::Reconstructor for Flat {
+    fn reconstruct(&self, batch: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        batch.ones_like()? * 0.5
+    }
+    fn device(&self) -> &candle_core::Device {
+        &self.0
+    }
+}
+
+/// A model card for fake reconstructors: gray input, image threshold 0.5, pixel 0.3.
+pub fn test_card(fit: vigil::model::artifact::Fit, working: usize, patch: usize) -> vigil::model::ModelCard {
+    use vigil::model::artifact::{InputSpec, ScoreStats, Thresholds, TrainingSummary};
+    vigil::model::ModelCard {
+        schema_version: 1,
+        vigil_version: "test".into(),
+        architecture: vigil::model::Architecture::Spatial {
+            width: 4,
+            bottleneck: 2,
+        },
+        input: InputSpec {
+            channels: 1,
+            working_size: working,
+            patch_size: patch,
+            fit,
+            normalisation: "unit-range".into(),
+        },
+        scoring: vigil::scoring::MapSpec {
+            smoothing_sigma: 1.0,
+            ..Default::default()
+        },
+        thresholds: Thresholds {
+            image: 0.5,
+            pixel: 0.3,
+            method: "test".into(),
+            quantile: 0.99,
+            margin: 0.1,
+            min_defect_area: 1,
+            validation_images: 1,
+        },
+        validation_scores: ScoreStats::default(),
+        training: TrainingSummary::default(),
+        data_fingerprint: String::new(),
+    }
+}
