@@ -39,6 +39,8 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Measure speeds: matmul peak, forward passes, SSIM map, training step.
     Bench(BenchArgs),
+    /// Exit 0 when an HTTP URL answers 200 (a container health check without curl).
+    Probe(ProbeArgs),
     /// Generate the synthetic surface data set (MVTec AD layout) the bundled model is trained on.
     Synth(SynthArgs),
 }
@@ -293,4 +295,12 @@ pub struct ServeArgs {
     /// When given, every /v1 route needs `Authorization: Bearer <key>`.
     #[arg(long, env = "VIGIL_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// e.g. http://127.0.0.1:8080/health/ready (plain HTTP only).
+    pub url: String,
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
 }

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Calibrate(a) => commands::calibrate(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Synth(a) => commands::synth(a),
+        Command::Probe(a) => commands::probe(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,3 +69,21 @@ pub fn synth(args: &crate::cli::SynthArgs) -> anyhow::Result<()> {
     println!("wrote a synthetic data set to {}", args.out.display());
     Ok(())
 }
+
+/// `vigil probe URL`: GET over plain HTTP/1.1; Ok when the status is 200.
+pub fn probe(args: &crate::cli::ProbeArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let rest = args.url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("only http:// URLs"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let addr = host.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {host}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    let status = String::from_utf8_lossy(&head[9..12]).to_string();
+    anyhow::ensure!(status == "200", "{} answered {status}", args.url);
+    Ok(())
+}
