@@ -34,6 +34,9 @@ pub struct Reply {
 }
 
 struct Job {
+    /// Held until the model thread is done with the job, so admission bounds the work in
+    /// progress even when the client stops waiting.
+    _permit: OwnedSemaphorePermit,
     prepared: Arc<Prepared>,
     detector: Arc<Detector>,
     reply: oneshot::Sender<Result<Reply, EngineError>>,
@@ -44,7 +47,8 @@ struct Job {
 /// A model with its queue and thread.
 pub struct Engine {
     pub name: String,
-    detector: RwLock<Arc<Detector>>,
+    /// The detector new requests use, with its artifact version: swapped together.
+    current: RwLock<(Arc<Detector>, String)>,
     tx: mpsc::Sender<Job>,
     permits: Arc<Semaphore>,
     capacity: usize,
@@ -52,7 +56,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the model thread.
-    pub fn start(name: &str, detector: Detector, max_batch: usize, queue_capacity: usize) -> Arc<Self> {
+    pub fn start(name: &str, detector: Detector, version: &str, max_batch: usize, queue_capacity: usize) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread_name = format!("model-{name}");
         let model = name.to_string();
@@ -62,21 +66,27 @@ impl Engine {
             .expect("spawning the model thread");
         Arc::new(Self {
             name: name.to_string(),
-            detector: RwLock::new(Arc::new(detector)),
+            current: RwLock::new((Arc::new(detector), version.to_string())),
             tx,
             permits: Arc::new(Semaphore::new(queue_capacity.max(1))),
             capacity: queue_capacity.max(1),
         })
     }
 
-    /// The detector new requests use.
-    pub fn detector(&self) -> Arc<Detector> {
-        self.detector.read().expect("detector lock").clone()
+    /// The detector new requests use and its version, read together.
+    pub fn current(&self) -> (Arc<Detector>, String) {
+        self.current.read().expect("detector lock").clone()
     }
 
-    /// Swaps in a new detector; requests already queued finish with the one they started with.
-    pub fn replace(&self, detector: Detector) {
-        *self.detector.write().expect("detector lock") = Arc::new(detector);
+    /// The detector new requests use.
+    pub fn detector(&self) -> Arc<Detector> {
+        self.current().0
+    }
+
+    /// Swaps in a new detector with its version; requests already queued finish with the
+    /// one they started with.
+    pub fn replace(&self, detector: Detector, version: String) {
+        *self.current.write().expect("detector lock") = (Arc::new(detector), version);
     }
 
     /// Requests admitted and not yet answered.
@@ -93,17 +103,17 @@ impl Engine {
     }
 
     /// Queues `prepared` (made with `detector`) and waits for its reconstruction. The
-    /// permit is held until the reply arrives.
+    /// permit travels with the job and is released when the model thread is done with it.
     pub async fn run(
         &self,
-        _permit: OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
         prepared: Arc<Prepared>,
         detector: Arc<Detector>,
     ) -> Result<Reply, EngineError> {
         let (reply, rx) = oneshot::channel();
-        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => self.name.clone()).set(self.in_flight() as f64);
         self.tx
             .send(Job {
+                _permit: permit,
                 prepared,
                 detector,
                 reply,
@@ -111,10 +121,7 @@ impl Engine {
                 span: tracing::Span::current(),
             })
             .map_err(|_| EngineError::Stopped)?;
-        let result = rx.await.map_err(|_| EngineError::Stopped)?;
-        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => self.name.clone())
-            .set(self.in_flight().saturating_sub(1) as f64);
-        result
+        rx.await.map_err(|_| EngineError::Stopped)?
     }
 }
 
@@ -152,7 +159,9 @@ fn model_thread(model: &str, rx: mpsc::Receiver<Job>, max_batch: usize) {
         let inputs: Vec<&crate::image_io::Planar> = batch.iter().map(|j| &j.prepared.working).collect();
         let result = {
             let _span = batch[0].span.enter();
-            detector.reconstruct(&inputs)
+            // A panic in the model must not end the thread: the batch gets an error instead.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| detector.reconstruct(&inputs)))
+                .unwrap_or_else(|_| Err(candle_core::Error::Msg("the model panicked".into())))
         };
         let inference_time = started.elapsed();
         let n = batch.len();

@@ -41,6 +41,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("this API key may not do that")]
     Forbidden,
+    #[error("no such route")]
+    NoRoute,
+    #[error("the image store is unavailable")]
+    ImageStoreUnavailable,
     #[error("internal error")]
     Internal(String),
 }
@@ -76,6 +80,8 @@ impl ApiError {
             DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            NoRoute => (StatusCode::NOT_FOUND, "not_found"),
+            ImageStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "image_store_unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -101,7 +107,10 @@ impl IntoResponse for ApiError {
             .into_response();
         if matches!(
             self,
-            ApiError::Overloaded(_) | ApiError::Timeout | ApiError::DatabaseUnavailable
+            ApiError::Overloaded(_)
+                | ApiError::Timeout
+                | ApiError::DatabaseUnavailable
+                | ApiError::ImageStoreUnavailable
         ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -137,8 +146,14 @@ impl From<EngineError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "database error");
         metrics::counter!(crate::metrics::DATABASE_ERRORS).increment(1);
-        ApiError::DatabaseUnavailable
+        match e {
+            // A row that does not parse is a bug, not an outage: 500, not 503.
+            StoreError::Malformed(m) => ApiError::Internal(format!("malformed record: {m}")),
+            other => {
+                tracing::error!(error = %other, "database error");
+                ApiError::DatabaseUnavailable
+            }
+        }
     }
 }

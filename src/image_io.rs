@@ -44,7 +44,12 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     let (width, height) = header
         .into_dimensions()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    if width as u64 * height as u64 > max_pixels || width == 0 || height == 0 {
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt(format!(
+            "the image declares {width}×{height} pixels"
+        )));
+    }
+    if width as u64 * height as u64 > max_pixels {
         return Err(ImageError::TooManyPixels {
             width,
             height,

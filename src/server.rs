@@ -93,13 +93,13 @@ pub async fn build_state(
     let mut models = BTreeMap::new();
     for (name, dir, detector, version) in loaded {
         metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.clone(), "version" => version.clone(), "device" => device::name(&device)).set(1.0);
-        let engine = Engine::start(&name, detector, args.max_batch, args.queue_capacity);
+        let engine = Engine::start(&name, detector, &version, args.max_batch, args.queue_capacity);
         models.insert(
             name,
             ServedModel {
                 engine,
                 dir,
-                version: std::sync::RwLock::new(version),
+                reload: Default::default(),
             },
         );
     }

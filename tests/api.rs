@@ -39,9 +39,9 @@ async fn harness(keys: Option<&str>, queue_capacity: usize) -> Harness {
     models.insert(
         "default".to_string(),
         ServedModel {
-            engine: Engine::start("default", detector, 4, queue_capacity),
+            engine: Engine::start("default", detector, "v1", 4, queue_capacity),
             dir: dir.path().into(),
-            version: "v1".to_string().into(),
+            reload: Default::default(),
         },
     );
     let state = Arc::new(AppState {
@@ -300,6 +300,29 @@ async fn bad_inputs_get_the_right_status_and_code() {
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        (
+            Request::get("/v2/nothing").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            post(
+                &format!("/v1/inspections/{MISSING}/feedback"),
+                "application/json",
+                br#"{"label":"good"}"#.to_vec(),
+            ),
+            StatusCode::NOT_FOUND,
+            "unknown_inspection",
+        ),
+        (
+            post(
+                &format!("/v1/inspections/{MISSING}/feedback"),
+                "application/json",
+                vec![b' '; 100_000],
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
     ];
     for (req, want_status, want_code) in cases {
         let uri = req.uri().to_string();
@@ -310,6 +333,8 @@ async fn bad_inputs_get_the_right_status_and_code() {
     // Nothing was recorded for the refusals.
     assert_eq!(h.state.store.count().await.unwrap(), 0);
 }
+
+const MISSING: &str = "0190d6c2-0000-7000-8000-000000000000";
 
 /// A 100000×100000 PNG header on a tiny file: refused before any allocation.
 fn huge_header_png() -> Vec<u8> {
@@ -457,6 +482,13 @@ async fn api_keys_guard_v1_routes_and_admin_actions() {
     )
     .body(Body::from(png(8, 8, false)))
     .unwrap();
+    assert_eq!(send(&h.state, req).await.0, StatusCode::OK);
+    // The scheme name is case-insensitive (RFC 7235).
+    let req = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("authorization", "bearer inspect-key-0123456789")
+        .body(Body::from(png(8, 8, false)))
+        .unwrap();
     assert_eq!(send(&h.state, req).await.0, StatusCode::OK);
     let req = with_key("inspect-key-0123456789", Request::post("/v1/models/default/reload"))
         .body(Body::empty())

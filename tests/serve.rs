@@ -114,6 +114,11 @@ fn bundled_samples_over_http() {
         assert_eq!(s, 200);
         assert!(image::load_from_memory(&b).is_ok());
     }
+    // The container health check.
+    let probe = common::run(&["probe", &format!("http://{}/health/ready", server.addr)]);
+    assert!(probe.status.success(), "{}", common::stderr(&probe));
+    let probe = common::run(&["probe", &format!("http://{}/v1/models/nope", server.addr)]);
+    assert!(!probe.status.success());
     let (s, b) = http(&server.addr, "GET", "/metrics", "text/plain", b"");
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&b).contains("vigil_model_info"));

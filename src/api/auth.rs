@@ -82,7 +82,12 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme name is case-insensitive (RFC 7235).
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, k)| k)
+        })
         .map(|k| k.trim().as_bytes().to_vec());
     match presented.and_then(|k| keys.role_of(&k)) {
         None => ApiError::Unauthorized.into_response(),

@@ -69,8 +69,7 @@ async fn inspect(
     let permit = served.engine.admit().map_err(|_| ApiError::Overloaded(model.clone()))?;
     metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => model.clone()).set(served.engine.in_flight() as f64);
 
-    let detector = served.engine.detector();
-    let version = served.version.read().expect("version lock").clone();
+    let (detector, version) = served.engine.current();
     let max_pixels = state.limits.max_pixels;
     let d = detector.clone();
     let decode_started = Instant::now();
@@ -110,22 +109,7 @@ async fn inspect(
     let id = uuid::Uuid::now_v7().to_string();
     let created_at = now_us();
     let (sha, bytes) = sha;
-    let store = q.store_image.unwrap_or(state.limits.store_images);
-    let image_path = if store {
-        let blobs = state.blobs.clone();
-        let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-        let id2 = id.clone();
-        let put = tokio::task::spawn_blocking(move || blobs.put(&day, &id2, ext, &bytes))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        Some(put.map_err(|e| {
-            tracing::error!(error = %e, "storing the image failed");
-            metrics::counter!(crate::metrics::DATABASE_ERRORS).increment(1);
-            ApiError::DatabaseUnavailable
-        })?)
-    } else {
-        None
-    };
+    let store_image = q.store_image.unwrap_or(state.limits.store_images);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let timings = Timings {
         decode: ms(decode),
@@ -134,7 +118,7 @@ async fn inspect(
         scoring: ms(scoring),
         total: ms(started.elapsed()),
     };
-    let record = Record {
+    let mut record = Record {
         id: id.clone(),
         model: model.clone(),
         model_version: version.clone(),
@@ -147,12 +131,37 @@ async fn inspect(
         regions: serde_json::to_value(&inspection.regions).expect("regions serialise"),
         timings: serde_json::to_value(&timings).expect("timings serialise"),
         image_sha256: hex::encode(sha),
-        image_path: image_path.clone(),
+        image_path: None,
         request_id: request_id.clone(),
         part_id: part_id.clone(),
     };
-    // A 200 means the row is committed.
-    state.store.insert(&record).await?;
+    // The image write and the row run as one detached task: a client that hangs up
+    // cannot leave a stored image without its row. A 200 means the row is committed.
+    let st = state.clone();
+    let record = tokio::spawn(async move {
+        if store_image {
+            let blobs = st.blobs.clone();
+            let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+            let id = record.id.clone();
+            let put = tokio::task::spawn_blocking(move || blobs.put(&day, &id, ext, &bytes))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            record.image_path = Some(put.map_err(|e| {
+                tracing::error!(error = %e, "storing the image failed");
+                ApiError::ImageStoreUnavailable
+            })?);
+        }
+        if let Err(e) = st.store.insert(&record).await {
+            if let Some(p) = &record.image_path {
+                let _ = st.blobs.remove(p);
+            }
+            return Err(ApiError::from(e));
+        }
+        Ok(record)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let image_path = record.image_path.clone();
 
     let verdict = if inspection.is_anomalous { "anomalous" } else { "normal" };
     metrics::counter!(crate::metrics::VERDICTS, "model" => model.clone(), "verdict" => verdict).increment(1);
@@ -228,13 +237,25 @@ async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError
         }
         axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::BodyTooLarge(limit))?
+            .map_err(|e| body_error(&e, limit))?
             .to_vec()
     };
     if bytes.is_empty() {
         return Err(ApiError::EmptyBody);
     }
     Ok(bytes)
+}
+
+/// 413 when the body outgrew the limit; 400 when reading it failed otherwise.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ApiError::BodyTooLarge(limit);
+        }
+        source = s.source();
+    }
+    ApiError::BadRequest(format!("reading the request body failed: {e}"))
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {

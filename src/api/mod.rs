@@ -41,8 +41,8 @@ pub struct Limits {
 pub struct ServedModel {
     pub engine: Arc<Engine>,
     pub dir: PathBuf,
-    /// Hash of model.json and the weights (first 16 hex digits of SHA-256).
-    pub version: std::sync::RwLock<String>,
+    /// Held while a reload loads the artifact, so reloads run one at a time.
+    pub reload: tokio::sync::Mutex<()>,
 }
 
 pub struct AppState {
@@ -78,7 +78,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/inspections/{id}/heatmap.png", get(records::heatmap))
         .route("/inspections/{id}/anomaly_map.npy", get(records::anomaly_map))
         .route("/inspections/{id}/reconstruction.png", get(records::reconstruction))
-        .route("/inspections/{id}/feedback", post(records::feedback))
+        .route(
+            "/inspections/{id}/feedback",
+            post(records::feedback).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
+        )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .nest("/v1", v1)
@@ -87,7 +90,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::page))
-        .fallback(|| async { crate::error::ApiError::BadRequest("no such route".into()) })
+        .fallback(|| async { crate::error::ApiError::NoRoute })
         // The body limit is enforced by the handlers (to answer in our JSON shape).
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(record_metrics))

@@ -22,7 +22,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
                 let d = m.engine.detector();
                 ModelSummary {
                     name: name.clone(),
-                    version: m.version.read().expect("version lock").clone(),
+                    version: m.engine.current().1,
                     architecture: serde_json::to_value(&d.card.architecture)
                         .ok()
                         .and_then(|v| v["name"].as_str().map(String::from))
@@ -51,7 +51,7 @@ pub async fn card(
     });
     Ok(Json(ModelDetail {
         name: model,
-        version: served.version.read().expect("version lock").clone(),
+        version: served.engine.current().1,
         device: crate::model::device::name(d.device()).into(),
         card: serde_json::to_value(&d.card).map_err(|e| ApiError::Internal(e.to_string()))?,
         feedback: FeedbackSummary {
@@ -70,6 +70,7 @@ pub async fn reload(
     Path(model): Path<String>,
 ) -> Result<Json<ModelSummary>, ApiError> {
     let served = state.model(&model)?;
+    let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
     let device = state.device.clone();
     let (detector, version) = tokio::task::spawn_blocking(move || -> Result<(Detector, String), String> {
@@ -86,8 +87,7 @@ pub async fn reload(
         .ok()
         .and_then(|v| v["name"].as_str().map(String::from))
         .unwrap_or_default();
-    served.engine.replace(detector);
-    *served.version.write().expect("version lock") = version.clone();
+    served.engine.replace(detector, version.clone());
     metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {

@@ -78,15 +78,19 @@ pub async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
     }
-    if let Some(c) = &p.cursor {
-        uuid::Uuid::parse_str(c).map_err(|_| ApiError::BadRequest("cursor is not one this server gave out".into()))?;
-    }
+    // Ids are stored in lowercase hyphenated form; compare cursors in the same form.
+    let cursor = p
+        .cursor
+        .as_deref()
+        .map(|c| uuid::Uuid::parse_str(c).map(|u| u.to_string()))
+        .transpose()
+        .map_err(|_| ApiError::BadRequest("cursor is not one this server gave out".into()))?;
     let q = ListQuery {
         model: p.model.clone(),
         anomalous,
         since_us: parse_time(&p.since, "since")?,
         until_us: parse_time(&p.until, "until")?,
-        before_id: p.cursor.clone(),
+        before_id: cursor,
         limit: limit + 1,
     };
     let mut rows = state.store.list(&q).await?;
@@ -126,7 +130,13 @@ pub async fn feedback(
     Path(id): Path<String>,
     body: Result<Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<InspectionResponse>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Json(body) = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge(64 * 1024)
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })?;
     let defective = match body.label.as_str() {
         "good" => false,
         "defective" => true,
@@ -153,7 +163,8 @@ async fn rerun(
 ) -> Result<(Record, image::DynamicImage, Reconstruction, Inspection), ApiError> {
     let r = load(state, id).await?;
     let served = state.model(&r.model)?;
-    let current = served.version.read().expect("version lock").clone();
+    // Detector and version are read together, so the check holds for the model used.
+    let (detector, current) = served.engine.current();
     if current != r.model_version {
         return Err(ApiError::ModelChanged(format!(
             "inspection {id} was made by model version {}, the server now runs {current}",
@@ -164,12 +175,16 @@ async fn rerun(
         .image_path
         .clone()
         .ok_or_else(|| ApiError::NotStored(format!("the image of inspection {id} was not stored")))?;
+    // Admission first: re-rendering is model work like an inspection.
+    let permit = served
+        .engine
+        .admit()
+        .map_err(|_| ApiError::Overloaded(r.model.clone()))?;
     let blobs = state.blobs.clone();
     let bytes = tokio::task::spawn_blocking(move || blobs.get(&path))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
-    let detector = served.engine.detector();
     let d = detector.clone();
     let max = state.limits.max_pixels;
     let (img, prepared) = tokio::task::spawn_blocking(move || {
@@ -179,12 +194,13 @@ async fn rerun(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let permit = served
-        .engine
-        .admit()
-        .map_err(|_| ApiError::Overloaded(r.model.clone()))?;
     let prepared = Arc::new(prepared);
-    let reply = served.engine.run(permit, prepared.clone(), detector.clone()).await?;
+    let reply = tokio::time::timeout(
+        state.limits.request_timeout,
+        served.engine.run(permit, prepared.clone(), detector.clone()),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout)??;
     let threshold = Some(r.threshold as f32);
     let recon = reply.reconstruction;
     let (insp, recon) = tokio::task::spawn_blocking(move || (detector.score(&prepared, &recon, threshold), recon))

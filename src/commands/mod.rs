@@ -74,10 +74,18 @@ pub fn synth(args: &crate::cli::SynthArgs) -> anyhow::Result<()> {
 pub fn probe(args: &crate::cli::ProbeArgs) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
-    let rest = args.url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("only http:// URLs"))?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("only http:// URLs"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
     let timeout = std::time::Duration::from_secs_f64(args.timeout);
-    let addr = host.to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve {host}"))?;
+    let addr = host
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {host}"))?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;

@@ -203,15 +203,9 @@ impl Store {
         note: Option<&str>,
         now_us: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT id FROM inspections WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Ok(false);
-        }
-        sqlx::query(
+        // One statement (no read-then-write transaction, which SQLite in WAL mode can
+        // refuse under concurrent inserts); the foreign key tells a missing inspection.
+        let result = sqlx::query(
             "INSERT INTO feedback (inspection_id, label, note, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (inspection_id) DO UPDATE SET label = excluded.label, note = excluded.note, created_at = excluded.created_at",
         )
@@ -219,10 +213,13 @@ impl Store {
         .bind(if defective { "defective" } else { "good" })
         .bind(note.map(str::to_string))
         .bind(now_us)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(e)) if e.kind() == sqlx::error::ErrorKind::ForeignKeyViolation => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The operator's label of an inspection, if any.
