@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
@@ -220,7 +220,6 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         linear,
         convt8,
     );
-    let _ = DType::F32;
     Ok(out)
 }
 
