@@ -26,6 +26,13 @@ fn train_writes_a_complete_artifact() {
     assert_eq!(card["thresholds"]["validation_images"], 1, "10% of 12 images, rounded");
     assert_eq!(card["data_fingerprint"].as_str().unwrap().len(), 64);
     assert!(dir.join("weights.safetensors").is_file());
+    // Readable by other users: containers run the model as a non-root user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("weights.safetensors")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o044, 0o044, "mode {mode:o}");
+    }
 }
 
 #[test]

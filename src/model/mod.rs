@@ -80,6 +80,13 @@ impl Network {
             path: tmp.clone(),
             message: e.to_string(),
         })?;
+        // safetensors creates the file owner-only; a model is meant to be shared (a
+        // container runs it as another user), so make it world-readable like model.json.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+        }
         std::fs::rename(&tmp, &path).map_err(|source| ArtifactError::Io { path, source })
     }
 
