@@ -30,7 +30,10 @@ fn train_writes_a_complete_artifact() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("weights.safetensors")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("weights.safetensors"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o044, 0o044, "mode {mode:o}");
     }
 }

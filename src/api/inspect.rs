@@ -88,12 +88,7 @@ async fn inspect(
     metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.clone()).record(decode.as_secs_f64());
 
     let prepared = Arc::new(prepared);
-    let reply = tokio::time::timeout(
-        state.limits.request_timeout,
-        served.engine.run(permit, prepared.clone(), detector.clone()),
-    )
-    .await
-    .map_err(|_| ApiError::Timeout)??;
+    let reply = super::run_model(&state, served, permit, prepared.clone(), detector.clone()).await?;
     metrics::histogram!(crate::metrics::QUEUE_SECONDS, "model" => model.clone()).record(reply.queue_time.as_secs_f64());
 
     let scoring_started = Instant::now();

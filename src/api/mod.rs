@@ -124,6 +124,23 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Queues prepared work on a model and waits at most the request timeout for it.
+pub async fn run_model(
+    state: &AppState,
+    served: &ServedModel,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    prepared: Arc<crate::detector::Prepared>,
+    detector: Arc<crate::detector::Detector>,
+) -> Result<crate::engine::Reply, crate::error::ApiError> {
+    tokio::time::timeout(
+        state.limits.request_timeout,
+        served.engine.run(permit, prepared, detector),
+    )
+    .await
+    .map_err(|_| crate::error::ApiError::Timeout)?
+    .map_err(Into::into)
+}
+
 /// Unix time in microseconds.
 pub fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()

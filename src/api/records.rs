@@ -195,12 +195,7 @@ async fn rerun(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let prepared = Arc::new(prepared);
-    let reply = tokio::time::timeout(
-        state.limits.request_timeout,
-        served.engine.run(permit, prepared.clone(), detector.clone()),
-    )
-    .await
-    .map_err(|_| ApiError::Timeout)??;
+    let reply = super::run_model(state, served, permit, prepared.clone(), detector.clone()).await?;
     let threshold = Some(r.threshold as f32);
     let recon = reply.reconstruction;
     let (insp, recon) = tokio::task::spawn_blocking(move || (detector.score(&prepared, &recon, threshold), recon))
