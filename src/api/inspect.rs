@@ -73,7 +73,7 @@ async fn inspect(
     let max_pixels = state.limits.max_pixels;
     let d = detector.clone();
     let decode_started = Instant::now();
-    let (prepared, sha, ext) = tokio::task::spawn_blocking(move || {
+    let (prepared, sha, ext, bytes) = tokio::task::spawn_blocking(move || {
         let img = crate::image_io::decode(&bytes, max_pixels)?;
         let ext = image::guess_format(&bytes)
             .ok()
@@ -82,8 +82,7 @@ async fn inspect(
         Ok::<_, ApiError>((d.prepare(&img), Sha256::digest(&bytes), ext, bytes))
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map(|(p, sha, ext, bytes)| (p, (sha, bytes), ext))?;
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let decode = decode_started.elapsed();
     metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.clone()).record(decode.as_secs_f64());
 
@@ -103,7 +102,6 @@ async fn inspect(
 
     let id = uuid::Uuid::now_v7().to_string();
     let created_at = now_us();
-    let (sha, bytes) = sha;
     let store_image = q.store_image.unwrap_or(state.limits.store_images);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let timings = Timings {
