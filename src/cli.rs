@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::kernels::Kernels;
 use crate::model::device::DeviceChoice;
 use crate::scoring::MapMethod;
 use crate::train::{LossKind, ThresholdMethod};
@@ -127,6 +128,10 @@ pub struct TrainArgs {
     pub validation_fraction: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Convolution and SSIM-loss kernels on the CPU: fast (vigil's, the default) or candle
+    /// (candle's own operations, several times slower; for comparison).
+    #[arg(long, value_enum, default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
     /// Augmentations: any of flips, rot90, brightness, inpaint; or none.
     #[arg(long, value_delimiter = ',', default_value = "flips,rot90,brightness,inpaint")]
     pub augment: Vec<String>,
@@ -227,9 +232,9 @@ pub struct BenchArgs {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
-    /// Also time the Bergmann architecture beside the default one.
+    /// Skip the comparison with candle's own operations (faster; no before/after ratios).
     #[arg(long)]
-    pub bergmann: bool,
+    pub no_compare: bool,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 }

@@ -4,6 +4,7 @@
 //! [`model`] reconstructs) → [`scoring`] (SSIM/L2 maps, smoothing, score, regions,
 //! heatmap) → the caller (CLI, evaluation, server).
 
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod commands;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod image_io;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod npy;

@@ -5,6 +5,7 @@ use vigil::cli::{Cli, Command};
 use vigil::commands;
 
 fn main() -> ExitCode {
+    vigil::allocator::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // Before any thread pool exists: candle and rayon both read this.

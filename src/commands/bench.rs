@@ -3,10 +3,12 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
+use crate::kernels::Kernels;
 use crate::model::{device, Architecture, Network, Reconstructor};
 use crate::scoring::ssim::{ssim_map, SsimParams};
 use crate::train::LossKind;
@@ -16,9 +18,24 @@ pub struct Forward {
     pub arch: String,
     pub size: usize,
     pub batch: usize,
+    /// With the default kernels (vigil's on the CPU).
     pub images_per_s: f64,
     pub gflops: f64,
     pub share_of_peak: f64,
+    /// With candle's own operations, measured in the same run (absent with --no-compare).
+    pub candle_images_per_s: Option<f64>,
+    /// images_per_s / candle_images_per_s.
+    pub speedup: Option<f64>,
+}
+
+/// One optimisation step (forward, loss, backward, AdamW) at batch 16 on 128² crops.
+#[derive(Debug, Serialize)]
+pub struct TrainStep {
+    pub arch: String,
+    pub loss: String,
+    pub seconds: f64,
+    pub candle_seconds: Option<f64>,
+    pub speedup: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,12 +52,17 @@ pub struct BenchReport {
     pub device: String,
     pub threads: usize,
     pub matmul_gflops: f64,
+    /// Bergmann (242.5 MFLOP at 128², the cross-framework reference) then the default
+    /// spatial architecture, 128² and 256², batch 1 and 16.
     pub forward: Vec<Forward>,
-    /// Batch 16, 128², default architecture, ssim+l2 loss, AdamW.
+    /// Batch 16, 128², Bergmann architecture, SSIM loss, AdamW, default kernels: the
+    /// figure to compare with other frameworks.
     pub train_step_s: f64,
-    pub train_step_l2_s: f64,
+    pub train_steps: Vec<TrainStep>,
+    /// Mean-SSIM loss forward + backward, batch 16, 128², default kernels.
+    pub ssim_loss_ms: f64,
+    pub ssim_loss_candle_ms: Option<f64>,
     pub ssim_map_256_ms: f64,
-    pub ssim_map_256_candle_ms: f64,
     pub choices: Vec<Choice>,
 }
 
@@ -59,7 +81,7 @@ fn time<F: FnMut() -> candle_core::Result<()>>(repeat: usize, mut f: F) -> candl
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let dev = device::select(args.device)?;
-    let report = measure(&dev, args.repeat, args.bergmann)?;
+    let report = measure(&dev, args.repeat, !args.no_compare)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -68,36 +90,54 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<BenchReport> {
+/// Times `f` with the default kernels and, when `compare`, with candle's.
+fn both<F>(repeat: usize, compare: bool, mut f: F) -> candle_core::Result<(f64, Option<f64>)>
+where
+    F: FnMut(Kernels) -> candle_core::Result<()>,
+{
+    let fast = time(repeat, || f(Kernels::Fast))?;
+    let candle = if compare {
+        Some(time(repeat, || f(Kernels::Candle))?)
+    } else {
+        None
+    };
+    Ok((fast, candle))
+}
+
+pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<BenchReport> {
     let n = 1024;
     let a = Tensor::rand(0f32, 1f32, (n, n), dev)?;
     let b = Tensor::rand(0f32, 1f32, (n, n), dev)?;
-    let mm = time(repeat, || {
-        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
-        Ok(())
-    })?;
+    // The peak is the best of the repeats (the median elsewhere): a share of a peak that
+    // noise has lowered would flatter the kernels.
+    let mut mm = f64::INFINITY;
+    for _ in 0..repeat.max(3) {
+        mm = mm.min(time(1, || {
+            a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+            Ok(())
+        })?);
+    }
     let peak = 2.0 * (n * n * n) as f64 / mm / 1e9;
 
-    let default_arch = Architecture::Spatial {
+    let bergmann = Architecture::Bergmann { latent: 100 };
+    let spatial = Architecture::Spatial {
         width: 16,
         bottleneck: 8,
     };
-    let mut archs = vec![("spatial", default_arch.clone())];
-    if bergmann {
-        archs.push(("bergmann", Architecture::Bergmann { latent: 100 }));
-    }
+    let archs = [("bergmann", &bergmann), ("spatial", &spatial)];
     let mut forward = Vec::new();
-    for (name, arch) in &archs {
+    for (name, arch) in archs {
         for size in [128usize, 256] {
-            let net = Network::new_seeded(arch, 1, size, dev, 0)?;
+            let mut net = Network::new_seeded(arch, 1, size, dev, 0)?;
             let flops = net.autoencoder.flops(size, size) as f64;
             for batch in [1usize, 16] {
                 let x = Tensor::rand(0f32, 1f32, (batch, 1, size, size), dev)?;
-                let s = time(repeat, || {
+                let (fast, candle) = both(repeat, compare, |k| {
+                    net.autoencoder.set_kernels(k);
                     net.reconstruct(&x)?.sum_all()?.to_scalar::<f32>()?;
                     Ok(())
                 })?;
-                let ips = batch as f64 / s;
+                let ips = batch as f64 / fast;
                 forward.push(Forward {
                     arch: name.to_string(),
                     size,
@@ -105,37 +145,52 @@ pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<Be
                     images_per_s: ips,
                     gflops: ips * flops / 1e9,
                     share_of_peak: ips * flops / 1e9 / peak,
+                    candle_images_per_s: candle.map(|c| batch as f64 / c),
+                    speedup: candle.map(|c| c / fast),
                 });
             }
         }
     }
 
-    let step = |loss: LossKind| -> candle_core::Result<f64> {
-        use candle_nn::Optimizer;
-        let net = Network::new_seeded(&default_arch, 1, 128, dev, 0)?;
-        let mut opt = candle_nn::AdamW::new(net.varmap.all_vars(), Default::default())?;
+    let mut train_steps = Vec::new();
+    for (name, arch, loss) in [
+        ("bergmann", &bergmann, LossKind::Ssim),
+        ("bergmann", &bergmann, LossKind::L2),
+        ("spatial", &spatial, LossKind::SsimL2),
+    ] {
+        let mut net = Network::new_seeded(arch, 1, 128, dev, 0)?;
+        let mut opt = AdamW::new(net.varmap.all_vars(), Default::default())?;
         let x = Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?;
-        time(repeat, || {
+        let (fast, candle) = both(repeat, compare, |k| {
+            net.autoencoder.set_kernels(k);
             let y = net.autoencoder.forward_t(&x, true)?;
-            let l = loss.compute(&y, &x)?;
+            let l = loss.compute(&y, &x, k)?;
             opt.backward_step(&l)?;
             l.to_scalar::<f32>()?;
             Ok(())
-        })
-    };
-    let train_step_s = step(LossKind::SsimL2)?;
-    let train_step_l2_s = step(LossKind::L2)?;
+        })?;
+        train_steps.push(TrainStep {
+            arch: name.into(),
+            loss: loss.name().into(),
+            seconds: fast,
+            candle_seconds: candle,
+            speedup: candle.map(|c| c / fast),
+        });
+    }
+
+    let x = Var::from_tensor(&Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?)?;
+    let y = Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?;
+    let (ssim_loss, ssim_loss_candle) = both(repeat, compare, |k| {
+        let l = LossKind::Ssim.compute(x.as_tensor(), &y, k)?;
+        let grads = l.backward()?;
+        grads.get(&x).expect("gradient of x").sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
 
     let plane: Vec<f32> = (0..256 * 256).map(|i| ((i * 7919) % 256) as f32 / 255.0).collect();
     let other: Vec<f32> = plane.iter().map(|v| (v * 0.9 + 0.05).min(1.0)).collect();
     let ssim = time(repeat, || {
         std::hint::black_box(ssim_map(&plane, &other, 256, 256, &SsimParams::default()));
-        Ok(())
-    })?;
-    let ta = Tensor::from_vec(plane.clone(), (1, 1, 256, 256), dev)?;
-    let tb = Tensor::from_vec(other.clone(), (1, 1, 256, 256), dev)?;
-    let ssim_candle = time(repeat, || {
-        crate::train::loss::ssim_mean(&ta, &tb)?.to_scalar::<f32>()?;
         Ok(())
     })?;
 
@@ -145,10 +200,11 @@ pub fn measure(dev: &Device, repeat: usize, bergmann: bool) -> anyhow::Result<Be
         threads: candle_core::utils::get_num_threads(),
         matmul_gflops: peak,
         forward,
-        train_step_s,
-        train_step_l2_s,
+        train_step_s: train_steps[0].seconds,
+        train_steps,
+        ssim_loss_ms: ssim_loss * 1e3,
+        ssim_loss_candle_ms: ssim_loss_candle.map(|s| s * 1e3),
         ssim_map_256_ms: ssim * 1e3,
-        ssim_map_256_candle_ms: ssim_candle * 1e3,
         choices,
     })
 }
@@ -223,36 +279,50 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
     Ok(out)
 }
 
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.1}×"))
+}
+
 fn print_table(r: &BenchReport) {
     println!(
         "device {} with {} threads; matmul (1024³, f32): {:.1} GFLOP/s",
         r.device, r.threads, r.matmul_gflops
     );
     println!(
-        "\n{:<10} {:>5} {:>6} {:>10} {:>8} {:>7}",
-        "forward", "size", "batch", "images/s", "GFLOP/s", "% peak"
+        "\n{:<10} {:>5} {:>6} {:>10} {:>8} {:>7} {:>12} {:>8}",
+        "forward", "size", "batch", "images/s", "GFLOP/s", "% peak", "candle img/s", "speedup"
     );
     for f in &r.forward {
         println!(
-            "{:<10} {:>5} {:>6} {:>10.1} {:>8.1} {:>6.1}%",
+            "{:<10} {:>5} {:>6} {:>10.1} {:>8.1} {:>6.1}% {:>12} {:>8}",
             f.arch,
             f.size,
             f.batch,
             f.images_per_s,
             f.gflops,
-            f.share_of_peak * 100.0
+            f.share_of_peak * 100.0,
+            f.candle_images_per_s.map_or_else(|| "-".into(), |c| format!("{c:.1}")),
+            ratio(f.speedup)
+        );
+    }
+    println!("\ntraining step, batch 16, 128², AdamW:");
+    for t in &r.train_steps {
+        println!(
+            "  {:<9} {:<8} {:.3} s   candle {}   speedup {}",
+            t.arch,
+            t.loss,
+            t.seconds,
+            t.candle_seconds.map_or_else(|| "-".into(), |c| format!("{c:.3} s")),
+            ratio(t.speedup)
         );
     }
     println!(
-        "\ntraining step, batch 16, 128², spatial: {:.3} s with ssim+l2 loss, {:.3} s with l2",
-        r.train_step_s, r.train_step_l2_s
+        "SSIM loss forward+backward, batch 16, 128²: {:.1} ms   candle {}   speedup {}",
+        r.ssim_loss_ms,
+        r.ssim_loss_candle_ms.map_or_else(|| "-".into(), |c| format!("{c:.1} ms")),
+        ratio(r.ssim_loss_candle_ms.map(|c| c / r.ssim_loss_ms))
     );
-    println!(
-        "SSIM 256²: {:.2} ms hand-written map (1 thread), {:.1} ms as candle tensor ops (the training loss, matmul blur) ({:.1}×)",
-        r.ssim_map_256_ms,
-        r.ssim_map_256_candle_ms,
-        r.ssim_map_256_candle_ms / r.ssim_map_256_ms
-    );
+    println!("SSIM map 256² (scoring, 1 thread): {:.2} ms", r.ssim_map_256_ms);
     println!("\nchoices:");
     for c in &r.choices {
         println!(

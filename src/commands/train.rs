@@ -64,6 +64,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         patch_size,
         fit,
         loss: args.loss,
+        kernels: args.kernels,
         steps,
         batch_size: args.batch_size,
         learning_rate: args.lr,

@@ -7,6 +7,8 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+
+use crate::kernels::{ops, Activation, Kernels};
 use serde::{Deserialize, Serialize};
 
 /// An architecture and its sizes, as written in `model.json`.
@@ -61,10 +63,13 @@ impl Architecture {
     }
 }
 
+const LEAKY_SLOPE: f32 = 0.2;
+
 /// One layer of a sequential network.
 enum Layer {
-    Conv(Conv2d),
-    ConvT(ConvTranspose2d),
+    /// A convolution, with a LeakyReLU fused when one follows directly (no normalisation).
+    Conv { conv: Conv2d, leaky: bool },
+    ConvT { conv: ConvTranspose2d, leaky: bool },
     Norm(BatchNorm),
     /// Linear layer followed by a reshape to (batch, c, h, w).
     Expand(Linear, usize, usize, usize),
@@ -74,20 +79,47 @@ enum Layer {
 }
 
 impl Layer {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
+        let fast = kernels.fast_on(x.device());
         match self {
-            Layer::Conv(c) => c.forward(x),
-            Layer::ConvT(c) => c.forward(x),
+            Layer::Conv { conv, leaky } if fast => {
+                let cfg = conv.config();
+                let bias = conv.bias().expect("convolutions are built with a bias");
+                ops::conv2d(x, conv.weight(), bias, cfg.stride, cfg.padding, activation(*leaky))
+            }
+            Layer::ConvT { conv, leaky } if fast => {
+                let cfg = conv.config();
+                let bias = conv.bias().expect("convolutions are built with a bias");
+                ops::conv_transpose2d(x, conv.weight(), bias, cfg.stride, cfg.padding, activation(*leaky))
+            }
+            Layer::Conv { conv, leaky } => leaky_if(conv.forward(x)?, *leaky),
+            Layer::ConvT { conv, leaky } => leaky_if(conv.forward(x)?, *leaky),
             Layer::Norm(n) => n.forward_t(x, train),
             Layer::Expand(l, c, h, w) => {
                 let b = x.dim(0)?;
                 l.forward(x)?.reshape((b, *c, *h, *w))
             }
             Layer::Flatten => x.flatten_from(1),
-            // One op; candle_nn::ops::leaky_relu builds three and a zeros tensor.
-            Layer::LeakyRelu => x.maximum(&(x * 0.2)?),
+            Layer::LeakyRelu => leaky_if(x.clone(), true),
             Layer::Sigmoid => candle_nn::ops::sigmoid(x),
         }
+    }
+}
+
+fn activation(leaky: bool) -> Activation {
+    if leaky {
+        Activation::LeakyRelu(LEAKY_SLOPE)
+    } else {
+        Activation::Identity
+    }
+}
+
+fn leaky_if(x: Tensor, leaky: bool) -> Result<Tensor> {
+    if leaky {
+        // One op; candle_nn::ops::leaky_relu builds three and a zeros tensor.
+        x.maximum(&(&x * LEAKY_SLOPE as f64)?)
+    } else {
+        Ok(x)
     }
 }
 
@@ -118,7 +150,7 @@ impl<'a> Builder<'a> {
             ..Default::default()
         };
         let layer = candle_nn::conv2d(cin, cout, k, cfg, self.vb())?;
-        self.layers.push(Layer::Conv(layer));
+        self.layers.push(Layer::Conv { conv: layer, leaky: false });
         Ok(self)
     }
 
@@ -129,17 +161,21 @@ impl<'a> Builder<'a> {
             ..Default::default()
         };
         let layer = candle_nn::conv_transpose2d(cin, cout, 4, cfg, self.vb())?;
-        self.layers.push(Layer::ConvT(layer));
+        self.layers.push(Layer::ConvT { conv: layer, leaky: false });
         Ok(self)
     }
 
-    /// Normalisation (when enabled) then LeakyReLU.
+    /// Normalisation (when enabled) then LeakyReLU, fused into a convolution it follows
+    /// directly.
     fn act(mut self, channels: usize) -> Result<Self> {
         if self.batch_norm {
             let n = candle_nn::batch_norm(channels, 1e-5, self.vb())?;
             self.layers.push(Layer::Norm(n));
         }
-        self.layers.push(Layer::LeakyRelu);
+        match self.layers.last_mut() {
+            Some(Layer::Conv { leaky, .. } | Layer::ConvT { leaky, .. }) => *leaky = true,
+            _ => self.layers.push(Layer::LeakyRelu),
+        }
         Ok(self)
     }
 
@@ -161,6 +197,7 @@ impl<'a> Builder<'a> {
 pub struct Autoencoder {
     encoder: Vec<Layer>,
     decoder: Vec<Layer>,
+    kernels: Kernels,
 }
 
 impl Autoencoder {
@@ -210,6 +247,7 @@ impl Autoencoder {
         Ok(Self {
             encoder: e.layers,
             decoder: d.layers,
+            kernels: Kernels::default(),
         })
     }
 
@@ -229,6 +267,7 @@ impl Autoencoder {
         Ok(Self {
             encoder: e.layers,
             decoder: d.layers,
+            kernels: Kernels::default(),
         })
     }
 
@@ -239,14 +278,14 @@ impl Autoencoder {
         let mut total = 0u64;
         for l in self.encoder.iter().chain(&self.decoder) {
             match l {
-                Layer::Conv(c) => {
+                Layer::Conv { conv: c, .. } => {
                     let (cout, cin, k, _) = c.weight().dims4().expect("4-D weight");
                     let cfg = c.config();
                     h = (h + 2 * cfg.padding - k) / cfg.stride + 1;
                     w = (w + 2 * cfg.padding - k) / cfg.stride + 1;
                     total += 2 * (cout * cin * k * k * h * w) as u64;
                 }
-                Layer::ConvT(c) => {
+                Layer::ConvT { conv: c, .. } => {
                     let (cin, cout, k, _) = c.weight().dims4().expect("4-D weight");
                     total += 2 * (cout * cin * k * k * h * w) as u64;
                     let cfg = c.config();
@@ -264,11 +303,20 @@ impl Autoencoder {
         total
     }
 
+    /// Chooses the convolution kernels (the fast CPU kernels by default).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     /// Runs the network; `train` selects batch statistics in BatchNorm layers.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for l in self.encoder.iter().chain(&self.decoder) {
-            h = l.forward_t(&h, train)?;
+            h = l.forward_t(&h, train, self.kernels)?;
         }
         Ok(h)
     }

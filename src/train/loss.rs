@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Kernels;
 use crate::scoring::filter::gaussian_kernel;
 
 /// The reconstruction loss.
@@ -29,12 +30,20 @@ impl LossKind {
         }
     }
 
-    pub fn compute(&self, recon: &Tensor, target: &Tensor) -> Result<Tensor> {
+    /// The loss of `recon` against `target`, with the SSIM term from `kernels`.
+    pub fn compute(&self, recon: &Tensor, target: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let ssim = |a: &Tensor, b: &Tensor| {
+            if kernels.fast_on(a.device()) {
+                crate::kernels::ssim_loss::ssim_mean(a, b)
+            } else {
+                ssim_mean(a, b)
+            }
+        };
         match self {
-            LossKind::Ssim => 1.0 - ssim_mean(recon, target)?,
+            LossKind::Ssim => 1.0 - ssim(recon, target)?,
             LossKind::L2 => mse(recon, target),
             LossKind::SsimL2 => {
-                let s = (1.0 - ssim_mean(recon, target)?)?;
+                let s = (1.0 - ssim(recon, target)?)?;
                 s + (mse(recon, target)? * 5.0)?
             }
         }
@@ -59,7 +68,8 @@ fn band_matrix(kernel: &[f32], n: usize, device: &candle_core::Device) -> Result
     Tensor::from_vec(m, (n, out), device)
 }
 
-/// Mean SSIM over (N, C, H, W) tensors with an 11-tap Gaussian window (σ 1.5), computed
+/// candle's tensor ops (for CUDA, and the reference for the CPU kernel in
+/// `kernels::ssim_loss`): mean SSIM over (N, C, H, W) tensors with an 11-tap Gaussian window (σ 1.5), computed
 /// over the valid region (no padding), averaged over channels and images.
 pub fn ssim_mean(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

@@ -17,6 +17,7 @@ use rand::SeedableRng;
 
 use crate::detector::Detector;
 use crate::image_io::Planar;
+use crate::kernels::Kernels;
 use crate::model::artifact::{
     CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION,
 };
@@ -54,6 +55,7 @@ pub struct TrainConfig {
     pub patch_size: usize,
     pub fit: Fit,
     pub loss: LossKind,
+    pub kernels: Kernels,
     pub steps: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -127,7 +129,8 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     };
     card.check().map_err(TrainError::Config)?;
 
-    let net = Network::new_seeded(&cfg.architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
+    let mut net = Network::new_seeded(&cfg.architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
+    net.autoencoder.set_kernels(cfg.kernels);
     tracing::info!(parameters = net.parameter_count(), "built {:?}", cfg.architecture);
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
     card.training = TrainingSummary {
@@ -209,7 +212,7 @@ fn fit(
         let x = Tensor::from_vec(xs, (cfg.batch_size, c, p, p), &cfg.device)?;
         let y = Tensor::from_vec(ys, (cfg.batch_size, c, p, p), &cfg.device)?;
         let recon = net.autoencoder.forward_t(&x, true)?;
-        let loss = cfg.loss.compute(&recon, &y)?;
+        let loss = cfg.loss.compute(&recon, &y, cfg.kernels)?;
         opt.backward_step(&loss)?;
         last_loss = loss.to_scalar::<f32>()?;
         if !last_loss.is_finite() {

@@ -1,0 +1,193 @@
+//! The CPU kernels as candle custom operations with hand-written backward passes, so a
+//! model built on them trains through candle's autograd like one built on candle's own
+//! convolutions. CPU only: on other devices callers use candle's ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::conv::{self, Activation, Geometry};
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: the CPU kernels take f32 tensors, not {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: the CPU kernels take contiguous tensors"),
+    }
+}
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    l.shape()
+        .dims4()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: expected a 4-D tensor, got {:?}", l.shape())))
+}
+
+fn bad_geometry(what: &str, x: &Layout, w: &Layout) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{what}: input {:?} and weight {:?} do not make a convolution",
+        x.shape(),
+        w.shape()
+    ))
+}
+
+/// Kernel geometry of `conv2d(x: n×ci×h×w, w: co×ci×k×k)`.
+fn conv_geometry(x: &Layout, w: &Layout, stride: usize, pad: usize, what: &str) -> Result<(usize, Geometry)> {
+    let (n, ci, h, wd) = dims4(x, what)?;
+    let (co, wci, k, k2) = dims4(w, what)?;
+    if wci != ci || k != k2 {
+        return Err(bad_geometry(what, x, w));
+    }
+    let g = Geometry::conv(ci, h, wd, co, k, stride, pad).ok_or_else(|| bad_geometry(what, x, w))?;
+    Ok((n, g))
+}
+
+/// Kernel geometry of `conv_transpose2d(x: n×cin×h×w, w: cin×cout×k×k)`.
+fn transposed_geometry(x: &Layout, w: &Layout, stride: usize, pad: usize, what: &str) -> Result<(usize, Geometry)> {
+    let (n, cin, h, wd) = dims4(x, what)?;
+    let (wcin, cout, k, k2) = dims4(w, what)?;
+    if wcin != cin || k != k2 {
+        return Err(bad_geometry(what, x, w));
+    }
+    let g = Geometry::transposed(cin, h, wd, cout, k, stride, pad).ok_or_else(|| bad_geometry(what, x, w))?;
+    Ok((n, g))
+}
+
+/// Runs `f` on the f32 contents of contiguous CPU tensors.
+fn with_slices<R>(tensors: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> R) -> Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; 4] = [&[]; 4];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("the CPU kernels take CPU tensors")
+        };
+        *slot = slice(cpu, layout, "backward")?;
+    }
+    Ok(f(slices))
+}
+
+/// Gradients of a fused layer as candle tensors shaped like its input, weight and bias.
+fn layer_backward(
+    g: &Geometry,
+    direction: conv::Direction,
+    act: Activation,
+    (x, w, b, res, grad): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    // The network's input needs no gradient; skip that half of the work.
+    let need_input = x.track_op();
+    let grads = with_slices([x, w, res, &grad], |[xs, ws, rs, gs]| {
+        conv::backward(g, direction, xs, ws, rs, gs, act, need_input)
+    })?;
+    let dx = match grads.input {
+        Some(v) => Some(Tensor::from_vec(v, x.shape(), x.device())?),
+        None => None,
+    };
+    let dw = Tensor::from_vec(grads.weight, w.shape(), w.device())?;
+    let db = Tensor::from_vec(grads.bias, b.shape(), b.device())?;
+    Ok((dx, Some(dw), Some(db)))
+}
+
+/// `act(conv2d(x, w) + b)`: `x` is n×ci×h×w, `w` co×ci×k×k, `b` co.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, act: Activation) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, pad, act })
+}
+
+/// `act(conv_transpose2d(x, w) + b)`: `x` is n×cin×h×w, `w` cin×cout×k×k, `b` cout; no
+/// output padding, dilation 1.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+    act: Activation,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, ConvTranspose2d { stride, pad, act })
+}
+
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+    act: Activation,
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "vigil-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, g) = conv_geometry(lx, lw, self.stride, self.pad, self.name())?;
+        let bias = slice(sb, lb, self.name())?;
+        if bias.len() != g.co {
+            candle_core::bail!("{}: {} biases for {} output channels", self.name(), bias.len(), g.co);
+        }
+        let out = conv::correlate(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
+        Ok((CpuStorage::F32(out), Shape::from((n, g.co, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, g) = conv_geometry(x.layout(), w.layout(), self.stride, self.pad, self.name())?;
+        layer_backward(&g, conv::Direction::Correlate, self.act, (x, w, b, res, grad))
+    }
+}
+
+struct ConvTranspose2d {
+    stride: usize,
+    pad: usize,
+    act: Activation,
+}
+
+impl CustomOp3 for ConvTranspose2d {
+    fn name(&self) -> &'static str {
+        "vigil-conv-transpose2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, g) = transposed_geometry(lx, lw, self.stride, self.pad, self.name())?;
+        let bias = slice(sb, lb, self.name())?;
+        if bias.len() != g.ci {
+            candle_core::bail!("{}: {} biases for {} output channels", self.name(), bias.len(), g.ci);
+        }
+        let out = conv::correlate_adjoint(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
+        Ok((CpuStorage::F32(out), Shape::from((n, g.ci, g.hi, g.wi))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, g) = transposed_geometry(x.layout(), w.layout(), self.stride, self.pad, self.name())?;
+        layer_backward(&g, conv::Direction::Adjoint, self.act, (x, w, b, res, grad))
+    }
+}
