@@ -146,32 +146,46 @@ fn valid_range(tap: usize, pad: usize, stride: usize, len: usize, outs: usize) -
     (lo, hi.max(lo))
 }
 
-/// Fills the `cols() × ho·wo` column matrix of one `ci × hi × wi` image.
-fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
+/// Fills the `cols() × ho·wo` column matrix of one `ci × hi × wi` image, in parallel over
+/// channels when `parallel` (a batch smaller than the thread count).
+fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], parallel: bool) {
+    let rows = g.k * g.k * g.out_pixels();
+    let planes = x.chunks(g.hi * g.wi);
+    if parallel {
+        col[..g.ci * rows]
+            .par_chunks_mut(rows)
+            .zip(x.par_chunks(g.hi * g.wi))
+            .for_each(|(c, p)| im2col_plane(g, p, c));
+    } else {
+        col[..g.ci * rows].chunks_mut(rows).zip(planes).for_each(|(c, p)| im2col_plane(g, p, c));
+    }
+}
+
+/// The `k·k` rows of the column matrix that come from one input channel. (Splitting a
+/// strided plane into column phases first, so every row is a contiguous copy, measured no
+/// faster than this gather.)
+fn im2col_plane(g: &Geometry, plane: &[f32], col: &mut [f32]) {
     let (n, k, s, p) = (g.out_pixels(), g.k, g.stride, g.pad);
-    for c in 0..g.ci {
-        let plane = &x[c * g.hi * g.wi..][..g.hi * g.wi];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &mut col[((c * k + ky) * k + kx) * n..][..n];
-                let (lo, hi) = valid_range(kx, p, s, g.wi, g.wo);
-                for oy in 0..g.ho {
-                    let out = &mut row[oy * g.wo..][..g.wo];
-                    let iy = (oy * s + ky).wrapping_sub(p);
-                    if iy >= g.hi {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy * g.wi..][..g.wi];
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    if s == 1 {
-                        let start = lo + kx - p;
-                        out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                    } else {
-                        for (ox, o) in out[lo..hi].iter_mut().enumerate() {
-                            *o = src[(lo + ox) * s + kx - p];
-                        }
+    for ky in 0..k {
+        for kx in 0..k {
+            let row = &mut col[(ky * k + kx) * n..][..n];
+            let (lo, hi) = valid_range(kx, p, s, g.wi, g.wo);
+            for oy in 0..g.ho {
+                let out = &mut row[oy * g.wo..][..g.wo];
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= g.hi {
+                    out.fill(0.0);
+                    continue;
+                }
+                let src = &plane[iy * g.wi..][..g.wi];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if s == 1 {
+                    let start = lo + kx - p;
+                    out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                } else {
+                    for (ox, o) in out[lo..hi].iter_mut().enumerate() {
+                        *o = src[(lo + ox) * s + kx - p];
                     }
                 }
             }
@@ -181,31 +195,41 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it was
 /// read from. `x` is overwritten.
-fn col2im(g: &Geometry, col: &[f32], x: &mut [f32]) {
+fn col2im(g: &Geometry, col: &[f32], x: &mut [f32], parallel: bool) {
+    let rows = g.k * g.k * g.out_pixels();
+    let plane = g.hi * g.wi;
+    if parallel {
+        x[..g.ci * plane]
+            .par_chunks_mut(plane)
+            .zip(col.par_chunks(rows))
+            .for_each(|(p, c)| col2im_plane(g, c, p));
+    } else {
+        x[..g.ci * plane].chunks_mut(plane).zip(col.chunks(rows)).for_each(|(p, c)| col2im_plane(g, c, p));
+    }
+}
+
+fn col2im_plane(g: &Geometry, col: &[f32], plane: &mut [f32]) {
     let (n, k, s, p) = (g.out_pixels(), g.k, g.stride, g.pad);
-    x.fill(0.0);
-    for c in 0..g.ci {
-        let plane = &mut x[c * g.hi * g.wi..][..g.hi * g.wi];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &col[((c * k + ky) * k + kx) * n..][..n];
-                let (lo, hi) = valid_range(kx, p, s, g.wi, g.wo);
-                for oy in 0..g.ho {
-                    let iy = (oy * s + ky).wrapping_sub(p);
-                    if iy >= g.hi {
-                        continue;
+    plane.fill(0.0);
+    for ky in 0..k {
+        for kx in 0..k {
+            let row = &col[(ky * k + kx) * n..][..n];
+            let (lo, hi) = valid_range(kx, p, s, g.wi, g.wo);
+            for oy in 0..g.ho {
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= g.hi {
+                    continue;
+                }
+                let src = &row[oy * g.wo..][..g.wo];
+                let dst = &mut plane[iy * g.wi..][..g.wi];
+                if s == 1 {
+                    let start = lo + kx - p;
+                    for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                        *d += v;
                     }
-                    let src = &row[oy * g.wo..][..g.wo];
-                    let dst = &mut plane[iy * g.wi..][..g.wi];
-                    if s == 1 {
-                        let start = lo + kx - p;
-                        for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
-                            *d += v;
-                        }
-                    } else {
-                        for (ox, v) in src[lo..hi].iter().enumerate() {
-                            dst[(lo + ox) * s + kx - p] += v;
-                        }
+                } else {
+                    for (ox, v) in src[lo..hi].iter().enumerate() {
+                        dst[(lo + ox) * s + kx - p] += v;
                     }
                 }
             }
@@ -227,6 +251,12 @@ fn epilogue(img: &mut [f32], channels: usize, bias: Option<&[f32]>, act: Activat
             }),
         }
     }
+}
+
+/// A GEMM told to use the pool means the batch is too small to split: then the copies
+/// around it are split over channels too.
+fn is_parallel(par: Parallelism) -> bool {
+    !matches!(par, Parallelism::None)
 }
 
 fn threads() -> usize {
@@ -265,7 +295,7 @@ pub fn correlate(g: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: 
         let col: &[f32] = if g.pointwise() {
             xi
         } else {
-            im2col(g, xi, col);
+            im2col(g, xi, col, is_parallel(par));
             col
         };
         matmul((g.co, n, kk), o, false, w, (kk, 1), col, (n, 1), par);
@@ -286,7 +316,7 @@ pub fn correlate_adjoint(g: &Geometry, y: &[f32], w: &[f32], bias: Option<&[f32]
             matmul((kk, n, g.co), o, false, w, (1, kk), yi, (n, 1), par);
         } else {
             matmul((kk, n, g.co), col, false, w, (1, kk), yi, (n, 1), par);
-            col2im(g, col, o);
+            col2im(g, col, o, is_parallel(par));
         }
         epilogue(o, g.ci, bias, act);
     });
@@ -368,7 +398,7 @@ pub fn backward(
                     let cols: &[f32] = if g.pointwise() {
                         xb
                     } else {
-                        im2col(g, xb, &mut col);
+                        im2col(g, xb, &mut col, is_parallel(par));
                         &col
                     };
                     matmul((g.co, kk, n), &mut dw, i > 0, &grad, (n, 1), cols, (1, n), par);
@@ -377,7 +407,7 @@ pub fn backward(
                             matmul((kk, n, g.co), dxb, false, w, (1, kk), &grad, (n, 1), par);
                         } else {
                             matmul((kk, n, g.co), &mut col, false, w, (1, kk), &grad, (n, 1), par);
-                            col2im(g, &col, dxb);
+                            col2im(g, &col, dxb, is_parallel(par));
                         }
                     }
                 }
@@ -386,7 +416,7 @@ pub fn backward(
                     let cols: &[f32] = if g.pointwise() {
                         &grad
                     } else {
-                        im2col(g, &grad, &mut col);
+                        im2col(g, &grad, &mut col, is_parallel(par));
                         &col
                     };
                     matmul((g.co, kk, n), &mut dw, i > 0, xb, (n, 1), cols, (1, n), par);
