@@ -327,3 +327,29 @@ fn bergmann_with_resize_and_spatial_with_tiles_train_and_inspect() {
         );
     }
 }
+
+/// `vigil bench --json` prints one object with the fields other frameworks are compared
+/// on, and its before/after ratios come from the same run.
+#[test]
+fn bench_json_reports_peak_forward_and_training_step() {
+    let o = run(&["bench", "--json", "--repeat", "1", "--threads", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert!(report["matmul_gflops"].as_f64().unwrap() > 0.0);
+    assert!(report["train_step_s"].as_f64().unwrap() > 0.0);
+    let forward = report["forward"].as_array().unwrap();
+    for (size, batch) in [(128, 1), (128, 16), (256, 1), (256, 16)] {
+        let row = forward
+            .iter()
+            .find(|f| f["arch"] == "bergmann" && f["size"] == size && f["batch"] == batch)
+            .unwrap_or_else(|| panic!("bergmann {size}² batch {batch} in {forward:?}"));
+        let (fast, candle) = (
+            row["images_per_s"].as_f64().unwrap(),
+            row["candle_images_per_s"].as_f64().unwrap(),
+        );
+        assert!(fast > 0.0 && candle > 0.0);
+        assert!((row["speedup"].as_f64().unwrap() - fast / candle).abs() < 1e-6 * fast / candle);
+    }
+    assert!(report["ssim_loss_candle_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["train_steps"].as_array().unwrap().len(), 3);
+}

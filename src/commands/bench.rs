@@ -8,7 +8,7 @@ use candle_nn::{AdamW, Optimizer};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
-use crate::kernels::Kernels;
+use crate::kernels::{ops, Activation, Kernels};
 use crate::model::{device, Architecture, Network, Reconstructor};
 use crate::scoring::ssim::{ssim_map, SsimParams};
 use crate::train::LossKind;
@@ -235,18 +235,29 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         theirs,
     );
 
-    // Up-sampling 16×32×64×64 → 128×128 with 32 output channels.
+    // Up-sampling 16×32×64×64 → 128×128 with 32 output channels, on the kernels the
+    // network itself runs on this device.
     let wt = Tensor::randn(0f32, 0.1, (32, 32, 4, 4), dev)?;
     let wc = Tensor::randn(0f32, 0.1, (32, 32, 3, 3), dev)?;
+    let bias = Tensor::zeros(32, candle_core::DType::F32, dev)?;
+    let fast = Kernels::Fast.fast_on(dev);
     let convt = time(repeat, || {
-        x.conv_transpose2d(&wt, 1, 0, 2, 1)?.sum_all()?.to_scalar::<f32>()?;
+        let y = if fast {
+            ops::conv_transpose2d(&x, &wt, &bias, 2, 1, Activation::Identity)?
+        } else {
+            x.conv_transpose2d(&wt, 1, 0, 2, 1)?
+        };
+        y.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
     let upconv = time(repeat, || {
-        x.upsample_nearest2d(128, 128)?
-            .conv2d(&wc, 1, 1, 1, 1)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
+        let up = x.upsample_nearest2d(128, 128)?;
+        let y = if fast {
+            ops::conv2d(&up, &wc, &bias, 1, 1, Activation::Identity)?
+        } else {
+            up.conv2d(&wc, 1, 1, 1, 1)?
+        };
+        y.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
     push(

@@ -1,9 +1,11 @@
 //! Autoencoder architectures, chosen by name in the model artifact.
 //!
-//! Choices measured on candle 0.11 CPU (../shared/FINDINGS.md, re-checked by `vigil bench`):
-//! up-sampling is a 4×4 stride-2 transposed convolution (nearest-upsample + conv was slower),
-//! the vector latent is expanded to 8×8 by a Linear layer (~7× faster than a transposed
-//! conv), and LeakyReLU is `max(x, 0.2x)`, one op instead of candle's three.
+//! On the CPU, convolutions run on vigil's kernels (`crate::kernels`: im2col + GEMM, bias
+//! and a directly following LeakyReLU fused); on CUDA, or with `Kernels::Candle`, on
+//! candle's. Choices measured by `vigil bench` (../shared/FINDINGS.md): up-sampling is a
+//! 4×4 stride-2 transposed convolution (nearest-upsample + conv was no faster and does 2.25×
+//! the FLOPs), the vector latent is expanded to 8×8 by a Linear layer (~6× faster than a
+//! transposed conv), and an unfused LeakyReLU is `max(x, 0.2x)`, one op instead of candle's three.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
