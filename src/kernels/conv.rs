@@ -183,10 +183,9 @@ fn im2col_plane(g: &Geometry, plane: &[f32], col: &mut [f32]) {
                 if s == 1 {
                     let start = lo + kx - p;
                     out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                } else {
-                    for (ox, o) in out[lo..hi].iter_mut().enumerate() {
-                        *o = src[(lo + ox) * s + kx - p];
-                    }
+                } else if hi > lo {
+                    let taps = src[lo * s + kx - p..].iter().step_by(s);
+                    out[lo..hi].iter_mut().zip(taps).for_each(|(o, v)| *o = *v);
                 }
             }
         }
@@ -194,7 +193,8 @@ fn im2col_plane(g: &Geometry, plane: &[f32], col: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it was
-/// read from. `x` is overwritten.
+/// read from. `x` must hold zeros (every caller passes a freshly zeroed buffer, so it is
+/// not zeroed twice).
 fn col2im(g: &Geometry, col: &[f32], x: &mut [f32], parallel: bool) {
     let rows = g.k * g.k * g.out_pixels();
     let plane = g.hi * g.wi;
@@ -210,7 +210,6 @@ fn col2im(g: &Geometry, col: &[f32], x: &mut [f32], parallel: bool) {
 
 fn col2im_plane(g: &Geometry, col: &[f32], plane: &mut [f32]) {
     let (n, k, s, p) = (g.out_pixels(), g.k, g.stride, g.pad);
-    plane.fill(0.0);
     for ky in 0..k {
         for kx in 0..k {
             let row = &col[(ky * k + kx) * n..][..n];
@@ -227,10 +226,9 @@ fn col2im_plane(g: &Geometry, col: &[f32], plane: &mut [f32]) {
                     for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
                         *d += v;
                     }
-                } else {
-                    for (ox, v) in src[lo..hi].iter().enumerate() {
-                        dst[(lo + ox) * s + kx - p] += v;
-                    }
+                } else if hi > lo {
+                    let taps = dst[lo * s + kx - p..].iter_mut().step_by(s);
+                    taps.zip(&src[lo..hi]).for_each(|(d, v)| *d += v);
                 }
             }
         }
