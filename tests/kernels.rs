@@ -18,7 +18,10 @@ fn close(what: &str, got: &Tensor, want: &Tensor) {
     let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
     let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst <= TOLERANCE * scale, "{what}: max error {worst} against scale {scale}");
+    assert!(
+        worst <= TOLERANCE * scale,
+        "{what}: max error {worst} against scale {scale}"
+    );
 }
 
 /// Deterministic values in [-1, 1) of a given shape.
@@ -87,7 +90,11 @@ fn run_both(
 ) {
     let x = Var::from_tensor(&values(&[case.batch, case.cin, case.h, case.w], 1)).unwrap();
     let w = Var::from_tensor(&(values(weight_shape, 2) * 0.3).unwrap()).unwrap();
-    let bias_len = if weight_shape[0] == case.cin { weight_shape[1] } else { weight_shape[0] };
+    let bias_len = if weight_shape[0] == case.cin {
+        weight_shape[1]
+    } else {
+        weight_shape[0]
+    };
     let b = Var::from_tensor(&(values(&[bias_len], 3) * 0.1).unwrap()).unwrap();
     let want = reference(x.as_tensor(), w.as_tensor(), &b);
     let got = fast(x.as_tensor(), w.as_tensor(), &b);

@@ -330,7 +330,8 @@ fn print_table(r: &BenchReport) {
     println!(
         "SSIM loss forward+backward, batch 16, 128²: {:.1} ms   candle {}   speedup {}",
         r.ssim_loss_ms,
-        r.ssim_loss_candle_ms.map_or_else(|| "-".into(), |c| format!("{c:.1} ms")),
+        r.ssim_loss_candle_ms
+            .map_or_else(|| "-".into(), |c| format!("{c:.1} ms")),
         ratio(r.ssim_loss_candle_ms.map(|c| c / r.ssim_loss_ms))
     );
     println!("SSIM map 256² (scoring, 1 thread): {:.2} ms", r.ssim_map_256_ms);

@@ -57,7 +57,15 @@ impl Geometry {
 
     /// The geometry whose adjoint is a transposed convolution of a `cin × h × w` input to
     /// `cout` channels (output `(h−1)·stride + k − 2·pad`, no output padding).
-    pub fn transposed(cin: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Option<Self> {
+    pub fn transposed(
+        cin: usize,
+        h: usize,
+        w: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
         let oh = ((h.checked_sub(1)?) * stride + k).checked_sub(2 * pad)?;
         let ow = ((w.checked_sub(1)?) * stride + k).checked_sub(2 * pad)?;
         let g = Self::conv(cout, oh, ow, cin, k, stride, pad)?;
@@ -105,8 +113,14 @@ fn matmul(
     parallelism: Parallelism,
 ) {
     assert!(dst.len() >= m * n, "gemm destination too small");
-    assert!(m == 0 || k == 0 || (m - 1) * a_rs + (k - 1) * a_cs < a.len(), "gemm lhs out of bounds");
-    assert!(n == 0 || k == 0 || (k - 1) * b_rs + (n - 1) * b_cs < b.len(), "gemm rhs out of bounds");
+    assert!(
+        m == 0 || k == 0 || (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "gemm lhs out of bounds"
+    );
+    assert!(
+        n == 0 || k == 0 || (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "gemm rhs out of bounds"
+    );
     // SAFETY: the asserts above keep every index the strides reach inside the slices,
     // and `dst` is exclusively borrowed.
     unsafe {
@@ -157,7 +171,10 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], parallel: bool) {
             .zip(x.par_chunks(g.hi * g.wi))
             .for_each(|(c, p)| im2col_plane(g, p, c));
     } else {
-        col[..g.ci * rows].chunks_mut(rows).zip(planes).for_each(|(c, p)| im2col_plane(g, p, c));
+        col[..g.ci * rows]
+            .chunks_mut(rows)
+            .zip(planes)
+            .for_each(|(c, p)| im2col_plane(g, p, c));
     }
 }
 
@@ -204,7 +221,10 @@ fn col2im(g: &Geometry, col: &[f32], x: &mut [f32], parallel: bool) {
             .zip(col.par_chunks(rows))
             .for_each(|(p, c)| col2im_plane(g, c, p));
     } else {
-        x[..g.ci * plane].chunks_mut(plane).zip(col.chunks(rows)).for_each(|(p, c)| col2im_plane(g, c, p));
+        x[..g.ci * plane]
+            .chunks_mut(plane)
+            .zip(col.chunks(rows))
+            .for_each(|(p, c)| col2im_plane(g, c, p));
     }
 }
 
@@ -270,12 +290,17 @@ where
     let batch = out.len() / out_len.max(1);
     let t = threads();
     if batch >= t && t > 1 {
-        out.par_chunks_mut(out_len)
-            .zip(input.par_chunks(in_len))
-            .for_each_init(|| vec![0f32; scratch], |buf, (o, x)| per_image(x, o, buf, Parallelism::None));
+        out.par_chunks_mut(out_len).zip(input.par_chunks(in_len)).for_each_init(
+            || vec![0f32; scratch],
+            |buf, (o, x)| per_image(x, o, buf, Parallelism::None),
+        );
     } else {
         let mut buf = vec![0f32; scratch];
-        let par = if t > 1 { Parallelism::Rayon(t) } else { Parallelism::None };
+        let par = if t > 1 {
+            Parallelism::Rayon(t)
+        } else {
+            Parallelism::None
+        };
         for (o, x) in out.chunks_mut(out_len).zip(input.chunks(in_len)) {
             per_image(x, o, &mut buf, par);
         }
@@ -372,9 +397,17 @@ pub fn backward(
     let (kk, n) = (g.cols(), g.out_pixels());
     let t = threads();
     let parts = batch.clamp(1, t);
-    let par = if parts == 1 && t > 1 { Parallelism::Rayon(t) } else { Parallelism::None };
+    let par = if parts == 1 && t > 1 {
+        Parallelism::Rayon(t)
+    } else {
+        Parallelism::None
+    };
     let per_part = batch.div_ceil(parts);
-    let mut dx = if need_input { vec![0f32; batch * x_len] } else { Vec::new() };
+    let mut dx = if need_input {
+        vec![0f32; batch * x_len]
+    } else {
+        Vec::new()
+    };
 
     let part = |p: usize, dx: &mut [f32]| -> (Vec<f32>, Vec<f64>) {
         let mut dw = vec![0f32; g.co * kk];
@@ -384,7 +417,12 @@ pub fn backward(
         let first = p * per_part;
         for (i, b) in (first..((p + 1) * per_part).min(batch)).enumerate() {
             let xb = &x[b * x_len..][..x_len];
-            through_activation(act, &dout[b * out_len..][..out_len], &out[b * out_len..][..out_len], &mut grad);
+            through_activation(
+                act,
+                &dout[b * out_len..][..out_len],
+                &out[b * out_len..][..out_len],
+                &mut grad,
+            );
             let plane = out_len / out_channels;
             for (c, values) in grad.chunks(plane).enumerate() {
                 db[c] += values.iter().sum::<f32>() as f64;
@@ -436,7 +474,9 @@ pub fn backward(
         (0..parts).into_par_iter().map(|p| part(p, &mut [])).collect()
     };
     let mut partials = partials.into_iter();
-    let (mut dw, mut db) = partials.next().unwrap_or_else(|| (vec![0f32; g.co * kk], vec![0f64; out_channels]));
+    let (mut dw, mut db) = partials
+        .next()
+        .unwrap_or_else(|| (vec![0f32; g.co * kk], vec![0f64; out_channels]));
     for (w2, b2) in partials {
         dw.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
@@ -484,7 +524,9 @@ mod tests {
     }
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32) / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32) / 500.0 - 1.0)
+            .collect()
     }
 
     fn dot(a: &[f32], b: &[f32]) -> f64 {

@@ -85,7 +85,10 @@ impl Moments {
         blur_valid(&product, h, w, k, &mut tmp, &mut maps[2]);
         product.iter_mut().zip(y).for_each(|(p, y)| *p = y * y);
         blur_valid(&product, h, w, k, &mut tmp, &mut maps[3]);
-        product.iter_mut().zip(x.iter().zip(y)).for_each(|(p, (x, y))| *p = x * y);
+        product
+            .iter_mut()
+            .zip(x.iter().zip(y))
+            .for_each(|(p, (x, y))| *p = x * y);
         blur_valid(&product, h, w, k, &mut tmp, &mut maps[4]);
         Self { maps }
     }
@@ -188,7 +191,10 @@ impl CustomOp2 for SsimMeanGrad {
             let mut spread = vec![0f32; h * w];
             blur_valid_adjoint(&d[0], h, w, &k, &mut tmp, dx);
             blur_valid_adjoint(&d[1], h, w, &k, &mut tmp, &mut spread);
-            dx.iter_mut().zip(&spread).zip(xp).for_each(|((o, s), x)| *o += 2.0 * x * s);
+            dx.iter_mut()
+                .zip(&spread)
+                .zip(xp)
+                .for_each(|((o, s), x)| *o += 2.0 * x * s);
             blur_valid_adjoint(&d[2], h, w, &k, &mut tmp, &mut spread);
             dx.iter_mut().zip(&spread).zip(yp).for_each(|((o, s), y)| *o += y * s);
         });

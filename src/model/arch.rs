@@ -70,8 +70,14 @@ const LEAKY_SLOPE: f32 = 0.2;
 /// One layer of a sequential network.
 enum Layer {
     /// A convolution, with a LeakyReLU fused when one follows directly (no normalisation).
-    Conv { conv: Conv2d, leaky: bool },
-    ConvT { conv: ConvTranspose2d, leaky: bool },
+    Conv {
+        conv: Conv2d,
+        leaky: bool,
+    },
+    ConvT {
+        conv: ConvTranspose2d,
+        leaky: bool,
+    },
     Norm(BatchNorm),
     /// Linear layer followed by a reshape to (batch, c, h, w).
     Expand(Linear, usize, usize, usize),
@@ -152,7 +158,10 @@ impl<'a> Builder<'a> {
             ..Default::default()
         };
         let layer = candle_nn::conv2d(cin, cout, k, cfg, self.vb())?;
-        self.layers.push(Layer::Conv { conv: layer, leaky: false });
+        self.layers.push(Layer::Conv {
+            conv: layer,
+            leaky: false,
+        });
         Ok(self)
     }
 
@@ -163,7 +172,10 @@ impl<'a> Builder<'a> {
             ..Default::default()
         };
         let layer = candle_nn::conv_transpose2d(cin, cout, 4, cfg, self.vb())?;
-        self.layers.push(Layer::ConvT { conv: layer, leaky: false });
+        self.layers.push(Layer::ConvT {
+            conv: layer,
+            leaky: false,
+        });
         Ok(self)
     }
 
