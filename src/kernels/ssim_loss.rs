@@ -178,24 +178,25 @@ impl CustomOp2 for SsimMeanGrad {
         out.par_chunks_mut(h * w).enumerate().for_each(|(p, dx)| {
             let (xp, yp) = (&x[p * h * w..][..h * w], &y[p * h * w..][..h * w]);
             let m = Moments::of(xp, yp, h, w, &k);
-            let mut d: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; valid]);
-            for i in 0..valid {
+            // ∂S/∂μx, ∂S/∂E[x²], ∂S/∂E[xy] at each valid pixel, scaled for the mean.
+            let (mut d_mu, mut d_xx, mut d_xy) = (vec![0f32; valid], vec![0f32; valid], vec![0f32; valid]);
+            for (i, ((d_mu, d_xx), d_xy)) in d_mu.iter_mut().zip(&mut d_xx).zip(&mut d_xy).enumerate() {
                 let (s, a1, a2, b1, b2) = m.terms(i);
                 let (mx, my) = (m.maps[0][i], m.maps[1][i]);
                 let s = s * per_value;
-                d[0][i] = 2.0 * s * (my / a1 - my / a2 - mx / b1 + mx / b2);
-                d[1][i] = -s / b2;
-                d[2][i] = 2.0 * s / a2;
+                *d_mu = 2.0 * s * (my / a1 - my / a2 - mx / b1 + mx / b2);
+                *d_xx = -s / b2;
+                *d_xy = 2.0 * s / a2;
             }
             let mut tmp = vec![0f32; h * w];
             let mut spread = vec![0f32; h * w];
-            blur_valid_adjoint(&d[0], h, w, &k, &mut tmp, dx);
-            blur_valid_adjoint(&d[1], h, w, &k, &mut tmp, &mut spread);
+            blur_valid_adjoint(&d_mu, h, w, &k, &mut tmp, dx);
+            blur_valid_adjoint(&d_xx, h, w, &k, &mut tmp, &mut spread);
             dx.iter_mut()
                 .zip(&spread)
                 .zip(xp)
                 .for_each(|((o, s), x)| *o += 2.0 * x * s);
-            blur_valid_adjoint(&d[2], h, w, &k, &mut tmp, &mut spread);
+            blur_valid_adjoint(&d_xy, h, w, &k, &mut tmp, &mut spread);
             dx.iter_mut().zip(&spread).zip(yp).for_each(|((o, s), y)| *o += y * s);
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
