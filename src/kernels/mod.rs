@@ -5,6 +5,7 @@
 //!
 //! CUDA keeps candle's kernels: [`Kernels`] picks per device.
 
+pub mod batch_norm;
 pub mod conv;
 pub mod ops;
 pub mod ssim_loss;

@@ -10,7 +10,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
 
-use crate::kernels::{ops, Activation, Kernels};
+use crate::kernels::{batch_norm, ops, Activation, Kernels};
 use serde::{Deserialize, Serialize};
 
 /// An architecture and its sizes, as written in `model.json`.
@@ -131,6 +131,28 @@ fn leaky_if(x: Tensor, leaky: bool) -> Result<Tensor> {
     }
 }
 
+/// A convolution followed by an inference-mode BatchNorm and a LeakyReLU, as one fused
+/// convolution with the normalisation folded into its weight and bias.
+fn folded_conv(layer: &Layer, bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    let (scale, shift) = batch_norm::inference_affine(bn)?;
+    let act = Activation::LeakyRelu(LEAKY_SLOPE);
+    match layer {
+        Layer::Conv { conv, .. } => {
+            let cfg = conv.config();
+            let w = conv.weight().broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+            let b = ((conv.bias().expect("convolutions are built with a bias") * &scale)? + &shift)?;
+            ops::conv2d(x, &w, &b, cfg.stride, cfg.padding, act)
+        }
+        Layer::ConvT { conv, .. } => {
+            let cfg = conv.config();
+            let w = conv.weight().broadcast_mul(&scale.reshape((1, (), 1, 1))?)?;
+            let b = ((conv.bias().expect("convolutions are built with a bias") * &scale)? + &shift)?;
+            ops::conv_transpose2d(x, &w, &b, cfg.stride, cfg.padding, act)
+        }
+        _ => candle_core::bail!("only a convolution folds a BatchNorm"),
+    }
+}
+
 /// Builds layers in order, naming their weights `<prefix>.<index>.*`.
 struct Builder<'a> {
     vb: VarBuilder<'a>,
@@ -180,7 +202,8 @@ impl<'a> Builder<'a> {
     }
 
     /// Normalisation (when enabled) then LeakyReLU, fused into a convolution it follows
-    /// directly.
+    /// directly. After a normalisation the LeakyReLU stays a layer of its own: it names no
+    /// weights, but its index is part of every later layer's weight names in saved models.
     fn act(mut self, channels: usize) -> Result<Self> {
         if self.batch_norm {
             let n = candle_nn::batch_norm(channels, 1e-5, self.vb())?;
@@ -327,10 +350,33 @@ impl Autoencoder {
     }
 
     /// Runs the network; `train` selects batch statistics in BatchNorm layers.
+    ///
+    /// On the fast kernels, a BatchNorm and the LeakyReLU after it run as one fused op in
+    /// training, and at inference fold into the convolution before them (its weight and
+    /// bias scaled per output channel), so conv + norm + activation is a single pass.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let layers: Vec<&Layer> = self.encoder.iter().chain(&self.decoder).collect();
+        let fast = self.kernels.fast_on(x.device());
+        let leaky = Activation::LeakyRelu(LEAKY_SLOPE);
         let mut h = x.clone();
-        for l in self.encoder.iter().chain(&self.decoder) {
-            h = l.forward_t(&h, train, self.kernels)?;
+        let mut rest = &layers[..];
+        while let Some(layer) = rest.first() {
+            match rest {
+                [conv @ (Layer::Conv { leaky: false, .. } | Layer::ConvT { leaky: false, .. }), Layer::Norm(bn), Layer::LeakyRelu, ..]
+                    if fast && !train =>
+                {
+                    h = folded_conv(conv, bn, &h)?;
+                    rest = &rest[3..];
+                }
+                [Layer::Norm(bn), Layer::LeakyRelu, ..] if fast && train => {
+                    h = batch_norm::batch_norm_train(&h, bn, leaky)?;
+                    rest = &rest[2..];
+                }
+                _ => {
+                    h = layer.forward_t(&h, train, self.kernels)?;
+                    rest = &rest[1..];
+                }
+            }
         }
         Ok(h)
     }
