@@ -1,5 +1,6 @@
 //! Hand-written CPU kernels exposed as candle custom operations: convolution (forward
-//! and backward, bias and LeakyReLU fused) and the SSIM training loss. Candle's own CPU
+//! and backward, bias and LeakyReLU fused), training-mode BatchNorm (+ LeakyReLU) and the
+//! SSIM training loss. Candle's own CPU
 //! convolutions run at ~5% of the matmul peak on the target machines; these run the same
 //! maths through packed GEMM. `vigil bench` measures both paths in one run.
 //!

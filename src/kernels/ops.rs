@@ -5,7 +5,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::conv::{self, Activation, Geometry};
+use super::conv::{self, Activation, Direction, Geometry};
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -69,7 +69,7 @@ fn with_slices<R>(tensors: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> R) -> Re
 /// Gradients of a fused layer as candle tensors shaped like its input, weight and bias.
 fn layer_backward(
     g: &Geometry,
-    direction: conv::Direction,
+    direction: Direction,
     act: Activation,
     (x, w, b, res, grad): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -90,8 +90,13 @@ fn layer_backward(
 
 /// `act(conv2d(x, w) + b)`: `x` is n×ci×h×w, `w` co×ci×k×k, `b` co.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, act: Activation) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, pad, act })
+    let op = ConvLayer {
+        stride,
+        pad,
+        act,
+        direction: Direction::Correlate,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 /// `act(conv_transpose2d(x, w) + b)`: `x` is n×cin×h×w, `w` cin×cout×k×k, `b` cout; no
@@ -104,19 +109,39 @@ pub fn conv_transpose2d(
     pad: usize,
     act: Activation,
 ) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, ConvTranspose2d { stride, pad, act })
+    let op = ConvLayer {
+        stride,
+        pad,
+        act,
+        direction: Direction::Adjoint,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
-struct Conv2d {
+/// A convolution (`Correlate`) or transposed convolution (`Adjoint`) with its bias and
+/// activation fused.
+struct ConvLayer {
     stride: usize,
     pad: usize,
     act: Activation,
+    direction: Direction,
 }
 
-impl CustomOp3 for Conv2d {
+impl ConvLayer {
+    fn geometry(&self, x: &Layout, w: &Layout) -> Result<(usize, Geometry)> {
+        match self.direction {
+            Direction::Correlate => conv_geometry(x, w, self.stride, self.pad, self.name()),
+            Direction::Adjoint => transposed_geometry(x, w, self.stride, self.pad, self.name()),
+        }
+    }
+}
+
+impl CustomOp3 for ConvLayer {
     fn name(&self) -> &'static str {
-        "vigil-conv2d"
+        match self.direction {
+            Direction::Correlate => "vigil-conv2d",
+            Direction::Adjoint => "vigil-conv-transpose2d",
+        }
     }
 
     fn cpu_fwd(
@@ -128,13 +153,17 @@ impl CustomOp3 for Conv2d {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, g) = conv_geometry(lx, lw, self.stride, self.pad, self.name())?;
+        let (n, g) = self.geometry(lx, lw)?;
+        let (channels, h, w, kernel): (_, _, _, fn(_, _, _, _, _) -> _) = match self.direction {
+            Direction::Correlate => (g.co, g.ho, g.wo, conv::correlate),
+            Direction::Adjoint => (g.ci, g.hi, g.wi, conv::correlate_adjoint),
+        };
         let bias = slice(sb, lb, self.name())?;
-        if bias.len() != g.co {
-            candle_core::bail!("{}: {} biases for {} output channels", self.name(), bias.len(), g.co);
+        if bias.len() != channels {
+            candle_core::bail!("{}: {} biases for {channels} output channels", self.name(), bias.len());
         }
-        let out = conv::correlate(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
-        Ok((CpuStorage::F32(out), Shape::from((n, g.co, g.ho, g.wo))))
+        let out = kernel(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
+        Ok((CpuStorage::F32(out), Shape::from((n, channels, h, w))))
     }
 
     fn bwd(
@@ -145,49 +174,7 @@ impl CustomOp3 for Conv2d {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, g) = conv_geometry(x.layout(), w.layout(), self.stride, self.pad, self.name())?;
-        layer_backward(&g, conv::Direction::Correlate, self.act, (x, w, b, res, grad))
-    }
-}
-
-struct ConvTranspose2d {
-    stride: usize,
-    pad: usize,
-    act: Activation,
-}
-
-impl CustomOp3 for ConvTranspose2d {
-    fn name(&self) -> &'static str {
-        "vigil-conv-transpose2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sw: &CpuStorage,
-        lw: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, g) = transposed_geometry(lx, lw, self.stride, self.pad, self.name())?;
-        let bias = slice(sb, lb, self.name())?;
-        if bias.len() != g.ci {
-            candle_core::bail!("{}: {} biases for {} output channels", self.name(), bias.len(), g.ci);
-        }
-        let out = conv::correlate_adjoint(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
-        Ok((CpuStorage::F32(out), Shape::from((n, g.ci, g.hi, g.wi))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, g) = transposed_geometry(x.layout(), w.layout(), self.stride, self.pad, self.name())?;
-        layer_backward(&g, conv::Direction::Adjoint, self.act, (x, w, b, res, grad))
+        let (_, g) = self.geometry(x.layout(), w.layout())?;
+        layer_backward(&g, self.direction, self.act, (x, w, b, res, grad))
     }
 }

@@ -105,21 +105,47 @@ impl Moments {
     }
 }
 
-fn check(lx: &Layout, ly: &Layout) -> Result<(usize, usize, usize)> {
-    let (n, c, h, w) = lx.shape().dims4()?;
-    if lx.shape() != ly.shape() {
-        candle_core::bail!("ssim loss: shapes {:?} and {:?} differ", lx.shape(), ly.shape());
-    }
-    if h < TAPS || w < TAPS {
-        candle_core::bail!("ssim loss: images of {h}×{w} are smaller than the {TAPS}×{TAPS} window");
-    }
-    Ok((n * c, h, w))
+/// The image planes of a (reconstruction, target) pair of (N, C, H, W) tensors.
+struct Planes<'a> {
+    x: &'a [f32],
+    y: &'a [f32],
+    count: usize,
+    h: usize,
+    w: usize,
+    /// Pixels of one plane's valid region.
+    valid: usize,
+    kernel: Vec<f32>,
 }
 
-fn slices<'a>(sx: &'a CpuStorage, lx: &Layout, sy: &'a CpuStorage, ly: &Layout) -> Result<(&'a [f32], &'a [f32])> {
-    match (sx, sy, lx.contiguous_offsets(), ly.contiguous_offsets()) {
-        (CpuStorage::F32(x), CpuStorage::F32(y), Some((a, b)), Some((c, d))) => Ok((&x[a..b], &y[c..d])),
-        _ => candle_core::bail!("ssim loss: takes contiguous f32 tensors"),
+impl<'a> Planes<'a> {
+    fn read(sx: &'a CpuStorage, lx: &Layout, sy: &'a CpuStorage, ly: &Layout) -> Result<Self> {
+        let (n, c, h, w) = lx.shape().dims4()?;
+        if lx.shape() != ly.shape() {
+            candle_core::bail!("ssim loss: shapes {:?} and {:?} differ", lx.shape(), ly.shape());
+        }
+        if h < TAPS || w < TAPS {
+            candle_core::bail!("ssim loss: images of {h}×{w} are smaller than the {TAPS}×{TAPS} window");
+        }
+        let (x, y) = match (sx, sy, lx.contiguous_offsets(), ly.contiguous_offsets()) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), Some((a, b)), Some((c, d))) => (&x[a..b], &y[c..d]),
+            _ => candle_core::bail!("ssim loss: takes contiguous f32 tensors"),
+        };
+        Ok(Self {
+            x,
+            y,
+            count: n * c,
+            h,
+            w,
+            valid: (h + 1 - TAPS) * (w + 1 - TAPS),
+            kernel: gaussian_kernel(1.5, RADIUS),
+        })
+    }
+
+    /// The moments of plane `p`, with its reconstruction and target.
+    fn moments(&self, p: usize) -> (Moments, &'a [f32], &'a [f32]) {
+        let len = self.h * self.w;
+        let (x, y) = (&self.x[p * len..][..len], &self.y[p * len..][..len]);
+        (Moments::of(x, y, self.h, self.w, &self.kernel), x, y)
     }
 }
 
@@ -137,18 +163,15 @@ impl CustomOp2 for SsimMean {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sy: &CpuStorage, ly: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (planes, h, w) = check(lx, ly)?;
-        let (x, y) = slices(sx, lx, sy, ly)?;
-        let k = gaussian_kernel(1.5, RADIUS);
-        let valid = (h + 1 - TAPS) * (w + 1 - TAPS);
-        let total: f64 = (0..planes)
+        let planes = Planes::read(sx, lx, sy, ly)?;
+        let total: f64 = (0..planes.count)
             .into_par_iter()
             .map(|p| {
-                let m = Moments::of(&x[p * h * w..][..h * w], &y[p * h * w..][..h * w], h, w, &k);
-                (0..valid).map(|i| m.terms(i).0 as f64).sum::<f64>()
+                let (m, _, _) = planes.moments(p);
+                (0..planes.valid).map(|i| m.terms(i).0 as f64).sum::<f64>()
             })
             .sum();
-        let mean = (total / (planes * valid) as f64) as f32;
+        let mean = (total / (planes.count * planes.valid) as f64) as f32;
         Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
     }
 
@@ -169,15 +192,12 @@ impl CustomOp2 for SsimMeanGrad {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sy: &CpuStorage, ly: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (planes, h, w) = check(lx, ly)?;
-        let (x, y) = slices(sx, lx, sy, ly)?;
-        let k = gaussian_kernel(1.5, RADIUS);
-        let valid = (h + 1 - TAPS) * (w + 1 - TAPS);
-        let per_value = self.scale / (planes * valid) as f32;
-        let mut out = vec![0f32; planes * h * w];
+        let planes = Planes::read(sx, lx, sy, ly)?;
+        let (h, w, valid, k) = (planes.h, planes.w, planes.valid, &planes.kernel);
+        let per_value = self.scale / (planes.count * valid) as f32;
+        let mut out = vec![0f32; planes.count * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(p, dx)| {
-            let (xp, yp) = (&x[p * h * w..][..h * w], &y[p * h * w..][..h * w]);
-            let m = Moments::of(xp, yp, h, w, &k);
+            let (m, xp, yp) = planes.moments(p);
             // ∂S/∂μx, ∂S/∂E[x²], ∂S/∂E[xy] at each valid pixel, scaled for the mean.
             let (mut d_mu, mut d_xx, mut d_xy) = (vec![0f32; valid], vec![0f32; valid], vec![0f32; valid]);
             for (i, ((d_mu, d_xx), d_xy)) in d_mu.iter_mut().zip(&mut d_xx).zip(&mut d_xy).enumerate() {
@@ -190,13 +210,13 @@ impl CustomOp2 for SsimMeanGrad {
             }
             let mut tmp = vec![0f32; h * w];
             let mut spread = vec![0f32; h * w];
-            blur_valid_adjoint(&d_mu, h, w, &k, &mut tmp, dx);
-            blur_valid_adjoint(&d_xx, h, w, &k, &mut tmp, &mut spread);
+            blur_valid_adjoint(&d_mu, h, w, k, &mut tmp, dx);
+            blur_valid_adjoint(&d_xx, h, w, k, &mut tmp, &mut spread);
             dx.iter_mut()
                 .zip(&spread)
                 .zip(xp)
                 .for_each(|((o, s), x)| *o += 2.0 * x * s);
-            blur_valid_adjoint(&d_xy, h, w, &k, &mut tmp, &mut spread);
+            blur_valid_adjoint(&d_xy, h, w, k, &mut tmp, &mut spread);
             dx.iter_mut().zip(&spread).zip(yp).for_each(|((o, s), y)| *o += y * s);
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
