@@ -9,9 +9,9 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
 
 use crate::kernels::{batch_norm, ops, Activation, Kernels};
-use serde::{Deserialize, Serialize};
 
 /// An architecture and its sizes, as written in `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
