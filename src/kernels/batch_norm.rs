@@ -82,7 +82,11 @@ pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm, act: Activation) -> Result<T
         .zip(&var)
         .map(|(r, b)| ((1.0 - m) * *r as f64 + m * b * unbiased) as f32)
         .collect();
-    // The running statistics are variables of the model's VarMap; update them in place.
+    // The running statistics are variables of the model's VarMap; update them in place
+    // (a plain tensor would be copied by `Var::from_tensor` and the update lost).
+    if !bn.running_mean().is_variable() || !bn.running_var().is_variable() {
+        candle_core::bail!("batch norm: training needs running statistics held in a VarMap")
+    }
     Var::from_tensor(bn.running_mean())?.set(&Tensor::from_vec(new_mean, c, x.device())?)?;
     Var::from_tensor(bn.running_var())?.set(&Tensor::from_vec(new_var, c, x.device())?)?;
     let inv_std = var.iter().map(|v| (1.0 / (v + bn.eps()).sqrt()) as f32).collect();
