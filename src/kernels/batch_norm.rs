@@ -12,6 +12,16 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::conv::Activation;
+use super::{cpu_slice, with_cpu_slices};
+
+/// Element-wise sum of two per-channel lists of sum pairs (a parallel reduction step).
+fn add_pairs(mut a: Vec<(f64, f64)>, b: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    a.iter_mut().zip(b).for_each(|(a, b)| {
+        a.0 += b.0;
+        a.1 += b.1;
+    });
+    a
+}
 
 /// Per-channel mean and biased variance of an (N, C, H, W) batch.
 fn channel_stats(x: &[f32], channels: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
@@ -28,13 +38,7 @@ fn channel_stats(x: &[f32], channels: usize, plane: usize) -> (Vec<f64>, Vec<f64
     let sums = x
         .par_chunks(image)
         .map(partial)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(b).for_each(|(a, b)| {
-                a.0 += b.0;
-                a.1 += b.1;
-            });
-            a
-        })
+        .reduce_with(add_pairs)
         .unwrap_or_else(|| vec![(0.0, 0.0); channels]);
     let n = (x.len() / channels.max(1)) as f64;
     sums.into_iter()
@@ -45,13 +49,6 @@ fn channel_stats(x: &[f32], channels: usize, plane: usize) -> (Vec<f64>, Vec<f64
         .unzip()
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("batch norm: takes contiguous f32 tensors"),
-    }
-}
-
 /// `act(γ·(x − mean)/√(var + ε) + β)` with the batch's statistics, updating the layer's
 /// running statistics as candle's `forward_train` does (momentum, unbiased variance).
 pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm, act: Activation) -> Result<Tensor> {
@@ -60,13 +57,7 @@ pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm, act: Activation) -> Result<T
     let Some((gamma, beta)) = bn.weight_and_bias() else {
         candle_core::bail!("batch norm: the fused op needs an affine BatchNorm")
     };
-    let (mean, var) = {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("batch norm: the fused op runs on the CPU")
-        };
-        channel_stats(contiguous_f32(cpu, layout)?, c, h * w)
-    };
+    let (mean, var) = with_cpu_slices([&x], "batch norm", |[xs]| channel_stats(xs, c, h * w))?;
     let count = (n * h * w) as f64;
     let m = bn.momentum();
     let running_mean: Vec<f32> = bn.running_mean().to_vec1()?;
@@ -120,9 +111,9 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = lx.shape().dims4()?;
         let (x, gamma, beta) = (
-            contiguous_f32(sx, lx)?,
-            contiguous_f32(sg, lg)?,
-            contiguous_f32(sb, lb)?,
+            cpu_slice(sx, lx, self.name())?,
+            cpu_slice(sg, lg, self.name())?,
+            cpu_slice(sb, lb, self.name())?,
         );
         let scale: Vec<f32> = (0..c).map(|i| gamma[i] * self.inv_std[i]).collect();
         let shift: Vec<f32> = (0..c).map(|i| beta[i] - self.mean[i] * scale[i]).collect();
@@ -156,68 +147,55 @@ impl CustomOp3 for BatchNormTrain {
         let plane = h * w;
         let grad = grad.contiguous()?;
         let gamma_v: Vec<f32> = gamma.to_vec1()?;
-        let guards = [x, res, &grad].map(|t| t.storage_and_layout());
-        let mut slices: [&[f32]; 3] = [&[]; 3];
-        for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
-            let candle_core::Storage::Cpu(cpu) = &**storage else {
-                candle_core::bail!("batch norm: the fused op runs on the CPU")
+        let (dx, sums) = with_cpu_slices([x, res, &grad], self.name(), |[xs, ys, gs]| {
+            let slope = match self.act {
+                Activation::Identity => 1.0,
+                Activation::LeakyRelu(s) => s,
             };
-            *slot = contiguous_f32(cpu, layout)?;
-        }
-        let [xs, ys, gs] = slices;
-        let slope = match self.act {
-            Activation::Identity => 1.0,
-            Activation::LeakyRelu(s) => s,
-        };
-        // Pass 1, per channel: Σg and Σg·x̂, with g the gradient before the activation.
-        let sums = xs
-            .par_chunks(c * plane)
-            .zip(ys.par_chunks(c * plane).zip(gs.par_chunks(c * plane)))
-            .map(|(xi, (yi, gi))| {
-                let mut s = vec![(0f64, 0f64); c];
-                for (ch, acc) in s.iter_mut().enumerate() {
-                    let r = ch * plane..(ch + 1) * plane;
-                    let (m, is) = (self.mean[ch], self.inv_std[ch]);
-                    let (mut sg, mut sgx) = (0f32, 0f32);
-                    for ((x, y), g) in xi[r.clone()].iter().zip(&yi[r.clone()]).zip(&gi[r]) {
-                        let g = if *y > 0.0 { *g } else { *g * slope };
-                        sg += g;
-                        sgx += g * (x - m) * is;
+            // Pass 1, per channel: Σg and Σg·x̂, with g the gradient before the activation.
+            let sums = xs
+                .par_chunks(c * plane)
+                .zip(ys.par_chunks(c * plane).zip(gs.par_chunks(c * plane)))
+                .map(|(xi, (yi, gi))| {
+                    let mut s = vec![(0f64, 0f64); c];
+                    for (ch, acc) in s.iter_mut().enumerate() {
+                        let r = ch * plane..(ch + 1) * plane;
+                        let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                        let (mut sg, mut sgx) = (0f32, 0f32);
+                        for ((x, y), g) in xi[r.clone()].iter().zip(&yi[r.clone()]).zip(&gi[r]) {
+                            let g = if *y > 0.0 { *g } else { *g * slope };
+                            sg += g;
+                            sgx += g * (x - m) * is;
+                        }
+                        *acc = (sg as f64, sgx as f64);
                     }
-                    *acc = (sg as f64, sgx as f64);
-                }
-                s
-            })
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| {
-                    a.0 += b.0;
-                    a.1 += b.1;
+                    s
+                })
+                .reduce_with(add_pairs)
+                .unwrap_or_else(|| vec![(0.0, 0.0); c]);
+            let count = (xs.len() / c) as f32;
+            // Pass 2: dx = γ·σ⁻¹/N · (N·g − Σg − x̂·Σg·x̂).
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(c * plane)
+                .zip(
+                    xs.par_chunks(c * plane)
+                        .zip(ys.par_chunks(c * plane).zip(gs.par_chunks(c * plane))),
+                )
+                .for_each(|(di, (xi, (yi, gi)))| {
+                    for ch in 0..c {
+                        let r = ch * plane..(ch + 1) * plane;
+                        let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                        let (sg, sgx) = (sums[ch].0 as f32 / count, sums[ch].1 as f32 / count);
+                        let k = gamma_v[ch] * is;
+                        let it = xi[r.clone()].iter().zip(&yi[r.clone()]).zip(&gi[r.clone()]);
+                        for (d, ((x, y), g)) in di[r].iter_mut().zip(it) {
+                            let g = if *y > 0.0 { *g } else { *g * slope };
+                            *d = k * (g - sg - (x - m) * is * sgx);
+                        }
+                    }
                 });
-                a
-            })
-            .unwrap_or_else(|| vec![(0.0, 0.0); c]);
-        let count = (xs.len() / c) as f32;
-        // Pass 2: dx = γ·σ⁻¹/N · (N·g − Σg − x̂·Σg·x̂).
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(c * plane)
-            .zip(
-                xs.par_chunks(c * plane)
-                    .zip(ys.par_chunks(c * plane).zip(gs.par_chunks(c * plane))),
-            )
-            .for_each(|(di, (xi, (yi, gi)))| {
-                for ch in 0..c {
-                    let r = ch * plane..(ch + 1) * plane;
-                    let (m, is) = (self.mean[ch], self.inv_std[ch]);
-                    let (sg, sgx) = (sums[ch].0 as f32 / count, sums[ch].1 as f32 / count);
-                    let k = gamma_v[ch] * is;
-                    let it = xi[r.clone()].iter().zip(&yi[r.clone()]).zip(&gi[r.clone()]);
-                    for (d, ((x, y), g)) in di[r].iter_mut().zip(it) {
-                        let g = if *y > 0.0 { *g } else { *g * slope };
-                        *d = k * (g - sg - (x - m) * is * sgx);
-                    }
-                }
-            });
-        drop(guards);
+            (dx, sums)
+        })?;
         let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         Ok((

@@ -529,6 +529,13 @@ mod tests {
             .collect()
     }
 
+    fn assert_close(got: &[f32], want: &[f32], g: &Geometry) {
+        assert_eq!(got.len(), want.len(), "{g:?}");
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
+        }
+    }
+
     fn dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
     }
@@ -547,9 +554,7 @@ mod tests {
             let wt = values(co * g.cols(), 2);
             let got = correlate(&g, &x, &wt, None, Activation::Identity);
             let want = direct(&g, &x, &wt);
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
-            }
+            assert_close(&got, &want, &g);
             // <A x, y> = <x, Aᵀ y> for any y.
             let y = values(batch * g.out_len(), 3);
             let back = correlate_adjoint(&g, &y, &wt, None, Activation::Identity);
@@ -558,17 +563,13 @@ mod tests {
             // L = <y, A_w x> has gradients Aᵀy in x, and dL/dw with <w, dL/dw> = L.
             let grads = backward(&g, Direction::Correlate, &x, &wt, &got, &y, Activation::Identity, true);
             let dx = grads.input.unwrap();
-            for (a, b) in dx.iter().zip(&back) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
-            }
+            assert_close(&dx, &back, &g);
             let (l, r) = (dot(&got, &y), dot(&wt, &grads.weight));
             assert!((l - r).abs() < 1e-3 * (1.0 + l.abs()), "{g:?}: {l} vs {r}");
             // The transposed direction: L = <x, Aᵀ_w y> has gradient A x in y.
             let grads = backward(&g, Direction::Adjoint, &y, &wt, &back, &x, Activation::Identity, true);
             let dy = grads.input.unwrap();
-            for (a, b) in dy.iter().zip(&got) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
-            }
+            assert_close(&dy, &got, &g);
             let (l, r) = (dot(&back, &x), dot(&wt, &grads.weight));
             assert!((l - r).abs() < 1e-3 * (1.0 + l.abs()), "{g:?}: {l} vs {r}");
         }

@@ -2,20 +2,10 @@
 //! model built on them trains through candle's autograd like one built on candle's own
 //! convolutions. CPU only: on other devices callers use candle's ops.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::conv::{self, Activation, Direction, Geometry};
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: the CPU kernels take f32 tensors, not {:?}", s.dtype())
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{what}: the CPU kernels take contiguous tensors"),
-    }
-}
+use super::{cpu_slice, with_cpu_slices};
 
 fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     l.shape()
@@ -31,39 +21,32 @@ fn bad_geometry(what: &str, x: &Layout, w: &Layout) -> candle_core::Error {
     ))
 }
 
-/// Kernel geometry of `conv2d(x: n×ci×h×w, w: co×ci×k×k)`.
-fn conv_geometry(x: &Layout, w: &Layout, stride: usize, pad: usize, what: &str) -> Result<(usize, Geometry)> {
-    let (n, ci, h, wd) = dims4(x, what)?;
-    let (co, wci, k, k2) = dims4(w, what)?;
-    if wci != ci || k != k2 {
+/// Kernel geometry of `conv2d(x: n×ci×h×w, w: co×ci×k×k)` (`Correlate`) or of
+/// `conv_transpose2d(x: n×cin×h×w, w: cin×cout×k×k)` (`Adjoint`), with the batch size.
+fn geometry(
+    direction: Direction,
+    x: &Layout,
+    w: &Layout,
+    stride: usize,
+    pad: usize,
+    what: &str,
+) -> Result<(usize, Geometry)> {
+    let (n, c, h, wd) = dims4(x, what)?;
+    let (w0, w1, k, k2) = dims4(w, what)?;
+    // The weight's axis that must match the input's channels, and its other channel axis.
+    let (matching, other) = match direction {
+        Direction::Correlate => (w1, w0),
+        Direction::Adjoint => (w0, w1),
+    };
+    if matching != c || k != k2 {
         return Err(bad_geometry(what, x, w));
     }
-    let g = Geometry::conv(ci, h, wd, co, k, stride, pad).ok_or_else(|| bad_geometry(what, x, w))?;
-    Ok((n, g))
-}
-
-/// Kernel geometry of `conv_transpose2d(x: n×cin×h×w, w: cin×cout×k×k)`.
-fn transposed_geometry(x: &Layout, w: &Layout, stride: usize, pad: usize, what: &str) -> Result<(usize, Geometry)> {
-    let (n, cin, h, wd) = dims4(x, what)?;
-    let (wcin, cout, k, k2) = dims4(w, what)?;
-    if wcin != cin || k != k2 {
-        return Err(bad_geometry(what, x, w));
+    match direction {
+        Direction::Correlate => Geometry::conv(c, h, wd, other, k, stride, pad),
+        Direction::Adjoint => Geometry::transposed(c, h, wd, other, k, stride, pad),
     }
-    let g = Geometry::transposed(cin, h, wd, cout, k, stride, pad).ok_or_else(|| bad_geometry(what, x, w))?;
-    Ok((n, g))
-}
-
-/// Runs `f` on the f32 contents of contiguous CPU tensors.
-fn with_slices<R>(tensors: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> R) -> Result<R> {
-    let guards = tensors.map(|t| t.storage_and_layout());
-    let mut slices: [&[f32]; 4] = [&[]; 4];
-    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("the CPU kernels take CPU tensors")
-        };
-        *slot = slice(cpu, layout, "backward")?;
-    }
-    Ok(f(slices))
+    .map(|g| (n, g))
+    .ok_or_else(|| bad_geometry(what, x, w))
 }
 
 /// Gradients of a fused layer as candle tensors shaped like its input, weight and bias.
@@ -76,7 +59,7 @@ fn layer_backward(
     let grad = grad.contiguous()?;
     // The network's input needs no gradient; skip that half of the work.
     let need_input = x.track_op();
-    let grads = with_slices([x, w, res, &grad], |[xs, ws, rs, gs]| {
+    let grads = with_cpu_slices([x, w, res, &grad], "conv backward", |[xs, ws, rs, gs]| {
         conv::backward(g, direction, xs, ws, rs, gs, act, need_input)
     })?;
     let dx = match grads.input {
@@ -129,10 +112,7 @@ struct ConvLayer {
 
 impl ConvLayer {
     fn geometry(&self, x: &Layout, w: &Layout) -> Result<(usize, Geometry)> {
-        match self.direction {
-            Direction::Correlate => conv_geometry(x, w, self.stride, self.pad, self.name()),
-            Direction::Adjoint => transposed_geometry(x, w, self.stride, self.pad, self.name()),
-        }
+        geometry(self.direction, x, w, self.stride, self.pad, self.name())
     }
 }
 
@@ -158,11 +138,17 @@ impl CustomOp3 for ConvLayer {
             Direction::Correlate => (g.co, g.ho, g.wo, conv::correlate),
             Direction::Adjoint => (g.ci, g.hi, g.wi, conv::correlate_adjoint),
         };
-        let bias = slice(sb, lb, self.name())?;
+        let bias = cpu_slice(sb, lb, self.name())?;
         if bias.len() != channels {
             candle_core::bail!("{}: {} biases for {channels} output channels", self.name(), bias.len());
         }
-        let out = kernel(&g, slice(sx, lx, "x")?, slice(sw, lw, "w")?, Some(bias), self.act);
+        let out = kernel(
+            &g,
+            cpu_slice(sx, lx, "x")?,
+            cpu_slice(sw, lw, "w")?,
+            Some(bias),
+            self.act,
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, channels, h, w))))
     }
 

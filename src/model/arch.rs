@@ -91,14 +91,10 @@ impl Layer {
         let fast = kernels.fast_on(x.device());
         match self {
             Layer::Conv { conv, leaky } if fast => {
-                let cfg = conv.config();
-                let bias = conv.bias().expect("convolutions are built with a bias");
-                ops::conv2d(x, conv.weight(), bias, cfg.stride, cfg.padding, activation(*leaky))
+                self.fast_conv(x, conv.weight(), conv_bias(conv.bias()), activation(*leaky))
             }
             Layer::ConvT { conv, leaky } if fast => {
-                let cfg = conv.config();
-                let bias = conv.bias().expect("convolutions are built with a bias");
-                ops::conv_transpose2d(x, conv.weight(), bias, cfg.stride, cfg.padding, activation(*leaky))
+                self.fast_conv(x, conv.weight(), conv_bias(conv.bias()), activation(*leaky))
             }
             Layer::Conv { conv, leaky } => leaky_if(conv.forward(x)?, *leaky),
             Layer::ConvT { conv, leaky } => leaky_if(conv.forward(x)?, *leaky),
@@ -112,6 +108,21 @@ impl Layer {
             Layer::Sigmoid => candle_nn::ops::sigmoid(x),
         }
     }
+
+    /// Runs this convolution layer on vigil's kernels with the given weight and bias.
+    fn fast_conv(&self, x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+        match self {
+            Layer::Conv { conv, .. } => ops::conv2d(x, w, b, conv.config().stride, conv.config().padding, act),
+            Layer::ConvT { conv, .. } => {
+                ops::conv_transpose2d(x, w, b, conv.config().stride, conv.config().padding, act)
+            }
+            _ => candle_core::bail!("not a convolution layer"),
+        }
+    }
+}
+
+fn conv_bias(bias: Option<&Tensor>) -> &Tensor {
+    bias.expect("convolutions are built with a bias")
 }
 
 fn activation(leaky: bool) -> Activation {
@@ -132,25 +143,20 @@ fn leaky_if(x: Tensor, leaky: bool) -> Result<Tensor> {
 }
 
 /// A convolution followed by an inference-mode BatchNorm and a LeakyReLU, as one fused
-/// convolution with the normalisation folded into its weight and bias.
+/// convolution with the normalisation folded into its weight and bias (scaled along the
+/// weight's output-channel axis: 0 for a convolution, 1 for a transposed one).
 fn folded_conv(layer: &Layer, bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
     let (scale, shift) = batch_norm::inference_affine(bn)?;
-    let act = Activation::LeakyRelu(LEAKY_SLOPE);
-    match layer {
-        Layer::Conv { conv, .. } => {
-            let cfg = conv.config();
-            let w = conv.weight().broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-            let b = ((conv.bias().expect("convolutions are built with a bias") * &scale)? + &shift)?;
-            ops::conv2d(x, &w, &b, cfg.stride, cfg.padding, act)
-        }
-        Layer::ConvT { conv, .. } => {
-            let cfg = conv.config();
-            let w = conv.weight().broadcast_mul(&scale.reshape((1, (), 1, 1))?)?;
-            let b = ((conv.bias().expect("convolutions are built with a bias") * &scale)? + &shift)?;
-            ops::conv_transpose2d(x, &w, &b, cfg.stride, cfg.padding, act)
-        }
+    let (weight, bias, axis) = match layer {
+        Layer::Conv { conv, .. } => (conv.weight(), conv.bias(), 0),
+        Layer::ConvT { conv, .. } => (conv.weight(), conv.bias(), 1),
         _ => candle_core::bail!("only a convolution folds a BatchNorm"),
-    }
+    };
+    let mut scale_shape = vec![1; 4];
+    scale_shape[axis] = scale.elem_count();
+    let w = weight.broadcast_mul(&scale.reshape(scale_shape)?)?;
+    let b = ((conv_bias(bias) * &scale)? + &shift)?;
+    layer.fast_conv(x, &w, &b, Activation::LeakyRelu(LEAKY_SLOPE))
 }
 
 /// Builds layers in order, naming their weights `<prefix>.<index>.*`.
@@ -343,10 +349,6 @@ impl Autoencoder {
     /// Chooses the convolution kernels (the fast CPU kernels by default).
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
-    }
-
-    pub fn kernels(&self) -> Kernels {
-        self.kernels
     }
 
     /// Runs the network; `train` selects batch statistics in BatchNorm layers.
