@@ -62,6 +62,10 @@ pub enum ArchName {
     Spatial,
     /// Bergmann et al. 2019: vector latent (see --latent).
     Bergmann,
+    /// Reconstruction plus a learned discriminator (after DRAEM): the spatial autoencoder
+    /// and a small U-Net (see --segmenter-width) trained on synthetic anomalies; the
+    /// anomaly map is the U-Net's per-pixel probability.
+    Draem,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,9 +115,12 @@ pub struct TrainArgs {
     /// Base channel width (--arch spatial: width, 2·width, 4·width).
     #[arg(long, default_value_t = 16)]
     pub width: usize,
-    /// Bottleneck channels at 1/8 resolution (--arch spatial).
+    /// Bottleneck channels at 1/8 resolution (--arch spatial, draem).
     #[arg(long, default_value_t = 8)]
     pub bottleneck: usize,
+    /// Base channel width of the segmentation U-Net (--arch draem: width, 2·, 4·).
+    #[arg(long, default_value_t = 8)]
+    pub segmenter_width: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. The default took
     /// 316 s for 80 images of 256² on 2 CPU cores.
     #[arg(long, default_value_t = 2500)]
@@ -135,9 +142,11 @@ pub struct TrainArgs {
     /// (candle's own operations, several times slower; for comparison).
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
-    /// Augmentations: any of flips, rot90, brightness, inpaint; or none.
-    #[arg(long, value_delimiter = ',', default_value = "flips,rot90,brightness,inpaint")]
-    pub augment: Vec<String>,
+    /// Augmentations: any of flips, rot90, brightness, inpaint, anomalies (synthetic
+    /// anomalies on half the crops); or none. Default: flips,rot90,brightness and then
+    /// anomalies for --arch draem, inpaint for the others.
+    #[arg(long, value_delimiter = ',')]
+    pub augment: Option<Vec<String>>,
     #[command(flatten)]
     pub scoring: ScoringArgs,
     #[command(flatten)]
@@ -148,9 +157,15 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct ScoringArgs {
-    /// Anomaly map: ssim (1 − SSIM), l2, or ssim+l2 (each divided by its mean on good images).
-    #[arg(long, value_enum, default_value_t = MapMethod::SsimL2)]
-    pub map: MapMethod,
+    /// Anomaly map: ssim (1 − SSIM), l2, ssim+l2 (each divided by its mean on good images),
+    /// or learned (the model's own map; --arch draem). Default: learned for draem, else ssim+l2.
+    #[arg(long, value_enum)]
+    pub map: Option<MapMethod>,
+    /// Score = maximum of the map after an N×N mean filter (working-resolution pixels), so
+    /// a defect must cover an area to score high. Default: 21 for --arch draem at 256²
+    /// (scaled with --size), none for the others.
+    #[arg(long, conflicts_with = "top_k")]
+    pub score_filter: Option<usize>,
     /// σ of the Gaussian smoothing of the anomaly map, in working-resolution pixels.
     #[arg(long, default_value_t = 4.0)]
     pub smoothing: f32,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image_io::{resize_plane, Planar};
 use crate::model::artifact::{Fit, ModelCard};
-use crate::model::{ArtifactError, Network, Reconstructor};
+use crate::model::{AnomalyModel, ArtifactError, Network};
 use crate::scoring::{self, regions, RawMaps, Region};
 
 /// Most tiles or images sent through the network at once.
@@ -26,12 +26,13 @@ pub struct Prepared {
     pub working: Planar,
 }
 
-/// What the network made of one prepared image.
+/// What the model made of one prepared image.
 #[derive(Debug, Clone)]
 pub struct Reconstruction {
     /// The reconstruction at working resolution (tiles averaged where they overlap).
     pub image: Planar,
-    /// Raw error maps at working resolution (tile maps averaged where they overlap).
+    /// Raw maps at working resolution: the error maps, and the model's own map where it has
+    /// one (tile maps averaged where they overlap).
     pub raw: RawMaps,
 }
 
@@ -54,11 +55,11 @@ pub struct Inspection {
 #[derive(Clone)]
 pub struct Detector {
     pub card: ModelCard,
-    model: Arc<dyn Reconstructor>,
+    model: Arc<dyn AnomalyModel>,
 }
 
 impl Detector {
-    pub fn new(card: ModelCard, model: Arc<dyn Reconstructor>) -> Self {
+    pub fn new(card: ModelCard, model: Arc<dyn AnomalyModel>) -> Self {
         Self { card, model }
     }
 
@@ -114,11 +115,17 @@ impl Detector {
             .flat_map(|p| origins.iter().map(move |&(x, y)| p.crop(x, y, t, t)))
             .collect();
         let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
+        let mut learned: Vec<f32> = Vec::new();
+        let mut has_learned = false;
         for chunk in tiles.chunks(MAX_CHUNK) {
             let flat: Vec<f32> = chunk.iter().flat_map(|p| p.data.iter().copied()).collect();
             let x = Tensor::from_vec(flat, (chunk.len(), c, t, t), self.model.device())?;
-            let y = self.model.reconstruct(&x)?;
-            outputs.extend(y.flatten_all()?.to_vec1::<f32>()?);
+            let out = self.model.infer(&x)?;
+            outputs.extend(out.reconstruction.flatten_all()?.to_vec1::<f32>()?);
+            if let Some(map) = out.learned_map {
+                learned.extend(map.flatten_all()?.to_vec1::<f32>()?);
+                has_learned = true;
+            }
         }
         let spec = &self.card.scoring;
         let per_tile = c * t * t;
@@ -127,7 +134,7 @@ impl Detector {
             .iter()
             .enumerate()
             .map(|(n, input)| {
-                let mut raw = RawMaps::zeros(s, s);
+                let mut raw = RawMaps::zeros(s, s, has_learned);
                 let mut image = Planar::new(c, s, s);
                 let mut counts = vec![0u32; s * s];
                 for (k, &(x, y)) in origins.iter().enumerate() {
@@ -138,7 +145,10 @@ impl Detector {
                         height: t,
                         data: outputs[idx * per_tile..(idx + 1) * per_tile].to_vec(),
                     };
-                    let tile_raw = RawMaps::compute(&tiles[idx], &recon, spec);
+                    let mut tile_raw = RawMaps::compute(&tiles[idx], &recon, spec);
+                    if has_learned {
+                        tile_raw.learned = Some(learned[idx * t * t..(idx + 1) * t * t].to_vec());
+                    }
                     raw.add_tile(&tile_raw, x, y, &mut counts);
                     add_tile_image(&mut image, &recon, x, y);
                 }
@@ -157,7 +167,8 @@ impl Detector {
     /// The smoothed anomaly map at working resolution and the image score.
     pub fn working_map(&self, raw: &RawMaps) -> (Vec<f32>, f32) {
         let map = scoring::anomaly_map(raw, &self.card.scoring);
-        let score = scoring::image_score(&map, self.card.scoring.reduction);
+        let s = self.card.input.working_size;
+        let score = scoring::image_score(&map, s, s, self.card.scoring.reduction);
         (map, score)
     }
 

@@ -14,7 +14,7 @@ use vigil::detector::Detector;
 use vigil::engine::Engine;
 use vigil::image_io::Planar;
 use vigil::model::artifact::Fit;
-use vigil::model::Reconstructor;
+use vigil::model::{AnomalyModel, ModelOutput};
 
 /// Reports each batch as it starts, then waits for permission to finish it.
 struct Gated {
@@ -24,14 +24,17 @@ struct Gated {
     go: Mutex<mpsc::Receiver<()>>,
 }
 
-impl Reconstructor for Gated {
-    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
+impl AnomalyModel for Gated {
+    fn infer(&self, batch: &Tensor) -> candle_core::Result<ModelOutput> {
         let n = batch.dim(0)?;
         self.images.fetch_add(n, Ordering::SeqCst);
         self.batches.lock().unwrap().push(n);
         self.started.lock().unwrap().send(()).unwrap();
         self.go.lock().unwrap().recv().unwrap();
-        batch.clone() * 1.0
+        Ok(ModelOutput {
+            reconstruction: (batch.clone() * 1.0)?,
+            learned_map: None,
+        })
     }
     fn device(&self) -> &Device {
         &Device::Cpu

@@ -193,8 +193,8 @@ fn whole_networks_agree_with_candle_forward_and_backward() {
         let mut net = Network::new_seeded(&arch, c, size, &Device::Cpu, 3).unwrap();
         let x = ((values(&[batch, c, size, size], 7) + 1.0).unwrap() * 0.5).unwrap();
         let run = |net: &mut Network, k: Kernels| {
-            net.autoencoder.set_kernels(k);
-            let y = net.autoencoder.forward_t(&x, true).unwrap();
+            net.set_kernels(k);
+            let y = net.autoencoder().forward_t(&x, true).unwrap();
             let loss = LossKind::SsimL2.compute(&y, &x, k).unwrap();
             let grads = loss.backward().unwrap();
             let mut named: Vec<(String, Tensor)> = net
@@ -241,10 +241,10 @@ fn whole_networks_agree_with_candle_forward_and_backward() {
             assert!(!before.is_empty(), "the spatial network has BatchNorm layers");
         }
         // Inference mode: BatchNorm folded into the convolutions against candle's layers.
-        net.autoencoder.set_kernels(Kernels::Fast);
-        let eval_fast = net.autoencoder.forward_t(&x, false).unwrap();
-        net.autoencoder.set_kernels(Kernels::Candle);
-        let eval_ref = net.autoencoder.forward_t(&x, false).unwrap();
+        net.set_kernels(Kernels::Fast);
+        let eval_fast = net.autoencoder().forward_t(&x, false).unwrap();
+        net.set_kernels(Kernels::Candle);
+        let eval_ref = net.autoencoder().forward_t(&x, false).unwrap();
         close(&format!("{arch:?} inference output"), &eval_fast, &eval_ref);
         close(&format!("{arch:?} output"), &y_fast, &y_ref);
         close(&format!("{arch:?} loss"), &loss_fast, &loss_ref);

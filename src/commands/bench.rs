@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::cli::BenchArgs;
 use crate::kernels::{ops, Activation, Kernels};
-use crate::model::{device, Architecture, Network, Reconstructor};
+use crate::model::{device, AnomalyModel, Architecture, Network};
 use crate::scoring::ssim::{ssim_map, SsimParams};
 use crate::train::LossKind;
 
@@ -129,12 +129,12 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
     for (name, arch) in archs {
         for size in [128usize, 256] {
             let mut net = Network::new_seeded(arch, 1, size, dev, 0)?;
-            let flops = net.autoencoder.flops(size, size) as f64;
+            let flops = net.flops(size, size) as f64;
             for batch in [1usize, 16] {
                 let x = Tensor::rand(0f32, 1f32, (batch, 1, size, size), dev)?;
                 let (fast, candle) = both(repeat, compare, |k| {
-                    net.autoencoder.set_kernels(k);
-                    net.reconstruct(&x)?.sum_all()?.to_scalar::<f32>()?;
+                    net.set_kernels(k);
+                    net.infer(&x)?.reconstruction.sum_all()?.to_scalar::<f32>()?;
                     Ok(())
                 })?;
                 let ips = batch as f64 / fast;
@@ -162,8 +162,8 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         let mut opt = AdamW::new(net.varmap.all_vars(), Default::default())?;
         let x = Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?;
         let (fast, candle) = both(repeat, compare, |k| {
-            net.autoencoder.set_kernels(k);
-            let y = net.autoencoder.forward_t(&x, true)?;
+            net.set_kernels(k);
+            let y = net.autoencoder().forward_t(&x, true)?;
             let l = loss.compute(&y, &x, k)?;
             opt.backward_step(&l)?;
             l.to_scalar::<f32>()?;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use crate::cli::{ArchName, Channels, FitName, TrainArgs};
 use crate::model::artifact::Fit;
 use crate::model::{device, Architecture};
-use crate::scoring::{MapSpec, Reduction};
+use crate::scoring::{MapMethod, MapSpec, Reduction};
 use crate::train::{self, Augment, TrainConfig};
 
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
@@ -18,7 +18,13 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             bottleneck: args.bottleneck,
         },
         ArchName::Bergmann => Architecture::Bergmann { latent: args.latent },
+        ArchName::Draem => Architecture::Draem {
+            width: args.width,
+            bottleneck: args.bottleneck,
+            segmenter_width: args.segmenter_width,
+        },
     };
+    let discriminative = matches!(architecture, Architecture::Draem { .. });
     let default_fit = if args.resize || architecture.fully_convolutional() {
         FitName::Whole
     } else {
@@ -34,16 +40,27 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         rotations: false,
         brightness: 0.0,
         inpaint_fraction: 0.0,
+        anomaly_fraction: 0.0,
     };
-    for a in &args.augment {
+    let corruption = if discriminative { "anomalies" } else { "inpaint" };
+    let default_augment: Vec<String> = ["flips", "rot90", "brightness", corruption].map(String::from).to_vec();
+    for a in args.augment.as_ref().unwrap_or(&default_augment) {
         match a.as_str() {
             "flips" => augment.flips = true,
             "rot90" => augment.rotations = true,
             "brightness" => augment.brightness = 0.05,
             "inpaint" => augment.inpaint_fraction = 0.8,
+            // Half the crops stay clean, as DRAEM trains: the segmenter must also learn
+            // to say "nothing here".
+            "anomalies" => augment.anomaly_fraction = 0.5,
             "none" => {}
-            other => bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, none)"),
+            other => bail!(
+                "unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, none)"
+            ),
         }
+    }
+    if discriminative && augment.anomaly_fraction == 0.0 {
+        bail!("--arch draem learns from synthetic anomalies: include `anomalies` in --augment");
     }
     let training_images = train::dataset::training_files(&args.data)?.len();
     let steps = match args.epochs {
@@ -72,9 +89,20 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         seed: args.seed,
         augment,
         map: MapSpec {
-            method: args.scoring.map,
+            method: args.scoring.map.unwrap_or(if discriminative {
+                MapMethod::Learned
+            } else {
+                MapMethod::SsimL2
+            }),
             smoothing_sigma: args.scoring.smoothing,
-            reduction: args.scoring.top_k.map_or(Reduction::Max, |k| Reduction::TopKMean { k }),
+            reduction: match (args.scoring.top_k, args.scoring.score_filter) {
+                (Some(k), _) => Reduction::TopKMean { k },
+                (None, Some(size)) => Reduction::MeanFilterMax { size },
+                (None, None) if discriminative => Reduction::MeanFilterMax {
+                    size: (21 * args.size / 256).max(1) | 1,
+                },
+                (None, None) => Reduction::Max,
+            },
             ..MapSpec::default()
         },
         calibration: (&args.calibration).into(),

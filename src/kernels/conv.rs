@@ -3,7 +3,7 @@
 //!
 //! Hand-written because it is measurably faster: candle 0.11's CPU `conv2d` fills its
 //! column matrix element by element single-threaded and `conv_transpose2d` uses no GEMM
-//! at all, ~5% of the matmul peak here (../shared/FINDINGS.md; `vigil bench` measures
+//! at all, ~5% of the matmul peak on the 2-core target machine (`vigil bench` measures
 //! both paths in one run).
 //!
 //! Everything is expressed on one [`Geometry`], a convolution from `ci` channels of

@@ -116,7 +116,8 @@ pub fn quantile(values: &[f32], q: f32) -> f32 {
 }
 
 /// Whether the reconstructions kept the input's contrast (a collapsed autoencoder outputs
-/// a flat image at the mean brightness; see ../shared/FINDINGS.md).
+/// a flat image at the mean brightness: a vector-latent SSIM autoencoder trained 9 minutes
+/// on real textures did so every time, keeping 0.0003–0.002 of the inputs' 0.04–0.14 std).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct CollapseCheck {
     pub input_std: f32,

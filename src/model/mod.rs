@@ -1,35 +1,106 @@
-//! Networks: architectures, device selection, the artifact, and the `Reconstructor` seam
-//! the scoring pipeline and the serving engine call.
+//! Networks and the seams the rest of vigil sees.
+//!
+//! A model *family* is a folder here (`autoencoder`, `draem`) holding its network and its
+//! training step. Everything else (detector, scoring, engine, API, training loop) sees only
+//! [`AnomalyModel`] (a batch in; the reconstruction and, where the family has one, a learned
+//! anomaly map out) and [`TrainStep`] (one optimisation step that owns its optimizers and
+//! losses). [`Network`] builds the family a model card names.
 
 pub mod arch;
 pub mod artifact;
+pub mod autoencoder;
 pub mod device;
+pub mod draem;
+pub(crate) mod layers;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-pub use arch::{Architecture, Autoencoder};
+pub use arch::Architecture;
 pub use artifact::{ArtifactError, ModelCard};
+pub use autoencoder::Autoencoder;
 
-/// Turns a batch (N, C, H, W) with values in [0, 1] into its reconstruction, same shape.
+use crate::kernels::Kernels;
+use crate::train::LossKind;
+
+/// What a model makes of a batch.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// The image the model rebuilt, same shape as the input (N, C, H, W), in [0, 1]: shown
+    /// to users, and the basis of the SSIM/L2 maps.
+    pub reconstruction: Tensor,
+    /// A per-pixel anomaly map the model computes itself (N, 1, H, W), if it has one: the
+    /// segmentation probability of a discriminative family.
+    pub learned_map: Option<Tensor>,
+}
+
+/// Inference: a batch (N, C, H, W) with values in [0, 1] in, maps and images out.
 /// Synchronous: called from one model thread. Tests substitute fakes.
-pub trait Reconstructor: Send + Sync {
-    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor>;
+pub trait AnomalyModel: Send + Sync {
+    fn infer(&self, batch: &Tensor) -> candle_core::Result<ModelOutput>;
     fn device(&self) -> &Device;
 }
 
-/// An autoencoder with its weights.
+/// One training batch: the (possibly corrupted) input, the clean target and the mask of
+/// what was corrupted (N, 1, H, W; 1 = synthetic anomaly or inpainted pixel).
+pub struct TrainBatch {
+    pub input: Tensor,
+    pub target: Tensor,
+    pub mask: Tensor,
+}
+
+/// The loss of one step: the total that was minimised and its named parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLoss {
+    pub total: f32,
+    pub parts: Vec<(&'static str, f32)>,
+}
+
+/// One optimisation step of a family; owns its optimizers and losses.
+pub trait TrainStep {
+    fn step(&mut self, batch: &TrainBatch, learning_rate: f64) -> candle_core::Result<StepLoss>;
+}
+
+/// What a family's training step is built with.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    /// The reconstruction loss.
+    pub loss: LossKind,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub kernels: Kernels,
+}
+
+/// What every family's network provides to [`Network`].
+trait Family: Send + Sync {
+    fn infer(&self, x: &Tensor) -> candle_core::Result<ModelOutput>;
+    /// A training step over `vars` (every trainable variable, in name order).
+    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> candle_core::Result<Box<dyn TrainStep + 'a>>;
+    fn set_kernels(&mut self, kernels: Kernels);
+    fn flops(&self, h: usize, w: usize) -> u64;
+    /// The network that rebuilds the image (every family has one).
+    fn reconstructor(&self) -> &Autoencoder;
+}
+
+/// A model of any family with its weights.
 pub struct Network {
-    pub autoencoder: Autoencoder,
+    family: Box<dyn Family>,
     pub varmap: VarMap,
     device: Device,
 }
 
 impl Network {
+    fn build(arch: &Architecture, channels: usize, size: usize, vb: VarBuilder) -> candle_core::Result<Box<dyn Family>> {
+        Ok(match arch {
+            Architecture::Draem { .. } => Box::new(draem::DraemNet::new(arch, channels, size, vb)?),
+            _ => Box::new(Autoencoder::new(arch, channels, size, vb)?),
+        })
+    }
+
     /// A freshly initialised network; initialisation is drawn from `seed` so CPU training
     /// is reproducible (candle's own CPU initialisers cannot be seeded).
     pub fn new_seeded(
@@ -41,10 +112,10 @@ impl Network {
     ) -> candle_core::Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let autoencoder = Autoencoder::new(arch, channels, patch_size, vb)?;
+        let family = Self::build(arch, channels, patch_size, vb)?;
         seeded_init(&varmap, seed)?;
         Ok(Self {
-            autoencoder,
+            family,
             varmap,
             device: device.clone(),
         })
@@ -62,11 +133,11 @@ impl Network {
         };
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let autoencoder =
-            Autoencoder::new(&card.architecture, card.input.channels, card.input.patch_size, vb).map_err(bad)?;
+        let family =
+            Self::build(&card.architecture, card.input.channels, card.input.patch_size, vb).map_err(bad)?;
         varmap.load(&path).map_err(bad)?;
         Ok(Self {
-            autoencoder,
+            family,
             varmap,
             device: device.clone(),
         })
@@ -92,13 +163,41 @@ impl Network {
 
     /// Number of trainable values.
     pub fn parameter_count(&self) -> usize {
-        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+        self.trainable_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Every trainable variable (not BatchNorm running statistics), in name order.
+    fn trainable_vars(&self) -> Vec<Var> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// The family's training step over all trainable variables.
+    pub fn trainer(&self, settings: StepSettings) -> candle_core::Result<Box<dyn TrainStep + '_>> {
+        self.family.trainer(self.trainable_vars(), settings)
+    }
+
+    /// Chooses the convolution kernels (the fast CPU kernels by default).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.family.set_kernels(kernels);
+    }
+
+    /// Multiply-adds × 2 of one forward pass on an `h × w` input.
+    pub fn flops(&self, h: usize, w: usize) -> u64 {
+        self.family.flops(h, w)
+    }
+
+    /// The network that rebuilds the image.
+    pub fn autoencoder(&self) -> &Autoencoder {
+        self.family.reconstructor()
     }
 }
 
-impl Reconstructor for Network {
-    fn reconstruct(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
-        self.autoencoder.forward_t(batch, false)
+impl AnomalyModel for Network {
+    fn infer(&self, batch: &Tensor) -> candle_core::Result<ModelOutput> {
+        self.family.infer(batch)
     }
     fn device(&self) -> &Device {
         &self.device
@@ -160,7 +259,7 @@ mod tests {
         ] {
             let net = Network::new_seeded(&arch, c, size, &dev, 1).unwrap();
             let x = Tensor::rand(0f32, 1f32, (2, c, size, size), &dev).unwrap();
-            let y = net.reconstruct(&x).unwrap();
+            let y = net.infer(&x).unwrap().reconstruction;
             assert_eq!(y.dims(), &[2, c, size, size], "{arch:?}");
             let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             assert!(v.iter().all(|p| (0.0..=1.0).contains(p)), "sigmoid output");
@@ -182,7 +281,7 @@ mod tests {
         )
         .unwrap();
         let x = Tensor::rand(0f32, 1f32, (1, 1, 48, 64), &dev).unwrap();
-        assert_eq!(net.reconstruct(&x).unwrap().dims(), &[1, 1, 48, 64]);
+        assert_eq!(net.infer(&x).unwrap().reconstruction.dims(), &[1, 1, 48, 64]);
     }
 
     #[test]
@@ -196,9 +295,9 @@ mod tests {
         let b = Network::new_seeded(&arch, 1, 32, &dev, 7).unwrap();
         let c = Network::new_seeded(&arch, 1, 32, &dev, 8).unwrap();
         let x = Tensor::rand(0f32, 1f32, (1, 1, 32, 32), &dev).unwrap();
-        let ya: Vec<f32> = a.reconstruct(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let yb: Vec<f32> = b.reconstruct(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let yc: Vec<f32> = c.reconstruct(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ya: Vec<f32> = a.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
+        let yb: Vec<f32> = b.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
+        let yc: Vec<f32> = c.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(ya, yb);
         assert_ne!(ya, yc);
     }
@@ -210,11 +309,11 @@ mod flop_tests {
 
     #[test]
     fn bergmann_flops_match_the_published_count() {
-        // ../shared/FINDINGS.md: 242.5 MFLOP per 128×128 grayscale image. By hand, the
+        // 242.5 MFLOP per 128×128 grayscale image, as published for this network. By hand, the
         // encoder's nine convolutions cost 121,257,984 FLOPs (e.g. the first, 1→32 ch,
         // 4×4, at 64²: 2·32·16·4096 = 4,194,304) and the mirrored decoder the same (its
         // Linear 100→2048 costs what the 8×8 valid convolution does).
         let net = Network::new_seeded(&Architecture::Bergmann { latent: 100 }, 1, 128, &Device::Cpu, 0).unwrap();
-        assert_eq!(net.autoencoder.flops(128, 128), 2 * 121_257_984);
+        assert_eq!(net.flops(128, 128), 2 * 121_257_984);
     }
 }

@@ -24,6 +24,9 @@ pub enum MapMethod {
     #[value(name = "ssim+l2")]
     #[serde(rename = "ssim+l2")]
     SsimL2,
+    /// The map the model computes itself (a discriminative family's segmentation
+    /// probability); the reconstruction maps stay available beside it.
+    Learned,
 }
 
 /// How an image's score is read off its smoothed map.
@@ -34,6 +37,11 @@ pub enum Reduction {
     /// Mean of the `k` highest pixels.
     TopKMean {
         k: usize,
+    },
+    /// Maximum of the map after a `size × size` mean filter: a defect must cover an area,
+    /// not a pixel, to score high (DRAEM's image score, 21×21 at 256²).
+    MeanFilterMax {
+        size: usize,
     },
 }
 
@@ -73,6 +81,8 @@ pub struct RawMaps {
     pub height: usize,
     pub dssim: Vec<f32>,
     pub l2: Vec<f32>,
+    /// The model's own map, for families that have one.
+    pub learned: Option<Vec<f32>>,
 }
 
 impl RawMaps {
@@ -96,16 +106,19 @@ impl RawMaps {
             height: h,
             dssim,
             l2,
+            learned: None,
         }
     }
 
-    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]).
-    pub fn zeros(width: usize, height: usize) -> Self {
+    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]); `learned` when
+    /// the tiles will carry a learned map.
+    pub fn zeros(width: usize, height: usize, learned: bool) -> Self {
         Self {
             width,
             height,
             dssim: vec![0.0; width * height],
             l2: vec![0.0; width * height],
+            learned: learned.then(|| vec![0.0; width * height]),
         }
     }
 
@@ -117,6 +130,9 @@ impl RawMaps {
                 let t = r * tile.width + col;
                 self.dssim[i] += tile.dssim[t];
                 self.l2[i] += tile.l2[t];
+                if let (Some(acc), Some(v)) = (self.learned.as_mut(), tile.learned.as_ref()) {
+                    acc[i] += v[t];
+                }
                 counts[i] += 1;
             }
         }
@@ -128,11 +144,16 @@ impl RawMaps {
             let n = n.max(1) as f32;
             self.dssim[i] /= n;
             self.l2[i] /= n;
+            if let Some(acc) = self.learned.as_mut() {
+                acc[i] /= n;
+            }
         }
     }
 }
 
 /// Combines raw maps by `spec.method` and smooths: the anomaly map at working resolution.
+/// `Learned` on maps without a learned part falls back to `ssim+l2` (a card that names it
+/// is only written for families that have one).
 pub fn anomaly_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
     let combined: Vec<f32> = match spec.method {
         MapMethod::Ssim => raw.dssim.iter().map(|v| v / spec.ssim_scale).collect(),
@@ -143,12 +164,22 @@ pub fn anomaly_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
             .zip(&raw.l2)
             .map(|(d, l)| d / spec.ssim_scale + l / spec.l2_scale)
             .collect(),
+        MapMethod::Learned => match &raw.learned {
+            Some(m) => m.clone(),
+            None => {
+                let fallback = MapSpec {
+                    method: MapMethod::SsimL2,
+                    ..spec.clone()
+                };
+                return anomaly_map(raw, &fallback);
+            }
+        },
     };
     filter::gaussian_smooth(&combined, raw.width, raw.height, spec.smoothing_sigma)
 }
 
-/// The image score of a smoothed anomaly map.
-pub fn image_score(map: &[f32], reduction: Reduction) -> f32 {
+/// The image score of a smoothed `width × height` anomaly map.
+pub fn image_score(map: &[f32], width: usize, height: usize, reduction: Reduction) -> f32 {
     match reduction {
         Reduction::Max => map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         Reduction::TopKMean { k } => {
@@ -157,6 +188,12 @@ pub fn image_score(map: &[f32], reduction: Reduction) -> f32 {
             let (_, _, _) = v.select_nth_unstable_by(map.len() - k, |a, b| a.total_cmp(b));
             let top = &v[map.len() - k..];
             top.iter().sum::<f32>() / k as f32
+        }
+        Reduction::MeanFilterMax { size } => {
+            let size = size.max(1) | 1; // odd, so the window is centred
+            let kernel = vec![1.0 / size as f32; size];
+            let filtered = filter::filter_separable(map, width, height, &kernel);
+            filtered.into_iter().fold(f32::NEG_INFINITY, f32::max)
         }
     }
 }
@@ -180,26 +217,48 @@ mod tests {
     #[test]
     fn top_k_mean_and_max() {
         let m = [1.0, 5.0, 3.0, 4.0];
-        assert_eq!(image_score(&m, Reduction::Max), 5.0);
-        assert_eq!(image_score(&m, Reduction::TopKMean { k: 2 }), 4.5);
-        assert_eq!(image_score(&m, Reduction::TopKMean { k: 99 }), 3.25);
+        assert_eq!(image_score(&m, 4, 1, Reduction::Max), 5.0);
+        assert_eq!(image_score(&m, 4, 1, Reduction::TopKMean { k: 2 }), 4.5);
+        assert_eq!(image_score(&m, 4, 1, Reduction::TopKMean { k: 99 }), 3.25);
+    }
+
+    #[test]
+    fn mean_filter_max_by_hand() {
+        // A 5×5 map, zero but for a 2×2 block of 9 at rows 1–2, columns 1–2 and a lone 20
+        // at (4, 4). A 3×3 mean at (1, 1) or (2, 2) covers all four 9s: 36/9 = 4. The lone
+        // spike in the corner: reflect boundary doubles it along each axis, so its window
+        // holds 20 four times: 80/9 = 8.89, the maximum; plain max would say 20.
+        let mut m = vec![0f32; 25];
+        for (r, c) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            m[r * 5 + c] = 9.0;
+        }
+        m[24] = 20.0;
+        let s = image_score(&m, 5, 5, Reduction::MeanFilterMax { size: 3 });
+        assert!((s - 80.0 / 9.0).abs() < 1e-5, "{s}");
+        let kernel = vec![1.0 / 3.0; 3];
+        let f = filter::filter_separable(&m, 5, 5, &kernel);
+        assert!((f[6] - 4.0).abs() < 1e-5 && (f[12] - 4.0).abs() < 1e-5);
+        // Even sizes round up to the next odd one.
+        assert_eq!(image_score(&m, 5, 5, Reduction::MeanFilterMax { size: 2 }), s);
     }
 
     #[test]
     fn tiles_average_where_they_overlap() {
-        let mut acc = RawMaps::zeros(3, 1);
+        let mut acc = RawMaps::zeros(3, 1, false);
         let mut counts = vec![0u32; 3];
         let a = RawMaps {
             width: 2,
             height: 1,
             dssim: vec![1.0, 1.0],
             l2: vec![2.0, 2.0],
+            learned: None,
         };
         let b = RawMaps {
             width: 2,
             height: 1,
             dssim: vec![3.0, 3.0],
             l2: vec![0.0, 0.0],
+            learned: None,
         };
         acc.add_tile(&a, 0, 0, &mut counts);
         acc.add_tile(&b, 1, 0, &mut counts);
@@ -215,6 +274,7 @@ mod tests {
             height: 1,
             dssim: vec![0.2],
             l2: vec![0.01],
+            learned: None,
         };
         let spec = MapSpec {
             ssim_scale: 0.1,

@@ -1,5 +1,6 @@
 //! Training samples: random crops with flips, 90° rotations, brightness jitter, and
-//! inpainting corruption (rectangles replaced; the clean crop is the target).
+//! corruption with a known mask: inpainting (rectangles replaced) or synthetic anomalies
+//! (`super::anomalies`). The clean crop is the target.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,10 @@ pub struct Augment {
     pub brightness: f32,
     /// Fraction of samples with 1–3 corrupted rectangles (denoising/inpainting).
     pub inpaint_fraction: f32,
+    /// Fraction of samples with a synthetic anomaly blended in (the rest stay clean, or
+    /// are inpainted per `inpaint_fraction`).
+    #[serde(default)]
+    pub anomaly_fraction: f32,
 }
 
 impl Augment {
@@ -33,12 +38,25 @@ impl Augment {
         if self.inpaint_fraction > 0.0 {
             v.push(format!("inpaint {}", self.inpaint_fraction));
         }
+        if self.anomaly_fraction > 0.0 {
+            v.push(format!("anomalies {}", self.anomaly_fraction));
+        }
         v
     }
 }
 
-/// Draws one (corrupted input, clean target) pair of `patch × patch` from `images`.
-pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut R) -> (Planar, Planar) {
+/// One training sample.
+pub struct Sample {
+    /// What the network sees (possibly corrupted).
+    pub input: Planar,
+    /// The clean crop.
+    pub target: Planar,
+    /// 1 where `input` was corrupted, 0 elsewhere (`patch × patch`).
+    pub mask: Vec<f32>,
+}
+
+/// Draws one sample of `patch × patch` from `images`.
+pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut R) -> Sample {
     let src = &images[rng.random_range(0..images.len())];
     let x = rng.random_range(0..=src.width - patch);
     let y = rng.random_range(0..=src.height - patch);
@@ -58,16 +76,30 @@ pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut 
         let d = rng.random_range(-aug.brightness..=aug.brightness);
         clean.data.iter_mut().for_each(|v| *v = (*v + d).clamp(0.0, 1.0));
     }
-    let mut input = clean.clone();
-    if rng.random::<f32>() < aug.inpaint_fraction {
-        corrupt(&mut input, images, rng);
+    let draw: f32 = rng.random();
+    if draw < aug.anomaly_fraction {
+        let a = super::anomalies::synthesise(&clean, images, rng);
+        return Sample {
+            input: a.image,
+            target: clean,
+            mask: a.mask,
+        };
     }
-    (input, clean)
+    let mut input = clean.clone();
+    let mut mask = vec![0f32; patch * patch];
+    if draw - aug.anomaly_fraction < aug.inpaint_fraction * (1.0 - aug.anomaly_fraction) {
+        corrupt(&mut input, &mut mask, images, rng);
+    }
+    Sample {
+        input,
+        target: clean,
+        mask,
+    }
 }
 
 /// Replaces 1–3 rectangles (6–40 px a side, scaled to the patch) with noise, flat grey
 /// or a patch of another image.
-fn corrupt<R: Rng>(p: &mut Planar, images: &[Planar], rng: &mut R) {
+fn corrupt<R: Rng>(p: &mut Planar, mask: &mut [f32], images: &[Planar], rng: &mut R) {
     let scale = p.width as f32 / 128.0;
     let lo = ((6.0 * scale) as usize).max(2);
     let hi = ((40.0 * scale) as usize).clamp(lo + 1, p.width.min(p.height));
@@ -83,6 +115,9 @@ fn corrupt<R: Rng>(p: &mut Planar, images: &[Planar], rng: &mut R) {
             rng.random_range(0..=other.height - h),
         );
         let grey: f32 = rng.random();
+        for r in 0..h {
+            mask[(y0 + r) * p.width + x0..(y0 + r) * p.width + x0 + w].fill(1.0);
+        }
         for c in 0..p.channels {
             for r in 0..h {
                 for col in 0..w {
@@ -164,12 +199,21 @@ mod tests {
             rotations: false,
             brightness: 0.0,
             inpaint_fraction: 1.0,
+            anomaly_fraction: 0.0,
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let (input, target) = sample(&images, 8, &aug, &mut rng);
+        let Sample { input, target, mask } = sample(&images, 8, &aug, &mut rng);
         assert_eq!((target.width, target.height), (8, 8));
         // The target is a crop of the ramp: consecutive values along rows.
         assert!(target.data.windows(2).take(7).all(|w| w[1] - w[0] == 1.0));
         assert_ne!(input, target, "inpainting changed the input");
+        // The mask marks every changed pixel (and inpainting may rewrite a pixel with its
+        // own value, so marked pixels need not all change).
+        for (i, (a, b)) in input.data.iter().zip(&target.data).enumerate() {
+            if a != b {
+                assert_eq!(mask[i], 1.0, "pixel {i} changed outside the mask");
+            }
+        }
+        assert!(mask.iter().any(|&m| m == 1.0));
     }
 }

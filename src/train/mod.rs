@@ -1,5 +1,8 @@
-//! Training an autoencoder on good images, then calibrating its thresholds.
+//! Training a model of any family on good images, then calibrating its thresholds. What
+//! is common lives here (data, sampling, the loop with progress, loss curve, stop, NaN and
+//! collapse checks, calibration); each family's step lives with its network in `model`.
 
+pub mod anomalies;
 pub mod augment;
 pub mod calibrate;
 pub mod dataset;
@@ -11,7 +14,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -21,7 +23,7 @@ use crate::kernels::Kernels;
 use crate::model::artifact::{
     CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION,
 };
-use crate::model::{device, Architecture, ArtifactError, Network};
+use crate::model::{device, Architecture, ArtifactError, Network, StepSettings, TrainBatch};
 use crate::scoring::MapSpec;
 pub use augment::Augment;
 pub use calibrate::{CalibrationConfig, ThresholdMethod};
@@ -130,7 +132,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     card.check().map_err(TrainError::Config)?;
 
     let mut net = Network::new_seeded(&cfg.architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
-    net.autoencoder.set_kernels(cfg.kernels);
+    net.set_kernels(cfg.kernels);
     tracing::info!(parameters = net.parameter_count(), "built {:?}", cfg.architecture);
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
     card.training = TrainingSummary {
@@ -175,46 +177,41 @@ fn fit(
     stop: &AtomicBool,
 ) -> Result<TrainingSummary, TrainError> {
     let started = Instant::now();
-    let vars: Vec<candle_core::Var> = {
-        let data = net.varmap.data().lock().expect("varmap lock");
-        let mut named: Vec<(&String, &candle_core::Var)> =
-            data.iter().filter(|(k, _)| !k.contains("running_")).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
-    };
-    let params = ParamsAdamW {
-        lr: cfg.learning_rate,
+    let mut trainer = net.trainer(StepSettings {
+        loss: cfg.loss,
+        learning_rate: cfg.learning_rate,
         weight_decay: 1e-5,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(vars, params)?;
+        kernels: cfg.kernels,
+    })?;
     let bar = progress_bar(cfg.steps, cfg.progress);
     let curve_every = (cfg.steps / 100).max(1);
     let mut curve = Vec::new();
     let (mut interval_loss, mut interval_n) = (0f64, 0usize);
     let mut last_loss = 0f32;
     let mut steps_done = 0;
-    let (c, p) = (training[0].channels, cfg.patch_size);
+    let (c, p, n) = (training[0].channels, cfg.patch_size, cfg.batch_size);
     for step in 0..cfg.steps {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        opt.set_learning_rate(cosine_lr(cfg.learning_rate, step, cfg.steps));
-        let (mut xs, mut ys) = (
-            Vec::with_capacity(cfg.batch_size * c * p * p),
-            Vec::with_capacity(cfg.batch_size * c * p * p),
+        let (mut xs, mut ys, mut ms) = (
+            Vec::with_capacity(n * c * p * p),
+            Vec::with_capacity(n * c * p * p),
+            Vec::with_capacity(n * p * p),
         );
-        for _ in 0..cfg.batch_size {
-            let (x, y) = augment::sample(training, p, &cfg.augment, rng);
-            xs.extend_from_slice(&x.data);
-            ys.extend_from_slice(&y.data);
+        for _ in 0..n {
+            let s = augment::sample(training, p, &cfg.augment, rng);
+            xs.extend_from_slice(&s.input.data);
+            ys.extend_from_slice(&s.target.data);
+            ms.extend_from_slice(&s.mask);
         }
-        let x = Tensor::from_vec(xs, (cfg.batch_size, c, p, p), &cfg.device)?;
-        let y = Tensor::from_vec(ys, (cfg.batch_size, c, p, p), &cfg.device)?;
-        let recon = net.autoencoder.forward_t(&x, true)?;
-        let loss = cfg.loss.compute(&recon, &y, cfg.kernels)?;
-        opt.backward_step(&loss)?;
-        last_loss = loss.to_scalar::<f32>()?;
+        let batch = TrainBatch {
+            input: Tensor::from_vec(xs, (n, c, p, p), &cfg.device)?,
+            target: Tensor::from_vec(ys, (n, c, p, p), &cfg.device)?,
+            mask: Tensor::from_vec(ms, (n, 1, p, p), &cfg.device)?,
+        };
+        let loss = trainer.step(&batch, cosine_lr(cfg.learning_rate, step, cfg.steps))?;
+        last_loss = loss.total;
         if !last_loss.is_finite() {
             return Err(TrainError::Config(format!(
                 "the loss became {last_loss} at step {step}; lower --lr"
@@ -229,8 +226,12 @@ fn fit(
             interval_n = 0;
         }
         let secs = started.elapsed().as_secs_f64();
+        let parts: String = match loss.parts.as_slice() {
+            [_] => String::new(),
+            parts => parts.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect(),
+        };
         bar.set_message(format!(
-            "loss {last_loss:.4}  {:.1} img/s",
+            "loss {last_loss:.4}{parts}  {:.1} img/s",
             (steps_done * cfg.batch_size) as f64 / secs.max(1e-9)
         ));
         bar.inc(1);
@@ -277,7 +278,7 @@ pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f64 {
 
 /// Compares the contrast (standard deviation) of centre crops and their reconstructions.
 fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<CollapseCheck, TrainError> {
-    use crate::model::Reconstructor;
+    use crate::model::AnomalyModel;
     let crops: Vec<Planar> = images
         .iter()
         .take(8)
@@ -286,7 +287,7 @@ fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<Coll
     let c = crops[0].channels;
     let flat: Vec<f32> = crops.iter().flat_map(|p| p.data.iter().copied()).collect();
     let x = Tensor::from_vec(flat.clone(), (crops.len(), c, patch, patch), net.device())?;
-    let y: Vec<f32> = net.reconstruct(&x)?.flatten_all()?.to_vec1()?;
+    let y: Vec<f32> = net.infer(&x)?.reconstruction.flatten_all()?.to_vec1()?;
     let per = c * patch * patch;
     let std = |v: &[f32]| {
         let m = v.iter().sum::<f32>() / v.len() as f32;

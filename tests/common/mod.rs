@@ -90,9 +90,12 @@ pub fn tiny_model() -> &'static Path {
 
 /// Reconstructs every image as flat mid-grey: the error map then shows the input's structure.
 pub struct Flat(pub candle_core::Device);
-impl vigil::model::Reconstructor for Flat {
-    fn reconstruct(&self, batch: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        batch.ones_like()? * 0.5
+impl vigil::model::AnomalyModel for Flat {
+    fn infer(&self, batch: &candle_core::Tensor) -> candle_core::Result<vigil::model::ModelOutput> {
+        Ok(vigil::model::ModelOutput {
+            reconstruction: (batch.ones_like()? * 0.5)?,
+            learned_map: None,
+        })
     }
     fn device(&self) -> &candle_core::Device {
         &self.0

@@ -1,0 +1,318 @@
+//! Synthetic anomalies with known masks, for training a discriminative stage on good
+//! images only (after DRAEM, Zavrtanik et al. 2021). vigil's own synthesis: no external
+//! texture set, nothing downloaded.
+//!
+//! A sample is a clean crop, a binary mask and a foreign content blended into the crop
+//! under the mask: `out = x·(1 − β·m) + content·β·m`, β drawn from faint to opaque.
+//! Pixels outside the mask are left exactly as they were.
+//!
+//! - Masks: thresholded Perlin noise (random period and rotation), blobs (ellipses with a
+//!   noisy edge) and strokes (thick polylines).
+//! - Content: another training image (flipped, colour-jittered), the crop itself darkened
+//!   or brightened (a stain), the crop blurred (a smear), and procedural textures
+//!   (Perlin noise of another scale, stripes, flat colour).
+
+use rand::Rng;
+
+use crate::image_io::Planar;
+use crate::scoring::filter;
+
+/// 2-D Perlin gradient noise over a `width × height` grid with lattice period `period`
+/// pixels, rotated by `angle` radians; values lie in [−√½, √½] and are exactly 0 on the
+/// (rotated) lattice points. Hand-written: it is a few lines and needs a seeded generator.
+pub fn perlin<R: Rng>(width: usize, height: usize, period: f32, angle: f32, rng: &mut R) -> Vec<f32> {
+    let (s, c) = angle.sin_cos();
+    let to_lattice = |x: f32, y: f32| ((c * x - s * y) / period, (s * x + c * y) / period);
+    // The rotated image covers this range of lattice coordinates.
+    let corners = [(0.0, 0.0), (width as f32, 0.0), (0.0, height as f32), (width as f32, height as f32)];
+    let (mut u0, mut v0, mut u1, mut v1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
+    for (x, y) in corners {
+        let (u, v) = to_lattice(x, y);
+        (u0, v0, u1, v1) = (u0.min(u), v0.min(v), u1.max(u), v1.max(v));
+    }
+    let (gu0, gv0) = (u0.floor() as i64, v0.floor() as i64);
+    let gw = (u1.floor() as i64 - gu0 + 2) as usize;
+    let gh = (v1.floor() as i64 - gv0 + 2) as usize;
+    let gradients: Vec<(f32, f32)> = (0..gw * gh)
+        .map(|_| {
+            let a = rng.random_range(0.0..std::f32::consts::TAU);
+            (a.cos(), a.sin())
+        })
+        .collect();
+    let fade = |t: f32| t * t * t * (t * (t * 6.0 - 15.0) + 10.0);
+    let mut out = Vec::with_capacity(width * height);
+    for y in 0..height {
+        for x in 0..width {
+            let (u, v) = to_lattice(x as f32, y as f32);
+            let (iu, iv) = ((u.floor() as i64 - gu0) as usize, (v.floor() as i64 - gv0) as usize);
+            let (fu, fv) = (u - u.floor(), v - v.floor());
+            let dot = |di: usize, dj: usize| {
+                let (gx, gy) = gradients[(iv + dj) * gw + iu + di];
+                gx * (fu - di as f32) + gy * (fv - dj as f32)
+            };
+            let (a, b) = (fade(fu), fade(fv));
+            let top = dot(0, 0) + a * (dot(1, 0) - dot(0, 0));
+            let bottom = dot(0, 1) + a * (dot(1, 1) - dot(0, 1));
+            out.push(top + b * (bottom - top));
+        }
+    }
+    out
+}
+
+/// What a synthetic anomaly did to a crop.
+#[derive(Debug, Clone)]
+pub struct Anomaly {
+    /// The crop with the anomaly blended in.
+    pub image: Planar,
+    /// 1 where content was blended in, 0 elsewhere (`width × height`).
+    pub mask: Vec<f32>,
+}
+
+/// Blends a synthetic anomaly into `clean`. `others` supplies foreign content (other
+/// training images at any size ≥ the crop). The mask is never empty.
+pub fn synthesise<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Anomaly {
+    let (w, h) = (clean.width, clean.height);
+    let mask = loop {
+        let m = match rng.random_range(0..3) {
+            0 => perlin_mask(w, h, rng),
+            1 => blob_mask(w, h, rng),
+            _ => stroke_mask(w, h, rng),
+        };
+        if m.iter().any(|&v| v > 0.0) {
+            break m;
+        }
+    };
+    let content = content(clean, others, rng);
+    let beta: f32 = rng.random_range(0.2..=1.0);
+    let mut image = clean.clone();
+    let n = w * h;
+    for ch in 0..clean.channels {
+        for (i, &m) in mask.iter().enumerate() {
+            if m > 0.0 {
+                let k = ch * n + i;
+                image.data[k] = (clean.data[k] * (1.0 - beta) + content.data[k] * beta).clamp(0.0, 1.0);
+            }
+        }
+    }
+    Anomaly { image, mask }
+}
+
+/// Perlin noise of a random period (4–64 px, scaled to the crop) and rotation, thresholded.
+fn perlin_mask<R: Rng>(w: usize, h: usize, rng: &mut R) -> Vec<f32> {
+    let scale = w.min(h) as f32 / 128.0;
+    let period = 2f32.powf(rng.random_range(2.0..6.0)) * scale;
+    let angle = rng.random_range(0.0..std::f32::consts::PI);
+    let noise = perlin(w, h, period.max(2.0), angle, rng);
+    let t = rng.random_range(0.2..0.45);
+    noise.iter().map(|&v| if v > t { 1.0 } else { 0.0 }).collect()
+}
+
+/// An ellipse (radii 3–32 px, scaled) whose edge is roughened by Perlin noise.
+fn blob_mask<R: Rng>(w: usize, h: usize, rng: &mut R) -> Vec<f32> {
+    let scale = w.min(h) as f32 / 128.0;
+    let (cx, cy) = (rng.random_range(0.0..w as f32), rng.random_range(0.0..h as f32));
+    let rx = rng.random_range(3.0..32.0) * scale;
+    let ry = rx * rng.random_range(0.4..1.0);
+    let (s, c) = rng.random_range(0.0..std::f32::consts::PI).sin_cos();
+    let rough = perlin(w, h, rx.max(4.0), 0.0, rng);
+    (0..w * h)
+        .map(|i| {
+            let (dx, dy) = ((i % w) as f32 - cx, (i / w) as f32 - cy);
+            let (u, v) = ((c * dx - s * dy) / rx, (s * dx + c * dy) / ry);
+            if (u * u + v * v).sqrt() < 1.0 + 0.6 * rough[i] {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// A polyline of 1–4 segments, 1–5 px thick (scaled), like a scratch or a crack.
+fn stroke_mask<R: Rng>(w: usize, h: usize, rng: &mut R) -> Vec<f32> {
+    let scale = w.min(h) as f32 / 128.0;
+    let radius = rng.random_range(0.5..2.5) * scale;
+    let mut mask = vec![0f32; w * h];
+    let (mut x, mut y) = (rng.random_range(0.0..w as f32), rng.random_range(0.0..h as f32));
+    let mut heading = rng.random_range(0.0..std::f32::consts::TAU);
+    for _ in 0..rng.random_range(1..=4) {
+        heading += rng.random_range(-0.8..0.8);
+        let len = rng.random_range(8.0..48.0) * scale;
+        let (nx, ny) = (x + heading.cos() * len, y + heading.sin() * len);
+        let steps = (len * 2.0).ceil() as usize;
+        for k in 0..=steps {
+            let t = k as f32 / steps as f32;
+            let (px, py) = (x + (nx - x) * t, y + (ny - y) * t);
+            let r = radius.ceil() as isize;
+            for dy in -r..=r {
+                for dx in -r..=r {
+                    let (qx, qy) = (px as isize + dx, py as isize + dy);
+                    let inside = (dx * dx + dy * dy) as f32 <= radius * radius + 0.5;
+                    if inside && qx >= 0 && qy >= 0 && (qx as usize) < w && (qy as usize) < h {
+                        mask[qy as usize * w + qx as usize] = 1.0;
+                    }
+                }
+            }
+        }
+        (x, y) = (nx, ny);
+    }
+    mask
+}
+
+/// Foreign content the size of `clean`.
+fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
+    let (c, w, h) = (clean.channels, clean.width, clean.height);
+    let n = w * h;
+    let mut out = match rng.random_range(0..6) {
+        // Another image, or another place of one, flipped and colour-jittered.
+        0 | 1 => {
+            let src = &others[rng.random_range(0..others.len())];
+            let (x, y) = (rng.random_range(0..=src.width - w), rng.random_range(0..=src.height - h));
+            let mut p = src.crop(x, y, w, h);
+            if rng.random_bool(0.5) {
+                for row in p.data.chunks_exact_mut(w) {
+                    row.reverse();
+                }
+            }
+            for ch in 0..c {
+                let (gain, offset) = (rng.random_range(0.6..1.4), rng.random_range(-0.2..0.2));
+                p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v = *v * gain + offset);
+            }
+            p
+        }
+        // A stain: the crop itself darker or brighter, tinted per channel.
+        2 => {
+            let mut p = clean.clone();
+            let shift = if rng.random_bool(0.5) { -1.0 } else { 1.0 } * rng.random_range(0.1..0.5);
+            for ch in 0..c {
+                let s = shift * rng.random_range(0.7..1.3);
+                p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v += s);
+            }
+            p
+        }
+        // A smear: the crop blurred.
+        3 => {
+            let radius = rng.random_range(2..6);
+            let kernel = vec![1.0 / (2 * radius + 1) as f32; 2 * radius + 1];
+            let mut p = clean.clone();
+            for ch in 0..c {
+                let blurred = filter::filter_separable(clean.plane(ch), w, h, &kernel);
+                p.data[ch * n..(ch + 1) * n].copy_from_slice(&blurred);
+            }
+            p
+        }
+        // Procedural texture: Perlin noise or stripes around a random colour.
+        4 => {
+            let period = rng.random_range(2.0..24.0);
+            let angle = rng.random_range(0.0..std::f32::consts::PI);
+            let noise = perlin(w, h, period, angle, rng);
+            let stripes = rng.random_bool(0.3);
+            let mut p = Planar::new(c, w, h);
+            for ch in 0..c {
+                let (base, amp) = (rng.random_range(0.0..1.0), rng.random_range(0.1..0.6));
+                for i in 0..n {
+                    let t = if stripes {
+                        ((i % w) as f32 / period * std::f32::consts::PI).sin()
+                    } else {
+                        noise[i]
+                    };
+                    p.data[ch * n + i] = base + amp * t;
+                }
+            }
+            p
+        }
+        // Flat colour.
+        _ => {
+            let mut p = Planar::new(c, w, h);
+            for ch in 0..c {
+                let v = rng.random_range(0.0..1.0);
+                p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|x| *x = v);
+            }
+            p
+        }
+    };
+    out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    #[test]
+    fn perlin_is_zero_on_the_lattice_and_bounded() {
+        let mut r = rng(1);
+        // Unrotated, period 8: every 8th pixel in both axes is a lattice point.
+        let n = perlin(64, 48, 8.0, 0.0, &mut r);
+        for y in (0..48).step_by(8) {
+            for x in (0..64).step_by(8) {
+                assert!(n[y * 64 + x].abs() < 1e-6, "({x}, {y}) = {}", n[y * 64 + x]);
+            }
+        }
+        for seed in 0..5 {
+            let n = perlin(96, 96, 5.5, 0.7, &mut rng(seed));
+            let max = n.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(max <= std::f32::consts::FRAC_1_SQRT_2 + 1e-5, "{max}");
+            assert!(max > 0.2, "noise has some amplitude: {max}");
+        }
+    }
+
+    #[test]
+    fn perlin_period_sets_the_scale_of_variation() {
+        // Neighbouring pixels differ about 1/period as much: period 32 varies ≥ 2.5× more
+        // slowly than period 4.
+        let step = |period: f32| {
+            let mut total = 0.0;
+            for seed in 0..4 {
+                let n = perlin(128, 128, period, 0.3, &mut rng(seed));
+                total += n.windows(2).map(|w| (w[1] - w[0]).abs()).sum::<f32>() / n.len() as f32;
+            }
+            total
+        };
+        let (fine, coarse) = (step(4.0), step(32.0));
+        assert!(fine > 2.5 * coarse, "fine {fine}, coarse {coarse}");
+    }
+
+    fn texture(seed: u64, c: usize, size: usize) -> Planar {
+        let mut p = Planar::new(c, size, size);
+        let n = perlin(size, size, 6.0, 0.0, &mut rng(seed));
+        for ch in 0..c {
+            for (i, v) in n.iter().enumerate() {
+                p.data[ch * size * size + i] = 0.5 + 0.5 * v;
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn only_masked_pixels_change_and_the_mask_is_never_empty() {
+        let others = vec![texture(10, 3, 80), texture(11, 3, 96)];
+        let mut r = rng(5);
+        let mut changed_somewhere = 0;
+        for k in 0..60 {
+            let clean = texture(k, 3, 64);
+            let a = synthesise(&clean, &others, &mut r);
+            assert_eq!(a.mask.len(), 64 * 64);
+            assert!(a.mask.iter().all(|&m| m == 0.0 || m == 1.0));
+            assert!(a.mask.iter().any(|&m| m == 1.0), "sample {k}: empty mask");
+            for ch in 0..3 {
+                for (i, &m) in a.mask.iter().enumerate() {
+                    let j = ch * 64 * 64 + i;
+                    if m == 0.0 {
+                        assert_eq!(a.image.data[j], clean.data[j], "sample {k}: pixel {i} outside the mask changed");
+                    }
+                }
+            }
+            if a.image.data != clean.data {
+                changed_somewhere += 1;
+            }
+            assert!(a.image.data.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+        assert!(changed_somewhere >= 55, "anomalies visible in {changed_somewhere} of 60");
+    }
+}
