@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod npy;
+pub mod registry;
 pub mod scoring;
 pub mod server;
 pub mod storage;

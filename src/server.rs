@@ -3,70 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use candle_core::Tensor;
-use sha2::{Digest, Sha256};
+use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, Limits, ServedModel};
 use crate::cli::ServeArgs;
-use crate::detector::Detector;
 use crate::engine::Engine;
-use crate::model::{artifact, device};
+use crate::model::device;
+use crate::registry::load_models;
 use crate::storage::blobs::BlobStore;
 use crate::storage::Store;
-
-/// A model version: the first 16 hex digits of SHA-256 over model.json and the weights.
-pub fn artifact_version(dir: &Path) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    for f in [artifact::CARD_FILE, artifact::WEIGHTS_FILE] {
-        h.update(std::fs::read(dir.join(f))?);
-    }
-    Ok(hex::encode(h.finalize())[..16].to_string())
-}
-
-/// One forward pass, so the first request does not pay for allocation and kernel set-up.
-pub fn warm_up(d: &Detector) -> candle_core::Result<()> {
-    let s = d.card.input.working_size;
-    let p = crate::image_io::Planar::new(d.card.input.channels, s, s);
-    d.reconstruct(&[&p])?;
-    let _ = Tensor::zeros(1, candle_core::DType::F32, d.device())?;
-    Ok(())
-}
-
-/// Every sub-folder of `dir` holding a model.json, loaded and warmed.
-pub fn load_models(
-    dir: &Path,
-    device: &candle_core::Device,
-) -> anyhow::Result<Vec<(String, std::path::PathBuf, Detector, String)>> {
-    let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
-    let mut dirs: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(artifact::CARD_FILE).is_file())
-        .collect();
-    dirs.sort();
-    for path in dirs {
-        let name = path.file_name().expect("folder name").to_string_lossy().to_string();
-        let d = Detector::load(&path, device)?;
-        warm_up(&d).with_context(|| format!("warming up {name}"))?;
-        let version = artifact_version(&path)?;
-        tracing::info!(model = name, version, "model loaded and warm");
-        out.push((name, path, d, version));
-    }
-    if out.is_empty() {
-        bail!(
-            "no models in {} (each model is a folder holding model.json and weights.safetensors)",
-            dir.display()
-        );
-    }
-    Ok(out)
-}
 
 /// Builds the state: models and engines, database, blobs, keys.
 pub async fn build_state(

@@ -75,8 +75,8 @@ pub async fn reload(
     let device = state.device.clone();
     let (detector, version) = tokio::task::spawn_blocking(move || -> Result<(Detector, String), String> {
         let d = Detector::load(&dir, &device).map_err(|e| e.to_string())?;
-        crate::server::warm_up(&d).map_err(|e| e.to_string())?;
-        let v = crate::server::artifact_version(&dir).map_err(|e| e.to_string())?;
+        crate::registry::warm_up(&d).map_err(|e| e.to_string())?;
+        let v = crate::registry::artifact_version(&dir).map_err(|e| e.to_string())?;
         Ok((d, v))
     })
     .await

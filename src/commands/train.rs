@@ -54,9 +54,9 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             // to say "nothing here".
             "anomalies" => augment.anomaly_fraction = 0.5,
             "none" => {}
-            other => bail!(
-                "unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, none)"
-            ),
+            other => {
+                bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, none)")
+            }
         }
     }
     if discriminative && augment.anomaly_fraction == 0.0 {
@@ -65,7 +65,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let training_images = train::dataset::training_files(&args.data)?.len();
     let steps = match args.epochs {
         Some(e) => (e * training_images).div_ceil(args.batch_size).max(1),
-        None => args.steps,
+        None => args.steps.unwrap_or(if discriminative { 1200 } else { 2500 }),
     };
     let device = device::select(args.device)?;
     let cfg = TrainConfig {
@@ -94,13 +94,10 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             } else {
                 MapMethod::SsimL2
             }),
-            smoothing_sigma: args.scoring.smoothing,
+            smoothing_sigma: args.scoring.smoothing.unwrap_or(if discriminative { 2.0 } else { 4.0 }),
             reduction: match (args.scoring.top_k, args.scoring.score_filter) {
                 (Some(k), _) => Reduction::TopKMean { k },
                 (None, Some(size)) => Reduction::MeanFilterMax { size },
-                (None, None) if discriminative => Reduction::MeanFilterMax {
-                    size: (21 * args.size / 256).max(1) | 1,
-                },
                 (None, None) => Reduction::Max,
             },
             ..MapSpec::default()

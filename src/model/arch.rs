@@ -2,7 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-
 /// An architecture and its sizes, as written in `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
@@ -72,4 +71,3 @@ impl Architecture {
         Ok(())
     }
 }
-

@@ -142,6 +142,10 @@ pub struct TrainingSummary {
     pub device: String,
     pub seconds: f64,
     pub final_loss: f32,
+    /// The named parts of the final loss (a discriminative family: reconstruction and
+    /// segmentation).
+    #[serde(default)]
+    pub final_loss_parts: Vec<(String, f32)>,
     /// (step, mean loss over the preceding interval).
     pub loss_curve: Vec<(usize, f32)>,
     pub training_images: usize,

@@ -185,7 +185,6 @@ impl<'a> Builder<'a> {
     }
 }
 
-
 /// Layers run in order.
 pub(crate) struct Sequential {
     pub(crate) layers: Vec<Layer>,

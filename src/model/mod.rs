@@ -94,7 +94,12 @@ pub struct Network {
 }
 
 impl Network {
-    fn build(arch: &Architecture, channels: usize, size: usize, vb: VarBuilder) -> candle_core::Result<Box<dyn Family>> {
+    fn build(
+        arch: &Architecture,
+        channels: usize,
+        size: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Box<dyn Family>> {
         Ok(match arch {
             Architecture::Draem { .. } => Box::new(draem::DraemNet::new(arch, channels, size, vb)?),
             _ => Box::new(Autoencoder::new(arch, channels, size, vb)?),
@@ -133,8 +138,7 @@ impl Network {
         };
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let family =
-            Self::build(&card.architecture, card.input.channels, card.input.patch_size, vb).map_err(bad)?;
+        let family = Self::build(&card.architecture, card.input.channels, card.input.patch_size, vb).map_err(bad)?;
         varmap.load(&path).map_err(bad)?;
         Ok(Self {
             family,
@@ -295,9 +299,30 @@ mod tests {
         let b = Network::new_seeded(&arch, 1, 32, &dev, 7).unwrap();
         let c = Network::new_seeded(&arch, 1, 32, &dev, 8).unwrap();
         let x = Tensor::rand(0f32, 1f32, (1, 1, 32, 32), &dev).unwrap();
-        let ya: Vec<f32> = a.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
-        let yb: Vec<f32> = b.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
-        let yc: Vec<f32> = c.infer(&x).unwrap().reconstruction.flatten_all().unwrap().to_vec1().unwrap();
+        let ya: Vec<f32> = a
+            .infer(&x)
+            .unwrap()
+            .reconstruction
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let yb: Vec<f32> = b
+            .infer(&x)
+            .unwrap()
+            .reconstruction
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let yc: Vec<f32> = c
+            .infer(&x)
+            .unwrap()
+            .reconstruction
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(ya, yb);
         assert_ne!(ya, yc);
     }

@@ -24,7 +24,12 @@ pub fn perlin<R: Rng>(width: usize, height: usize, period: f32, angle: f32, rng:
     let (s, c) = angle.sin_cos();
     let to_lattice = |x: f32, y: f32| ((c * x - s * y) / period, (s * x + c * y) / period);
     // The rotated image covers this range of lattice coordinates.
-    let corners = [(0.0, 0.0), (width as f32, 0.0), (0.0, height as f32), (width as f32, height as f32)];
+    let corners = [
+        (0.0, 0.0),
+        (width as f32, 0.0),
+        (0.0, height as f32),
+        (width as f32, height as f32),
+    ];
     let (mut u0, mut v0, mut u1, mut v1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
     for (x, y) in corners {
         let (u, v) = to_lattice(x, y);
@@ -164,19 +169,28 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
     let (c, w, h) = (clean.channels, clean.width, clean.height);
     let n = w * h;
     let mut out = match rng.random_range(0..6) {
-        // Another image, or another place of one, flipped and colour-jittered.
+        // Another image, or another place of one, flipped and colour-jittered; half the
+        // time barely jittered, so only the seam and the misplaced structure give it away
+        // (CutPaste, Li et al. 2021).
         0 | 1 => {
             let src = &others[rng.random_range(0..others.len())];
-            let (x, y) = (rng.random_range(0..=src.width - w), rng.random_range(0..=src.height - h));
+            let (x, y) = (
+                rng.random_range(0..=src.width - w),
+                rng.random_range(0..=src.height - h),
+            );
             let mut p = src.crop(x, y, w, h);
             if rng.random_bool(0.5) {
                 for row in p.data.chunks_exact_mut(w) {
                     row.reverse();
                 }
             }
+            let strength = if rng.random_bool(0.5) { 0.05 } else { 0.4 };
             for ch in 0..c {
-                let (gain, offset) = (rng.random_range(0.6..1.4), rng.random_range(-0.2..0.2));
-                p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v = *v * gain + offset);
+                let gain = 1.0 + rng.random_range(-strength..strength);
+                let offset = rng.random_range(-strength..strength) / 2.0;
+                p.data[ch * n..(ch + 1) * n]
+                    .iter_mut()
+                    .for_each(|v| *v = *v * gain + offset);
             }
             p
         }
@@ -304,7 +318,10 @@ mod tests {
                 for (i, &m) in a.mask.iter().enumerate() {
                     let j = ch * 64 * 64 + i;
                     if m == 0.0 {
-                        assert_eq!(a.image.data[j], clean.data[j], "sample {k}: pixel {i} outside the mask changed");
+                        assert_eq!(
+                            a.image.data[j], clean.data[j],
+                            "sample {k}: pixel {i} outside the mask changed"
+                        );
                     }
                 }
             }
@@ -313,6 +330,9 @@ mod tests {
             }
             assert!(a.image.data.iter().all(|v| (0.0..=1.0).contains(v)));
         }
-        assert!(changed_somewhere >= 55, "anomalies visible in {changed_somewhere} of 60");
+        assert!(
+            changed_somewhere >= 55,
+            "anomalies visible in {changed_somewhere} of 60"
+        );
     }
 }

@@ -188,6 +188,7 @@ fn fit(
     let mut curve = Vec::new();
     let (mut interval_loss, mut interval_n) = (0f64, 0usize);
     let mut last_loss = 0f32;
+    let mut last_parts = Vec::new();
     let mut steps_done = 0;
     let (c, p, n) = (training[0].channels, cfg.patch_size, cfg.batch_size);
     for step in 0..cfg.steps {
@@ -212,6 +213,7 @@ fn fit(
         };
         let loss = trainer.step(&batch, cosine_lr(cfg.learning_rate, step, cfg.steps))?;
         last_loss = loss.total;
+        last_parts = loss.parts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         if !last_loss.is_finite() {
             return Err(TrainError::Config(format!(
                 "the loss became {last_loss} at step {step}; lower --lr"
@@ -258,6 +260,7 @@ fn fit(
         device: device::name(&cfg.device).into(),
         seconds: started.elapsed().as_secs_f64(),
         final_loss: last_loss,
+        final_loss_parts: last_parts,
         loss_curve: curve,
         training_images: 0,
         augment: cfg.augment.names(),

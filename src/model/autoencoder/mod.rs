@@ -63,7 +63,10 @@ impl TrainStep for ReconstructionStep<'_> {
     fn step(&mut self, batch: &TrainBatch, learning_rate: f64) -> Result<StepLoss> {
         self.opt.set_learning_rate(learning_rate);
         let recon = self.net.forward_t(&batch.input, true)?;
-        let loss = self.settings.loss.compute(&recon, &batch.target, self.settings.kernels)?;
+        let loss = self
+            .settings
+            .loss
+            .compute(&recon, &batch.target, self.settings.kernels)?;
         self.opt.backward_step(&loss)?;
         let total = loss.to_scalar::<f32>()?;
         Ok(StepLoss {

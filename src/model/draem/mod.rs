@@ -60,7 +60,10 @@ impl TrainStep for DraemStep<'_> {
     fn step(&mut self, batch: &TrainBatch, learning_rate: f64) -> Result<StepLoss> {
         self.opt.set_learning_rate(learning_rate);
         let (recon, logits) = self.net.forward_t(&batch.input, true)?;
-        let reconstruction = self.settings.loss.compute(&recon, &batch.target, self.settings.kernels)?;
+        let reconstruction = self
+            .settings
+            .loss
+            .compute(&recon, &batch.target, self.settings.kernels)?;
         let segmentation = focal_loss(&logits, &batch.mask, FOCAL_GAMMA)?;
         let total = (&reconstruction + &segmentation)?;
         self.opt.backward_step(&total)?;
@@ -116,7 +119,11 @@ mod tests {
                 .unwrap()
                 .to_scalar()
                 .unwrap();
-            assert!((l - each[i]).abs() < 2e-5 + 1e-4 * each[i], "case {i}: {l} vs {}", each[i]);
+            assert!(
+                (l - each[i]).abs() < 2e-5 + 1e-4 * each[i],
+                "case {i}: {l} vs {}",
+                each[i]
+            );
         }
         let mean: f32 = focal_loss(&z, &t, 2.0).unwrap().to_scalar().unwrap();
         assert!((mean - each.iter().sum::<f32>() / 4.0).abs() < 2e-5);

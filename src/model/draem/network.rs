@@ -123,7 +123,9 @@ impl DraemNet {
         let recon = self.reconstructor.forward_t(x, train)?;
         // The segmenter's loss does not train the reconstructor (its gradient stops here):
         // each network keeps one job, and the step skips a second backward pass through it.
-        let logits = self.segmenter.forward_t(&Tensor::cat(&[x, &recon.detach()], 1)?, train)?;
+        let logits = self
+            .segmenter
+            .forward_t(&Tensor::cat(&[x, &recon.detach()], 1)?, train)?;
         Ok((recon, logits))
     }
 }

@@ -1,0 +1,59 @@
+//! The model registry: finding, loading, warming and versioning the models a server
+//! serves. Used by `server` at start-up and by the API's reload route, so neither imports
+//! the other.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Tensor;
+use sha2::{Digest, Sha256};
+
+use crate::detector::Detector;
+use crate::model::artifact;
+
+/// A model version: the first 16 hex digits of SHA-256 over model.json and the weights.
+pub fn artifact_version(dir: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    for f in [artifact::CARD_FILE, artifact::WEIGHTS_FILE] {
+        h.update(std::fs::read(dir.join(f))?);
+    }
+    Ok(hex::encode(h.finalize())[..16].to_string())
+}
+
+/// One forward pass, so the first request does not pay for allocation and kernel set-up.
+pub fn warm_up(d: &Detector) -> candle_core::Result<()> {
+    let s = d.card.input.working_size;
+    let p = crate::image_io::Planar::new(d.card.input.channels, s, s);
+    d.reconstruct(&[&p])?;
+    let _ = Tensor::zeros(1, candle_core::DType::F32, d.device())?;
+    Ok(())
+}
+
+/// Every sub-folder of `dir` holding a model.json, loaded and warmed.
+pub fn load_models(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<Vec<(String, PathBuf, Detector, String)>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
+    let mut dirs: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(artifact::CARD_FILE).is_file())
+        .collect();
+    dirs.sort();
+    for path in dirs {
+        let name = path.file_name().expect("folder name").to_string_lossy().to_string();
+        let d = Detector::load(&path, device)?;
+        warm_up(&d).with_context(|| format!("warming up {name}"))?;
+        let version = artifact_version(&path)?;
+        tracing::info!(model = name, version, "model loaded and warm");
+        out.push((name, path, d, version));
+    }
+    if out.is_empty() {
+        bail!(
+            "no models in {} (each model is a folder holding model.json and weights.safetensors)",
+            dir.display()
+        );
+    }
+    Ok(out)
+}
