@@ -11,7 +11,8 @@ fn train_writes_a_complete_artifact() {
     let dir = tiny_model();
     let card: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
     assert_eq!(card["schema_version"], 1);
-    assert_eq!(card["architecture"]["name"], "spatial");
+    assert_eq!(card["architecture"]["name"], "draem", "the default family");
+    assert_eq!(card["scoring"]["method"], "learned");
     assert_eq!(card["input"]["channels"], 1, "synthetic images are gray");
     assert_eq!(card["input"]["working_size"], 64);
     assert_eq!(card["training"]["steps"], 6);
