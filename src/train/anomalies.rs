@@ -224,13 +224,13 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
             let mut p = Planar::new(c, w, h);
             for ch in 0..c {
                 let (base, amp) = (rng.random_range(0.0..1.0), rng.random_range(0.1..0.6));
-                for i in 0..n {
+                for (i, (out, &v)) in p.data[ch * n..(ch + 1) * n].iter_mut().zip(&noise).enumerate() {
                     let t = if stripes {
                         ((i % w) as f32 / period * std::f32::consts::PI).sin()
                     } else {
-                        noise[i]
+                        v
                     };
-                    p.data[ch * n + i] = base + amp * t;
+                    *out = base + amp * t;
                 }
             }
             p
@@ -313,7 +313,7 @@ mod tests {
             let a = synthesise(&clean, &others, &mut r);
             assert_eq!(a.mask.len(), 64 * 64);
             assert!(a.mask.iter().all(|&m| m == 0.0 || m == 1.0));
-            assert!(a.mask.iter().any(|&m| m == 1.0), "sample {k}: empty mask");
+            assert!(a.mask.contains(&1.0), "sample {k}: empty mask");
             for ch in 0..3 {
                 for (i, &m) in a.mask.iter().enumerate() {
                     let j = ch * 64 * 64 + i;

@@ -214,6 +214,6 @@ mod tests {
                 assert_eq!(mask[i], 1.0, "pixel {i} changed outside the mask");
             }
         }
-        assert!(mask.iter().any(|&m| m == 1.0));
+        assert!(mask.contains(&1.0));
     }
 }

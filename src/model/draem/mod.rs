@@ -114,16 +114,12 @@ mod tests {
         let z = Tensor::new(&[0f32, 2.0, -3.0, 40.0], &dev).unwrap();
         let t = Tensor::new(&[1f32, 0.0, 0.0, 1.0], &dev).unwrap();
         let each = [0.173287f32, 1.650078, 0.000109283, 0.0];
-        for i in 0..4 {
+        for (i, want) in each.iter().enumerate() {
             let l: f32 = focal_loss(&z.narrow(0, i, 1).unwrap(), &t.narrow(0, i, 1).unwrap(), 2.0)
                 .unwrap()
                 .to_scalar()
                 .unwrap();
-            assert!(
-                (l - each[i]).abs() < 2e-5 + 1e-4 * each[i],
-                "case {i}: {l} vs {}",
-                each[i]
-            );
+            assert!((l - want).abs() < 2e-5 + 1e-4 * want, "case {i}: {l} vs {want}");
         }
         let mean: f32 = focal_loss(&z, &t, 2.0).unwrap().to_scalar().unwrap();
         assert!((mean - each.iter().sum::<f32>() / 4.0).abs() < 2e-5);
