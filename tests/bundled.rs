@@ -1,5 +1,9 @@
-//! Golden tests on the bundled model: its samples keep their verdicts and their scores
-//! stay near the values recorded when the model was trained.
+//! Golden tests on the bundled models: the samples keep their verdicts and their scores
+//! stay near the values recorded when each model was trained.
+//!
+//! `models/default` is the default family (draem); `models/spatial` is the reconstruction
+//! model that was the default before, kept as written by that vigil: it is the test that
+//! artifacts of earlier versions still load and score as they did.
 
 mod common;
 
@@ -8,7 +12,18 @@ use serde_json::Value;
 /// Scores of the bundled samples, recorded with `vigil inspect --model models/default
 /// models/default/samples` when models/default was trained. Tolerance: 2% (float
 /// summation order may differ across machines and thread counts).
-const GOLDEN: &[(&str, f64)] = &[
+const GOLDEN_DEFAULT: &[(&str, f64)] = &[
+    ("contamination_1.png", 0.0),
+    ("good_1.png", 0.0),
+    ("good_2.png", 0.0),
+    ("hole_1.png", 0.0),
+    ("scratch_1.png", 0.0),
+    ("stain_1.png", 0.0),
+];
+
+/// The same for `models/spatial`, recorded when it was trained (vigil 0.1.0, before the
+/// model seam); unchanged since.
+const GOLDEN_SPATIAL: &[(&str, f64)] = &[
     ("contamination_1.png", 66.437),
     ("good_1.png", 8.976),
     ("good_2.png", 10.023),
@@ -17,49 +32,71 @@ const GOLDEN: &[(&str, f64)] = &[
     ("stain_1.png", 28.168),
 ];
 
-#[test]
-fn bundled_samples_keep_their_verdicts_and_scores() {
+fn check_golden(model: &str, golden: &[(&str, f64)]) {
     let root = env!("CARGO_MANIFEST_DIR");
     let o = common::run(&[
         "inspect",
         "--model",
-        &format!("{root}/models/default"),
+        &format!("{root}/models/{model}"),
         &format!("{root}/models/default/samples"),
     ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{model}: {}", common::stderr(&o));
     let records: Vec<Value> = common::stdout(&o)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len(), GOLDEN.len());
-    for (name, want) in GOLDEN {
+    assert_eq!(records.len(), golden.len());
+    for (name, want) in golden {
         let r = records
             .iter()
             .find(|r| r["path"].as_str().unwrap().ends_with(name))
             .unwrap_or_else(|| panic!("{name} missing"));
         let got = r["score"].as_f64().unwrap();
-        assert!((got - want).abs() <= 0.02 * want, "{name}: score {got}, golden {want}");
+        assert!(
+            (got - want).abs() <= 0.02 * want,
+            "{model} {name}: score {got}, golden {want}"
+        );
         let defective = !name.starts_with("good");
-        assert_eq!(r["is_anomalous"].as_bool().unwrap(), defective, "{name}");
+        assert_eq!(r["is_anomalous"].as_bool().unwrap(), defective, "{model} {name}");
         assert_eq!(
             r["regions"].as_array().unwrap().is_empty(),
             !defective,
-            "{name}: regions only on defects"
+            "{model} {name}: regions only on defects"
         );
     }
 }
 
 #[test]
-fn bundled_model_card_is_complete_and_did_not_collapse() {
+fn bundled_default_samples_keep_their_verdicts_and_scores() {
+    check_golden("default", GOLDEN_DEFAULT);
+}
+
+#[test]
+fn a_model_written_before_the_model_seam_still_loads_and_scores_as_it_did() {
+    check_golden("spatial", GOLDEN_SPATIAL);
+}
+
+#[test]
+fn bundled_model_cards_are_complete_and_did_not_collapse() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let card: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}/models/default/model.json")).unwrap()).unwrap();
-    assert_eq!(card["training"]["collapse"]["collapsed"], false);
-    assert!(card["training"]["collapse"]["contrast_ratio"].as_f64().unwrap() > 0.5);
-    assert_eq!(card["training"]["steps"], card["training"]["planned_steps"]);
-    assert!(card["training"]["loss_curve"].as_array().unwrap().len() >= 50);
-    let size = std::fs::metadata(format!("{root}/models/default/weights.safetensors"))
-        .unwrap()
-        .len();
-    assert!(size < 5 << 20, "bundled weights stay small: {size} bytes");
+    for (model, family) in [("default", "draem"), ("spatial", "spatial")] {
+        let card: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{root}/models/{model}/model.json")).unwrap())
+                .unwrap();
+        assert_eq!(card["architecture"]["name"], family);
+        assert_eq!(card["training"]["collapse"]["collapsed"], false, "{model}");
+        assert!(
+            card["training"]["collapse"]["contrast_ratio"].as_f64().unwrap() > 0.5,
+            "{model}"
+        );
+        assert_eq!(card["training"]["steps"], card["training"]["planned_steps"], "{model}");
+        assert!(
+            card["training"]["loss_curve"].as_array().unwrap().len() >= 50,
+            "{model}"
+        );
+        let size = std::fs::metadata(format!("{root}/models/{model}/weights.safetensors"))
+            .unwrap()
+            .len();
+        assert!(size < 5 << 20, "{model}: bundled weights stay small: {size} bytes");
+    }
 }

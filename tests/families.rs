@@ -188,35 +188,9 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
 
 #[test]
 fn draem_trains_inspects_and_evaluates_end_to_end() {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("draem");
+    // The tiny model of the other CLI tests is trained with the default family.
+    let out = common::tiny_model();
     let data = dataset().to_str().unwrap().to_string();
-    let o = run(&[
-        "train",
-        "--data",
-        &data,
-        "--out",
-        out.to_str().unwrap(),
-        "--arch",
-        "draem",
-        "--size",
-        "64",
-        "--patch",
-        "32",
-        "--width",
-        "4",
-        "--bottleneck",
-        "2",
-        "--segmenter-width",
-        "4",
-        "--steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(card["architecture"]["name"], "draem");
     assert_eq!(card["scoring"]["method"], "learned");
@@ -237,12 +211,13 @@ fn draem_trains_inspects_and_evaluates_end_to_end() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     // Without synthetic anomalies the discriminator has nothing to learn: a clear error.
+    let elsewhere = common::scratch().join("never-written");
     let o = run(&[
         "train",
         "--data",
         &data,
         "--out",
-        out.to_str().unwrap(),
+        elsewhere.to_str().unwrap(),
         "--arch",
         "draem",
         "--augment",

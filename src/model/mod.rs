@@ -299,30 +299,11 @@ mod tests {
         let b = Network::new_seeded(&arch, 1, 32, &dev, 7).unwrap();
         let c = Network::new_seeded(&arch, 1, 32, &dev, 8).unwrap();
         let x = Tensor::rand(0f32, 1f32, (1, 1, 32, 32), &dev).unwrap();
-        let ya: Vec<f32> = a
-            .infer(&x)
-            .unwrap()
-            .reconstruction
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let yb: Vec<f32> = b
-            .infer(&x)
-            .unwrap()
-            .reconstruction
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let yc: Vec<f32> = c
-            .infer(&x)
-            .unwrap()
-            .reconstruction
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let recon = |n: &Network| -> Vec<f32> {
+            let y = n.infer(&x).unwrap().reconstruction;
+            y.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (ya, yb, yc) = (recon(&a), recon(&b), recon(&c));
         assert_eq!(ya, yb);
         assert_ne!(ya, yc);
     }
