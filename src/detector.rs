@@ -116,7 +116,6 @@ impl Detector {
             .collect();
         let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
         let mut learned: Vec<f32> = Vec::new();
-        let mut has_learned = false;
         for chunk in tiles.chunks(MAX_CHUNK) {
             let flat: Vec<f32> = chunk.iter().flat_map(|p| p.data.iter().copied()).collect();
             let x = Tensor::from_vec(flat, (chunk.len(), c, t, t), self.model.device())?;
@@ -124,9 +123,9 @@ impl Detector {
             outputs.extend(out.reconstruction.flatten_all()?.to_vec1::<f32>()?);
             if let Some(map) = out.learned_map {
                 learned.extend(map.flatten_all()?.to_vec1::<f32>()?);
-                has_learned = true;
             }
         }
+        let has_learned = !learned.is_empty();
         let spec = &self.card.scoring;
         let per_tile = c * t * t;
         let s = self.card.input.working_size;
