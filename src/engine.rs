@@ -94,6 +94,15 @@ impl Engine {
         self.capacity - self.permits.available_permits()
     }
 
+    /// Resolves once no request holds a queue slot: every admitted job has been answered
+    /// or dropped by the model thread (slots are released only then, even when the client
+    /// stopped waiting).
+    pub async fn drained(&self) {
+        let n = u32::try_from(self.capacity).unwrap_or(u32::MAX);
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _all = self.permits.acquire_many(n).await;
+    }
+
     /// Takes a queue slot, or refuses at once when none is free.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
         self.permits

@@ -10,7 +10,6 @@ pub mod cli;
 pub mod commands;
 pub mod detector;
 pub mod engine;
-pub mod error;
 pub mod eval;
 pub mod image_io;
 pub mod kernels;

@@ -93,24 +93,33 @@ pub async fn run(
         .await
 }
 
-/// Deletes records (and images) older than `days`, hourly.
+/// Runs [`retention_pass`] hourly.
 fn spawn_retention(state: Arc<AppState>, days: u64) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tick.tick().await;
-            let cutoff = api::now_us() - (days as i64) * 86_400_000_000;
-            match state.store.prune(cutoff).await {
-                Ok(paths) => {
-                    for p in &paths {
-                        let _ = state.blobs.remove(p);
-                    }
-                    tracing::info!(pruned_images = paths.len(), days, "retention pass");
-                }
+            match retention_pass(&state, api::now_us(), days).await {
+                Ok(n) => tracing::info!(pruned_images = n, days, "retention pass"),
                 Err(e) => tracing::error!(error = %e, "retention pass failed"),
             }
         }
     });
+}
+
+/// Deletes the records made more than `days` before `now_us`, and their stored images.
+/// Rows go first: an image whose row is gone is unreachable, the reverse would be a
+/// record pointing at nothing. Returns how many stored images went with them.
+pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<usize, crate::storage::StoreError> {
+    let cutoff = now_us - (days as i64) * 86_400_000_000;
+    let pruned = state.store.prune(cutoff).await?;
+    let n = pruned.len();
+    let blobs = state.blobs.clone();
+    let removed = tokio::task::spawn_blocking(move || pruned.iter().filter(|p| blobs.remove(p).is_ok()).count()).await;
+    if removed.is_ok_and(|r| r < n) {
+        tracing::warn!(images = n, "some pruned images could not be removed");
+    }
+    Ok(n)
 }
 
 async fn shutdown_signal() {

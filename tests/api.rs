@@ -18,6 +18,7 @@ use vigil::api::{self, AppState, Limits, ServedModel};
 use vigil::detector::Detector;
 use vigil::engine::Engine;
 use vigil::model::artifact::Fit;
+use vigil::model::{AnomalyModel, ModelOutput};
 use vigil::storage::blobs::BlobStore;
 use vigil::storage::Store;
 
@@ -27,32 +28,60 @@ struct Harness {
 }
 
 async fn harness(keys: Option<&str>, queue_capacity: usize) -> Harness {
+    harness_named(keys, queue_capacity, "default").await
+}
+
+/// A harness whose one model has its own name: metrics labelled by model are then this
+/// test's alone, although every test in the process shares one recorder.
+async fn harness_named(keys: Option<&str>, queue_capacity: usize, name: &str) -> Harness {
+    let flat = Arc::new(common::Flat(Device::Cpu));
+    harness_with(keys, queue_capacity, name, flat, Duration::from_secs(10), None).await
+}
+
+/// `artifact`, when given, is copied in as the model's directory on disk (what a reload
+/// loads); the model starts out as `model`, version "v1".
+async fn harness_with(
+    keys: Option<&str>,
+    queue_capacity: usize,
+    name: &str,
+    model: Arc<dyn AnomalyModel>,
+    request_timeout: Duration,
+    artifact: Option<&std::path::Path>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
+    let model_dir = match artifact {
+        Some(src) => {
+            let dst = dir.path().join("artifact");
+            std::fs::create_dir_all(&dst).unwrap();
+            for f in ["model.json", "weights.safetensors"] {
+                std::fs::copy(src.join(f), dst.join(f)).unwrap();
+            }
+            dst
+        }
+        None => dir.path().into(),
+    };
     let store = Store::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
         .await
         .unwrap();
     let mut models = BTreeMap::new();
-    let detector = Detector::new(
-        common::test_card(Fit::Whole, 32, 32),
-        Arc::new(common::Flat(Device::Cpu)),
-    );
+    let detector = Detector::new(common::test_card(Fit::Whole, 32, 32), model);
     models.insert(
-        "default".to_string(),
+        name.to_string(),
         ServedModel {
-            engine: Engine::start("default", detector, "v1", 4, queue_capacity),
-            dir: dir.path().into(),
+            engine: Engine::start(name, detector, "v1", 4, queue_capacity),
+            dir: model_dir,
             reload: Default::default(),
         },
     );
     let state = Arc::new(AppState {
         models,
-        default_model: "default".into(),
+        default_model: name.into(),
         store,
         blobs: BlobStore::new(dir.path()),
         limits: Limits {
             max_body_bytes: 200_000,
             max_pixels: 1_000_000,
-            request_timeout: Duration::from_secs(10),
+            request_timeout,
             store_images: true,
         },
         keys: keys.map(|k| api::auth::ApiKeys::parse(k).unwrap()),
@@ -512,23 +541,38 @@ async fn api_keys_guard_v1_routes_and_admin_actions() {
 
 #[tokio::test]
 async fn health_metrics_openapi_and_models() {
-    let h = harness(None, 8).await;
+    let h = harness_named(None, 8, "metrics-probe").await;
     let (s, _, b) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["database"], true);
-    send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    let (s, _, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK);
     let (s, _, b) = send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     let text = String::from_utf8(b).unwrap();
-    for name in [
-        "vigil_http_requests_total",
-        "vigil_inference_duration_seconds_bucket",
-        "vigil_batch_size_bucket",
-        "vigil_verdicts_total",
-        "vigil_anomaly_score_bucket",
-    ] {
-        assert!(text.contains(name), "{name} missing from /metrics");
-    }
+    // Series labelled with this test's model: only this one inspection can have made them.
+    let one = |prefix: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains(r#"model="metrics-probe""#))
+            .unwrap_or_else(|| panic!("no {prefix} series for this test's model:\n{text}"));
+        assert!(
+            line.ends_with(" 1"),
+            "{prefix} should count exactly one inspection: {line}"
+        );
+    };
+    one("vigil_inference_duration_seconds_count");
+    one("vigil_batch_size_count");
+    one("vigil_anomaly_score_count");
+    one("vigil_inspection_duration_seconds_count");
+    let verdicts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vigil_verdicts_total") && l.contains(r#"model="metrics-probe""#))
+        .collect();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert!(verdicts[0].ends_with(" 1"), "{verdicts:?}");
+    // Requests are labelled by route, which other tests share: presence only.
+    assert!(text.contains(r#"vigil_http_requests_total{route="/v1/inspect",method="POST",status="200"}"#));
     let (s, _, b) = send(&h.state, Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     let doc = json(&b);
@@ -538,7 +582,7 @@ async fn health_metrics_openapi_and_models() {
     assert_eq!(s, StatusCode::OK);
     assert!(String::from_utf8(b).unwrap().contains("/openapi.json"));
     let (_, _, b) = send(&h.state, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
-    assert_eq!(json(&b)[0]["name"], "default");
+    assert_eq!(json(&b)[0]["name"], "metrics-probe");
     assert_eq!(json(&b)[0]["is_default"], true);
     // Not ready while shutting down.
     h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -560,6 +604,169 @@ async fn a_database_that_cannot_take_the_row_gives_503_not_a_verdict() {
         (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
     );
     assert_eq!(headers["retry-after"], "1");
+    // The error middleware counted it (no other test closes its database).
+    let (_, _, b) = send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(
+        text.contains(r#"vigil_database_errors_total{code="database_unavailable"}"#),
+        "{text}"
+    );
     let (s, _, _) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Holds every batch until the test lets it go; reports when one starts.
+struct Held {
+    started: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+fn held() -> (Arc<Held>, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let model = Arc::new(Held {
+        started: std::sync::Mutex::new(started_tx),
+        go: std::sync::Mutex::new(go_rx),
+    });
+    (model, started, go)
+}
+
+impl AnomalyModel for Held {
+    fn infer(&self, batch: &candle_core::Tensor) -> candle_core::Result<ModelOutput> {
+        self.started.lock().unwrap().send(()).unwrap();
+        self.go.lock().unwrap().recv().unwrap();
+        Ok(ModelOutput {
+            reconstruction: batch.clone(),
+            learned_map: None,
+        })
+    }
+    fn device(&self) -> &Device {
+        &Device::Cpu
+    }
+}
+
+#[tokio::test]
+async fn a_model_slower_than_the_timeout_gives_503_and_its_slot_comes_back() {
+    let (held, started, go) = held();
+    // One queue slot; the model holds the first request far past the 50 ms timeout.
+    let h = harness_with(None, 1, "default", held, Duration::from_millis(50), None).await;
+    let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "timeout")
+    );
+    assert_eq!(headers["retry-after"], "1");
+    started.recv().unwrap(); // the model did start on it
+    assert_eq!(
+        h.state.store.count().await.unwrap(),
+        0,
+        "a timed-out request left a record"
+    );
+    // The slot stays taken while the model still works on the abandoned request...
+    let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "overloaded")
+    );
+    // ...and comes back when the model is done with it.
+    go.send(()).unwrap();
+    h.state.models["default"].engine.drained().await;
+    go.send(()).unwrap(); // let the next request through at once
+    let (s, _, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK);
+    started.recv().unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
+    let h = harness(None, 8).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+        assert_eq!(s, StatusCode::OK);
+        ids.push(json(&b)["id"].as_str().unwrap().to_string());
+    }
+    let mut records = Vec::new();
+    for id in &ids {
+        records.push(h.state.store.get(id).await.unwrap().unwrap());
+    }
+    let image_of = |r: &vigil::storage::Record| h._dir.path().join(r.image_path.as_ref().unwrap());
+    assert!(records.iter().all(|r| image_of(r).is_file()));
+    // The clock is ours: "now" is 10 days after the second record, keep 10 days.
+    let day = 86_400_000_000i64;
+    let now = records[1].created_at + 10 * day;
+    let pruned = vigil::server::retention_pass(&h.state, now, 10).await.unwrap();
+    // Records strictly older than the cutoff go: the first; the second sits on it.
+    assert_eq!(pruned, 1);
+    assert!(h.state.store.get(&ids[0]).await.unwrap().is_none());
+    assert!(!image_of(&records[0]).exists(), "the image outlived its record");
+    for r in &records[1..] {
+        assert!(h.state.store.get(&r.id).await.unwrap().is_some());
+        assert!(image_of(r).is_file());
+    }
+    // A day later the other two (made within the same second) go as well.
+    assert_eq!(vigil::server::retention_pass(&h.state, now + day, 10).await.unwrap(), 2);
+    assert_eq!(h.state.store.count().await.unwrap(), 0);
+    assert!(records.iter().all(|r| !image_of(r).exists()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the_new() {
+    let (held, started, go) = held();
+    let h = harness_with(
+        None,
+        8,
+        "default",
+        held,
+        Duration::from_secs(60),
+        Some(common::tiny_model()),
+    )
+    .await;
+    let admin = |uri: &str| Request::post(uri).body(Body::empty()).unwrap();
+    // A: in the model, held there.
+    let st = h.state.clone();
+    let a = tokio::spawn(async move { send(&st, post("/v1/inspect", "image/png", png(32, 32, true))).await });
+    tokio::task::spawn_blocking(move || {
+        started.recv().unwrap();
+        started
+    })
+    .await
+    .unwrap();
+    // Reload while A is in flight: the artifact on disk (a real model) replaces the fake.
+    let (s, _, b) = send(&h.state, admin("/v1/models/default/reload")).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let new_version = json(&b)["version"].as_str().unwrap().to_string();
+    assert_ne!(new_version, "v1");
+    // B, sent after the reload, is judged by the new model (it waits behind A for the
+    // model thread, then runs in a batch of its own).
+    let st = h.state.clone();
+    let b_task = tokio::spawn(async move { send(&st, post("/v1/inspect", "image/png", png(32, 32, true))).await });
+    go.send(()).unwrap();
+    let (s, _, body_a) = a.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        json(&body_a)["model_version"],
+        "v1",
+        "A finished on the model it started with"
+    );
+    let (s, _, body_b) = b_task.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&body_b)["model_version"], new_version.as_str());
+    // A's maps would need the old model: 409, stable code. B's render.
+    let id_a = json(&body_a)["id"].as_str().unwrap().to_string();
+    let id_b = json(&body_b)["id"].as_str().unwrap().to_string();
+    let get = |uri: String| Request::get(uri).body(Body::empty()).unwrap();
+    let (s, _, b) = send(&h.state, get(format!("/v1/inspections/{id_a}/heatmap.png"))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_changed"));
+    let (s, headers, _) = send(&h.state, get(format!("/v1/inspections/{id_b}/heatmap.png"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(headers["content-type"], "image/png");
+    // A corrupt artifact does not load: 400, and the model loaded before keeps serving.
+    let served_dir = h.state.models["default"].dir.clone();
+    std::fs::write(served_dir.join("weights.safetensors"), b"not safetensors").unwrap();
+    let (s, _, b) = send(&h.state, admin("/v1/models/default/reload")).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&b)["model_version"], new_version.as_str());
 }

@@ -21,7 +21,7 @@ use utoipa::OpenApi;
         super::models::card,
         super::models::reload,
     ),
-    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail))
+    components(schemas(crate::api::error::ErrorBody, crate::api::error::ErrorDetail))
 )]
 pub struct ApiDoc;
 

@@ -3,24 +3,25 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::Json;
 use sha2::{Digest, Sha256};
 
+use super::judge::{blocking, judge};
 use super::types::{InspectQuery, InspectionResponse, Links, Timings};
 use super::{now_us, rfc3339, AppState};
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::storage::Record;
 
 /// Inspect an image with the default model.
 #[utoipa::path(post, path = "/v1/inspect", params(InspectQuery),
     request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
-    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody),
-        (status = 415, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::api::error::ErrorBody), (status = 413, body = crate::api::error::ErrorBody),
+        (status = 415, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 429, body = crate::api::error::ErrorBody),
+        (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn inspect_default(
     State(state): State<Arc<AppState>>,
     q: Result<Query<InspectQuery>, QueryRejection>,
@@ -33,7 +34,7 @@ pub async fn inspect_default(
 /// Inspect an image with a named model.
 #[utoipa::path(post, path = "/v1/models/{model}/inspect", params(("model" = String, Path), InspectQuery),
     request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
-    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn inspect_model(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -55,7 +56,7 @@ async fn inspect(
     req: Request,
 ) -> Result<Json<InspectionResponse>, ApiError> {
     let started = Instant::now();
-    let served = state.model(&model)?;
+    state.model(&model)?;
     let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let request_id = header_str(req.headers(), "x-request-id");
     let part_id = header_str(req.headers(), "x-part-id");
@@ -64,51 +65,21 @@ async fn inspect(
             return Err(ApiError::BadRequest("threshold must be a finite number".into()));
         }
     }
-    let bytes = read_image_body(req, state.limits.max_body_bytes).await?;
-    // Admission before any heavy work: a full queue answers 429 at once.
-    let permit = served.engine.admit().map_err(|_| ApiError::Overloaded(model.clone()))?;
-    metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => model.clone()).set(served.engine.in_flight() as f64);
-
-    let (detector, version) = served.engine.current();
-    let max_pixels = state.limits.max_pixels;
-    let d = detector.clone();
-    let decode_started = Instant::now();
-    let (prepared, sha, ext, bytes) = tokio::task::spawn_blocking(move || {
-        let img = crate::image_io::decode(&bytes, max_pixels)?;
-        let ext = image::guess_format(&bytes)
-            .ok()
-            .and_then(|f| f.extensions_str().first().copied())
-            .unwrap_or("bin");
-        Ok::<_, ApiError>((d.prepare(&img), Sha256::digest(&bytes), ext, bytes))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let decode = decode_started.elapsed();
-    metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.clone()).record(decode.as_secs_f64());
-
-    let prepared = Arc::new(prepared);
-    let reply = super::run_model(&state, served, permit, prepared.clone(), detector.clone()).await?;
-    metrics::histogram!(crate::metrics::QUEUE_SECONDS, "model" => model.clone()).record(reply.queue_time.as_secs_f64());
-
-    let scoring_started = Instant::now();
-    let threshold = q.threshold;
-    let d = detector.clone();
-    let p = prepared.clone();
-    let inspection = tokio::task::spawn_blocking(move || d.score(&p, &reply.reconstruction, threshold))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let scoring = scoring_started.elapsed();
-    metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.clone()).record(scoring.as_secs_f64());
+    let bytes = Bytes::from(read_image_body(req, state.limits.max_body_bytes).await?);
+    let b = bytes.clone();
+    let (digest, ext) = blocking(move || (hex::encode(Sha256::digest(&b)), extension(&b))).await?;
+    let kept = store_image_requested(&q, &state).then(|| bytes.clone());
+    let judged = judge(&state, &model, None, bytes, q.threshold).await?;
+    let (inspection, version) = (judged.inspection, judged.version);
 
     let id = uuid::Uuid::now_v7().to_string();
     let created_at = now_us();
-    let store_image = q.store_image.unwrap_or(state.limits.store_images);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let timings = Timings {
-        decode: ms(decode),
-        queue: ms(reply.queue_time),
-        inference: ms(reply.inference_time),
-        scoring: ms(scoring),
+        decode: ms(judged.decode),
+        queue: ms(judged.queue),
+        inference: ms(judged.inference),
+        scoring: ms(judged.scoring),
         total: ms(started.elapsed()),
     };
     let mut record = Record {
@@ -123,7 +94,7 @@ async fn inspect(
         height: inspection.height as i64,
         regions: serde_json::to_value(&inspection.regions).expect("regions serialise"),
         timings: serde_json::to_value(&timings).expect("timings serialise"),
-        image_sha256: hex::encode(sha),
+        image_sha256: digest,
         image_path: None,
         request_id: request_id.clone(),
         part_id: part_id.clone(),
@@ -132,17 +103,12 @@ async fn inspect(
     // cannot leave a stored image without its row. A 200 means the row is committed.
     let st = state.clone();
     let record = tokio::spawn(async move {
-        if store_image {
+        if let Some(bytes) = kept {
             let blobs = st.blobs.clone();
             let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
             let id = record.id.clone();
-            let put = tokio::task::spawn_blocking(move || blobs.put(&day, &id, ext, &bytes))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            record.image_path = Some(put.map_err(|e| {
-                tracing::error!(error = %e, "storing the image failed");
-                ApiError::ImageStoreUnavailable
-            })?);
+            let put = blocking(move || blobs.put(&day, &id, ext, &bytes)).await?;
+            record.image_path = Some(put.map_err(|e| ApiError::ImageStoreUnavailable(e.to_string()))?);
         }
         if let Err(e) = st.store.insert(&record).await {
             if let Some(p) = &record.image_path {
@@ -179,6 +145,18 @@ async fn inspect(
         image_stored: image_path.is_some(),
         feedback: None,
     }))
+}
+
+fn store_image_requested(q: &InspectQuery, state: &AppState) -> bool {
+    q.store_image.unwrap_or(state.limits.store_images)
+}
+
+/// The file extension for a stored image, from its content.
+fn extension(bytes: &[u8]) -> &'static str {
+    image::guess_format(bytes)
+        .ok()
+        .and_then(|f| f.extensions_str().first().copied())
+        .unwrap_or("bin")
 }
 
 /// Reads the image from a raw body or a multipart field `image`, within `limit` bytes.

@@ -1,10 +1,12 @@
 //! HTTP routes. Handlers decode, hand the model work to the engine, score off the async
-//! workers, record, and answer; errors become JSON in `crate::error`.
+//! workers, record, and answer; errors become JSON in `error`.
 
 pub mod auth;
 pub mod docs;
+pub mod error;
 pub mod health;
 pub mod inspect;
+pub mod judge;
 pub mod models;
 pub mod records;
 pub mod types;
@@ -58,10 +60,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn model(&self, name: &str) -> Result<&ServedModel, crate::error::ApiError> {
+    pub fn model(&self, name: &str) -> Result<&ServedModel, crate::api::error::ApiError> {
         self.models
             .get(name)
-            .ok_or_else(|| crate::error::ApiError::UnknownModel(name.to_string()))
+            .ok_or_else(|| crate::api::error::ApiError::UnknownModel(name.to_string()))
     }
 }
 
@@ -90,10 +92,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::page))
-        .fallback(|| async { crate::error::ApiError::NoRoute })
+        .fallback(|| async { crate::api::error::ApiError::NoRoute })
         // The body limit is enforced by the handlers (to answer in our JSON shape).
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(record_metrics))
+        .layer(axum::middleware::from_fn(error::report_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
@@ -122,23 +125,6 @@ async fn record_metrics(req: Request, next: Next) -> Response {
         .increment(1);
     metrics::histogram!(crate::metrics::REQUEST_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
     resp
-}
-
-/// Queues prepared work on a model and waits at most the request timeout for it.
-pub async fn run_model(
-    state: &AppState,
-    served: &ServedModel,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    prepared: Arc<crate::detector::Prepared>,
-    detector: Arc<crate::detector::Detector>,
-) -> Result<crate::engine::Reply, crate::error::ApiError> {
-    tokio::time::timeout(
-        state.limits.request_timeout,
-        served.engine.run(permit, prepared, detector),
-    )
-    .await
-    .map_err(|_| crate::error::ApiError::Timeout)?
-    .map_err(Into::into)
 }
 
 /// Unix time in microseconds.

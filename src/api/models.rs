@@ -7,8 +7,8 @@ use axum::Json;
 
 use super::types::{FeedbackSummary, ModelDetail, ModelSummary};
 use super::AppState;
+use crate::api::error::ApiError;
 use crate::detector::Detector;
-use crate::error::ApiError;
 use crate::eval::metrics::Confusion;
 
 /// The models this server serves.
@@ -36,7 +36,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
 }
 
 /// A model's card and what operator feedback says about its threshold.
-#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path)), responses((status = 200, body = ModelDetail), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path)), responses((status = 200, body = ModelDetail), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn card(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -64,7 +64,7 @@ pub async fn card(
 }
 
 /// Reload a model's artifact from disk (admin). Requests in flight finish with the old one.
-#[utoipa::path(post, path = "/v1/models/{model}/reload", params(("model" = String, Path)), responses((status = 200, body = ModelSummary), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/models/{model}/reload", params(("model" = String, Path)), responses((status = 200, body = ModelSummary), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn reload(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,

@@ -12,10 +12,10 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 
+use super::judge::{blocking, judge, Judgement};
 use super::types::{FeedbackRequest, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
-use crate::detector::{Inspection, Reconstruction};
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::storage::{ListQuery, Record};
 
 pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
@@ -112,7 +112,7 @@ async fn load(state: &AppState, id: &str) -> Result<Record, ApiError> {
 }
 
 /// One inspection.
-#[utoipa::path(get, path = "/v1/inspections/{id}", params(("id" = String, Path)), responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}", params(("id" = String, Path)), responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -124,7 +124,7 @@ pub async fn get_one(
 
 /// Label an inspection `good` or `defective`.
 #[utoipa::path(post, path = "/v1/inspections/{id}/feedback", params(("id" = String, Path)), request_body = FeedbackRequest,
-    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn feedback(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -156,52 +156,30 @@ pub async fn feedback(
     get_one(State(state), Path(id)).await
 }
 
-/// Re-runs the stored image through the model version that judged it.
-async fn rerun(
-    state: &AppState,
-    id: &str,
-) -> Result<(Record, image::DynamicImage, Reconstruction, Inspection), ApiError> {
+/// Judges the stored image again with the model version that made the verdict.
+async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiError> {
     let r = load(state, id).await?;
-    let served = state.model(&r.model)?;
-    // Detector and version are read together, so the check holds for the model used.
-    let (detector, current) = served.engine.current();
-    if current != r.model_version {
-        return Err(ApiError::ModelChanged(format!(
-            "inspection {id} was made by model version {}, the server now runs {current}",
-            r.model_version
-        )));
-    }
     let path = r
         .image_path
         .clone()
         .ok_or_else(|| ApiError::NotStored(format!("the image of inspection {id} was not stored")))?;
-    // Admission first: re-rendering is model work like an inspection.
-    let permit = served
-        .engine
-        .admit()
-        .map_err(|_| ApiError::Overloaded(r.model.clone()))?;
     let blobs = state.blobs.clone();
-    let bytes = tokio::task::spawn_blocking(move || blobs.get(&path))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+    let bytes = blocking(move || blobs.get(&path))
+        .await?
         .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
-    let d = detector.clone();
-    let max = state.limits.max_pixels;
-    let (img, prepared) = tokio::task::spawn_blocking(move || {
-        let img = crate::image_io::decode(&bytes, max)?;
-        let p = d.prepare(&img);
-        Ok::<_, ApiError>((img, p))
-    })
+    let judged = judge(
+        state,
+        &r.model,
+        Some(&r.model_version),
+        bytes.into(),
+        Some(r.threshold as f32),
+    )
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let prepared = Arc::new(prepared);
-    let reply = super::run_model(state, served, permit, prepared.clone(), detector.clone()).await?;
-    let threshold = Some(r.threshold as f32);
-    let recon = reply.reconstruction;
-    let (insp, recon) = tokio::task::spawn_blocking(move || (detector.score(&prepared, &recon, threshold), recon))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((r, img, recon, insp))
+    .map_err(|e| match e {
+        ApiError::ModelChanged(why) => ApiError::ModelChanged(format!("inspection {id} was {why}")),
+        other => other,
+    })?;
+    Ok((r, judged))
 }
 
 fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
@@ -212,39 +190,39 @@ fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
 }
 
 /// The heatmap overlay (PNG), rendered on demand.
-#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn heatmap(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    let (r, img, _, insp) = rerun(&state, &id).await?;
+    let (r, judged) = rerun(&state, &id).await?;
     let channels = state.model(&r.model)?.engine.detector().card.input.channels;
-    let out = tokio::task::spawn_blocking(move || {
+    let out = blocking(move || {
+        let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
         crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, 0.5)
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .await?;
     png(out)
 }
 
 /// The anomaly map: float32 .npy, height × width (as `vigil inspect --maps-dir` writes).
-#[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn anomaly_map(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    let (_, _, _, insp) = rerun(&state, &id).await?;
+    let insp = rerun(&state, &id).await?.1.inspection;
     let bytes = crate::npy::encode_f32_2d(&insp.map, insp.height, insp.width);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 /// The model's reconstruction at working resolution (PNG).
-#[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn reconstruction(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    let (_, _, recon, _) = rerun(&state, &id).await?;
+    let recon = rerun(&state, &id).await?.1.reconstruction;
     png(recon.image.to_rgb8())
 }

@@ -1,5 +1,9 @@
 //! The one place where errors become HTTP statuses and JSON bodies:
 //! `{"error": {"code": "...", "message": "..."}}` with stable codes.
+//!
+//! Conversions only map; they neither log nor count. A response made from an error
+//! carries an [`ErrorReport`] extension, and the `report_errors` middleware logs and
+//! counts from it, once per response.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,16 +39,18 @@ pub enum ApiError {
     Overloaded(String),
     #[error("the inspection did not finish within the request timeout")]
     Timeout,
+    /// The detail goes to the log, not to the client.
     #[error("the database is unavailable")]
-    DatabaseUnavailable,
+    DatabaseUnavailable(String),
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("this API key may not do that")]
     Forbidden,
     #[error("no such route")]
     NoRoute,
+    /// The detail goes to the log, not to the client.
     #[error("the image store is unavailable")]
-    ImageStoreUnavailable,
+    ImageStoreUnavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -77,25 +83,36 @@ impl ApiError {
             ModelChanged(_) => (StatusCode::CONFLICT, "model_changed"),
             Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
-            DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            DatabaseUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             NoRoute => (StatusCode::NOT_FOUND, "not_found"),
-            ImageStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "image_store_unavailable"),
+            ImageStoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_store_unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
 
+/// What went wrong in a response made from an [`ApiError`], for the middleware that logs
+/// and counts: the stable code, and the detail that the client does not see.
+#[derive(Debug, Clone)]
+pub struct ErrorReport {
+    pub code: &'static str,
+    pub detail: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let message = match &self {
-            // Internals go to the log, never to the client.
-            ApiError::Internal(detail) => {
-                tracing::error!(detail, "internal error");
-                "internal error".to_string()
+        let detail = match &self {
+            ApiError::Internal(d) | ApiError::DatabaseUnavailable(d) | ApiError::ImageStoreUnavailable(d) => {
+                Some(d.clone())
             }
+            _ => None,
+        };
+        // Internals go to the log, never to the client.
+        let message = match &self {
+            ApiError::Internal(_) => "internal error".to_string(),
             other => other.to_string(),
         };
         let mut resp = (
@@ -109,8 +126,8 @@ impl IntoResponse for ApiError {
             self,
             ApiError::Overloaded(_)
                 | ApiError::Timeout
-                | ApiError::DatabaseUnavailable
-                | ApiError::ImageStoreUnavailable
+                | ApiError::DatabaseUnavailable(_)
+                | ApiError::ImageStoreUnavailable(_)
         ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -119,8 +136,27 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        resp.extensions_mut().insert(ErrorReport { code, detail });
         resp
     }
+}
+
+/// Logs internal and storage failures with their detail and counts storage failures,
+/// from the [`ErrorReport`] a response carries.
+pub async fn report_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    if let Some(report) = resp.extensions().get::<ErrorReport>() {
+        let detail = report.detail.as_deref().unwrap_or("");
+        match report.code {
+            "internal" => tracing::error!(detail, "internal error"),
+            "database_unavailable" | "image_store_unavailable" => {
+                metrics::counter!(crate::metrics::DATABASE_ERRORS, "code" => report.code).increment(1);
+                tracing::error!(code = report.code, detail, "storage error");
+            }
+            _ => {}
+        }
+    }
+    resp
 }
 
 impl From<ImageError> for ApiError {
@@ -146,14 +182,10 @@ impl From<EngineError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        metrics::counter!(crate::metrics::DATABASE_ERRORS).increment(1);
         match e {
             // A row that does not parse is a bug, not an outage: 500, not 503.
             StoreError::Malformed(m) => ApiError::Internal(format!("malformed record: {m}")),
-            other => {
-                tracing::error!(error = %other, "database error");
-                ApiError::DatabaseUnavailable
-            }
+            other => ApiError::DatabaseUnavailable(other.to_string()),
         }
     }
 }

@@ -1,0 +1,99 @@
+//! The model work every image route shares: admit → decode → run → score.
+//!
+//! `POST …/inspect` judges an uploaded image; the re-render routes judge a stored one
+//! again with the version that made the verdict. Both go through [`judge`], so admission,
+//! the request timeout, the blocking-pool hops and the stage metrics are the same.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use image::DynamicImage;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::detector::{Inspection, Reconstruction};
+
+/// One image judged by one model version.
+pub struct Judgement {
+    pub image: DynamicImage,
+    pub version: String,
+    pub reconstruction: Reconstruction,
+    pub inspection: Inspection,
+    pub decode: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+    pub scoring: Duration,
+}
+
+/// Judges `bytes` with `model`. With `version`, the model must still run that version
+/// (409 `model_changed` otherwise): the detector and its version are read together, so
+/// the check holds for the model that does the work. `threshold` overrides the model's.
+pub async fn judge(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    bytes: Bytes,
+    threshold: Option<f32>,
+) -> Result<Judgement, ApiError> {
+    let served = state.model(model)?;
+    let (detector, current) = served.engine.current();
+    if let Some(wanted) = version {
+        if wanted != current {
+            return Err(ApiError::ModelChanged(format!(
+                "made by model version {wanted}, the server now runs {current}"
+            )));
+        }
+    }
+    // Admission before any heavy work: a full queue answers 429 at once.
+    let permit = served
+        .engine
+        .admit()
+        .map_err(|_| ApiError::Overloaded(model.to_string()))?;
+    metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => model.to_string()).set(served.engine.in_flight() as f64);
+
+    let decode_started = Instant::now();
+    let max_pixels = state.limits.max_pixels;
+    let d = detector.clone();
+    let (image, prepared) = blocking(move || {
+        let img = crate::image_io::decode(&bytes, max_pixels)?;
+        let prepared = d.prepare(&img);
+        Ok::<_, ApiError>((img, prepared))
+    })
+    .await??;
+    let decode = decode_started.elapsed();
+    metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.to_string()).record(decode.as_secs_f64());
+
+    let prepared = Arc::new(prepared);
+    let reply = tokio::time::timeout(
+        state.limits.request_timeout,
+        served.engine.run(permit, prepared.clone(), detector.clone()),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout)??;
+    metrics::histogram!(crate::metrics::QUEUE_SECONDS, "model" => model.to_string())
+        .record(reply.queue_time.as_secs_f64());
+
+    let scoring_started = Instant::now();
+    let recon = reply.reconstruction;
+    let (inspection, reconstruction) = blocking(move || (detector.score(&prepared, &recon, threshold), recon)).await?;
+    let scoring = scoring_started.elapsed();
+    metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.to_string()).record(scoring.as_secs_f64());
+    Ok(Judgement {
+        image,
+        version: current,
+        reconstruction,
+        inspection,
+        decode,
+        queue: reply.queue_time,
+        inference: reply.inference_time,
+        scoring,
+    })
+}
+
+/// Runs CPU-bound work on the blocking pool, off the async workers.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
