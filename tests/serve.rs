@@ -1,5 +1,6 @@
-//! The real binary on port 0 with the bundled model: bundled samples posted over HTTP,
-//! and a SIGKILL in the middle of a load after which every answered inspection is found.
+//! The real binary on port 0 with the bundled model: bundled samples posted over HTTP; a
+//! SIGKILL in the middle of a load after which every answered inspection is found with
+//! its stored image; a SIGTERM that lets requests in flight finish before exiting 0.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::net::TcpStream;
 use std::process::{Child, Stdio};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 struct Server {
     child: Child,
@@ -23,11 +25,16 @@ impl Drop for Server {
 
 /// Starts `vigil serve` on an ephemeral port and waits for its "listening on" line.
 fn start(data_dir: &std::path::Path) -> Server {
+    start_with(data_dir, &[])
+}
+
+fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> Server {
     let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
     let mut child = common::vigil()
         .env("RUST_LOG", "info")
         .args(["serve", "--listen", "127.0.0.1:0", "--models-dir", models, "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -185,5 +192,119 @@ fn every_answered_inspection_survives_sigkill() {
             b"",
         );
         assert_eq!(s, 200, "answered 200 but lost: {id}: {}", String::from_utf8_lossy(&b));
+    }
+    // And each answered inspection's stored image is whole: its bytes hash to what was sent.
+    let store = rt
+        .block_on(vigil::storage::Store::connect(&format!("sqlite://{}", db.display())))
+        .unwrap();
+    let sent = hex::encode(Sha256::digest(&image));
+    for id in &answered {
+        let r = rt
+            .block_on(store.get(id))
+            .unwrap()
+            .expect("the row of an answered inspection");
+        assert_eq!(r.image_sha256, sent, "{id}");
+        let path = r
+            .image_path
+            .unwrap_or_else(|| panic!("{id}: answered without its image stored"));
+        let stored = std::fs::read(data.path().join(&path)).unwrap_or_else(|e| panic!("{id}: {path}: {e}"));
+        assert_eq!(hex::encode(Sha256::digest(&stored)), sent, "{id}: stored image differs");
+    }
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start(data.path());
+    let image = std::fs::read(&samples()[0]).unwrap();
+    // Each client sends its headers with `Expect: 100-continue`: the server answers
+    // "100 Continue" only once the handler reads the body, so the request is provably in
+    // flight (not waiting in the accept queue) when the signal comes.
+    let mut streams: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(&server.addr).unwrap();
+            let head = format!("POST /v1/inspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n", image.len());
+            s.write_all(head.as_bytes()).unwrap();
+            let mut interim = [0u8; 25];
+            s.read_exact(&mut interim).unwrap();
+            assert!(interim.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"), "{:?}", String::from_utf8_lossy(&interim));
+            s
+        })
+        .collect();
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for s in &mut streams {
+        s.write_all(&image).unwrap();
+    }
+    for mut s in streams {
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let text = String::from_utf8_lossy(&resp);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "a request in flight was not answered: {text}"
+        );
+        assert!(text.contains("\"is_anomalous\""), "{text}");
+    }
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "vigil serve exited with {status} after SIGTERM");
+}
+
+#[test]
+fn two_replicas_share_one_postgresql_database() {
+    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
+        // Written straight to the stream so the test harness's capture does not hide it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED two_replicas_share_one_postgresql_database: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
+        );
+        return;
+    };
+    // One database and one image volume, as in the compose and Kubernetes deployments.
+    let shared = tempfile::tempdir().unwrap();
+    let one = start_with(shared.path(), &["--database-url", &url]);
+    let two = start_with(shared.path(), &["--database-url", &url]);
+    let images = samples();
+    let mut made = Vec::new();
+    for (i, (by, other)) in [(&one, &two), (&two, &one)].into_iter().enumerate() {
+        let image = std::fs::read(&images[i]).unwrap();
+        let (s, b) = http(&by.addr, "POST", "/v1/inspect", "image/png", &image);
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        let answer: Value = serde_json::from_slice(&b).unwrap();
+        let id = answer["id"].as_str().unwrap().to_string();
+        // The other replica finds the record and renders its heatmap from the shared image.
+        let (s, b) = http(&other.addr, "GET", &format!("/v1/inspections/{id}"), "text/plain", b"");
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        let seen: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(seen["score"], answer["score"]);
+        let (s, b) = http(
+            &other.addr,
+            "GET",
+            &format!("/v1/inspections/{id}/heatmap.png"),
+            "text/plain",
+            b"",
+        );
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        assert!(b.starts_with(b"\x89PNG"));
+        made.push(id);
+    }
+    // Both replicas list both inspections (the database may hold other tests' rows too).
+    for server in [&one, &two] {
+        let (s, b) = http(&server.addr, "GET", "/v1/inspections?limit=500", "text/plain", b"");
+        assert_eq!(s, 200);
+        let page: Value = serde_json::from_slice(&b).unwrap();
+        let ids: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        for id in &made {
+            assert!(ids.contains(&id.as_str()), "{id} missing from a replica's list");
+        }
     }
 }
