@@ -248,8 +248,63 @@ mod tests {
 
     #[test]
     fn pro_weighs_regions_equally_whatever_their_size() {
-        // Region A (3 px, diagonal: one region under 8-connectivity) fully found first,
-        // region B (1 px) last: PRO = 0.5 until B is found.
+        // One row: region A is pixels 0–2 (3 px), region B pixel 6 (1 px), pixels 3–5 good
+        // (scored 0.5, 0.4, 0.3). Whichever region is found first, PRO is 0.5 until the
+        // other is found, where pixel recall would be 3/4 (A first) or 1/4 (B first).
+        let mask = [true, true, true, false, false, false, true];
+        let a_first = [0.9, 0.9, 0.9, 0.5, 0.4, 0.3, 0.2];
+        let b_first = [0.2, 0.2, 0.2, 0.5, 0.4, 0.3, 0.9];
+        for (name, map) in [("A first", a_first), ("B first", b_first)] {
+            let m = [MaskedMap {
+                map: &map,
+                mask: &mask,
+                width: 7,
+                height: 1,
+            }];
+            let curve = pro_curve(&m);
+            // Per-pixel weights are f32 (1/3 is not exact): compare to 1e-6.
+            let near = |p: (f64, f64), q: (f64, f64)| (p.0 - q.0).abs() < 1e-6 && (p.1 - q.1).abs() < 1e-6;
+            assert_eq!(curve.len(), 6, "{name}: {curve:?}");
+            for (got, want) in curve.iter().zip([
+                (0.0, 0.0),
+                (0.0, 0.5),
+                (1.0 / 3.0, 0.5),
+                (2.0 / 3.0, 0.5),
+                (1.0, 0.5),
+                (1.0, 1.0),
+            ]) {
+                assert!(near(*got, want), "{name}: {curve:?}");
+            }
+            // Area: PRO 0.5 from FPR 0 to 1; the jump at FPR 1 adds nothing.
+            assert!((aupro(&m, 1.0).unwrap() - 0.5).abs() < 1e-6, "{name}");
+            // Up to FPR 0.3 (the MVTec limit), normalised: also 0.5.
+            assert!((aupro(&m, 0.3).unwrap() - 0.5).abs() < 1e-6, "{name}");
+        }
+        // Regions are pooled over images: a 1-px region in one image weighs as much as a
+        // 3-px region in another. Finding only the big one gives 0.5, not 3/4.
+        let (map1, mask1) = ([0.9, 0.9, 0.9, 0.1], [true, true, true, false]);
+        let (map2, mask2) = ([0.0, 0.1], [true, false]);
+        let m = [
+            MaskedMap {
+                map: &map1,
+                mask: &mask1,
+                width: 4,
+                height: 1,
+            },
+            MaskedMap {
+                map: &map2,
+                mask: &mask2,
+                width: 2,
+                height: 1,
+            },
+        ];
+        let first = pro_curve(&m)[1];
+        assert!(first.0 == 0.0 && (first.1 - 0.5).abs() < 1e-6, "{first:?}");
+    }
+
+    #[test]
+    fn pro_regions_are_8_connected() {
+        // A diagonal with a pixel beside it is one region under 8-connectivity.
         #[rustfmt::skip]
         let map = [
             0.9, 0.0, 0.0,
