@@ -145,8 +145,9 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
     /// Augmentations: any of flips, rot90, brightness, inpaint, anomalies (synthetic
-    /// anomalies on half the crops); or none. Default: flips,rot90,brightness and then
-    /// anomalies for --arch draem, inpaint for the others.
+    /// anomalies on half the crops); or none. Default: flips,brightness,anomalies for
+    /// --arch draem (no quarter turns: what is turned out of place is a defect);
+    /// flips,rot90,brightness,inpaint for the others.
     #[arg(long, value_delimiter = ',')]
     pub augment: Option<Vec<String>>,
     #[command(flatten)]
@@ -185,8 +186,10 @@ pub struct CalibrationArgs {
     pub threshold_method: ThresholdMethod,
     #[arg(long, default_value_t = 0.99)]
     pub quantile: f32,
-    #[arg(long, default_value_t = 0.1)]
-    pub margin: f32,
+    /// Relative margin over the quantile. Default: 0.2 for a learned map (draem), whose
+    /// good-image scores spread more from image to image; 0.1 for reconstruction-error maps.
+    #[arg(long)]
+    pub margin: Option<f32>,
     /// Smallest defect worth reporting, in working-resolution pixels.
     #[arg(long, default_value_t = 25)]
     pub min_defect_area: u32,
@@ -220,6 +223,11 @@ pub struct InspectArgs {
 pub struct EvalArgs {
     #[arg(long, default_value = "models/default")]
     pub model: PathBuf,
+    /// Evaluate several models on the same data instead of --model, and print one table
+    /// (--json and --figure then hold every model: the reports, and the ROC curves
+    /// side by side).
+    #[arg(long, num_args = 2.., value_name = "MODEL", conflicts_with = "model")]
+    pub compare: Vec<PathBuf>,
     /// MVTec AD category folder (test/good, test/<defect>, ground_truth/<defect>).
     #[arg(long)]
     pub data: PathBuf,

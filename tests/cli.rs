@@ -141,6 +141,72 @@ fn eval_reports_metrics_and_writes_json_and_figure() {
 }
 
 #[test]
+fn eval_compare_puts_several_models_in_one_table_json_and_figure() {
+    let work = tempfile::tempdir().unwrap();
+    let single = work.path().join("single.json");
+    let model = tiny_model();
+    let data = dataset().to_str().unwrap().to_string();
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--json",
+        single.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same model under two names, and the old-format spatial model bundled with vigil.
+    let twin = work.path().join("twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(model.join(f), twin.join(f)).unwrap();
+    }
+    let spatial = concat!(env!("CARGO_MANIFEST_DIR"), "/models/spatial");
+    let (json, fig) = (work.path().join("cmp.json"), work.path().join("cmp.png"));
+    let o = run(&[
+        "eval",
+        "--compare",
+        model.to_str().unwrap(),
+        twin.to_str().unwrap(),
+        spatial,
+        "--data",
+        &data,
+        "--json",
+        json.to_str().unwrap(),
+        "--figure",
+        fig.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(table.contains("false alarm") && table.contains("ms/image"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains("draem")).count(), 2, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains("spatial")).count(), 1, "{table}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let models = r["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    // Comparing changes nothing about each evaluation: the twins match the single run.
+    let alone: Value = serde_json::from_str(&std::fs::read_to_string(&single).unwrap()).unwrap();
+    for m in &models[..2] {
+        assert_eq!(m["report"]["overall"]["image_auroc"], alone["overall"]["image_auroc"]);
+        assert_eq!(m["report"]["overall"]["aupro"], alone["overall"]["aupro"]);
+    }
+    for m in models {
+        let rate = m["false_alarm_rate"].as_f64().unwrap();
+        let fp = m["report"]["overall"]["at_threshold"]["false_positives"]
+            .as_f64()
+            .unwrap();
+        assert!((rate - fp / 4.0).abs() < 1e-12, "4 good test images: {m}");
+        assert!(m["ms_per_image"].as_f64().unwrap() > 0.0);
+    }
+    let img = image::open(&fig).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 460, 480));
+    // One model is not a comparison.
+    let o = run(&["eval", "--compare", model.to_str().unwrap(), "--data", &data]);
+    assert!(!o.status.success());
+}
+
+#[test]
 fn calibrate_rewrites_thresholds_from_new_good_images() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");

@@ -19,14 +19,12 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
             .models
             .iter()
             .map(|(name, m)| {
-                let d = m.engine.detector();
+                // Read together, so the version is the one of this detector.
+                let (d, version) = m.engine.current();
                 ModelSummary {
                     name: name.clone(),
-                    version: m.engine.current().1,
-                    architecture: serde_json::to_value(&d.card.architecture)
-                        .ok()
-                        .and_then(|v| v["name"].as_str().map(String::from))
-                        .unwrap_or_default(),
+                    version,
+                    architecture: d.card.architecture.name().to_string(),
                     image_threshold: d.card.thresholds.image as f64,
                     is_default: *name == state.default_model,
                 }
@@ -83,10 +81,7 @@ pub async fn reload(
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|e| ApiError::BadRequest(format!("the model on disk does not load: {e}")))?;
     let threshold = detector.card.thresholds.image as f64;
-    let architecture = serde_json::to_value(&detector.card.architecture)
-        .ok()
-        .and_then(|v| v["name"].as_str().map(String::from))
-        .unwrap_or_default();
+    let architecture = detector.card.architecture.name().to_string();
     served.engine.replace(detector, version.clone());
     metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
     tracing::info!(model, version, "model reloaded");

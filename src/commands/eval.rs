@@ -1,19 +1,50 @@
-//! `vigil eval`.
+//! `vigil eval`, for one model or several side by side (`--compare`).
 
 use anyhow::Context;
 
 use crate::cli::EvalArgs;
+use crate::eval::compare::{Compared, Comparison};
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    if !args.compare.is_empty() {
+        return compare(args);
+    }
     let detector = super::load_detector(&args.model, args.device)?;
     let report = crate::eval::evaluate(&detector, &args.model, &args.data, true)?;
     print!("{}", report.summary());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &report)?;
     }
     if let Some(path) = &args.figure {
         crate::eval::figure::render(&report, path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+fn compare(args: &EvalArgs) -> anyhow::Result<()> {
+    let mut models = Vec::with_capacity(args.compare.len());
+    for dir in &args.compare {
+        let detector = super::load_detector(dir, args.device)?;
+        let report = crate::eval::evaluate(&detector, dir, &args.data, true)
+            .with_context(|| format!("evaluating {}", dir.display()))?;
+        models.push(Compared::new(&detector, report));
+    }
+    let comparison = Comparison {
+        data: args.data.display().to_string(),
+        models,
+    };
+    print!("{}", comparison.summary());
+    if let Some(path) = &args.json {
+        write_json(path, &comparison)?;
+    }
+    if let Some(path) = &args.figure {
+        crate::eval::figure::render_comparison(&comparison, path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -10,15 +10,17 @@ use std::path::Path;
 use crate::cli::CalibrationArgs;
 use crate::detector::Detector;
 use crate::model::device::{self, DeviceChoice};
+use crate::scoring::MapMethod;
 use crate::train::CalibrationConfig;
 
-impl From<&CalibrationArgs> for CalibrationConfig {
-    fn from(a: &CalibrationArgs) -> Self {
-        Self {
-            method: a.threshold_method,
-            quantile: a.quantile,
-            margin: a.margin,
-            min_defect_area: a.min_defect_area,
+impl CalibrationArgs {
+    /// The calibration for a model whose anomaly map is made by `map`.
+    pub fn config(&self, map: MapMethod) -> CalibrationConfig {
+        CalibrationConfig {
+            method: self.threshold_method,
+            quantile: self.quantile,
+            margin: self.margin.unwrap_or_else(|| CalibrationConfig::default_margin(map)),
+            min_defect_area: self.min_defect_area,
         }
     }
 }
@@ -41,7 +43,8 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         detector.card.input.working_size,
     )?;
     let before = detector.card.thresholds.clone();
-    calibrate::calibrate(&mut detector, &set.images, &(&args.calibration).into())?;
+    let config = args.calibration.config(detector.card.scoring.method);
+    calibrate::calibrate(&mut detector, &set.images, &config)?;
     detector.card.save(&args.model)?;
     let t = &detector.card.thresholds;
     println!(

@@ -9,6 +9,7 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::compare::Comparison;
 use super::metrics::roc_curve;
 use super::EvalReport;
 
@@ -31,59 +32,48 @@ fn register_font() {
 }
 
 pub fn render(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+    save((1300, 520), path, |buf, size| draw(report, buf, size))
+}
+
+/// `vigil eval --compare`: one panel per model, its ROC curves (all defects and each kind).
+pub fn render_comparison(comparison: &Comparison, path: &Path) -> anyhow::Result<()> {
+    let panels = comparison.models.len().max(1) as u32;
+    save((460 * panels, 480), path, |buf, size| {
+        let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        for (area, m) in root.split_evenly((1, panels as usize)).iter().zip(&comparison.models) {
+            let title = format!("{} ({})", short_name(&m.report.model), m.architecture);
+            draw_roc(area, &m.report, &title)?;
+        }
+        root.present()?;
+        Ok(())
+    })
+}
+
+/// The last path component: model folders are named for what they hold.
+fn short_name(model: &str) -> &str {
+    model.trim_end_matches('/').rsplit('/').next().unwrap_or(model)
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Draws into an RGB buffer of `size` and writes it as PNG.
+fn save(size: (u32, u32), path: &Path, draw: impl FnOnce(&mut [u8], (u32, u32)) -> DrawResult) -> anyhow::Result<()> {
     register_font();
-    let (w, h) = (1300u32, 520u32);
+    let (w, h) = size;
     let mut buf = vec![255u8; (w * h * 3) as usize];
-    draw(report, &mut buf, (w, h)).map_err(|e| anyhow::anyhow!("drawing the figure: {e}"))?;
+    draw(&mut buf, size).map_err(|e| anyhow::anyhow!("drawing the figure: {e}"))?;
     image::RgbImage::from_raw(w, h, buf)
         .expect("buffer matches its size")
         .save(path)?;
     Ok(())
 }
 
-fn draw(report: &EvalReport, buf: &mut [u8], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(report: &EvalReport, buf: &mut [u8], size: (u32, u32)) -> DrawResult {
     let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(560);
-
-    let mut roc = ChartBuilder::on(&left)
-        .caption(
-            format!("Image ROC (AUROC {:.3})", report.overall.image_auroc),
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)?;
-    roc.configure_mesh()
-        .x_desc("false positive rate")
-        .y_desc("true positive rate")
-        .draw()?;
-    roc.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], RGBColor(190, 190, 190)))?;
-    let curve_of = |defect: Option<&str>| {
-        let (s, l): (Vec<f32>, Vec<bool>) = report
-            .scores
-            .iter()
-            .filter(|(c, _)| c == "good" || defect.is_none_or(|d| c == d))
-            .map(|(c, s)| (*s, c != "good"))
-            .unzip();
-        roc_curve(&s, &l)
-    };
-    roc.draw_series(LineSeries::new(curve_of(None), BLACK.stroke_width(3)))?
-        .label("all")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
-    for (i, (defect, m)) in report.per_defect.iter().enumerate() {
-        let colour = PALETTE[i % PALETTE.len()];
-        roc.draw_series(LineSeries::new(curve_of(Some(defect)), colour.stroke_width(2)))?
-            .label(format!("{defect} ({:.3})", m.image_auroc))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
-    }
-    roc.configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    draw_roc(&left, report, "Image ROC")?;
 
     // Histograms over a shared range that includes the threshold.
     let lo = report.scores.iter().map(|s| s.1).fold(report.threshold, f32::min) as f64;
@@ -130,5 +120,55 @@ fn draw(report: &EvalReport, buf: &mut [u8], size: (u32, u32)) -> Result<(), Box
         .label_font(("sans-serif", 14))
         .draw()?;
     root.present()?;
+    Ok(())
+}
+
+/// The image-level ROC curves of one report (all defects, then each kind) in `area`.
+fn draw_roc<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    report: &EvalReport,
+    title: &str,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let mut roc = ChartBuilder::on(area)
+        .caption(
+            format!("{title} (AUROC {:.3})", report.overall.image_auroc),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)?;
+    roc.configure_mesh()
+        .x_desc("false positive rate")
+        .y_desc("true positive rate")
+        .draw()?;
+    roc.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], RGBColor(190, 190, 190)))?;
+    let curve_of = |defect: Option<&str>| {
+        let (s, l): (Vec<f32>, Vec<bool>) = report
+            .scores
+            .iter()
+            .filter(|(c, _)| c == "good" || defect.is_none_or(|d| c == d))
+            .map(|(c, s)| (*s, c != "good"))
+            .unzip();
+        roc_curve(&s, &l)
+    };
+    roc.draw_series(LineSeries::new(curve_of(None), BLACK.stroke_width(3)))?
+        .label("all")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
+    for (i, (defect, m)) in report.per_defect.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        roc.draw_series(LineSeries::new(curve_of(Some(defect)), colour.stroke_width(2)))?
+            .label(format!("{defect} ({:.3})", m.image_auroc))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    roc.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     Ok(())
 }

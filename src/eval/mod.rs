@@ -1,6 +1,7 @@
 //! Evaluation on a labelled test set in the MVTec AD layout:
 //! `test/good/*`, `test/<defect>/*`, `ground_truth/<defect>/<name>_mask.png` (optional).
 
+pub mod compare;
 pub mod figure;
 pub mod metrics;
 

@@ -28,6 +28,15 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// The family's name, as `--arch` and `model.json` spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Bergmann { .. } => "bergmann",
+            Architecture::Spatial { .. } => "spatial",
+            Architecture::Draem { .. } => "draem",
+        }
+    }
+
     /// True when the network accepts any input size (a multiple of 8), not only its patch size.
     pub fn fully_convolutional(&self) -> bool {
         !matches!(self, Architecture::Bergmann { .. })

@@ -8,9 +8,10 @@
 //!
 //! - Masks: thresholded Perlin noise (random period and rotation), blobs (ellipses with a
 //!   noisy edge) and strokes (thick polylines).
-//! - Content: another training image (flipped, colour-jittered), the crop itself darkened
-//!   or brightened (a stain), the crop blurred (a smear), and procedural textures
-//!   (Perlin noise of another scale, stripes, flat colour).
+//! - Content: another training image or another place of one (flipped, or turned by any
+//!   angle and rescaled; colour-jittered), the crop itself darkened, brightened or tinted
+//!   (a stain), the crop blurred (a smear), and procedural textures (Perlin noise of
+//!   another scale, stripes, flat colour).
 
 use rand::Rng;
 
@@ -169,21 +170,32 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
     let (c, w, h) = (clean.channels, clean.width, clean.height);
     let n = w * h;
     let mut out = match rng.random_range(0..6) {
-        // Another image, or another place of one, flipped and colour-jittered; half the
-        // time barely jittered, so only the seam and the misplaced structure give it away
-        // (CutPaste, Li et al. 2021).
+        // Another image, or another place of one, flipped or turned and rescaled, and
+        // colour-jittered; half the time barely jittered, so only the seam and the
+        // misplaced or misoriented structure give it away (CutPaste, Li et al. 2021).
         0 | 1 => {
             let src = &others[rng.random_range(0..others.len())];
-            let (x, y) = (
-                rng.random_range(0..=src.width - w),
-                rng.random_range(0..=src.height - h),
-            );
-            let mut p = src.crop(x, y, w, h);
-            if rng.random_bool(0.5) {
-                for row in p.data.chunks_exact_mut(w) {
-                    row.reverse();
+            let mut p = if rng.random_bool(0.5) {
+                let (x, y) = (
+                    rng.random_range(0..=src.width - w),
+                    rng.random_range(0..=src.height - h),
+                );
+                let mut p = src.crop(x, y, w, h);
+                if rng.random_bool(0.5) {
+                    for row in p.data.chunks_exact_mut(w) {
+                        row.reverse();
+                    }
                 }
-            }
+                p
+            } else {
+                let angle = rng.random_range(0.0..std::f32::consts::TAU);
+                let scale = 2f32.powf(rng.random_range(-1.0..1.0));
+                let centre = (
+                    rng.random_range(0.0..src.width as f32),
+                    rng.random_range(0.0..src.height as f32),
+                );
+                turned(src, w, h, centre, angle, scale)
+            };
             let strength = if rng.random_bool(0.5) { 0.05 } else { 0.4 };
             for ch in 0..c {
                 let gain = 1.0 + rng.random_range(-strength..strength);
@@ -194,12 +206,19 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
             }
             p
         }
-        // A stain: the crop itself darker or brighter, tinted per channel.
+        // A stain: the crop itself darker or brighter, half the time nearly grey, half the
+        // time with a hue of its own (each channel shifted independently).
         2 => {
             let mut p = clean.clone();
-            let shift = if rng.random_bool(0.5) { -1.0 } else { 1.0 } * rng.random_range(0.1..0.5);
+            let sign = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+            let shift = sign * rng.random_range(0.1..0.5);
+            let hued = rng.random_bool(0.5);
             for ch in 0..c {
-                let s = shift * rng.random_range(0.7..1.3);
+                let s = if hued {
+                    rng.random_range(-0.4..0.4)
+                } else {
+                    shift * rng.random_range(0.7..1.3)
+                };
                 p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v += s);
             }
             p
@@ -246,6 +265,32 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
         }
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    out
+}
+
+/// A `w × h` view of `src` around `centre`, turned by `angle` and magnified by `scale`,
+/// sampled bilinearly; the source edge is extended outward.
+fn turned(src: &Planar, w: usize, h: usize, centre: (f32, f32), angle: f32, scale: f32) -> Planar {
+    let (sin, cos) = angle.sin_cos();
+    let (sw, sh) = (src.width, src.height);
+    let n = sw * sh;
+    let mut out = Planar::new(src.channels, w, h);
+    for j in 0..h {
+        for i in 0..w {
+            let (dx, dy) = ((i as f32 - w as f32 / 2.0) / scale, (j as f32 - h as f32 / 2.0) / scale);
+            let x = (centre.0 + cos * dx - sin * dy).clamp(0.0, (sw - 1) as f32);
+            let y = (centre.1 + sin * dx + cos * dy).clamp(0.0, (sh - 1) as f32);
+            let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+            let (x1, y1) = ((x0 + 1).min(sw - 1), (y0 + 1).min(sh - 1));
+            let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+            for ch in 0..src.channels {
+                let p = &src.data[ch * n..(ch + 1) * n];
+                let top = p[y0 * sw + x0] * (1.0 - fx) + p[y0 * sw + x1] * fx;
+                let bottom = p[y1 * sw + x0] * (1.0 - fx) + p[y1 * sw + x1] * fx;
+                out.data[ch * w * h + j * w + i] = top * (1.0 - fy) + bottom * fy;
+            }
+        }
+    }
     out
 }
 
@@ -334,5 +379,43 @@ mod tests {
             changed_somewhere >= 55,
             "anomalies visible in {changed_somewhere} of 60"
         );
+    }
+
+    #[test]
+    fn an_unturned_view_is_a_crop_and_a_quarter_turn_turns_stripes() {
+        let src = texture(3, 2, 64);
+        let view = turned(&src, 16, 16, (18.0, 20.0), 0.0, 1.0);
+        let crop = src.crop(10, 12, 16, 16);
+        let worst = view
+            .data
+            .iter()
+            .zip(&crop.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-6, "unturned view differs from the crop by {worst}");
+
+        // Vertical stripes (a ramp along x) turned a quarter become horizontal ones.
+        let mut ramp = Planar::new(1, 64, 64);
+        ramp.data
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i % 64) as f32 / 63.0);
+        let t = turned(&ramp, 16, 16, (32.0, 32.0), std::f32::consts::FRAC_PI_2, 1.0);
+        for row in t.data.chunks_exact(16) {
+            assert!(
+                row.iter().all(|v| (v - row[0]).abs() < 1e-4),
+                "row not constant: {row:?}"
+            );
+        }
+        let (first, last) = (t.data[0], t.data[15 * 16]);
+        assert!(
+            (first - last).abs() > 0.2,
+            "no variation down the columns: {first} vs {last}"
+        );
+
+        // Magnified twice, the view spans half as much of the ramp.
+        let zoomed = turned(&ramp, 16, 16, (32.0, 32.0), 0.0, 2.0);
+        let span = |p: &Planar| p.data[15] - p.data[0];
+        assert!((span(&zoomed) - span(&ramp.crop(24, 24, 16, 16)) / 2.0).abs() < 1e-4);
     }
 }
