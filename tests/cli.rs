@@ -418,5 +418,17 @@ fn bench_json_reports_peak_forward_and_training_step() {
         assert!((row["speedup"].as_f64().unwrap() - fast / candle).abs() < 1e-6 * fast / candle);
     }
     assert!(report["ssim_loss_candle_ms"].as_f64().unwrap() > 0.0);
-    assert_eq!(report["train_steps"].as_array().unwrap().len(), 3);
+    let steps = report["train_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 5);
+    // Every family's own training step is timed, draem in grey and in colour.
+    for (arch, channels) in [("bergmann", 1), ("spatial", 1), ("draem", 1), ("draem", 3)] {
+        let step = steps
+            .iter()
+            .find(|t| t["arch"] == arch && t["channels"] == channels)
+            .unwrap_or_else(|| panic!("{arch} {channels}ch step in {steps:?}"));
+        assert!(step["seconds"].as_f64().unwrap() > 0.0);
+    }
+    assert!(forward
+        .iter()
+        .any(|f| f["arch"] == "draem" && f["size"] == 256 && f["batch"] == 16));
 }

@@ -242,7 +242,13 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     }
     for mut s in streams {
         let mut resp = Vec::new();
-        s.read_to_end(&mut resp).unwrap();
+        if let Err(e) = s.read_to_end(&mut resp) {
+            panic!(
+                "reading the answer of a request in flight: {e} ({:?}); got {:?}",
+                e.kind(),
+                String::from_utf8_lossy(&resp)
+            );
+        }
         let text = String::from_utf8_lossy(&resp);
         assert!(
             text.starts_with("HTTP/1.1 200"),

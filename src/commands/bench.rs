@@ -4,12 +4,11 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
 use crate::kernels::{ops, Activation, Kernels};
-use crate::model::{device, AnomalyModel, Architecture, Network};
+use crate::model::{device, AnomalyModel, Architecture, Network, StepSettings, TrainBatch};
 use crate::scoring::ssim::{ssim_map, SsimParams};
 use crate::train::LossKind;
 
@@ -32,6 +31,7 @@ pub struct Forward {
 #[derive(Debug, Serialize)]
 pub struct TrainStep {
     pub arch: String,
+    pub channels: usize,
     pub loss: String,
     pub seconds: f64,
     pub candle_seconds: Option<f64>,
@@ -52,8 +52,9 @@ pub struct BenchReport {
     pub device: String,
     pub threads: usize,
     pub matmul_gflops: f64,
-    /// Bergmann (242.5 MFLOP at 128², the cross-framework reference) then the default
-    /// spatial architecture, 128² and 256², batch 1 and 16.
+    /// Bergmann (242.5 MFLOP at 128², the cross-framework reference), the spatial
+    /// architecture, then draem (its reconstructor and segmenter) at default sizes; 128²
+    /// and 256², batch 1 and 16, one channel.
     pub forward: Vec<Forward>,
     /// Batch 16, 128², Bergmann architecture, SSIM loss, AdamW, default kernels: the
     /// figure to compare with other frameworks.
@@ -124,7 +125,12 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         width: 16,
         bottleneck: 8,
     };
-    let archs = [("bergmann", &bergmann), ("spatial", &spatial)];
+    let draem = Architecture::Draem {
+        width: 16,
+        bottleneck: 8,
+        segmenter_width: 8,
+    };
+    let archs = [("bergmann", &bergmann), ("spatial", &spatial), ("draem", &draem)];
     let mut forward = Vec::new();
     for (name, arch) in archs {
         for size in [128usize, 256] {
@@ -153,24 +159,37 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
     }
 
     let mut train_steps = Vec::new();
-    for (name, arch, loss) in [
-        ("bergmann", &bergmann, LossKind::Ssim),
-        ("bergmann", &bergmann, LossKind::L2),
-        ("spatial", &spatial, LossKind::SsimL2),
+    for (arch, loss, channels) in [
+        (&bergmann, LossKind::Ssim, 1),
+        (&bergmann, LossKind::L2, 1),
+        (&spatial, LossKind::SsimL2, 1),
+        (&draem, LossKind::SsimL2, 1),
+        (&draem, LossKind::SsimL2, 3),
     ] {
-        let mut net = Network::new_seeded(arch, 1, 128, dev, 0)?;
-        let mut opt = AdamW::new(net.varmap.all_vars(), Default::default())?;
-        let x = Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?;
+        let mut net = Network::new_seeded(arch, channels, 128, dev, 0)?;
+        let shape = (16, channels, 128, 128);
+        let batch = TrainBatch {
+            input: Tensor::rand(0f32, 1f32, shape, dev)?,
+            target: Tensor::rand(0f32, 1f32, shape, dev)?,
+            mask: Tensor::rand(0f32, 1f32, (16, 1, 128, 128), dev)?
+                .ge(0.9)?
+                .to_dtype(candle_core::DType::F32)?,
+        };
+        // Each family's own step (its losses and optimizer), as `vigil train` runs it.
         let (fast, candle) = both(repeat, compare, |k| {
             net.set_kernels(k);
-            let y = net.autoencoder().forward_t(&x, true)?;
-            let l = loss.compute(&y, &x, k)?;
-            opt.backward_step(&l)?;
-            l.to_scalar::<f32>()?;
+            let settings = StepSettings {
+                loss,
+                learning_rate: 1e-3,
+                weight_decay: 1e-5,
+                kernels: k,
+            };
+            net.trainer(settings)?.step(&batch, 1e-3)?;
             Ok(())
         })?;
         train_steps.push(TrainStep {
-            arch: name.into(),
+            arch: arch.name().into(),
+            channels,
             loss: loss.name().into(),
             seconds: fast,
             candle_seconds: candle,
@@ -319,8 +338,9 @@ fn print_table(r: &BenchReport) {
     println!("\ntraining step, batch 16, 128², AdamW:");
     for t in &r.train_steps {
         println!(
-            "  {:<9} {:<8} {:.3} s   candle {}   speedup {}",
+            "  {:<9} {}ch {:<8} {:.3} s   candle {}   speedup {}",
             t.arch,
+            t.channels,
             t.loss,
             t.seconds,
             t.candle_seconds.map_or_else(|| "-".into(), |c| format!("{c:.3} s")),
