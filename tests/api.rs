@@ -770,3 +770,35 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["model_version"], new_version.as_str());
 }
+
+#[tokio::test]
+async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
+    let h = harness(None, 8).await;
+    let (s, _, b) = send(
+        &h.state,
+        post("/v1/inspect?store_image=false", "image/png", png(32, 32, true)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    let heatmap = || {
+        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    // Same model: the image was not stored.
+    let (s, _, b) = send(&h.state, heatmap()).await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::NOT_FOUND, "image_not_stored")
+    );
+    // Another version now: that is the answer, whether or not the image was stored.
+    let detector = Detector::new(
+        common::test_card(Fit::Whole, 32, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
+    h.state.models["default"].engine.replace(detector, "v2".into());
+    let (s, _, b) = send(&h.state, heatmap()).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_changed"));
+    assert!(String::from_utf8_lossy(&b).contains(&format!("inspection {id} was made by model version v1")));
+}

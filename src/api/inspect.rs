@@ -68,7 +68,10 @@ async fn inspect(
     let bytes = Bytes::from(read_image_body(req, state.limits.max_body_bytes).await?);
     let b = bytes.clone();
     let (digest, ext) = blocking(move || (hex::encode(Sha256::digest(&b)), extension(&b))).await?;
-    let kept = store_image_requested(&q, &state).then(|| bytes.clone());
+    let kept = q
+        .store_image
+        .unwrap_or(state.limits.store_images)
+        .then(|| bytes.clone());
     let judged = judge(&state, &model, None, bytes, q.threshold).await?;
     let (inspection, version) = (judged.inspection, judged.version);
 
@@ -145,10 +148,6 @@ async fn inspect(
         image_stored: image_path.is_some(),
         feedback: None,
     }))
-}
-
-fn store_image_requested(q: &InspectQuery, state: &AppState) -> bool {
-    q.store_image.unwrap_or(state.limits.store_images)
 }
 
 /// The file extension for a stored image, from its content.

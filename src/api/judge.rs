@@ -11,8 +11,8 @@ use axum::body::Bytes;
 use image::DynamicImage;
 
 use super::error::ApiError;
-use super::AppState;
-use crate::detector::{Inspection, Reconstruction};
+use super::{AppState, ServedModel};
+use crate::detector::{Detector, Inspection, Reconstruction};
 
 /// One image judged by one model version.
 pub struct Judgement {
@@ -37,14 +37,7 @@ pub async fn judge(
     threshold: Option<f32>,
 ) -> Result<Judgement, ApiError> {
     let served = state.model(model)?;
-    let (detector, current) = served.engine.current();
-    if let Some(wanted) = version {
-        if wanted != current {
-            return Err(ApiError::ModelChanged(format!(
-                "made by model version {wanted}, the server now runs {current}"
-            )));
-        }
-    }
+    let (detector, current) = current_version(served, version)?;
     // Admission before any heavy work: a full queue answers 429 at once.
     let permit = served
         .engine
@@ -89,6 +82,18 @@ pub async fn judge(
         inference: reply.inference_time,
         scoring,
     })
+}
+
+/// The model's detector and its version, read together. With `version`, the model must
+/// still run that version: 409 `model_changed` otherwise.
+pub fn current_version(served: &ServedModel, version: Option<&str>) -> Result<(Arc<Detector>, String), ApiError> {
+    let (detector, current) = served.engine.current();
+    match version {
+        Some(wanted) if wanted != current => Err(ApiError::ModelChanged(format!(
+            "made by model version {wanted}, the server now runs {current}"
+        ))),
+        _ => Ok((detector, current)),
+    }
 }
 
 /// Runs CPU-bound work on the blocking pool, off the async workers.

@@ -12,7 +12,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 
-use super::judge::{blocking, judge, Judgement};
+use super::judge::{blocking, current_version, judge, Judgement};
 use super::types::{FeedbackRequest, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
@@ -159,6 +159,12 @@ pub async fn feedback(
 /// Judges the stored image again with the model version that made the verdict.
 async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiError> {
     let r = load(state, id).await?;
+    let in_context = |e| match e {
+        ApiError::ModelChanged(why) => ApiError::ModelChanged(format!("inspection {id} was {why}")),
+        other => other,
+    };
+    // A changed model answers 409 before any I/O; `judge` checks again together with the work.
+    current_version(state.model(&r.model)?, Some(&r.model_version)).map_err(in_context)?;
     let path = r
         .image_path
         .clone()
@@ -167,18 +173,10 @@ async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiErr
     let bytes = blocking(move || blobs.get(&path))
         .await?
         .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
-    let judged = judge(
-        state,
-        &r.model,
-        Some(&r.model_version),
-        bytes.into(),
-        Some(r.threshold as f32),
-    )
-    .await
-    .map_err(|e| match e {
-        ApiError::ModelChanged(why) => ApiError::ModelChanged(format!("inspection {id} was {why}")),
-        other => other,
-    })?;
+    let threshold = Some(r.threshold as f32);
+    let judged = judge(state, &r.model, Some(&r.model_version), bytes.into(), threshold)
+        .await
+        .map_err(in_context)?;
     Ok((r, judged))
 }
 

@@ -130,9 +130,8 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         bottleneck: 8,
         segmenter_width: 8,
     };
-    let archs = [("bergmann", &bergmann), ("spatial", &spatial), ("draem", &draem)];
     let mut forward = Vec::new();
-    for (name, arch) in archs {
+    for arch in [&bergmann, &spatial, &draem] {
         for size in [128usize, 256] {
             let mut net = Network::new_seeded(arch, 1, size, dev, 0)?;
             let flops = net.flops(size, size) as f64;
@@ -145,7 +144,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
                 })?;
                 let ips = batch as f64 / fast;
                 forward.push(Forward {
-                    arch: name.to_string(),
+                    arch: arch.name().to_string(),
                     size,
                     batch,
                     images_per_s: ips,

@@ -269,7 +269,8 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
 }
 
 /// A `w × h` view of `src` around `centre`, turned by `angle` and magnified by `scale`,
-/// sampled bilinearly; the source edge is extended outward.
+/// sampled bilinearly; the source edge is extended outward. Hand-written: the `image`
+/// crate turns only by quarter turns.
 fn turned(src: &Planar, w: usize, h: usize, centre: (f32, f32), angle: f32, scale: f32) -> Planar {
     let (sin, cos) = angle.sin_cos();
     let (sw, sh) = (src.width, src.height);
