@@ -103,6 +103,11 @@ impl Engine {
         let _all = self.permits.acquire_many(n).await;
     }
 
+    /// True when every queue slot is taken: a request arriving now would be refused.
+    pub fn is_full(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
+
     /// Takes a queue slot, or refuses at once when none is free.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
         self.permits

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::Device;
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -385,6 +386,21 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(error_code(&b), "overloaded");
     assert_eq!(headers["retry-after"], "1");
+
+    // The refusal does not wait for the body: one that never finishes still gets its 429.
+    let endless =
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"\x89PNG")) })
+            .chain(futures_util::stream::pending());
+    let req = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .body(Body::from_stream(endless))
+        .unwrap();
+    // The bound only turns a regression (the handler waiting on the body) into a failure
+    // instead of a hang; a correct server answers without reading.
+    let answered = tokio::time::timeout(Duration::from_secs(30), send(&h.state, req)).await;
+    let (s, _, b) = answered.expect("a full queue answers without reading the body");
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(error_code(&b), "overloaded");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The real binary on port 0 with the bundled model: bundled samples posted over HTTP; a
 //! SIGKILL in the middle of a load after which every answered inspection is found with
-//! its stored image; a SIGTERM that lets requests in flight finish before exiting 0.
+//! its stored image; a SIGTERM that lets requests in flight finish before exiting 0;
+//! thousands of mutated uploads answered with 200 or a 4xx JSON error, never anything else.
 
 mod common;
 
@@ -30,9 +31,15 @@ fn start(data_dir: &std::path::Path) -> Server {
 
 fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> Server {
     let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    start_serving(std::path::Path::new(models), data_dir, extra)
+}
+
+fn start_serving(models: &std::path::Path, data_dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = common::vigil()
         .env("RUST_LOG", "info")
-        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir", models, "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
+        .arg(models)
+        .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
         .stderr(Stdio::piped())
@@ -313,4 +320,99 @@ fn two_replicas_share_one_postgresql_database() {
             assert!(ids.contains(&id.as_str()), "{id} missing from a replica's list");
         }
     }
+}
+
+/// The fuzz seeds (one small image per format and variant) mutated the way a broken camera
+/// link or a hostile client would: bits flipped, bytes overwritten with extremes, cut
+/// short, spliced. Hand-written: a dozen lines, and it must be seeded and fast.
+fn mutate(seed: &[u8], rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
+    use rand::Rng;
+    let mut b = seed.to_vec();
+    for _ in 0..rng.random_range(1..=4) {
+        if b.is_empty() {
+            break;
+        }
+        let at = rng.random_range(0..b.len());
+        match rng.random_range(0..6) {
+            0 => b[at] ^= 1 << rng.random_range(0..8),
+            1 => b[at] = [0x00, 0xff, 0x7f, 0x80][rng.random_range(0..4)],
+            2 => b.truncate(at),
+            3 => {
+                let junk: Vec<u8> = (0..rng.random_range(1..64)).map(|_| rng.random()).collect();
+                b.splice(at..at, junk);
+            }
+            4 => {
+                let end = (at + rng.random_range(1..64)).min(b.len());
+                let copy = b[at..end].to_vec();
+                let to = rng.random_range(0..b.len());
+                b.splice(to..to, copy);
+            }
+            _ => {
+                // A 32-bit field (a width, a length, an offset) set to something large.
+                let v: u32 = [0xffff_ffff, 0x7fff_ffff, 0x0001_0000, 0][rng.random_range(0..4)];
+                for (k, byte) in v.to_be_bytes().iter().enumerate() {
+                    if let Some(x) = b.get_mut(at + k) {
+                        *x = *byte;
+                    }
+                }
+            }
+        }
+    }
+    b
+}
+
+#[test]
+fn mutated_uploads_get_200_or_a_4xx_json_error_and_the_server_stays_up() {
+    use rand::SeedableRng;
+    let total: usize = std::env::var("VIGIL_TEST_MUTATIONS").map_or(10_000, |v| v.parse().unwrap());
+    let models = tempfile::tempdir().unwrap();
+    let dst = models.path().join("default");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(common::tiny_model().join(f), dst.join(f)).unwrap();
+    }
+    let data = tempfile::tempdir().unwrap();
+    let server = start_serving(models.path(), data.path(), &[]);
+    let seeds_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-seeds/decode");
+    let seeds: Vec<Vec<u8>> = std::fs::read_dir(seeds_dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() >= 4, "the seed corpus has every format");
+    let content_types = ["image/png", "image/jpeg", "application/octet-stream", "image/tiff"];
+    let clients = 4;
+    let workers: Vec<_> = (0..clients)
+        .map(|c| {
+            let (addr, seeds) = (server.addr.clone(), seeds.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
+                let mut counts = std::collections::BTreeMap::<u16, usize>::new();
+                for i in (c..total).step_by(clients) {
+                    let body = mutate(&seeds[i % seeds.len()], &mut rng);
+                    let (status, answer) = http(&addr, "POST", "/v1/inspect", content_types[i % 4], &body);
+                    *counts.entry(status).or_default() += 1;
+                    if status != 200 {
+                        assert!((400..500).contains(&status), "upload {i} got {status}");
+                        let v: Value = serde_json::from_slice(&answer)
+                            .unwrap_or_else(|_| panic!("upload {i}: {status} without a JSON body"));
+                        assert!(v["error"]["code"].is_string(), "upload {i}: {v}");
+                    }
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::<u16, usize>::new();
+    for w in workers {
+        for (status, n) in w.join().unwrap() {
+            *counts.entry(status).or_default() += n;
+        }
+    }
+    assert_eq!(counts.values().sum::<usize>(), total);
+    // The mutations reach both sides: some still decode and are judged, some are refused.
+    assert!(counts.get(&200).is_some_and(|&n| n > 0), "{counts:?}");
+    assert!(counts.keys().any(|&s| s != 200), "{counts:?}");
+    let (s, _) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
+    assert_eq!(s, 200, "the server is still up");
+    let _ = writeln!(std::io::stderr(), "{total} mutated uploads: {counts:?}");
 }

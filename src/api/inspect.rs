@@ -3,15 +3,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{header, HeaderMap};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::HeaderMap;
 use axum::Json;
 use sha2::{Digest, Sha256};
 
 use super::judge::{blocking, judge};
 use super::types::{InspectQuery, InspectionResponse, Links, Timings};
+use super::upload::read_image_body;
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::storage::Record;
@@ -56,7 +57,12 @@ async fn inspect(
     req: Request,
 ) -> Result<Json<InspectionResponse>, ApiError> {
     let started = Instant::now();
-    state.model(&model)?;
+    // A full queue refuses before the body is read: an overloaded server answers 429 in
+    // the time it takes to parse the headers, not to receive and hash an image. (Not a
+    // reservation: `judge` admits for real, and may still refuse, once the body is in.)
+    if state.model(&model)?.engine.is_full() {
+        return Err(ApiError::Overloaded(model));
+    }
     let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let request_id = header_str(req.headers(), "x-request-id");
     let part_id = header_str(req.headers(), "x-part-id");
@@ -156,82 +162,4 @@ fn extension(bytes: &[u8]) -> &'static str {
         .ok()
         .and_then(|f| f.extensions_str().first().copied())
         .unwrap_or("bin")
-}
-
-/// Reads the image from a raw body or a multipart field `image`, within `limit` bytes.
-async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::BodyTooLarge(limit));
-    }
-    let mime = content_type.split(';').next().unwrap_or("").trim().to_string();
-    let bytes = if mime == "multipart/form-data" {
-        let (parts, body) = req.into_parts();
-        let limited = Body::new(http_body_util::Limited::new(body, limit));
-        let mut mp = axum::extract::Multipart::from_request(Request::from_parts(parts, limited), &())
-            .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        let mut found = None;
-        while let Some(field) = mp.next_field().await.map_err(|e| multipart_error(e, limit))? {
-            if field.name() == Some("image") {
-                found = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?.to_vec());
-                break;
-            }
-        }
-        found.ok_or_else(|| ApiError::BadRequest("multipart body has no field named `image`".into()))?
-    } else {
-        let accepted = [
-            "",
-            "image/png",
-            "image/jpeg",
-            "image/jpg",
-            "image/bmp",
-            "image/x-ms-bmp",
-            "image/tiff",
-            "application/octet-stream",
-        ];
-        if !accepted.contains(&mime.as_str()) {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "{mime}: send image/png, image/jpeg, image/bmp, image/tiff, application/octet-stream or multipart/form-data"
-            )));
-        }
-        axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| body_error(&e, limit))?
-            .to_vec()
-    };
-    if bytes.is_empty() {
-        return Err(ApiError::EmptyBody);
-    }
-    Ok(bytes)
-}
-
-/// 413 when the body outgrew the limit; 400 when reading it failed otherwise.
-fn body_error(e: &axum::Error, limit: usize) -> ApiError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return ApiError::BodyTooLarge(limit);
-        }
-        source = s.source();
-    }
-    ApiError::BadRequest(format!("reading the request body failed: {e}"))
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::BodyTooLarge(limit)
-    } else {
-        ApiError::BadRequest(e.body_text())
-    }
 }

@@ -10,6 +10,7 @@ pub mod judge;
 pub mod models;
 pub mod records;
 pub mod types;
+pub mod upload;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,86 @@
+//! Reading an uploaded image out of a request: a raw body or the multipart field `image`,
+//! within a byte limit. Public so the fuzz targets can drive it with arbitrary bodies.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
+
+use crate::api::error::ApiError;
+
+/// Reads the image from a raw body or a multipart field `image`, within `limit` bytes.
+pub async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_string();
+    let bytes = if mime == "multipart/form-data" {
+        let (parts, body) = req.into_parts();
+        let limited = Body::new(http_body_util::Limited::new(body, limit));
+        let mut mp = axum::extract::Multipart::from_request(Request::from_parts(parts, limited), &())
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = mp.next_field().await.map_err(|e| multipart_error(e, limit))? {
+            if field.name() == Some("image") {
+                found = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?.to_vec());
+                break;
+            }
+        }
+        found.ok_or_else(|| ApiError::BadRequest("multipart body has no field named `image`".into()))?
+    } else {
+        let accepted = [
+            "",
+            "image/png",
+            "image/jpeg",
+            "image/jpg",
+            "image/bmp",
+            "image/x-ms-bmp",
+            "image/tiff",
+            "application/octet-stream",
+        ];
+        if !accepted.contains(&mime.as_str()) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "{mime}: send image/png, image/jpeg, image/bmp, image/tiff, application/octet-stream or multipart/form-data"
+            )));
+        }
+        axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|e| body_error(&e, limit))?
+            .to_vec()
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::EmptyBody);
+    }
+    Ok(bytes)
+}
+
+/// 413 when the body outgrew the limit; 400 when reading it failed otherwise.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ApiError::BodyTooLarge(limit);
+        }
+        source = s.source();
+    }
+    ApiError::BadRequest(format!("reading the request body failed: {e}"))
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge(limit)
+    } else {
+        ApiError::BadRequest(e.body_text())
+    }
+}
