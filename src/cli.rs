@@ -67,6 +67,9 @@ pub enum ArchName {
     /// autoencoder and a small U-Net (see --segmenter-width) trained on synthetic anomalies;
     /// the anomaly map is the U-Net's per-pixel probability.
     Draem,
+    /// Variational spatial autoencoder: the code is a Gaussian (see --beta, --kl-warmup);
+    /// inference decodes its mean; anomaly map from SSIM and L2 reconstruction error.
+    Vae,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,15 +116,22 @@ pub struct TrainArgs {
     /// Latent vector size (--arch bergmann).
     #[arg(long, default_value_t = 100)]
     pub latent: usize,
-    /// Base channel width (--arch spatial: width, 2·width, 4·width).
+    /// Base channel width (--arch spatial, vae: width, 2·width, 4·width; draem's reconstructor).
     #[arg(long, default_value_t = 16)]
     pub width: usize,
-    /// Bottleneck channels at 1/8 resolution (--arch spatial, draem).
+    /// Bottleneck channels at 1/8 resolution (--arch spatial, draem, vae).
     #[arg(long, default_value_t = 8)]
     pub bottleneck: usize,
     /// Base channel width of the segmentation U-Net (--arch draem: width, 2·, 4·).
     #[arg(long, default_value_t = 8)]
     pub segmenter_width: usize,
+    /// Weight of the KL term (--arch vae): higher pulls the code towards N(0, 1), giving
+    /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
+    #[arg(long, default_value_t = 0.01)]
+    pub beta: f32,
+    /// Steps over which the KL weight ramps from 0 to --beta (--arch vae).
+    #[arg(long, default_value_t = 500)]
+    pub kl_warmup: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. Default: 1200 for
     /// --arch draem, 2500 for the autoencoders (about 10 and 5 minutes for 70–80 images of
     /// 256² on 2 CPU cores).

@@ -194,7 +194,7 @@ fn whole_networks_agree_with_candle_forward_and_backward() {
         let x = ((values(&[batch, c, size, size], 7) + 1.0).unwrap() * 0.5).unwrap();
         let run = |net: &mut Network, k: Kernels| {
             net.set_kernels(k);
-            let y = net.autoencoder().forward_t(&x, true).unwrap();
+            let y = net.autoencoder().unwrap().forward_t(&x, true).unwrap();
             let loss = LossKind::SsimL2.compute(&y, &x, k).unwrap();
             let grads = loss.backward().unwrap();
             let mut named: Vec<(String, Tensor)> = net
@@ -242,9 +242,9 @@ fn whole_networks_agree_with_candle_forward_and_backward() {
         }
         // Inference mode: BatchNorm folded into the convolutions against candle's layers.
         net.set_kernels(Kernels::Fast);
-        let eval_fast = net.autoencoder().forward_t(&x, false).unwrap();
+        let eval_fast = net.autoencoder().unwrap().forward_t(&x, false).unwrap();
         net.set_kernels(Kernels::Candle);
-        let eval_ref = net.autoencoder().forward_t(&x, false).unwrap();
+        let eval_ref = net.autoencoder().unwrap().forward_t(&x, false).unwrap();
         close(&format!("{arch:?} inference output"), &eval_fast, &eval_ref);
         close(&format!("{arch:?} output"), &y_fast, &y_ref);
         close(&format!("{arch:?} loss"), &loss_fast, &loss_ref);

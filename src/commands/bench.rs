@@ -182,6 +182,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
                 learning_rate: 1e-3,
                 weight_decay: 1e-5,
                 kernels: k,
+                seed: 0,
             };
             net.trainer(settings)?.step(&batch, 1e-3)?;
             Ok(())

@@ -23,6 +23,12 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             bottleneck: args.bottleneck,
             segmenter_width: args.segmenter_width,
         },
+        ArchName::Vae => Architecture::Vae {
+            width: args.width,
+            bottleneck: args.bottleneck,
+            beta: args.beta,
+            kl_warmup_steps: args.kl_warmup,
+        },
     };
     let discriminative = matches!(architecture, Architecture::Draem { .. });
     let default_fit = if args.resize || architecture.fully_convolutional() {

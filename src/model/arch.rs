@@ -25,6 +25,16 @@ pub enum Architecture {
         bottleneck: usize,
         segmenter_width: usize,
     },
+    /// The variational form of the spatial autoencoder (Kingma & Welling 2014): the encoder
+    /// emits a mean and a log-variance per bottleneck value, training decodes a sample
+    /// z = μ + σ·ε and adds β·KL(q(z|x) ‖ N(0, 1)) to the reconstruction loss (β ramped up
+    /// linearly over `kl_warmup_steps`); inference decodes μ, so scores are deterministic.
+    Vae {
+        width: usize,
+        bottleneck: usize,
+        beta: f32,
+        kl_warmup_steps: usize,
+    },
 }
 
 impl Architecture {
@@ -34,6 +44,7 @@ impl Architecture {
             Architecture::Bergmann { .. } => "bergmann",
             Architecture::Spatial { .. } => "spatial",
             Architecture::Draem { .. } => "draem",
+            Architecture::Vae { .. } => "vae",
         }
     }
 
@@ -59,16 +70,18 @@ impl Architecture {
                 }
             }
             Architecture::Spatial { width, bottleneck }
-            | Architecture::Draem {
-                width,
-                bottleneck,
-                segmenter_width: _,
-            } => {
+            | Architecture::Draem { width, bottleneck, .. }
+            | Architecture::Vae { width, bottleneck, .. } => {
                 if *width == 0 || *bottleneck == 0 {
                     return Err("width and bottleneck must be positive".into());
                 }
                 if let Architecture::Draem { segmenter_width: 0, .. } = self {
                     return Err("segmenter width must be positive".into());
+                }
+                if let Architecture::Vae { beta, .. } = self {
+                    if !(beta.is_finite() && *beta >= 0.0) {
+                        return Err(format!("beta must be a finite number ≥ 0, not {beta}"));
+                    }
                 }
                 if size < 16 || size % 8 != 0 {
                     return Err(format!(

@@ -1,6 +1,6 @@
 //! Networks and the seams the rest of vigil sees.
 //!
-//! A model *family* is a folder here (`autoencoder`, `draem`) holding its network and its
+//! A model *family* is a folder here (`autoencoder`, `draem`, `vae`) holding its network and its
 //! training step. Everything else (detector, scoring, engine, API, training loop) sees only
 //! [`AnomalyModel`] (a batch in; the reconstruction and, where the family has one, a learned
 //! anomaly map out) and [`TrainStep`] (one optimisation step that owns its optimizers and
@@ -12,6 +12,7 @@ pub mod autoencoder;
 pub mod device;
 pub mod draem;
 pub(crate) mod layers;
+pub mod vae;
 
 use std::path::Path;
 
@@ -73,6 +74,8 @@ pub struct StepSettings {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub kernels: Kernels,
+    /// Seeds the step's own randomness (a VAE's samples), for reproducible training.
+    pub seed: u64,
 }
 
 /// What every family's network provides to [`Network`].
@@ -82,8 +85,8 @@ trait Family: Send + Sync {
     fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> candle_core::Result<Box<dyn TrainStep + 'a>>;
     fn set_kernels(&mut self, kernels: Kernels);
     fn flops(&self, h: usize, w: usize) -> u64;
-    /// The network that rebuilds the image (every family has one).
-    fn reconstructor(&self) -> &Autoencoder;
+    /// The plain autoencoder that rebuilds the image, where the family has one.
+    fn reconstructor(&self) -> Option<&Autoencoder>;
 }
 
 /// A model of any family with its weights.
@@ -102,6 +105,7 @@ impl Network {
     ) -> candle_core::Result<Box<dyn Family>> {
         Ok(match arch {
             Architecture::Draem { .. } => Box::new(draem::DraemNet::new(arch, channels, size, vb)?),
+            Architecture::Vae { .. } => Box::new(vae::Vae::new(arch, channels, size, vb)?),
             _ => Box::new(Autoencoder::new(arch, channels, size, vb)?),
         })
     }
@@ -193,8 +197,8 @@ impl Network {
         self.family.flops(h, w)
     }
 
-    /// The network that rebuilds the image.
-    pub fn autoencoder(&self) -> &Autoencoder {
+    /// The plain autoencoder that rebuilds the image, where the family has one.
+    pub fn autoencoder(&self) -> Option<&Autoencoder> {
         self.family.reconstructor()
     }
 }

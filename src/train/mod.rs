@@ -182,6 +182,7 @@ fn fit(
         learning_rate: cfg.learning_rate,
         weight_decay: 1e-5,
         kernels: cfg.kernels,
+        seed: cfg.seed,
     })?;
     let bar = progress_bar(cfg.steps, cfg.progress);
     let curve_every = (cfg.steps / 100).max(1);

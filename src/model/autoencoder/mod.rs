@@ -35,8 +35,8 @@ impl Family for Autoencoder {
         Autoencoder::flops(self, h, w)
     }
 
-    fn reconstructor(&self) -> &Autoencoder {
-        self
+    fn reconstructor(&self) -> Option<&Autoencoder> {
+        Some(self)
     }
 }
 

@@ -22,7 +22,9 @@ impl Autoencoder {
         match arch {
             Architecture::Bergmann { latent } => Self::bergmann(*latent, channels, size, vb),
             Architecture::Spatial { width, bottleneck } => Self::spatial(*width, *bottleneck, channels, vb),
-            Architecture::Draem { .. } => candle_core::bail!("a draem model is built by model::draem"),
+            Architecture::Draem { .. } | Architecture::Vae { .. } => {
+                candle_core::bail!("a {} model is built by its own family", arch.name())
+            }
         }
     }
 
@@ -69,12 +71,24 @@ impl Autoencoder {
 
     /// The spatial autoencoder (also the reconstructive half of other families).
     pub(crate) fn spatial(w: usize, bottleneck: usize, c: usize, vb: VarBuilder) -> Result<Self> {
+        Self::spatial_with_code(w, bottleneck, bottleneck, c, vb)
+    }
+
+    /// The spatial autoencoder whose encoder emits `code` channels and whose decoder takes
+    /// `bottleneck` (they differ when the code is a distribution: mean and log-variance).
+    pub(crate) fn spatial_with_code(
+        w: usize,
+        code: usize,
+        bottleneck: usize,
+        c: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let e = Builder::new(vb.pp("enc"), true)
             .conv_act(c, w, 4, 2, 1)?
             .conv_act(w, 2 * w, 4, 2, 1)?
             .conv_act(2 * w, 4 * w, 4, 2, 1)?
             .conv_act(4 * w, 4 * w, 3, 1, 1)?
-            .conv(4 * w, bottleneck, 1, 1, 0)?;
+            .conv(4 * w, code, 1, 1, 0)?;
         let d = Builder::new(vb.pp("dec"), true)
             .conv_act(bottleneck, 4 * w, 3, 1, 1)?
             .up_act(4 * w, 2 * w)?
@@ -102,7 +116,16 @@ impl Autoencoder {
 
     /// Runs the network; `train` selects batch statistics in BatchNorm layers.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let z = self.encoder.forward_t(x, train, self.kernels)?;
-        self.decoder.forward_t(&z, train, self.kernels)
+        self.decode(&self.encode(x, train)?, train)
+    }
+
+    /// The encoder alone: the code (N, code channels, H/8, W/8 for the spatial network).
+    pub(crate) fn encode(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.encoder.forward_t(x, train, self.kernels)
+    }
+
+    /// The decoder alone: an image in [0, 1] from a code.
+    pub(crate) fn decode(&self, z: &Tensor, train: bool) -> Result<Tensor> {
+        self.decoder.forward_t(z, train, self.kernels)
     }
 }

@@ -43,8 +43,8 @@ impl Family for DraemNet {
         self.reconstructor.flops(h, w) + self.segmenter.flops(h, w)
     }
 
-    fn reconstructor(&self) -> &Autoencoder {
-        &self.reconstructor
+    fn reconstructor(&self) -> Option<&Autoencoder> {
+        Some(&self.reconstructor)
     }
 }
 
