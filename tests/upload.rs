@@ -2,9 +2,7 @@
 //! upload test in `tests/serve.rs`) stays meaningful: every image seed decodes, and every
 //! body seed reads the way its name says. Crashes the fuzzers find become tests here.
 
-use axum::body::Body;
-use axum::extract::Request;
-use vigil::api::upload::read_image_body;
+use vigil::api::upload::{fuzz_request, read_image_body};
 use vigil::image_io::decode;
 
 const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-seeds");
@@ -36,29 +34,9 @@ fn every_image_seed_decodes_in_each_format() {
     assert_eq!(formats.len(), 4, "PNG, JPEG, BMP and TIFF seeds: {formats:?}");
 }
 
-/// The same framing as the `upload_body` fuzz target: the first byte picks the content
-/// type (and whether the length is declared), the rest is the body.
+/// Reads `data` as the `upload_body` fuzz target does, with its limit.
 async fn read_like_the_fuzz_target(data: &[u8]) -> Result<Vec<u8>, vigil::api::error::ApiError> {
-    const CONTENT_TYPES: &[&str] = &[
-        "image/png",
-        "application/octet-stream",
-        "",
-        "multipart/form-data; boundary=b0undary",
-        "multipart/form-data",
-        "multipart/form-data; boundary=\"b0undary\"",
-        "text/plain",
-        "IMAGE/JPEG; charset=x",
-    ];
-    let (&pick, body) = data.split_first().unwrap();
-    let content_type = CONTENT_TYPES[pick as usize % CONTENT_TYPES.len()];
-    let mut req = Request::post("/v1/inspect");
-    if !content_type.is_empty() {
-        req = req.header("content-type", content_type);
-    }
-    if pick & 0x80 != 0 {
-        req = req.header("content-length", body.len());
-    }
-    read_image_body(req.body(Body::from(body.to_vec())).unwrap(), 4096).await
+    read_image_body(fuzz_request(data).unwrap(), 4096).await
 }
 
 #[tokio::test]

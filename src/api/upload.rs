@@ -84,3 +84,33 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
         ApiError::BadRequest(e.body_text())
     }
 }
+
+/// Content types the `upload_body` fuzz target chooses between (see [`fuzz_request`]).
+const FUZZ_CONTENT_TYPES: &[&str] = &[
+    "image/png",
+    "application/octet-stream",
+    "",
+    "multipart/form-data; boundary=b0undary",
+    "multipart/form-data",
+    "multipart/form-data; boundary=\"b0undary\"",
+    "text/plain",
+    "IMAGE/JPEG; charset=x",
+];
+
+/// The request the `upload_body` fuzz target makes of an input: the first byte picks the
+/// declared content type (low bits) and whether the length is declared (high bit, so both
+/// the early 413 and the streaming limit are reached); the rest is the body. Here so that
+/// a regression test replays a found input exactly as the fuzzer framed it. `None` for an
+/// empty input.
+pub fn fuzz_request(data: &[u8]) -> Option<Request> {
+    let (&pick, body) = data.split_first()?;
+    let content_type = FUZZ_CONTENT_TYPES[pick as usize % FUZZ_CONTENT_TYPES.len()];
+    let mut req = Request::post("/v1/inspect");
+    if !content_type.is_empty() {
+        req = req.header(header::CONTENT_TYPE, content_type);
+    }
+    if pick & 0x80 != 0 {
+        req = req.header(header::CONTENT_LENGTH, body.len());
+    }
+    req.body(Body::from(body.to_vec())).ok()
+}
