@@ -63,7 +63,16 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     // Room for 16-bit RGBA of the declared size plus decoder scratch.
     limits.max_alloc = Some(width as u64 * height as u64 * 8 * 2 + (64 << 20));
     reader.limits(limits);
-    reader.decode().map_err(|e| ImageError::Corrupt(e.to_string()))
+    // The decoders are third-party code fed untrusted bytes, and one can panic where it
+    // should return an error (fuzzing found zune-jpeg 0.5.15 unwrapping `None` in its AVX2
+    // IDCT on a crafted JPEG; tests/upload.rs keeps that input). A panic here is a corrupt
+    // image to the caller, not a crashed `vigil inspect` or a 500.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())) {
+        Ok(decoded) => decoded.map_err(|e| ImageError::Corrupt(e.to_string())),
+        Err(_) => Err(ImageError::Corrupt(format!(
+            "the {format:?} decoder failed on this image"
+        ))),
+    }
 }
 
 /// Reads and decodes a file.

@@ -1,6 +1,7 @@
 //! The fuzz targets' seed corpus (`tests/fuzz-seeds/`, used by `fuzz/` and by the mutated
 //! upload test in `tests/serve.rs`) stays meaningful: every image seed decodes, and every
-//! body seed reads the way its name says. Crashes the fuzzers find become tests here.
+//! body seed reads the way its name says. Crashes the fuzzers found are kept in
+//! `tests/fuzz-regressions/<target>/` and replayed here.
 
 use vigil::api::upload::{fuzz_request, read_image_body};
 use vigil::image_io::decode;
@@ -51,5 +52,18 @@ async fn every_body_seed_reads_as_its_name_says() {
             }
             _ => assert_eq!(got.unwrap_or_else(|e| panic!("{name}: {e}")), png, "{name}"),
         }
+    }
+}
+
+#[test]
+fn inputs_that_crashed_the_decode_fuzzer_are_refused_as_corrupt() {
+    let found = seeds("../fuzz-regressions/decode");
+    assert!(!found.is_empty());
+    for (name, bytes) in found {
+        let err = decode(&bytes, 1 << 16).expect_err(&name);
+        assert!(
+            matches!(err, vigil::image_io::ImageError::Corrupt(_)),
+            "{name}: {err}"
+        );
     }
 }
