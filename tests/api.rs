@@ -398,9 +398,11 @@ async fn a_full_queue_answers_429_with_retry_after() {
     // The bound only turns a regression (the handler waiting on the body) into a failure
     // instead of a hang; a correct server answers without reading.
     let answered = tokio::time::timeout(Duration::from_secs(30), send(&h.state, req)).await;
-    let (s, _, b) = answered.expect("a full queue answers without reading the body");
+    let (s, headers, b) = answered.expect("a full queue answers without reading the body");
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(error_code(&b), "overloaded");
+    // The unread body makes the connection unusable: the answer says it will close.
+    assert_eq!(headers["connection"], "close");
 }
 
 #[tokio::test]

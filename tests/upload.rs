@@ -61,9 +61,6 @@ fn inputs_that_crashed_the_decode_fuzzer_are_refused_as_corrupt() {
     assert!(!found.is_empty());
     for (name, bytes) in found {
         let err = decode(&bytes, 1 << 16).expect_err(&name);
-        assert!(
-            matches!(err, vigil::image_io::ImageError::Corrupt(_)),
-            "{name}: {err}"
-        );
+        assert!(matches!(err, vigil::image_io::ImageError::Corrupt(_)), "{name}: {err}");
     }
 }
