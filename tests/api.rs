@@ -53,10 +53,7 @@ async fn harness_with(
     let model_dir = match artifact {
         Some(src) => {
             let dst = dir.path().join("artifact");
-            std::fs::create_dir_all(&dst).unwrap();
-            for f in ["model.json", "weights.safetensors"] {
-                std::fs::copy(src.join(f), dst.join(f)).unwrap();
-            }
+            common::copy_model(src, &dst);
             dst
         }
         None => dir.path().into(),

@@ -158,10 +158,7 @@ fn eval_compare_puts_several_models_in_one_table_json_and_figure() {
     assert!(o.status.success(), "{}", stderr(&o));
     // The same model under two names, and the old-format spatial model bundled with vigil.
     let twin = work.path().join("twin");
-    std::fs::create_dir_all(&twin).unwrap();
-    for f in ["model.json", "weights.safetensors"] {
-        std::fs::copy(model.join(f), twin.join(f)).unwrap();
-    }
+    common::copy_model(model, &twin);
     let spatial = concat!(env!("CARGO_MANIFEST_DIR"), "/models/spatial");
     let (json, fig) = (work.path().join("cmp.json"), work.path().join("cmp.png"));
     let o = run(&[
@@ -210,11 +207,7 @@ fn eval_compare_puts_several_models_in_one_table_json_and_figure() {
 fn calibrate_rewrites_thresholds_from_new_good_images() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");
-    let src = tiny_model();
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["model.json", "weights.safetensors"] {
-        std::fs::copy(src.join(f), model.join(f)).unwrap();
-    }
+    common::copy_model(tiny_model(), &model);
     let weights_before = std::fs::read(model.join("weights.safetensors")).unwrap();
     let o = run(&[
         "calibrate",

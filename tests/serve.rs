@@ -366,11 +366,7 @@ fn mutated_uploads_get_200_or_a_4xx_json_error_and_the_server_stays_up() {
     use rand::SeedableRng;
     let total: usize = std::env::var("VIGIL_TEST_MUTATIONS").map_or(10_000, |v| v.parse().unwrap());
     let models = tempfile::tempdir().unwrap();
-    let dst = models.path().join("default");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["model.json", "weights.safetensors"] {
-        std::fs::copy(common::tiny_model().join(f), dst.join(f)).unwrap();
-    }
+    common::copy_model(common::tiny_model(), &models.path().join("default"));
     let data = tempfile::tempdir().unwrap();
     let server = start_serving(models.path(), data.path(), &[]);
     let seeds_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-seeds/decode");

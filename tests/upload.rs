@@ -6,10 +6,11 @@
 use vigil::api::upload::{fuzz_request, read_image_body};
 use vigil::image_io::decode;
 
-const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-seeds");
+const TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
 
-fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = std::fs::read_dir(format!("{SEEDS}/{target}"))
+/// Every file in `tests/<dir>`, as (name, bytes), by name.
+fn files(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(format!("{TESTS}/{dir}"))
         .unwrap()
         .map(|e| {
             let p = e.unwrap().path();
@@ -25,7 +26,7 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn every_image_seed_decodes_in_each_format() {
-    let seeds = seeds("decode");
+    let seeds = files("fuzz-seeds/decode");
     let mut formats = std::collections::BTreeSet::new();
     for (name, bytes) in &seeds {
         let img = decode(bytes, 1 << 16).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -42,8 +43,8 @@ async fn read_like_the_fuzz_target(data: &[u8]) -> Result<Vec<u8>, vigil::api::e
 
 #[tokio::test]
 async fn every_body_seed_reads_as_its_name_says() {
-    let png = std::fs::read(format!("{SEEDS}/decode/grey.png")).unwrap();
-    for (name, data) in seeds("upload_body") {
+    let png = std::fs::read(format!("{TESTS}/fuzz-seeds/decode/grey.png")).unwrap();
+    for (name, data) in files("fuzz-seeds/upload_body") {
         let got = read_like_the_fuzz_target(&data).await;
         match name.as_str() {
             "multipart-no-image" => {
@@ -57,7 +58,7 @@ async fn every_body_seed_reads_as_its_name_says() {
 
 #[test]
 fn inputs_that_crashed_the_decode_fuzzer_are_refused_as_corrupt() {
-    let found = seeds("../fuzz-regressions/decode");
+    let found = files("fuzz-regressions/decode");
     assert!(!found.is_empty());
     for (name, bytes) in found {
         let err = decode(&bytes, 1 << 16).expect_err(&name);

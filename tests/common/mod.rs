@@ -88,6 +88,14 @@ pub fn tiny_model() -> &'static Path {
     })
 }
 
+/// Copies a model artifact (`model.json` and `weights.safetensors`) into `dst`, created.
+pub fn copy_model(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+}
+
 /// Reconstructs every image as flat mid-grey: the error map then shows the input's structure.
 pub struct Flat(pub candle_core::Device);
 impl vigil::model::AnomalyModel for Flat {

@@ -122,7 +122,7 @@ impl TrainStep for VaeStep<'_> {
             .map(|_| rand_distr::StandardNormal.sample(&mut self.rng))
             .collect();
         let noise = Tensor::from_vec(noise, mean.shape(), mean.device())?;
-        let z = (&mean + (log_variance.clone() * 0.5)?.exp()?.mul(&noise)?)?;
+        let z = (&mean + (&log_variance * 0.5)?.exp()?.mul(&noise)?)?;
         let recon = self.vae.net.decode(&z, true)?;
         let reconstruction = self
             .settings
