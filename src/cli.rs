@@ -125,6 +125,10 @@ pub struct TrainArgs {
     /// Base channel width of the segmentation U-Net (--arch draem: width, 2·, 4·).
     #[arg(long, default_value_t = 8)]
     pub segmenter_width: usize,
+    /// Stride-2 stages of the segmentation U-Net (--arch draem): each doubles how far it
+    /// sees around a pixel. Image sides must be multiples of 2^depth.
+    #[arg(long, default_value_t = 3)]
+    pub segmenter_depth: usize,
     /// Weight of the KL term (--arch vae): higher pulls the code towards N(0, 1), giving
     /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
     #[arg(long, default_value_t = 0.01)]

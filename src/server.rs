@@ -73,6 +73,7 @@ pub async fn build_state(
         metrics,
         device,
         ready: AtomicBool::new(true),
+        live: Default::default(),
     }))
 }
 

@@ -86,6 +86,7 @@ async fn harness_with(
         metrics: vigil::metrics::install(),
         device: Device::Cpu,
         ready: AtomicBool::new(true),
+        live: Default::default(),
     });
     Harness { state, _dir: dir }
 }
@@ -816,4 +817,109 @@ async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
     let (s, _, b) = send(&h.state, heatmap()).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_changed"));
     assert!(String::from_utf8_lossy(&b).contains(&format!("inspection {id} was made by model version v1")));
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn the_operator_page_loads_without_a_key_and_whoami_tells_the_role() {
+    let h = harness(Some("inspect inspect-key-0123456789\nadmin admin-key-0123456789"), 8).await;
+    let (s, hd, b) = send(&h.state, get("/")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(hd["content-type"].to_str().unwrap().starts_with("text/html"));
+    let page = String::from_utf8(b).unwrap();
+    assert!(page.contains("/ui/app.js") && page.contains("/ui/app.css"), "{page}");
+    for (path, kind) in [("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+        let (s, hd, b) = send(&h.state, get(path)).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        assert!(hd["content-type"].to_str().unwrap().starts_with(kind), "{path}");
+        assert!(b.len() > 1000, "{path} is nearly empty");
+    }
+    // The data behind the page needs a key; the key's role decides what the page shows.
+    let (s, _, b) = send(&h.state, get("/v1/whoami")).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    for (key, role) in [("inspect-key-0123456789", "inspect"), ("admin-key-0123456789", "admin")] {
+        let req = Request::get("/v1/whoami")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(json(&b), serde_json::json!({"keys_required": true, "role": role}));
+    }
+    // Without keys everyone may do everything.
+    let open = harness(None, 8).await;
+    let (_, _, b) = send(&open.state, get("/v1/whoami")).await;
+    assert_eq!(json(&b), serde_json::json!({"keys_required": false, "role": "admin"}));
+}
+
+#[tokio::test]
+async fn stored_image_heatmap_opacity_part_filter_labels_and_live_stats() {
+    let h = harness_named(None, 8, "page").await;
+    let upload = png(40, 30, true);
+    let req = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("x-part-id", "A-1")
+        .body(Body::from(upload.clone()))
+        .unwrap();
+    let (s, _, b) = send(&h.state, req).await;
+    assert_eq!(s, StatusCode::OK);
+    let first = json(&b);
+    let id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(first["links"]["image"], format!("/v1/inspections/{id}/image"));
+    let req = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("x-part-id", "B-2")
+        .body(Body::from(png(40, 30, false)))
+        .unwrap();
+    let second = json(&send(&h.state, req).await.2);
+
+    // The stored image comes back byte for byte, with its type.
+    let (s, hd, b) = send(&h.state, get(&format!("/v1/inspections/{id}/image"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(hd["content-type"], "image/png");
+    assert_eq!(b, upload);
+
+    // opacity 0 is the image itself away from the defect, 1 is colour only.
+    let pixel = |b: &[u8]| image::load_from_memory(b).unwrap().to_rgb8().get_pixel(35, 25).0;
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/heatmap.png?opacity=0"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(pixel(&b), [128, 128, 128]);
+    let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/heatmap.png?opacity=1"))).await;
+    assert_ne!(pixel(&b), [128, 128, 128]);
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/heatmap.png?opacity=1.5"))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+
+    // Filter by part; labels show in the list.
+    let req = post(
+        &format!("/v1/inspections/{id}/feedback"),
+        "application/json",
+        br#"{"label":"defective"}"#.to_vec(),
+    );
+    assert_eq!(send(&h.state, req).await.0, StatusCode::OK);
+    let (_, _, b) = send(&h.state, get("/v1/inspections?part_id=A-1")).await;
+    let items = json(&b)["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 1);
+    assert_eq!(
+        (&items[0]["id"], &items[0]["feedback"]),
+        (&first["id"], &"defective".into())
+    );
+    let (_, _, b) = send(&h.state, get("/v1/inspections?model=page")).await;
+    let items = json(&b)["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2);
+    assert!(items[0].get("feedback").is_none(), "the newer one has no label");
+
+    // Live numbers count both inspections of this model and its anomalous share.
+    let (s, _, b) = send(&h.state, get("/v1/stats?window_s=600")).await;
+    assert_eq!(s, StatusCode::OK);
+    let st = json(&b);
+    let anomalous = [&first, &second].iter().filter(|v| v["is_anomalous"] == true).count();
+    assert_eq!(st["models"]["page"]["inspections"], 2);
+    assert_eq!(st["models"]["page"]["anomalous"], anomalous);
+    assert_eq!(st["window_s"], 600.0);
+    assert!(st["latency_p99_ms"].as_f64().unwrap() >= st["latency_p50_ms"].as_f64().unwrap());
+    let (s, _, b) = send(&h.state, get("/v1/stats?window_s=0")).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
 }

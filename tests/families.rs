@@ -20,6 +20,7 @@ fn draem() -> Architecture {
         width: 4,
         bottleneck: 2,
         segmenter_width: 4,
+        segmenter_depth: 3,
     }
 }
 

@@ -13,7 +13,8 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::api::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Inspect,
     Admin,
@@ -92,8 +93,29 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
     match presented.and_then(|k| keys.role_of(&k)) {
         None => ApiError::Unauthorized.into_response(),
         Some(Role::Inspect) if needs_admin(&req) => ApiError::Forbidden.into_response(),
-        Some(_) => next.run(req).await,
+        Some(role) => {
+            let mut req = req;
+            req.extensions_mut().insert(role);
+            next.run(req).await
+        }
     }
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// Whether this server asks for API keys.
+    pub keys_required: bool,
+    /// The presented key's role; `admin` when the server has no keys (everyone may do everything).
+    pub role: Role,
+}
+
+/// What the presented key may do (the operator's page hides what it may not).
+#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = crate::api::error::ErrorBody)))]
+pub async fn whoami(State(state): State<Arc<AppState>>, role: Option<axum::Extension<Role>>) -> axum::Json<WhoAmI> {
+    axum::Json(WhoAmI {
+        keys_required: state.keys.is_some(),
+        role: role.map_or(Role::Admin, |r| r.0),
+    })
 }
 
 #[cfg(test)]

@@ -136,6 +136,7 @@ async fn inspect(
     metrics::histogram!(crate::metrics::SCORES, "model" => model.clone()).record(inspection.score as f64);
     metrics::histogram!(crate::metrics::INSPECTION_SECONDS, "model" => model.clone())
         .record(started.elapsed().as_secs_f64());
+    state.live.record(&model, timings.total, inspection.is_anomalous);
     Ok(Json(InspectionResponse {
         links: Links::for_id(&id),
         id,

@@ -7,9 +7,11 @@ pub mod error;
 pub mod health;
 pub mod inspect;
 pub mod judge;
+pub mod live;
 pub mod models;
 pub mod records;
 pub mod types;
+pub mod ui;
 pub mod upload;
 
 use std::collections::BTreeMap;
@@ -58,6 +60,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub device: candle_core::Device,
     pub ready: AtomicBool,
+    pub live: live::LiveStats,
 }
 
 impl AppState {
@@ -81,6 +84,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/inspections/{id}/heatmap.png", get(records::heatmap))
         .route("/inspections/{id}/anomaly_map.npy", get(records::anomaly_map))
         .route("/inspections/{id}/reconstruction.png", get(records::reconstruction))
+        .route("/inspections/{id}/image", get(records::image))
+        .route("/stats", get(live::stats))
+        .route("/whoami", get(auth::whoami))
         .route(
             "/inspections/{id}/feedback",
             post(records::feedback).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
@@ -93,6 +99,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::page))
+        .merge(ui::routes())
         .fallback(|| async { crate::api::error::ApiError::NoRoute })
         // The body limit is enforced by the handlers (to answer in our JSON shape).
         .layer(axum::extract::DefaultBodyLimit::disable())

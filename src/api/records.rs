@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 
 use super::judge::{blocking, current_version, judge, Judgement};
-use super::types::{FeedbackRequest, InspectionPage, InspectionResponse, Links, ListParams, Timings};
+use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::storage::{ListQuery, Record};
@@ -88,6 +88,7 @@ pub async fn list(
     let q = ListQuery {
         model: p.model.clone(),
         anomalous,
+        part_id: p.part_id.clone(),
         since_us: parse_time(&p.since, "since")?,
         until_us: parse_time(&p.until, "until")?,
         before_id: cursor,
@@ -97,8 +98,16 @@ pub async fn list(
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if more { rows.last().map(|r| r.id.clone()) } else { None };
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let mut labels = state.store.labels_of(&ids).await?;
     Ok(Json(InspectionPage {
-        items: rows.into_iter().map(|r| to_response(r, None)).collect(),
+        items: rows
+            .into_iter()
+            .map(|r| {
+                let label = labels.remove(&r.id);
+                to_response(r, label)
+            })
+            .collect(),
         next_cursor,
     }))
 }
@@ -188,20 +197,51 @@ fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
 }
 
 /// The heatmap overlay (PNG), rendered on demand.
-#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path), HeatmapQuery), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn heatmap(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    q: Result<Query<HeatmapQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
+    let opacity = super::inspect::query(q)?.opacity.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&opacity) {
+        return Err(ApiError::BadRequest("opacity must be between 0 and 1".into()));
+    }
     let (r, judged) = rerun(&state, &id).await?;
     let channels = state.model(&r.model)?.engine.detector().card.input.channels;
     let out = blocking(move || {
         let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
-        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, 0.5)
+        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, opacity)
     })
     .await?;
     png(out)
+}
+
+/// The stored image, as it was uploaded (any model version: it is what was sent).
+#[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+pub async fn image(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let r = load(&state, &id).await?;
+    let path = r
+        .image_path
+        .ok_or_else(|| ApiError::NotStored(format!("the image of inspection {id} was not stored")))?;
+    let blobs = state.blobs.clone();
+    let bytes = blocking(move || blobs.get(&path))
+        .await?
+        .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
+    let mime = image::guess_format(&bytes).map_or("application/octet-stream", |f| f.to_mime_type());
+    Ok((
+        [
+            (header::CONTENT_TYPE, mime),
+            // Inspections never change: the browser may keep it.
+            (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 /// The anomaly map: float32 .npy, height × width (as `vigil inspect --maps-dir` writes).

@@ -21,6 +21,8 @@ pub struct Links {
     pub heatmap: String,
     pub anomaly_map: String,
     pub reconstruction: String,
+    /// The stored image as it was uploaded.
+    pub image: String,
 }
 
 impl Links {
@@ -30,6 +32,7 @@ impl Links {
             heatmap: format!("{base}/heatmap.png"),
             anomaly_map: format!("{base}/anomaly_map.npy"),
             reconstruction: format!("{base}/reconstruction.png"),
+            image: format!("{base}/image"),
             self_: base,
         }
     }
@@ -77,6 +80,8 @@ pub struct ListParams {
     pub model: Option<String>,
     /// `anomalous` or `normal`.
     pub verdict: Option<String>,
+    /// Only this part (the `X-Part-Id` the image was sent with).
+    pub part_id: Option<String>,
     /// RFC 3339 time; records at or after it.
     pub since: Option<String>,
     /// RFC 3339 time; records before it.
@@ -85,6 +90,13 @@ pub struct ListParams {
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct HeatmapQuery {
+    /// How much the colour covers the image: 0 (image only) to 1 (colour only, as the
+    /// operator's page lays it over the image itself); default 0.5.
+    pub opacity: Option<f32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -129,6 +129,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         width: 16,
         bottleneck: 8,
         segmenter_width: 8,
+        segmenter_depth: 3,
     };
     let mut forward = Vec::new();
     for arch in [&bergmann, &spatial, &draem] {

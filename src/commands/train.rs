@@ -22,6 +22,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             width: args.width,
             bottleneck: args.bottleneck,
             segmenter_width: args.segmenter_width,
+            segmenter_depth: args.segmenter_depth,
         },
         ArchName::Vae => Architecture::Vae {
             width: args.width,

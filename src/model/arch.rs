@@ -18,12 +18,16 @@ pub enum Architecture {
     Spatial { width: usize, bottleneck: usize },
     /// Reconstruction plus a learned discriminator (after DRAEM, Zavrtanik et al. 2021): a
     /// spatial autoencoder (`width`, `bottleneck`) rebuilds the clean image and a small
-    /// U-Net (`segmenter_width`, 2·, 4·) reads the image beside its reconstruction and
-    /// predicts per-pixel anomaly probability. Trained on synthetic anomalies.
+    /// U-Net (`segmenter_width`, 2·, 4·; `segmenter_depth` stride-2 stages) reads the
+    /// image beside its reconstruction and predicts per-pixel anomaly probability. Trained
+    /// on synthetic anomalies.
     Draem {
         width: usize,
         bottleneck: usize,
         segmenter_width: usize,
+        /// Artifacts written before the depth was a setting had 3 stages.
+        #[serde(default = "three")]
+        segmenter_depth: usize,
     },
     /// The variational form of the spatial autoencoder (Kingma & Welling 2014): the encoder
     /// emits a mean and a log-variance per bottleneck value, training decodes a sample
@@ -35,6 +39,10 @@ pub enum Architecture {
         beta: f32,
         kl_warmup_steps: usize,
     },
+}
+
+fn three() -> usize {
+    3
 }
 
 impl Architecture {
@@ -75,17 +83,30 @@ impl Architecture {
                 if *width == 0 || *bottleneck == 0 {
                     return Err("width and bottleneck must be positive".into());
                 }
-                if let Architecture::Draem { segmenter_width: 0, .. } = self {
-                    return Err("segmenter width must be positive".into());
+                let mut multiple = 8;
+                if let Architecture::Draem {
+                    segmenter_width,
+                    segmenter_depth,
+                    ..
+                } = self
+                {
+                    if *segmenter_width == 0 {
+                        return Err("segmenter width must be positive".into());
+                    }
+                    if !(1..=6).contains(segmenter_depth) {
+                        return Err(format!("segmenter depth must be 1 to 6, not {segmenter_depth}"));
+                    }
+                    multiple = multiple.max(1 << segmenter_depth);
                 }
                 if let Architecture::Vae { beta, .. } = self {
                     if !(beta.is_finite() && *beta >= 0.0) {
                         return Err(format!("beta must be a finite number ≥ 0, not {beta}"));
                     }
                 }
-                if size < 16 || size % 8 != 0 {
+                if size < 2 * multiple || size % multiple != 0 {
                     return Err(format!(
-                        "this architecture takes sides that are multiples of 8 (≥ 16), not {size}"
+                        "this architecture takes sides that are multiples of {multiple} (≥ {}), not {size}",
+                        2 * multiple
                     ));
                 }
             }

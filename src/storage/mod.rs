@@ -47,6 +47,7 @@ pub struct Record {
 pub struct ListQuery {
     pub model: Option<String>,
     pub anomalous: Option<bool>,
+    pub part_id: Option<String>,
     pub since_us: Option<i64>,
     pub until_us: Option<i64>,
     /// Return records with ids below this one (the previous page's last id).
@@ -163,6 +164,9 @@ impl Store {
         if q.anomalous.is_some() {
             sql += &format!(" AND verdict = {}", next());
         }
+        if q.part_id.is_some() {
+            sql += &format!(" AND part_id = {}", next());
+        }
         if q.since_us.is_some() {
             sql += &format!(" AND created_at >= {}", next());
         }
@@ -180,6 +184,9 @@ impl Store {
         if let Some(a) = q.anomalous {
             query = query.bind(if a { "anomalous" } else { "normal" });
         }
+        if let Some(p) = &q.part_id {
+            query = query.bind(p.clone());
+        }
         if let Some(s) = q.since_us {
             query = query.bind(s);
         }
@@ -192,6 +199,26 @@ impl Store {
         query = query.bind(q.limit);
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(from_row).collect()
+    }
+
+    /// The operator's labels (`good` / `defective`) of those of `ids` that have one.
+    pub async fn labels_of(&self, ids: &[String]) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT inspection_id, label FROM feedback WHERE inspection_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id.clone());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect()
     }
 
     /// Stores (or replaces) an operator's label for an inspection. False when the

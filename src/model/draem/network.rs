@@ -9,42 +9,53 @@ use crate::model::arch::Architecture;
 use crate::model::autoencoder::Autoencoder;
 use crate::model::layers::{Builder, Sequential};
 
-/// A small U-Net: three stride-2 stages down to 1/8 resolution (widths w, 2w, 4w, 4w),
-/// three transposed-convolution stages back up, each merged with the encoder's features
-/// at its resolution; one logit per pixel out. Weights are named by stage
-/// (`segmenter.down1.*`, `segmenter.up1.*`, `segmenter.merge1.*`, `segmenter.head.*`).
+/// A small U-Net: `depth` stride-2 stages down to 1/2^depth resolution (widths w, 2w,
+/// then 4w), as many transposed-convolution stages back up, each merged with the
+/// encoder's features at its resolution; one logit per pixel out. Each stride-2 stage
+/// doubles how far the segmenter sees: with depth 3 a pixel's logit depends on about
+/// 50 pixels around it, with depth 5 on more than a 128² training crop. The deep stages
+/// run on few pixels, so they cost little. Weights are named by stage
+/// (`segmenter.down1.*`, `segmenter.up1.*`, `segmenter.merge1.*`, `segmenter.head.*`);
+/// the deepest `down` stage has a second, 3×3 convolution.
 pub struct Segmenter {
-    down: [Sequential; 4],
-    up: [Sequential; 3],
-    merge: [Sequential; 3],
+    down: Vec<Sequential>,
+    up: Vec<Sequential>,
+    merge: Vec<Sequential>,
     head: Sequential,
     kernels: Kernels,
 }
 
 impl Segmenter {
     /// `inputs` channels in (image and reconstruction stacked), base width `w`.
-    pub fn new(inputs: usize, w: usize, vb: VarBuilder) -> Result<Self> {
-        let b = |name: &str| Builder::new(vb.pp(name), true);
-        let down = [
-            b("down1").conv_act(inputs, w, 3, 1, 1)?.build(),
-            b("down2").conv_act(w, 2 * w, 4, 2, 1)?.build(),
-            b("down3").conv_act(2 * w, 4 * w, 4, 2, 1)?.build(),
-            b("down4")
-                .conv_act(4 * w, 4 * w, 4, 2, 1)?
-                .conv_act(4 * w, 4 * w, 3, 1, 1)?
-                .build(),
-        ];
+    pub fn new(inputs: usize, w: usize, depth: usize, vb: VarBuilder) -> Result<Self> {
+        let b = |name: String| Builder::new(vb.pp(name), true);
+        // Channels of the features at 1/2^level resolution.
+        let width = |level: usize| w << level.min(2);
+        let mut down = vec![b("down1".into()).conv_act(inputs, w, 3, 1, 1)?.build()];
+        for level in 1..=depth {
+            let stage = b(format!("down{}", level + 1)).conv_act(width(level - 1), width(level), 4, 2, 1)?;
+            let stage = if level == depth {
+                stage.conv_act(width(level), width(level), 3, 1, 1)?
+            } else {
+                stage
+            };
+            down.push(stage.build());
+        }
         // up[i] brings 1/2^(i+1) resolution features to 1/2^i; merge[i] mixes them with down[i].
-        let up = [
-            b("up1").up_act(2 * w, w)?.build(),
-            b("up2").up_act(4 * w, 2 * w)?.build(),
-            b("up3").up_act(4 * w, 4 * w)?.build(),
-        ];
-        let merge = [
-            b("merge1").conv_act(2 * w, w, 3, 1, 1)?.build(),
-            b("merge2").conv_act(4 * w, 2 * w, 3, 1, 1)?.build(),
-            b("merge3").conv_act(8 * w, 4 * w, 3, 1, 1)?.build(),
-        ];
+        let mut up = Vec::with_capacity(depth);
+        let mut merge = Vec::with_capacity(depth);
+        for level in 0..depth {
+            up.push(
+                b(format!("up{}", level + 1))
+                    .up_act(width(level + 1), width(level))?
+                    .build(),
+            );
+            merge.push(
+                b(format!("merge{}", level + 1))
+                    .conv_act(2 * width(level), width(level), 3, 1, 1)?
+                    .build(),
+            );
+        }
         let head = Builder::new(vb.pp("head"), false).conv(w, 1, 3, 1, 1)?.build();
         Ok(Self {
             down,
@@ -55,7 +66,7 @@ impl Segmenter {
         })
     }
 
-    /// Per-pixel anomaly logits (N, 1, H, W); H and W multiples of 8.
+    /// Per-pixel anomaly logits (N, 1, H, W); H and W multiples of 2^depth.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let k = self.kernels;
         let mut skips = Vec::with_capacity(4);
@@ -64,7 +75,7 @@ impl Segmenter {
             h = stage.forward_t(&h, train, k)?;
             skips.push(h.clone());
         }
-        for i in (0..3).rev() {
+        for i in (0..self.up.len()).rev() {
             let up = self.up[i].forward_t(&h, train, k)?;
             h = self.merge[i].forward_t(&Tensor::cat(&[&up, &skips[i]], 1)?, train, k)?;
         }
@@ -86,7 +97,7 @@ impl Segmenter {
             (ch, cw) = (nh, nw);
             sizes.push((ch, cw));
         }
-        for i in (0..3).rev() {
+        for i in (0..self.up.len()).rev() {
             let (f, nh, nw) = self.up[i].flops(ch, cw);
             total += f + self.merge[i].flops(nh, nw).0;
             (ch, cw) = (nh, nw);
@@ -108,13 +119,14 @@ impl DraemNet {
             width,
             bottleneck,
             segmenter_width,
+            segmenter_depth,
         } = *arch
         else {
             candle_core::bail!("not a draem architecture: {arch:?}")
         };
         Ok(Self {
             reconstructor: Autoencoder::spatial(width, bottleneck, channels, vb.pp("reconstructor"))?,
-            segmenter: Segmenter::new(2 * channels, segmenter_width, vb.pp("segmenter"))?,
+            segmenter: Segmenter::new(2 * channels, segmenter_width, segmenter_depth, vb.pp("segmenter"))?,
         })
     }
 

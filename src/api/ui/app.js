@@ -1,0 +1,490 @@
+// vigil's operator page: inspect, review with feedback, model cards, live numbers.
+// Plain JavaScript on the /v1 API; no framework, no build step.
+"use strict";
+
+const KEY_STORE = "vigil-api-key";
+const state = { whoami: null, models: [], list: [], cursors: [], filters: {} };
+
+// ---- small helpers -------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+const svgNS = "http://www.w3.org/2000/svg";
+function s(tag, attrs = {}) {
+  const el = document.createElementNS(svgNS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  return el;
+}
+
+const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
+const when = (t) => new Date(t).toLocaleString();
+const view = () => document.getElementById("view");
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (res.status === 401) {
+    await askForKey("The key was refused.");
+    return api(path, options);
+  }
+  if (!res.ok) {
+    let code = "http_" + res.status, message = res.statusText;
+    try {
+      const body = await res.json();
+      code = body.error.code;
+      message = body.error.message;
+    } catch (_) { /* not our JSON */ }
+    throw new ApiError(res.status, code, message);
+  }
+  return res;
+}
+const getJson = async (path) => (await api(path)).json();
+
+// Images under /v1 need the key when the server has keys: fetch them and use a blob URL.
+const blobUrls = new Map();
+async function imageUrl(path) {
+  if (!state.whoami || !state.whoami.keys_required) return path;
+  if (!blobUrls.has(path)) {
+    const blob = await (await api(path)).blob();
+    blobUrls.set(path, URL.createObjectURL(blob));
+  }
+  return blobUrls.get(path);
+}
+function authedImg(path, attrs = {}) {
+  const img = h("img", attrs);
+  imageUrl(path).then((u) => { img.src = u; }).catch((e) => img.replaceWith(errorBox(e)));
+  return img;
+}
+
+function errorBox(e) {
+  return h("p", { class: "error" }, e instanceof ApiError ? `${e.message} (${e.code})` : String(e));
+}
+
+// ---- API key -------------------------------------------------------------------
+
+function askForKey(message) {
+  const dialog = document.getElementById("key-dialog");
+  document.getElementById("key-error").textContent = message || "";
+  sessionStorage.removeItem(KEY_STORE);
+  return new Promise((resolve) => {
+    const form = document.getElementById("key-form");
+    form.onsubmit = () => {
+      sessionStorage.setItem(KEY_STORE, document.getElementById("key-input").value.trim());
+      blobUrls.clear();
+      resolve();
+    };
+    if (!dialog.open) dialog.showModal();
+  });
+}
+
+async function loadIdentity() {
+  state.whoami = await getJson("/v1/whoami");
+  const button = document.getElementById("key-button");
+  button.hidden = !state.whoami.keys_required;
+  button.textContent = `API key (${state.whoami.role})`;
+  button.onclick = async () => { await askForKey(); await loadIdentity(); route(); };
+  document.body.dataset.role = state.whoami.role;
+}
+
+// ---- live numbers --------------------------------------------------------------
+
+async function refreshLive() {
+  const el = document.getElementById("live");
+  try {
+    const st = await getJson("/v1/stats?window_s=60");
+    const anomalous = Object.values(st.models).reduce((a, m) => a + m.anomalous, 0);
+    el.replaceChildren(
+      h("span", {}, h("b", {}, fmt(st.inspections_per_s, 2)), " insp/s"),
+      h("span", {}, "p50 ", h("b", {}, fmt(st.latency_p50_ms, 1)), " ms"),
+      h("span", {}, "p99 ", h("b", {}, fmt(st.latency_p99_ms, 1)), " ms"),
+      h("span", {}, "anomalous ", h("b", {}, st.inspections ? `${Math.round((100 * anomalous) / st.inspections)}%` : "–")),
+    );
+    return st;
+  } catch (e) {
+    el.replaceChildren(h("span", { class: "error" }, "stats unavailable"));
+  }
+}
+
+// ---- one inspection: image, heatmap over it, boxes, reconstruction -----------------
+
+// `source`: a URL for the original image (a local blob for a fresh upload).
+function inspectionFigure(insp, source) {
+  const stack = h("div", { class: "stack" });
+  const base = typeof source === "string" ? h("img", { src: source, alt: "image" }) : source;
+  base.classList.add("base");
+  stack.append(base);
+  const heat = insp.image_stored
+    ? authedImg(`${insp.links.heatmap}?opacity=1`, { class: "heat", alt: "heatmap" })
+    : null;
+  if (heat) {
+    heat.style.opacity = 0.5;
+    stack.append(heat);
+  }
+  for (const r of insp.regions) {
+    stack.append(h("div", {
+      class: "box",
+      title: `peak ${fmt(r.peak)}, ${r.area_px} px`,
+      style: `left:${(100 * r.x) / insp.width}%;top:${(100 * r.y) / insp.height}%;` +
+        `width:${(100 * r.width) / insp.width}%;height:${(100 * r.height) / insp.height}%`,
+    }));
+  }
+  const slider = heat
+    ? h("label", { class: "opacity" }, "heatmap ",
+        h("input", { type: "range", min: 0, max: 1, step: 0.05, value: 0.5,
+          oninput: (e) => { heat.style.opacity = e.target.value; } }))
+    : h("p", { class: "muted" }, "image not stored: no heatmap");
+  const recon = insp.image_stored
+    ? h("figure", {}, authedImg(insp.links.reconstruction, { class: "recon", alt: "reconstruction" }),
+        h("figcaption", {}, "reconstruction"))
+    : null;
+  return h("div", { class: "figure" }, h("figure", {}, stack, slider), recon);
+}
+
+function verdictBadge(anomalous) {
+  return h("span", { class: `verdict ${anomalous ? "bad" : "good"}` }, anomalous ? "anomalous" : "normal");
+}
+
+// The score on a bar whose middle is the threshold.
+function scoreBar(score, threshold) {
+  const pos = (x) => Math.max(0, Math.min(100, (50 * x) / (threshold || 1)));
+  return h("div", { class: "bar", title: `score ${fmt(score)} / threshold ${fmt(threshold)}` },
+    h("div", { class: "fill", style: `width:${pos(score)}%` }),
+    h("div", { class: "mark", style: "left:50%" }));
+}
+
+// ---- Inspect -------------------------------------------------------------------
+
+async function showInspect() {
+  const models = await getJson("/v1/models");
+  state.models = models;
+  const select = h("select", { id: "model-select" },
+    models.map((m) => h("option", { value: m.name, selected: m.is_default }, `${m.name} (${m.architecture})`)));
+  const thresholdOf = () => models.find((m) => m.name === select.value).image_threshold;
+  const slider = h("input", { id: "threshold", type: "range", min: 0, step: "any" });
+  const sliderValue = h("output", {});
+  const resetSlider = () => {
+    const t = thresholdOf();
+    slider.max = 2 * t;
+    slider.value = t;
+    sliderValue.textContent = fmt(t);
+  };
+  resetSlider();
+  select.onchange = resetSlider;
+  const results = h("div", { id: "results" });
+  // Re-judge every shown result against the slider's threshold, without re-uploading.
+  slider.oninput = () => {
+    sliderValue.textContent = fmt(slider.value);
+    for (const card of results.children) card.rejudge && card.rejudge(Number(slider.value));
+  };
+  const files = h("input", { id: "files", type: "file", accept: "image/*", multiple: true,
+    onchange: () => inspectFiles([...files.files], select.value, results, () => Number(slider.value)) });
+  const drop = h("div", { class: "drop", id: "drop" }, "Drop images here, or ", h("label", { class: "link" }, "pick files", files));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    inspectFiles([...e.dataTransfer.files], select.value, results, () => Number(slider.value));
+  });
+  view().replaceChildren(
+    h("h1", {}, "Inspect"),
+    h("div", { class: "controls" },
+      h("label", {}, "model ", select),
+      h("label", {}, "threshold ", slider, " ", sliderValue)),
+    drop, results);
+}
+
+async function inspectFiles(list, model, results, threshold) {
+  for (const file of list) {
+    const card = h("article", { class: "result pending" }, h("p", {}, `${file.name}: inspecting…`));
+    results.prepend(card);
+    try {
+      const res = await api(`/v1/models/${encodeURIComponent(model)}/inspect?store_image=true`, {
+        method: "POST",
+        headers: { "Content-Type": file.type || "application/octet-stream" },
+        body: file,
+      });
+      const insp = await res.json();
+      const verdict = h("span", {});
+      const bar = h("div", {});
+      card.rejudge = (t) => {
+        verdict.replaceChildren(verdictBadge(insp.score > t));
+        bar.replaceChildren(scoreBar(insp.score, t));
+      };
+      card.rejudge(threshold());
+      const t = insp.timings_ms;
+      card.className = "result";
+      card.replaceChildren(
+        h("header", {}, verdict, h("b", {}, file.name),
+          h("span", { class: "score" }, `score ${fmt(insp.score)} · model threshold ${fmt(insp.threshold)}`),
+          h("a", { href: `#/inspections/${insp.id}` }, "review")),
+        bar,
+        inspectionFigure(insp, URL.createObjectURL(file)),
+        h("p", { class: "muted" },
+          `${insp.regions.length} region(s) · decode ${fmt(t.decode, 1)} · queue ${fmt(t.queue, 1)} · ` +
+          `model ${fmt(t.inference, 1)} · scoring ${fmt(t.scoring, 1)} · total ${fmt(t.total, 1)} ms`));
+    } catch (e) {
+      card.className = "result";
+      card.replaceChildren(h("b", {}, file.name), errorBox(e));
+    }
+  }
+}
+
+// ---- Review --------------------------------------------------------------------
+
+function listQuery(cursor) {
+  const p = new URLSearchParams({ limit: "24" });
+  for (const [k, v] of Object.entries(state.filters)) if (v) p.set(k, v);
+  if (cursor) p.set("cursor", cursor);
+  return `/v1/inspections?${p}`;
+}
+
+async function showReview() {
+  if (!state.models.length) state.models = await getJson("/v1/models");
+  const f = state.filters;
+  const localTime = (iso) => (iso ? new Date(iso).toISOString().slice(0, 16) : "");
+  const form = h("form", { class: "controls", id: "filters" },
+    h("label", {}, "model ", h("select", { name: "model" }, h("option", { value: "" }, "any"),
+      state.models.map((m) => h("option", { value: m.name, selected: f.model === m.name }, m.name)))),
+    h("label", {}, "verdict ", h("select", { name: "verdict" }, h("option", { value: "" }, "any"),
+      ["anomalous", "normal"].map((v) => h("option", { value: v, selected: f.verdict === v }, v)))),
+    h("label", {}, "part ", h("input", { name: "part_id", value: f.part_id || "", size: 10 })),
+    h("label", {}, "since ", h("input", { name: "since", type: "datetime-local", value: localTime(f.since) })),
+    h("label", {}, "until ", h("input", { name: "until", type: "datetime-local", value: localTime(f.until) })),
+    h("button", { type: "submit" }, "Filter"));
+  form.onsubmit = (e) => {
+    e.preventDefault();
+    const d = new FormData(form);
+    const iso = (v) => (v ? new Date(v).toISOString() : "");
+    state.filters = { model: d.get("model"), verdict: d.get("verdict"), part_id: d.get("part_id").trim(),
+      since: iso(d.get("since")), until: iso(d.get("until")) };
+    state.cursors = [];
+    showReview();
+  };
+  const grid = h("div", { class: "grid", id: "inspections" });
+  const pager = h("div", { class: "pager" });
+  view().replaceChildren(h("h1", {}, "Review"), form, grid, pager);
+  try {
+    const cursor = state.cursors[state.cursors.length - 1];
+    const page = await getJson(listQuery(cursor));
+    state.list = page.items.map((i) => i.id);
+    if (!page.items.length) grid.append(h("p", { class: "muted" }, "No inspections match."));
+    for (const insp of page.items) {
+      grid.append(h("a", { class: "item", href: `#/inspections/${insp.id}`, "data-id": insp.id },
+        insp.image_stored ? authedImg(insp.links.image, { alt: "", loading: "lazy" }) : h("div", { class: "noimg" }, "not stored"),
+        h("div", {}, verdictBadge(insp.is_anomalous), " ", fmt(insp.score),
+          insp.feedback ? h("span", { class: `label ${insp.feedback}` }, insp.feedback) : null),
+        h("div", { class: "muted" }, `${insp.model} · ${when(insp.created_at)}`,
+          insp.part_id ? ` · ${insp.part_id}` : "")));
+    }
+    if (state.cursors.length) {
+      pager.append(h("button", { onclick: () => { state.cursors.pop(); showReview(); } }, "← Newer"));
+    }
+    if (page.next_cursor) {
+      pager.append(h("button", { onclick: () => { state.cursors.push(page.next_cursor); showReview(); } }, "Older →"));
+    }
+  } catch (e) {
+    grid.replaceChildren(errorBox(e));
+  }
+}
+
+async function showInspection(id) {
+  const insp = await getJson(`/v1/inspections/${encodeURIComponent(id)}`);
+  const at = state.list.indexOf(id);
+  const go = (delta) => {
+    const next = state.list[at + delta];
+    if (at >= 0 && next) location.hash = `#/inspections/${next}`;
+  };
+  const labelText = h("span", { id: "label" }, insp.feedback ? h("span", { class: `label ${insp.feedback}` }, insp.feedback) : "not labelled");
+  const note = h("input", { id: "note", placeholder: "note (optional)", size: 30 });
+  const label = async (which) => {
+    try {
+      const res = await api(`/v1/inspections/${encodeURIComponent(id)}/feedback`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ label: which, note: note.value || null }),
+      });
+      const updated = await res.json();
+      labelText.replaceChildren(h("span", { class: `label ${updated.feedback}` }, updated.feedback));
+    } catch (e) {
+      labelText.replaceChildren(errorBox(e));
+    }
+  };
+  const figure = insp.image_stored
+    ? inspectionFigure(insp, authedImg(insp.links.image, { alt: "image" }))
+    : h("p", { class: "muted" }, "The image of this inspection was not stored.");
+  const rows = [
+    ["model", `${insp.model} (${insp.model_version.slice(0, 12)})`],
+    ["score / threshold", `${fmt(insp.score)} / ${fmt(insp.threshold)}`],
+    ["time", when(insp.created_at)],
+    ["size", `${insp.width} × ${insp.height}`],
+    ["part", insp.part_id || "–"],
+    ["regions", insp.regions.map((r) => `${r.width}×${r.height} at (${r.x}, ${r.y}), peak ${fmt(r.peak)}`).join("; ") || "none"],
+    ["total time", `${fmt(insp.timings_ms.total, 1)} ms`],
+  ];
+  view().replaceChildren(
+    h("h1", {}, "Inspection ", verdictBadge(insp.is_anomalous)),
+    h("div", { class: "controls" },
+      h("button", { onclick: () => go(-1), disabled: !(at > 0) }, "← newer"),
+      h("button", { onclick: () => go(1), disabled: !(at >= 0 && at + 1 < state.list.length) }, "older →"),
+      h("a", { href: "#/review" }, "back to the list")),
+    scoreBar(insp.score, insp.threshold),
+    figure,
+    h("table", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
+    h("div", { class: "controls feedback" },
+      h("b", {}, "Feedback: "), labelText,
+      h("button", { id: "label-good", onclick: () => label("good") }, "Good (g)"),
+      h("button", { id: "label-defective", onclick: () => label("defective") }, "Defective (d)"),
+      note),
+    h("p", { class: "muted" }, "Keys: ← → move through the list, g good, d defective."));
+  keyHandler = (e) => {
+    if (e.target.matches("input, textarea, select")) return;
+    if (e.key === "ArrowLeft") go(-1);
+    else if (e.key === "ArrowRight") go(1);
+    else if (e.key === "g") label("good");
+    else if (e.key === "d") label("defective");
+  };
+}
+
+// ---- Models --------------------------------------------------------------------
+
+function lossCurve(points) {
+  const W = 320, H = 120, pad = 4;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart loss", role: "img" });
+  if (!points || points.length < 2) return svg;
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
+  const [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const X = (x) => pad + ((W - 2 * pad) * (x - x0)) / (x1 - x0 || 1);
+  const Y = (y) => H - pad - ((H - 2 * pad) * (y - y0)) / (y1 - y0 || 1);
+  svg.append(s("polyline", { points: points.map((p) => `${X(p[0])},${Y(p[1])}`).join(" "), fill: "none", stroke: "currentColor" }));
+  const title = s("title");
+  title.textContent = `loss ${fmt(ys[0])} → ${fmt(ys[ys.length - 1])} over ${x1} steps`;
+  svg.append(title);
+  return svg;
+}
+
+// The validation scores' summary (min, p50, p95, max) on one axis with the threshold.
+function validationChart(v, threshold) {
+  const W = 320, H = 40;
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart validation", role: "img" });
+  if (!v) return svg;
+  const top = Math.max(v.max, threshold) * 1.1 || 1;
+  const X = (x) => 4 + ((W - 8) * x) / top;
+  svg.append(s("line", { x1: X(v.min), x2: X(v.max), y1: 20, y2: 20, stroke: "currentColor" }));
+  svg.append(s("rect", { x: X(v.p50), width: Math.max(1, X(v.p95) - X(v.p50)), y: 12, height: 16, fill: "#9ab" }));
+  svg.append(s("line", { x1: X(threshold), x2: X(threshold), y1: 2, y2: 38, stroke: "#c22", "stroke-width": 2 }));
+  const title = s("title");
+  title.textContent = `${v.count} validation images: min ${fmt(v.min)}, median ${fmt(v.p50)}, p95 ${fmt(v.p95)}, max ${fmt(v.max)}; threshold ${fmt(threshold)}`;
+  svg.append(title);
+  return svg;
+}
+
+async function showModels() {
+  const models = await getJson("/v1/models");
+  state.models = models;
+  const cards = h("div", { class: "cards", id: "model-cards" });
+  view().replaceChildren(h("h1", {}, "Models"), cards);
+  for (const m of models) {
+    const d = await getJson(`/v1/models/${encodeURIComponent(m.name)}`);
+    const c = d.card, t = c.thresholds, tr = c.training || {}, fb = d.feedback;
+    const reload = h("button", { class: "admin", onclick: async () => {
+      try {
+        await api(`/v1/models/${encodeURIComponent(m.name)}/reload`, { method: "POST" });
+        showModels();
+      } catch (e) { reload.after(errorBox(e)); }
+    } }, "Reload from disk");
+    cards.append(h("article", { class: "card model", "data-model": m.name },
+      h("h2", {}, m.name, m.is_default ? h("span", { class: "muted" }, " (default)") : null),
+      h("p", {}, `${c.architecture.name} · ${c.input.channels} channel(s) · ${c.input.working_size}² · ${d.device} · version ${d.version.slice(0, 12)}`),
+      h("h3", {}, "Thresholds"),
+      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method} ${t.quantile ?? ""} of ${t.validation_images} held-out good images` +
+        (t.margin !== undefined ? `, margin ${t.margin}` : "")),
+      validationChart(c.validation_scores, t.image),
+      h("h3", {}, "Training"),
+      h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
+      lossCurve(tr.loss_curve),
+      h("h3", {}, "Feedback"),
+      h("p", {}, `${fb.labelled} labelled: ${fb.false_positives} false alarm(s), ${fb.false_negatives} miss(es)` +
+        (fb.suggested_threshold !== null && fb.suggested_threshold !== undefined
+          ? `; the labels suggest threshold ${fmt(fb.suggested_threshold)}` : "")),
+      reload));
+  }
+}
+
+// ---- Home ----------------------------------------------------------------------
+
+async function showHome() {
+  const st = await refreshLive();
+  const models = st ? Object.entries(st.models) : [];
+  view().replaceChildren(
+    h("h1", {}, "vigil"),
+    h("p", {}, "Inspect images, review the verdicts and label them, and see how each model was calibrated."),
+    h("h2", {}, "This server, last 60 seconds"),
+    st ? h("table", { id: "live-table" },
+      h("tr", {}, h("th", {}, "inspections / s"), h("td", {}, fmt(st.inspections_per_s, 2))),
+      h("tr", {}, h("th", {}, "latency p50 / p99"), h("td", {}, `${fmt(st.latency_p50_ms, 1)} / ${fmt(st.latency_p99_ms, 1)} ms`)),
+      models.map(([name, m]) => h("tr", {}, h("th", {}, `${name}: anomaly rate`),
+        h("td", {}, `${fmt(100 * m.anomaly_rate, 1)}% of ${m.inspections}`)))) : null,
+    h("p", {}, h("a", { href: "#/inspect" }, "Inspect images →")));
+}
+
+// ---- routing -------------------------------------------------------------------
+
+let keyHandler = null;
+document.addEventListener("keydown", (e) => keyHandler && keyHandler(e));
+
+async function route() {
+  keyHandler = null;
+  const [, name, arg] = location.hash.split("/");
+  for (const a of document.querySelectorAll("nav a[data-view]")) {
+    a.classList.toggle("active", a.dataset.view === name || (name === "inspections" && a.dataset.view === "review"));
+  }
+  try {
+    if (name === "inspect") await showInspect();
+    else if (name === "review") await showReview();
+    else if (name === "inspections" && arg) await showInspection(decodeURIComponent(arg));
+    else if (name === "models") await showModels();
+    else await showHome();
+  } catch (e) {
+    view().replaceChildren(errorBox(e));
+  }
+  document.body.dataset.ready = location.hash || "#/";
+}
+
+window.addEventListener("hashchange", route);
+(async () => {
+  try {
+    await loadIdentity();
+  } catch (e) {
+    view().replaceChildren(errorBox(e));
+    return;
+  }
+  await route();
+  setInterval(refreshLive, 5000);
+  refreshLive();
+})();
