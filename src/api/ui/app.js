@@ -266,7 +266,12 @@ function listQuery(cursor) {
 async function showReview() {
   if (!state.models.length) state.models = await getJson("/v1/models");
   const f = state.filters;
-  const localTime = (iso) => (iso ? new Date(iso).toISOString().slice(0, 16) : "");
+  // datetime-local inputs show local time; the API takes UTC.
+  const localTime = (iso) => {
+    if (!iso) return "";
+    const d = new Date(iso);
+    return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+  };
   const form = h("form", { class: "controls", id: "filters" },
     h("label", {}, "model ", h("select", { name: "model" }, h("option", { value: "" }, "any"),
       state.models.map((m) => h("option", { value: m.name, selected: f.model === m.name }, m.name)))),
@@ -361,6 +366,7 @@ async function showInspection(id) {
       h("button", { id: "label-defective", onclick: () => label("defective") }, "Defective (d)"),
       note),
     h("p", { class: "muted" }, "Keys: ← → move through the list, g good, d defective."));
+  view().dataset.inspection = id;
   keyHandler = (e) => {
     if (e.target.matches("input, textarea, select")) return;
     if (e.key === "ArrowLeft") go(-1);
@@ -422,8 +428,9 @@ async function showModels() {
       h("h2", {}, m.name, m.is_default ? h("span", { class: "muted" }, " (default)") : null),
       h("p", {}, `${c.architecture.name} · ${c.input.channels} channel(s) · ${c.input.working_size}² · ${d.device} · version ${d.version.slice(0, 12)}`),
       h("h3", {}, "Thresholds"),
-      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method} ${t.quantile ?? ""} of ${t.validation_images} held-out good images` +
-        (t.margin !== undefined ? `, margin ${t.margin}` : "")),
+      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method}` +
+        (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} held-out good images` +
+        (t.margin !== undefined ? `, margin ${fmt(t.margin, 2)}` : "")),
       validationChart(c.validation_scores, t.image),
       h("h3", {}, "Training"),
       h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
@@ -460,6 +467,7 @@ document.addEventListener("keydown", (e) => keyHandler && keyHandler(e));
 
 async function route() {
   keyHandler = null;
+  delete view().dataset.inspection;
   const [, name, arg] = location.hash.split("/");
   for (const a of document.querySelectorAll("nav a[data-view]")) {
     a.classList.toggle("active", a.dataset.view === name || (name === "inspections" && a.dataset.view === "review"));

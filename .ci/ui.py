@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Drives the operator's page in a real headless Chromium over the DevTools protocol
+(through --remote-debugging-pipe: JSON messages ended by NUL on fds 3 and 4, so nothing
+beyond the standard library is needed).
+
+usage: ui.py CHROMIUM OPEN_BASE KEYED_BASE INSPECT_KEY SAMPLES_DIR SHOTS_DIR
+
+OPEN_BASE serves without keys; KEYED_BASE asks for keys and INSPECT_KEY is an
+inspect-role key there. Each step waits for a condition in the page (with a deadline)
+and fails with a screenshot of the page as it was. Screenshots of every page are saved
+in SHOTS_DIR and checked not to be blank.
+"""
+
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+
+CHROMIUM, OPEN_BASE, KEYED_BASE, INSPECT_KEY, SAMPLES, SHOTS = sys.argv[1:7]
+
+
+class Browser:
+    def __init__(self, path):
+        cmd_r, self.cmd_w = os.pipe()
+        self.res_r, res_w = os.pipe()
+        # Chromium reads commands on fd 3 and writes replies on fd 4: the pipes' child
+        # ends pass as 100 and 101 and a shell places them.
+        hi_r, hi_w = 100, 101
+        os.dup2(cmd_r, hi_r)
+        os.dup2(res_w, hi_w)
+        args = [path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--remote-debugging-pipe", f"--user-data-dir={tempfile.mkdtemp()}", "about:blank"]
+        self.proc = subprocess.Popen(
+            ["bash", "-c", 'exec "$@" 3<&100 4>&101 100<&- 101>&-', "chromium", *args],
+            pass_fds=(hi_r, hi_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in (cmd_r, res_w, hi_r, hi_w):
+            os.close(fd)
+        self.buf = b""
+        self.next_id = 0
+        self.session = None
+
+    def call(self, method, session=True, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                chunk = os.read(self.res_r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("Chromium closed the DevTools pipe")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def open_page(self):
+        target = self.call("Target.createTarget", session=False, url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", session=False, targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+        # The smallest screen the page is meant for.
+        self.call("Emulation.setDeviceMetricsOverride", width=1366, height=768, deviceScaleFactor=1, mobile=False)
+
+    def js(self, expression):
+        r = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def goto(self, url):
+        self.call("Page.navigate", url=url)
+
+    def screenshot(self, name):
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        path = os.path.join(SHOTS, f"{name}.png")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path, data
+
+    def wait(self, what, expression, seconds=60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if self.js(expression):
+                    return
+            except RuntimeError:
+                pass  # the page is between documents
+
+            time.sleep(0.1)  # polling a condition with a deadline, not waiting for a guess
+        path, _ = self.screenshot("failed")
+        sys.exit(f"FAIL: {what} (not true within {seconds} s: {expression}); screenshot {path}")
+
+    def key(self, key, code=None, text=None):
+        for kind in ("keyDown", "keyUp"):
+            params = {"type": kind, "key": key, "code": code or key}
+            if text and kind == "keyDown":
+                params["text"] = text
+            self.call("Input.dispatchKeyEvent", **params)
+
+    def click(self, selector):
+        box = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                      " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+
+def png_filtered_bytes(data):
+    """The decompressed scanlines of a PNG, still filtered: flat areas filter to zeros."""
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return zlib.decompress(idat)
+
+
+def not_blank(b, name):
+    """Saves a screenshot and checks the page drew something: a blank 1366×768 page
+    measured 0.02% non-zero filtered bytes (4 distinct values), the sparsest page here
+    (the home page) 1.1%."""
+    path, data = b.screenshot(name)
+    filtered = png_filtered_bytes(data)
+    drawn = sum(1 for v in filtered if v) / len(filtered)
+    if drawn < 0.003 or len(set(filtered)) < 32:
+        sys.exit(f"FAIL: screenshot {path} looks blank ({100 * drawn:.2f}% drawn)")
+    print(f"ok: {name} not blank ({path}, {100 * drawn:.1f}% drawn)")
+
+
+def api(base, path, key=None):
+    req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+
+def check(what, condition):
+    if not condition:
+        sys.exit(f"FAIL: {what}")
+    print(f"ok: {what}")
+
+
+b = Browser(CHROMIUM)
+try:
+    b.open_page()
+    samples = [os.path.abspath(os.path.join(SAMPLES, n)) for n in ("good_1.png", "hole_1.png")]
+
+    # Inspect: pick two files, see verdicts, heatmaps and reconstructions load.
+    b.goto(OPEN_BASE + "/#/inspect")
+    b.wait("the model list loads", "document.querySelectorAll('#model-select option').length > 0")
+    root = b.call("DOM.getDocument")["root"]["nodeId"]
+    node = b.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+    b.call("DOM.setFileInputFiles", files=samples, nodeId=node)
+    b.wait("both results arrive", "document.querySelectorAll('#results .result:not(.pending)').length === 2")
+    check("no error on the inspect page", b.js("document.querySelectorAll('#results .error').length") == 0)
+    b.wait("heatmaps and reconstructions load",
+           "[...document.querySelectorAll('#results img')].length === 6 && "
+           "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    verdicts = b.js("[...document.querySelectorAll('#results .result')].map(r => "
+                    "[r.querySelector('header b').textContent, r.querySelector('.verdict').textContent])")
+    check(f"verdicts shown: {verdicts}", dict(verdicts) == {"hole_1.png": "anomalous", "good_1.png": "normal"})
+    # The threshold slider re-judges without uploading again: at 0 every score is above it.
+    b.js("(() => { const s = document.getElementById('threshold'); s.value = 0;"
+         " s.dispatchEvent(new Event('input')); })()")
+    check("threshold 0 re-judges both as anomalous",
+          b.js("[...document.querySelectorAll('#results .verdict')].every(v => v.textContent === 'anomalous')"))
+    not_blank(b, "inspect")
+
+    # Review: the list, an inspection, feedback by keyboard, moving with the arrows.
+    b.goto(OPEN_BASE + "/#/review")
+    b.wait("the list shows both", "document.querySelectorAll('#inspections .item').length === 2")
+    b.wait("thumbnails load", "[...document.querySelectorAll('#inspections img')].every(i => i.complete && i.naturalWidth > 0)")
+    not_blank(b, "review")
+    ids = b.js("[...document.querySelectorAll('#inspections .item')].map(a => a.dataset.id)")
+    b.click("#inspections .item")
+    b.wait("the inspection page opens", f"document.getElementById('view').dataset.inspection === '{ids[0]}'")
+    b.wait("its images load", "[...document.querySelectorAll('main img')].length === 3 && "
+           "[...document.querySelectorAll('main img')].every(i => i.complete && i.naturalWidth > 0)")
+    not_blank(b, "inspection")
+    b.key("d", "KeyD", "d")
+    b.wait("d labels it defective", "!!document.querySelector('#label .label.defective')")
+    b.key("ArrowRight")
+    b.wait("→ moves to the older one", f"document.getElementById('view').dataset.inspection === '{ids[1]}'")
+    b.key("g", "KeyG", "g")
+    b.wait("g labels it good", "!!document.querySelector('#label .label.good')")
+    check("the labels are stored",
+          [api(OPEN_BASE, f"/v1/inspections/{i}").get("feedback") for i in ids] == ["defective", "good"])
+    b.goto(OPEN_BASE + "/#/review")
+    b.wait("the list shows the labels",
+           "document.querySelectorAll('#inspections .label.defective').length === 1 && "
+           "document.querySelectorAll('#inspections .label.good').length === 1")
+
+    # Models: the card with its loss curve and calibration; admin actions for an open server.
+    b.goto(OPEN_BASE + "/#/models")
+    b.wait("the model card shows its loss curve", "!!document.querySelector('.card.model svg.loss polyline')")
+    b.wait("the feedback counts reach the card", "document.querySelector('.card.model').textContent.includes('2 labelled')")
+    check("reload is offered without keys",
+          b.js("getComputedStyle(document.querySelector('.card.model button.admin')).display") != "none")
+    not_blank(b, "models")
+
+    # Home: live numbers from the server itself.
+    b.goto(OPEN_BASE + "/#/")
+    b.wait("live numbers", "!!document.getElementById('live-table') && "
+           "document.getElementById('live-table').textContent.includes('% of 2')")
+    not_blank(b, "home")
+
+    # A server with keys: the page asks once, and an inspect-role key sees no admin action.
+    b.goto(KEYED_BASE + "/#/models")
+    b.wait("the page asks for a key", "document.getElementById('key-dialog').open")
+    b.js("document.getElementById('key-input').focus()")
+    b.call("Input.insertText", text=INSPECT_KEY)
+    b.key("Enter", "Enter", "\r")
+    b.wait("the key is accepted", "document.body.dataset.role === 'inspect' && !!document.querySelector('.card.model')")
+    check("no reload for an inspect key",
+          b.js("getComputedStyle(document.querySelector('.card.model button.admin')).display") == "none")
+    not_blank(b, "models-inspect-key")
+    print("ui: all checks passed")
+finally:
+    b.proc.kill()
