@@ -16,6 +16,8 @@ pub const VERDICTS: &str = "vigil_verdicts_total";
 pub const SCORES: &str = "vigil_anomaly_score";
 pub const MODEL_INFO: &str = "vigil_model_info";
 pub const DATABASE_ERRORS: &str = "vigil_database_errors_total";
+pub const SCORE_DRIFT: &str = "vigil_score_drift";
+pub const SCORE_DRIFT_CRITICAL: &str = "vigil_score_drift_critical";
 
 /// Installs the global recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -71,4 +73,12 @@ fn describe() {
     describe_histogram!(SCORES, "Anomaly scores by model");
     describe_gauge!(MODEL_INFO, "Served models: 1 per model, version and device");
     describe_counter!(DATABASE_ERRORS, "Failed database or image-store writes and reads");
+    describe_gauge!(
+        SCORE_DRIFT,
+        "Kolmogorov-Smirnov distance between recent good parts' scores and the calibration scores"
+    );
+    describe_gauge!(
+        SCORE_DRIFT_CRITICAL,
+        "The score drift above which the difference is significant at 1%"
+    );
 }

@@ -923,3 +923,34 @@ async fn stored_image_heatmap_opacity_part_filter_labels_and_live_stats() {
     let (s, _, b) = send(&h.state, get("/v1/stats?window_s=0")).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
 }
+
+#[tokio::test]
+async fn good_parts_scoring_away_from_calibration_raise_the_drift_metric() {
+    let h = harness_named(None, 64, "drift").await;
+    // Calibration scores far above what this model gives a flat grey image.
+    let mut card = common::test_card(Fit::Whole, 32, 32);
+    card.thresholds.image = 1e6;
+    card.validation_scores = vigil::model::artifact::ScoreStats::of(&[1000.0, 1001.0, 1002.0, 1003.0, 1004.0]);
+    let model = Arc::new(common::Flat(Device::Cpu));
+    h.state.models["drift"]
+        .engine
+        .replace(Detector::new(card, model), "v1".into());
+    for i in 0..vigil::api::live::DRIFT_MIN_SAMPLES {
+        let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, false))).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(json(&b)["is_anomalous"], false);
+        let (_, _, b) = send(&h.state, get("/v1/stats")).await;
+        let drift = &json(&b)["drift"]["drift"];
+        if i + 1 < vigil::api::live::DRIFT_MIN_SAMPLES {
+            assert!(drift.is_null(), "too few scores yet: {drift}");
+        } else {
+            assert_eq!(drift["statistic"], 1.0);
+            assert_eq!(drift["drifted"], true);
+            assert_eq!(drift["reference"], 5);
+        }
+    }
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("vigil_score_drift{model=\"drift\"} 1"), "{text}");
+    assert!(text.contains("vigil_score_drift_critical{model=\"drift\"}"));
+}

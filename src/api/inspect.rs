@@ -137,6 +137,12 @@ async fn inspect(
     metrics::histogram!(crate::metrics::INSPECTION_SECONDS, "model" => model.clone())
         .record(started.elapsed().as_secs_f64());
     state.live.record(&model, timings.total, inspection.is_anomalous);
+    if !inspection.is_anomalous {
+        let detector = state.model(&model)?.engine.detector();
+        state
+            .live
+            .record_good(&model, inspection.score, &detector.card.validation_scores.values);
+    }
     Ok(Json(InspectionResponse {
         links: Links::for_id(&id),
         id,

@@ -2,8 +2,13 @@
 //! latency percentiles and anomaly rate per model over a recent window, from the
 //! server's own memory, so the page needs no Prometheus. Per process: each replica
 //! reports what it served.
+//!
+//! Also score drift per model: the scores of recent good parts (judged normal, or judged
+//! anomalous and then labelled good) against the held-out good images' scores the
+//! threshold was calibrated on. When lighting, camera or product change, good parts' scores
+//! move before the false alarms pile up.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,10 +27,38 @@ struct Sample {
     anomalous: bool,
 }
 
-/// Recent successful inspections, oldest first.
+/// Recent good parts' scores compared per model.
+pub const DRIFT_WINDOW: usize = 200;
+/// Fewer recent scores than this say nothing yet.
+pub const DRIFT_MIN_SAMPLES: usize = 30;
+/// Significance of the drift flag.
+pub const DRIFT_ALPHA: f64 = 0.01;
+
+/// Recent successful inspections, oldest first; recent good scores per model.
 #[derive(Default)]
 pub struct LiveStats {
     samples: Mutex<VecDeque<Sample>>,
+    good_scores: Mutex<HashMap<String, DriftState>>,
+}
+
+#[derive(Default)]
+struct DriftState {
+    recent: VecDeque<f32>,
+    last: Option<Drift>,
+}
+
+/// How far recent good parts' scores are from the calibration scores.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Drift {
+    /// Two-sample Kolmogorov–Smirnov distance, 0 (same distribution) to 1.
+    pub statistic: f64,
+    /// The distance above which the difference is significant at 1%.
+    pub critical: f64,
+    /// Recent good scores compared (at most 200).
+    pub recent: usize,
+    /// Calibration scores (the model's held-out good images).
+    pub reference: usize,
+    pub drifted: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -46,6 +79,8 @@ pub struct Stats {
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
     pub models: BTreeMap<String, ModelStats>,
+    /// Per model with enough recent good parts and calibration scores in its artifact.
+    pub drift: BTreeMap<String, Drift>,
 }
 
 impl LiveStats {
@@ -66,6 +101,52 @@ impl LiveStats {
         });
     }
 
+    /// Adds the score of a good part judged by `model`, whose calibration scores are
+    /// `reference` (ascending), and returns the drift now, once there are enough scores.
+    /// Logs when the drift flag changes.
+    pub fn record_good(&self, model: &str, score: f32, reference: &[f32]) -> Option<Drift> {
+        let mut all = self.good_scores.lock().expect("drift lock");
+        let st = all.entry(model.to_string()).or_default();
+        if st.recent.len() == DRIFT_WINDOW {
+            st.recent.pop_front();
+        }
+        st.recent.push_back(score);
+        if st.recent.len() < DRIFT_MIN_SAMPLES || reference.is_empty() {
+            return None;
+        }
+        let mut recent: Vec<f32> = st.recent.iter().copied().collect();
+        recent.sort_by(f32::total_cmp);
+        let statistic = crate::scoring::drift::ks_statistic(&recent, reference)?;
+        let critical = crate::scoring::drift::ks_critical(recent.len(), reference.len(), DRIFT_ALPHA);
+        let drift = Drift {
+            statistic,
+            critical,
+            recent: recent.len(),
+            reference: reference.len(),
+            drifted: statistic > critical,
+        };
+        let was = st.last.as_ref().is_some_and(|d| d.drifted);
+        if drift.drifted && !was {
+            tracing::warn!(model, statistic, critical, "good parts' scores have drifted from the calibration scores: check lighting, camera and product, then recalibrate (vigil calibrate)");
+        } else if was && !drift.drifted {
+            tracing::info!(
+                model,
+                statistic,
+                critical,
+                "good parts' scores are back in line with the calibration scores"
+            );
+        }
+        metrics::gauge!(crate::metrics::SCORE_DRIFT, "model" => model.to_string()).set(statistic);
+        metrics::gauge!(crate::metrics::SCORE_DRIFT_CRITICAL, "model" => model.to_string()).set(critical);
+        st.last = Some(drift.clone());
+        Some(drift)
+    }
+
+    /// Forgets a model's recent good scores (its artifact changed: new calibration).
+    pub fn reset_drift(&self, model: &str) {
+        self.good_scores.lock().expect("drift lock").remove(model);
+    }
+
     /// Figures over the last `window` (at most [`MAX_WINDOW`]).
     pub fn summary(&self, window: Duration) -> Stats {
         self.summary_at(Instant::now(), window)
@@ -73,6 +154,13 @@ impl LiveStats {
 
     fn summary_at(&self, now: Instant, window: Duration) -> Stats {
         let window = window.min(MAX_WINDOW);
+        let drift = self
+            .good_scores
+            .lock()
+            .expect("drift lock")
+            .iter()
+            .filter_map(|(m, st)| st.last.clone().map(|d| (m.clone(), d)))
+            .collect();
         let s = self.samples.lock().expect("live stats lock");
         let recent: Vec<&Sample> = s
             .iter()
@@ -101,6 +189,7 @@ impl LiveStats {
             latency_p50_ms: nearest_rank(&latencies, 0.50),
             latency_p99_ms: nearest_rank(&latencies, 0.99),
             models,
+            drift,
         }
     }
 }
@@ -140,6 +229,35 @@ pub async fn stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drift_needs_enough_scores_flags_a_shift_and_forgets_on_reset() {
+        let live = LiveStats::default();
+        // Calibration scores 0.10, 0.11, … 0.29.
+        let reference: Vec<f32> = (0..20).map(|i| 0.1 + 0.01 * i as f32).collect();
+        for i in 0..DRIFT_MIN_SAMPLES - 1 {
+            assert_eq!(live.record_good("m", reference[i % 20], &reference), None);
+        }
+        // Same distribution: small distance, no flag.
+        let d = live.record_good("m", 0.2, &reference).unwrap();
+        assert!(!d.drifted && d.statistic < d.critical, "{d:?}");
+        assert_eq!((d.recent, d.reference), (DRIFT_MIN_SAMPLES, 20));
+        // Good parts now score far above every calibration score: the window fills with
+        // them, the distance reaches 1 and the flag rises.
+        let mut last = None;
+        for _ in 0..DRIFT_WINDOW {
+            last = live.record_good("m", 0.5, &reference);
+        }
+        let d = last.unwrap();
+        assert_eq!((d.recent, d.statistic, d.drifted), (DRIFT_WINDOW, 1.0, true));
+        assert_eq!(live.summary(Duration::from_secs(60)).drift["m"], d);
+        // Without calibration scores (an older artifact) there is nothing to compare.
+        for _ in 0..DRIFT_MIN_SAMPLES {
+            assert_eq!(live.record_good("old", 0.5, &[]), None);
+        }
+        live.reset_drift("m");
+        assert!(live.summary(Duration::from_secs(60)).drift.is_empty());
+    }
 
     #[test]
     fn nearest_rank_percentiles_by_hand() {

@@ -83,6 +83,7 @@ pub async fn reload(
     let threshold = detector.card.thresholds.image as f64;
     let architecture = detector.card.architecture.name().to_string();
     served.engine.replace(detector, version.clone());
+    state.live.reset_drift(&model);
     metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {

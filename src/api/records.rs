@@ -155,12 +155,28 @@ pub async fn feedback(
             )))
         }
     };
+    let before = state.store.feedback_of(&id).await?.map(|f| f.0);
     if !state
         .store
         .set_feedback(&id, defective, body.note.as_deref(), now_us())
         .await?
     {
         return Err(ApiError::UnknownInspection(id));
+    }
+    // A false alarm is a good part too: its score counts towards drift (parts judged
+    // normal count when they are judged).
+    if !defective && before.as_deref() != Some("good") {
+        let r = load(&state, &id).await?;
+        if r.is_anomalous {
+            if let Ok(served) = state.model(&r.model) {
+                let (detector, version) = served.engine.current();
+                if version == r.model_version {
+                    state
+                        .live
+                        .record_good(&r.model, r.score as f32, &detector.card.validation_scores.values);
+                }
+            }
+        }
     }
     get_one(State(state), Path(id)).await
 }

@@ -81,6 +81,10 @@ pub struct ScoreStats {
     pub p50: f32,
     pub p95: f32,
     pub p99: f32,
+    /// Every score, ascending: the reference the server compares recent scores of good
+    /// parts with (score drift). Absent in artifacts written before drift was measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<f32>,
 }
 
 impl ScoreStats {
@@ -100,6 +104,11 @@ impl ScoreStats {
             p50: quantile(scores, 0.5),
             p95: quantile(scores, 0.95),
             p99: quantile(scores, 0.99),
+            values: {
+                let mut v = scores.to_vec();
+                v.sort_by(f32::total_cmp);
+                v
+            },
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Scoring: from an input and its reconstruction to an anomaly map, a score and regions.
 //! Pure maths over `Vec<f32>` planes; no candle, no I/O.
 
+pub mod drift;
 pub mod filter;
 pub mod heatmap;
 pub mod regions;

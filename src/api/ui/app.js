@@ -410,8 +410,15 @@ function validationChart(v, threshold) {
   return svg;
 }
 
+function driftText(d) {
+  if (!d) return `not enough recent good parts yet (30 needed), or no calibration scores in this model`;
+  return `${d.drifted ? "DRIFTED: " : ""}distance ${fmt(d.statistic, 2)} (significant above ${fmt(d.critical, 2)}) ` +
+    `between ${d.recent} recent good parts and ${d.reference} calibration images`;
+}
+
 async function showModels() {
   const models = await getJson("/v1/models");
+  const live = await getJson("/v1/stats?window_s=60");
   state.models = models;
   const cards = h("div", { class: "cards", id: "model-cards" });
   view().replaceChildren(h("h1", {}, "Models"), cards);
@@ -435,6 +442,8 @@ async function showModels() {
       h("h3", {}, "Training"),
       h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
       lossCurve(tr.loss_curve),
+      h("h3", {}, "Score drift"),
+      h("p", { class: live.drift[m.name] && live.drift[m.name].drifted ? "error drift" : "drift" }, driftText(live.drift[m.name])),
       h("h3", {}, "Feedback"),
       h("p", {}, `${fb.labelled} labelled: ${fb.false_positives} false alarm(s), ${fb.false_negatives} miss(es)` +
         (fb.suggested_threshold !== null && fb.suggested_threshold !== undefined
@@ -456,7 +465,9 @@ async function showHome() {
       h("tr", {}, h("th", {}, "inspections / s"), h("td", {}, fmt(st.inspections_per_s, 2))),
       h("tr", {}, h("th", {}, "latency p50 / p99"), h("td", {}, `${fmt(st.latency_p50_ms, 1)} / ${fmt(st.latency_p99_ms, 1)} ms`)),
       models.map(([name, m]) => h("tr", {}, h("th", {}, `${name}: anomaly rate`),
-        h("td", {}, `${fmt(100 * m.anomaly_rate, 1)}% of ${m.inspections}`)))) : null,
+        h("td", {}, `${fmt(100 * m.anomaly_rate, 1)}% of ${m.inspections}`))),
+      Object.entries(st.drift).map(([name, d]) => h("tr", {}, h("th", {}, `${name}: score drift`),
+        h("td", { class: d.drifted ? "error" : "" }, driftText(d))))) : null,
     h("p", {}, h("a", { href: "#/inspect" }, "Inspect images →")));
 }
 
