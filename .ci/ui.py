@@ -215,6 +215,30 @@ try:
            "document.getElementById('live-table').textContent.includes('% of 2')")
     not_blank(b, "home")
 
+    # Train a second model from the samples folder, watch it finish, inspect with it.
+    b.goto(OPEN_BASE + "/#/train")
+    b.wait("the training form", "!!document.getElementById('train-form')")
+    for selector, text in (("input[name=model]", "from-samples"),
+                           ("input[name=folder]", os.path.abspath(SAMPLES)),
+                           ("input[name=steps]", "3")):
+        b.js(f"document.querySelector('#train-form {selector}').focus()")
+        b.call("Input.insertText", text=text)
+    b.click("#train-form button[type=submit]")
+    b.wait("the job is listed", "!!document.querySelector('#jobs tr[data-job]')")
+    b.wait("the job succeeds, followed live", "document.querySelector('#jobs tr[data-job]').dataset.status === 'succeeded'",
+           seconds=600)
+    not_blank(b, "train")
+    check("the new model is served", any(m["name"] == "from-samples" for m in api(OPEN_BASE, "/v1/models")))
+    b.goto(OPEN_BASE + "/#/inspect")
+    b.wait("the new model is offered", "[...document.querySelectorAll('#model-select option')].some(o => o.value === 'from-samples')")
+    b.js("(() => { const s = document.getElementById('model-select'); s.value = 'from-samples';"
+         " s.dispatchEvent(new Event('change')); })()")
+    root = b.call("DOM.getDocument")["root"]["nodeId"]
+    node = b.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+    b.call("DOM.setFileInputFiles", files=samples[:1], nodeId=node)
+    b.wait("the new model answers", "document.querySelectorAll('#results .result:not(.pending) .verdict').length === 1")
+    check("no error inspecting with the new model", b.js("document.querySelectorAll('#results .error').length") == 0)
+
     # A server with keys: the page asks once, and an inspect-role key sees no admin action.
     b.goto(KEYED_BASE + "/#/models")
     b.wait("the page asks for a key", "document.getElementById('key-dialog').open")
@@ -222,6 +246,8 @@ try:
     b.call("Input.insertText", text=INSPECT_KEY)
     b.key("Enter", "Enter", "\r")
     b.wait("the key is accepted", "document.body.dataset.role === 'inspect' && !!document.querySelector('.card.model')")
+    check("no training for an inspect key",
+          b.js("getComputedStyle(document.querySelector('nav a[data-view=train]')).display") == "none")
     check("no reload for an inspect key",
           b.js("getComputedStyle(document.querySelector('.card.model button.admin')).display") == "none")
     not_blank(b, "models-inspect-key")

@@ -80,7 +80,7 @@ pub enum FitName {
     Tiles,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
     /// Folder of good images (PNG, JPEG, BMP, TIFF; searched recursively), or an MVTec AD
     /// category folder (its train/good is used).
@@ -172,7 +172,7 @@ pub struct TrainArgs {
     pub device: DeviceChoice,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ScoringArgs {
     /// Anomaly map: ssim (1 − SSIM), l2, ssim+l2 (each divided by its mean on good images),
     /// or learned (the model's own map; --arch draem). Default: learned for draem, else ssim+l2.
@@ -193,7 +193,7 @@ pub struct ScoringArgs {
     pub top_k: Option<usize>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
     /// quantile: the good images' score quantile × (1 + margin); min-area: Bergmann's rule.
     #[arg(long, value_enum, default_value_t = ThresholdMethod::Quantile)]
@@ -325,6 +325,10 @@ pub struct ServeArgs {
     /// Requests admitted per model (queued or running); beyond this the answer is 429.
     #[arg(long, env = "VIGIL_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+    /// CPU threads a training job started through the server takes (one job at a time);
+    /// the rest stay with inspection. Default: half the cores, at least 1.
+    #[arg(long, env = "VIGIL_TRAINING_THREADS")]
+    pub training_threads: Option<usize>,
     /// Seconds an inspection may wait for the model before a 503.
     #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0)]
     pub request_timeout: f64,

@@ -12,6 +12,7 @@ pub mod detector;
 pub mod engine;
 pub mod eval;
 pub mod image_io;
+pub mod jobs;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

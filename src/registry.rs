@@ -39,6 +39,8 @@ pub fn load_models(
     let mut dirs: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join(artifact::CARD_FILE).is_file())
+        // Hidden folders are not models: a training job stages its model in one.
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     dirs.sort();
     for path in dirs {

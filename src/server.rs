@@ -37,6 +37,13 @@ pub async fn build_state(
         .await
         .with_context(|| "opening the database".to_string())?;
     tracing::info!(backend = store.backend, "database ready");
+    let interrupted = store.interrupt_unfinished_jobs(crate::api::now_us()).await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            jobs = interrupted,
+            "training jobs of the previous run were interrupted; marked failed"
+        );
+    }
     let dir = args.models_dir.clone();
     let dev = device.clone();
     let loaded = tokio::task::spawn_blocking(move || load_models(&dir, &dev)).await??;
@@ -46,11 +53,11 @@ pub async fn build_state(
         let engine = Engine::start(&name, detector, &version, args.max_batch, args.queue_capacity);
         models.insert(
             name,
-            ServedModel {
+            Arc::new(ServedModel {
                 engine,
                 dir,
                 reload: Default::default(),
-            },
+            }),
         );
     }
     let default_model = if models.contains_key("default") {
@@ -59,7 +66,7 @@ pub async fn build_state(
         models.keys().next().expect("one model").clone()
     };
     Ok(Arc::new(AppState {
-        models,
+        models: std::sync::RwLock::new(models),
         default_model,
         store,
         blobs: BlobStore::new(&args.data_dir),
@@ -68,12 +75,19 @@ pub async fn build_state(
             max_pixels: args.max_pixels,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
             store_images: args.store_images,
+            max_batch: args.max_batch,
+            queue_capacity: args.queue_capacity,
         },
         keys,
         metrics,
         device,
         ready: AtomicBool::new(true),
         live: Default::default(),
+        models_dir: args.models_dir.clone(),
+        training: api::training::JobBoard::new(
+            args.training_threads
+                .unwrap_or((candle_core::utils::get_num_threads() / 2).max(1)),
+        ),
     }))
 }
 
@@ -156,7 +170,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         if state.keys.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "listening beyond loopback without API keys: anyone who can reach this port can use the API (give --api-keys-file)");
         }
-        tracing::info!(models = ?state.models.keys().collect::<Vec<_>>(), "listening on http://{addr}");
+        tracing::info!(models = ?state.model_list().into_iter().map(|m| m.0).collect::<Vec<_>>(), "listening on http://{addr}");
         run(listener, state, shutdown_signal()).await?;
         Ok(())
     })

@@ -65,14 +65,14 @@ async fn harness_with(
     let detector = Detector::new(common::test_card(Fit::Whole, 32, 32), model);
     models.insert(
         name.to_string(),
-        ServedModel {
+        Arc::new(ServedModel {
             engine: Engine::start(name, detector, "v1", 4, queue_capacity),
             dir: model_dir,
             reload: Default::default(),
-        },
+        }),
     );
     let state = Arc::new(AppState {
-        models,
+        models: std::sync::RwLock::new(models),
         default_model: name.into(),
         store,
         blobs: BlobStore::new(dir.path()),
@@ -81,12 +81,16 @@ async fn harness_with(
             max_pixels: 1_000_000,
             request_timeout,
             store_images: true,
+            max_batch: 4,
+            queue_capacity,
         },
         keys: keys.map(|k| api::auth::ApiKeys::parse(k).unwrap()),
         metrics: vigil::metrics::install(),
         device: Device::Cpu,
         ready: AtomicBool::new(true),
         live: Default::default(),
+        models_dir: dir.path().join("models"),
+        training: api::training::JobBoard::new(1),
     });
     Harness { state, _dir: dir }
 }
@@ -379,7 +383,7 @@ fn huge_header_png() -> Vec<u8> {
 async fn a_full_queue_answers_429_with_retry_after() {
     let h = harness(None, 1).await;
     // Hold the only slot, as a request in flight would.
-    let _permit = h.state.models["default"].engine.admit().unwrap();
+    let _permit = h.state.model("default").unwrap().engine.admit().unwrap();
     let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(error_code(&b), "overloaded");
@@ -686,7 +690,7 @@ async fn a_model_slower_than_the_timeout_gives_503_and_its_slot_comes_back() {
     );
     // ...and comes back when the model is done with it.
     go.send(()).unwrap();
-    h.state.models["default"].engine.drained().await;
+    h.state.model("default").unwrap().engine.drained().await;
     go.send(()).unwrap(); // let the next request through at once
     let (s, _, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
     assert_eq!(s, StatusCode::OK);
@@ -778,7 +782,7 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     assert_eq!(s, StatusCode::OK);
     assert_eq!(headers["content-type"], "image/png");
     // A corrupt artifact does not load: 400, and the model loaded before keeps serving.
-    let served_dir = h.state.models["default"].dir.clone();
+    let served_dir = h.state.model("default").unwrap().dir.clone();
     std::fs::write(served_dir.join("weights.safetensors"), b"not safetensors").unwrap();
     let (s, _, b) = send(&h.state, admin("/v1/models/default/reload")).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
@@ -813,7 +817,7 @@ async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
         common::test_card(Fit::Whole, 32, 32),
         Arc::new(common::Flat(Device::Cpu)),
     );
-    h.state.models["default"].engine.replace(detector, "v2".into());
+    h.state.model("default").unwrap().engine.replace(detector, "v2".into());
     let (s, _, b) = send(&h.state, heatmap()).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_changed"));
     assert!(String::from_utf8_lossy(&b).contains(&format!("inspection {id} was made by model version v1")));
@@ -932,7 +936,9 @@ async fn good_parts_scoring_away_from_calibration_raise_the_drift_metric() {
     card.thresholds.image = 1e6;
     card.validation_scores = vigil::model::artifact::ScoreStats::of(&[1000.0, 1001.0, 1002.0, 1003.0, 1004.0]);
     let model = Arc::new(common::Flat(Device::Cpu));
-    h.state.models["drift"]
+    h.state
+        .model("drift")
+        .unwrap()
         .engine
         .replace(Detector::new(card, model), "v1".into());
     for i in 0..vigil::api::live::DRIFT_MIN_SAMPLES {
@@ -953,4 +959,315 @@ async fn good_parts_scoring_away_from_calibration_raise_the_drift_metric() {
     let text = String::from_utf8(b).unwrap();
     assert!(text.contains("vigil_score_drift{model=\"drift\"} 1"), "{text}");
     assert!(text.contains("vigil_score_drift_critical{model=\"drift\"}"));
+}
+
+/// A folder of `n` small good images.
+fn good_folder(root: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let dir = root.join(format!("good-{n}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..n {
+        let mut img = image::GrayImage::new(32, 32);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            p.0 = [((x * 7 + y * 3 + i as u32 * 11) % 64 + 96) as u8];
+        }
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+    }
+    dir
+}
+
+fn post_json(uri: &str, v: Value) -> Request<Body> {
+    post(uri, "application/json", serde_json::to_vec(&v).unwrap())
+}
+
+/// Every `job` event of a job's stream, until it ends (after the job does).
+async fn job_events(state: &Arc<AppState>, id: &str) -> Vec<Value> {
+    let resp = api::app(state.clone())
+        .oneshot(get(&format!("/v1/training-jobs/{id}/events")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+const TINY: &str = r#"{"steps": 3, "size": 32, "patch": 32, "batch_size": 2}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 5);
+    let request = serde_json::json!({"model": "line-2", "folder": folder, "options": serde_json::from_str::<Value>(TINY).unwrap()});
+    let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request.clone())).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let job = json(&b);
+    assert_eq!(
+        (job["status"].as_str(), job["model"].as_str()),
+        (Some("queued"), Some("line-2"))
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(job["options"].as_array().unwrap().contains(&"--steps".into()));
+
+    let events = job_events(&h.state, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "succeeded", "{events:?}");
+    assert_eq!((last["step"].as_u64(), last["steps"].as_u64()), (Some(3), Some(3)));
+    assert!(last["loss"].as_f64().unwrap().is_finite());
+    assert!(last["message"].as_str().unwrap().contains("served as"));
+
+    // Written into the models folder (and nothing half-written beside it), served at once.
+    assert!(h.state.models_dir.join("line-2/model.json").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&h.state.models_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (_, _, b) = send(&h.state, get("/v1/models")).await;
+    assert!(json(&b).as_array().unwrap().iter().any(|m| m["name"] == "line-2"));
+    let (s, _, b) = send(
+        &h.state,
+        post("/v1/models/line-2/inspect", "image/png", png(32, 32, true)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+
+    // On record, and the name is now taken.
+    let (_, _, b) = send(&h.state, get("/v1/training-jobs")).await;
+    assert_eq!(json(&b)[0]["status"], "succeeded");
+    let row = h.state.store.job(&id).await.unwrap().unwrap();
+    assert_eq!(row.status, "succeeded");
+    let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request)).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_exists"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let boundary = "vigil-test-boundary";
+    let mut body = Vec::new();
+    let mut field = |headers: &str, content: &[u8]| {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    };
+    field("Content-Disposition: form-data; name=\"model\"", b"uploaded");
+    field("Content-Disposition: form-data; name=\"options\"", TINY.as_bytes());
+    for i in 0..4 {
+        let bytes = std::fs::read(folder.join(format!("{i}.png"))).unwrap();
+        field(
+            &format!(
+                "Content-Disposition: form-data; name=\"images\"; filename=\"part{i}.png\"\r\nContent-Type: image/png"
+            ),
+            &bytes,
+        );
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let req = post(
+        "/v1/training-jobs",
+        &format!("multipart/form-data; boundary={boundary}"),
+        body,
+    );
+    let (s, _, b) = send(&h.state, req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let job = json(&b);
+    let upload_dir = std::path::PathBuf::from(job["data"].as_str().unwrap());
+    assert!(upload_dir.starts_with(h._dir.path()), "{upload_dir:?}");
+    let events = job_events(&h.state, job["id"].as_str().unwrap()).await;
+    assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
+    assert!(!upload_dir.exists(), "uploaded images outlived their job");
+    let (s, _, _) = send(
+        &h.state,
+        post("/v1/models/uploaded/inspect", "image/png", png(32, 32, false)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_key() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 3);
+    let one = good_folder(&h._dir.path().join("one"), 1);
+    let cases = [
+        (
+            serde_json::json!({"model": "x", "folder": "/no/such/folder"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_training_data",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": one}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_training_data",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"steps": "many"}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"out": "/etc"}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "../x", "folder": folder}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "default", "folder": folder}),
+            StatusCode::CONFLICT,
+            "model_exists",
+        ),
+        (
+            serde_json::json!({"model": "x"}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request.clone())).await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (status, code),
+            "{request}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    let (_, _, b) = send(&h.state, get("/v1/training-jobs")).await;
+    assert_eq!(json(&b), serde_json::json!([]), "a refused job leaves no record");
+    let (s, _, b) = send(&h.state, get("/v1/training-jobs/nope")).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::NOT_FOUND, "unknown_job"));
+
+    let keyed = harness(Some("inspect inspect-key-0123456789\nadmin admin-key-0123456789"), 8).await;
+    for key in ["inspect-key-0123456789"] {
+        let req = Request::get("/v1/training-jobs")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, b) = send(&keyed.state, req).await;
+        assert_eq!((s, error_code(&b).as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    }
+    let req = Request::get("/v1/training-jobs")
+        .header("authorization", "Bearer admin-key-0123456789")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&keyed.state, req).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let long = serde_json::json!({"steps": 100000, "size": 32, "patch": 32, "batch_size": 2});
+    let start = |name: &str| {
+        post_json(
+            "/v1/training-jobs",
+            serde_json::json!({"model": name, "folder": folder, "options": long}),
+        )
+    };
+    let running = json(&send(&h.state, start("long")).await.2)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let queued = json(&send(&h.state, start("next")).await.2)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Wait, on the job's own event stream, until the first is training.
+    let resp = api::app(h.state.clone())
+        .oneshot(get(&format!("/v1/training-jobs/{running}/events")))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains("\"status\":\"running\"") {
+        let frame = body
+            .frame()
+            .await
+            .expect("the stream ended before the job ran")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    // The queued one is dropped at once; the running one ends as cancelled.
+    let (s, _, b) = send(
+        &h.state,
+        Request::delete(format!("/v1/training-jobs/{queued}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(json(&b)["status"], "cancelled");
+    let (s, _, _) = send(
+        &h.state,
+        Request::delete(format!("/v1/training-jobs/{running}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    while !seen.contains("\"status\":\"cancelled\"") {
+        let Some(frame) = body.frame().await else { break };
+        if let Ok(data) = frame.unwrap().into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(seen.contains("\"status\":\"cancelled\""), "{seen}");
+    for id in [&running, &queued] {
+        assert_eq!(h.state.store.job(id).await.unwrap().unwrap().status, "cancelled");
+    }
+    let written: Vec<_> = std::fs::read_dir(&h.state.models_dir).unwrap().collect();
+    assert!(written.is_empty(), "a cancelled job wrote {written:?}");
+    // Cancelling again is a conflict, not a second cancellation.
+    let (s, _, b) = send(
+        &h.state,
+        Request::delete(format!("/v1/training-jobs/{running}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "job_finished"));
+}
+
+#[tokio::test]
+async fn jobs_left_unfinished_by_a_stopped_server_are_marked_interrupted() {
+    let h = harness(None, 8).await;
+    for (id, status) in [("a", "queued"), ("b", "running"), ("c", "succeeded")] {
+        let row = vigil::storage::jobs::JobRow {
+            id: id.into(),
+            model: format!("m-{id}"),
+            status: status.into(),
+            message: None,
+            options: "[]".into(),
+            data: "/d".into(),
+            created_at: 1,
+            finished_at: None,
+        };
+        h.state.store.insert_job(&row).await.unwrap();
+    }
+    assert_eq!(h.state.store.interrupt_unfinished_jobs(5).await.unwrap(), 2);
+    for (id, want) in [("a", "failed"), ("b", "failed"), ("c", "succeeded")] {
+        let row = h.state.store.job(id).await.unwrap().unwrap();
+        assert_eq!(row.status, want, "{id}");
+    }
+    let (_, _, b) = send(&h.state, get("/v1/training-jobs/b")).await;
+    let v = json(&b);
+    assert_eq!(v["status"], "failed");
+    assert!(v["message"].as_str().unwrap().starts_with("interrupted"));
 }

@@ -70,9 +70,11 @@ impl ApiKeys {
     }
 }
 
-/// Admin routes: model reload.
+/// Admin routes: model reload and training jobs.
 fn needs_admin(req: &Request) -> bool {
-    req.method() == Method::POST && req.uri().path().ends_with("/reload")
+    (req.method() == Method::POST && req.uri().path().ends_with("/reload"))
+        // Under `nest("/v1")` the middleware sees the path without the prefix.
+        || req.uri().path().trim_start_matches("/v1").starts_with("/training-jobs")
 }
 
 pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -51,6 +51,14 @@ pub enum ApiError {
     /// The detail goes to the log, not to the client.
     #[error("the image store is unavailable")]
     ImageStoreUnavailable(String),
+    #[error("{0}")]
+    ModelExists(String),
+    #[error("{0}")]
+    BadTrainingData(String),
+    #[error("no training job with id {0:?}")]
+    UnknownJob(String),
+    #[error("{0}")]
+    JobFinished(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -88,6 +96,10 @@ impl ApiError {
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             NoRoute => (StatusCode::NOT_FOUND, "not_found"),
             ImageStoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_store_unavailable"),
+            ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
+            BadTrainingData(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_training_data"),
+            UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job"),
+            JobFinished(_) => (StatusCode::CONFLICT, "job_finished"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

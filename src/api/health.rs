@@ -33,7 +33,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    for (name, m) in &state.models {
+    for (name, m) in state.model_list() {
         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => name.clone()).set(m.engine.in_flight() as f64);
     }
     (

@@ -37,7 +37,7 @@ pub async fn judge(
     threshold: Option<f32>,
 ) -> Result<Judgement, ApiError> {
     let served = state.model(model)?;
-    let (detector, current) = current_version(served, version)?;
+    let (detector, current) = current_version(&served, version)?;
     // Admission before any heavy work: a full queue answers 429 at once.
     let permit = served
         .engine

@@ -10,6 +10,7 @@ pub mod judge;
 pub mod live;
 pub mod models;
 pub mod records;
+pub mod training;
 pub mod types;
 pub mod ui;
 pub mod upload;
@@ -40,6 +41,9 @@ pub struct Limits {
     pub max_pixels: u64,
     pub request_timeout: Duration,
     pub store_images: bool,
+    /// Engine settings for models added while serving (trained by a job).
+    pub max_batch: usize,
+    pub queue_capacity: usize,
 }
 
 /// A served model: its engine and the artifact it came from.
@@ -51,7 +55,9 @@ pub struct ServedModel {
 }
 
 pub struct AppState {
-    pub models: BTreeMap<String, ServedModel>,
+    /// Served models by name. A lock, not a plain map, so a model trained by the server
+    /// joins without a restart; held only to look a model up or add one.
+    pub models: std::sync::RwLock<BTreeMap<String, Arc<ServedModel>>>,
     pub default_model: String,
     pub store: Store,
     pub blobs: BlobStore,
@@ -61,13 +67,35 @@ pub struct AppState {
     pub device: candle_core::Device,
     pub ready: AtomicBool,
     pub live: live::LiveStats,
+    /// Where models live: trained models are written here.
+    pub models_dir: PathBuf,
+    pub training: training::JobBoard,
 }
 
 impl AppState {
-    pub fn model(&self, name: &str) -> Result<&ServedModel, crate::api::error::ApiError> {
+    pub fn model(&self, name: &str) -> Result<Arc<ServedModel>, crate::api::error::ApiError> {
         self.models
+            .read()
+            .expect("models lock")
             .get(name)
+            .cloned()
             .ok_or_else(|| crate::api::error::ApiError::UnknownModel(name.to_string()))
+    }
+
+    /// The served models, by name.
+    pub fn model_list(&self) -> Vec<(String, Arc<ServedModel>)> {
+        let models = self.models.read().expect("models lock");
+        models.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Serves one more model; false (and nothing changes) if the name is taken.
+    pub fn add_model(&self, name: &str, model: ServedModel) -> bool {
+        let mut models = self.models.write().expect("models lock");
+        if models.contains_key(name) {
+            return false;
+        }
+        models.insert(name.to_string(), Arc::new(model));
+        true
     }
 }
 
@@ -87,6 +115,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/inspections/{id}/image", get(records::image))
         .route("/stats", get(live::stats))
         .route("/whoami", get(auth::whoami))
+        .route("/training-jobs", get(training::list).post(training::create))
+        .route("/training-jobs/{id}", get(training::get_one).delete(training::cancel))
+        .route("/training-jobs/{id}/events", get(training::events))
         .route(
             "/inspections/{id}/feedback",
             post(records::feedback).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),

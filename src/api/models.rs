@@ -16,8 +16,8 @@ use crate::eval::metrics::Confusion;
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>> {
     Json(
         state
-            .models
-            .iter()
+            .model_list()
+            .into_iter()
             .map(|(name, m)| {
                 // Read together, so the version is the one of this detector.
                 let (d, version) = m.engine.current();

@@ -12,6 +12,46 @@ use crate::scoring::{MapMethod, MapSpec, Reduction};
 use crate::train::{self, Augment, TrainConfig};
 
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
+    let cfg = config(args, threads)?;
+    let training_images = train::dataset::training_files(&args.data)?.len();
+    let steps = cfg.steps;
+    // First Ctrl-C: finish the current step, calibrate and write the model. Second: quit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
+    eprintln!(
+        "training on {training_images} images from {} ({steps} steps of {})",
+        args.data.display(),
+        args.batch_size
+    );
+    let card = train::train(&cfg, &stop)?;
+    let t = &card.training;
+    println!(
+        "wrote {}: {} steps in {:.0} s, final loss {:.4}, contrast kept {:.0}%{}; image threshold {:.4}, pixel threshold {:.4} ({} validation images)",
+        args.out.display(),
+        t.steps,
+        t.seconds,
+        t.final_loss,
+        t.collapse.contrast_ratio * 100.0,
+        if t.collapse.collapsed { " (COLLAPSED: see model.json)" } else { "" },
+        card.thresholds.image,
+        card.thresholds.pixel,
+        card.thresholds.validation_images
+    );
+    Ok(())
+}
+
+/// The training configuration `args` describe, with the defaults of each family: what
+/// `vigil train` runs, and what a training job started from the server runs.
+pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
     let architecture = match args.arch {
         ArchName::Spatial => Architecture::Spatial {
             width: args.width,
@@ -121,37 +161,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         device,
         threads,
         progress: true,
+        on_step: None,
     };
-    // First Ctrl-C: finish the current step, calibrate and write the model. Second: quit.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
-    eprintln!(
-        "training on {training_images} images from {} ({steps} steps of {})",
-        args.data.display(),
-        args.batch_size
-    );
-    let card = train::train(&cfg, &stop)?;
-    let t = &card.training;
-    println!(
-        "wrote {}: {} steps in {:.0} s, final loss {:.4}, contrast kept {:.0}%{}; image threshold {:.4}, pixel threshold {:.4} ({} validation images)",
-        args.out.display(),
-        t.steps,
-        t.seconds,
-        t.final_loss,
-        t.collapse.contrast_ratio * 100.0,
-        if t.collapse.collapsed { " (COLLAPSED: see model.json)" } else { "" },
-        card.thresholds.image,
-        card.thresholds.pixel,
-        card.thresholds.validation_images
-    );
-    Ok(())
+    Ok(cfg)
 }

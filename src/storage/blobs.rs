@@ -10,6 +10,11 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
+    /// The data directory the store writes under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn new(data_dir: &Path) -> Self {
         Self {
             root: data_dir.to_path_buf(),

@@ -3,6 +3,7 @@
 //! for the images.
 
 pub mod blobs;
+pub mod jobs;
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};

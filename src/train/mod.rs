@@ -45,6 +45,25 @@ pub enum TrainError {
     Calibration(#[from] calibrate::CalibrationError),
 }
 
+/// Where training stands after a step (for a caller that shows progress elsewhere).
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f32,
+    pub elapsed_s: f64,
+}
+
+/// Called after every training step.
+#[derive(Clone)]
+pub struct ProgressHook(pub Arc<dyn Fn(StepReport) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
 /// Everything `vigil train` decides.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -68,7 +87,9 @@ pub struct TrainConfig {
     pub calibration: CalibrationConfig,
     pub device: Device,
     pub threads: usize,
+    /// A progress bar on stderr.
     pub progress: bool,
+    pub on_step: Option<ProgressHook>,
 }
 
 /// Trains, calibrates and writes the artifact to `cfg.out`. Setting `stop` ends training
@@ -238,6 +259,14 @@ fn fit(
             (steps_done * cfg.batch_size) as f64 / secs.max(1e-9)
         ));
         bar.inc(1);
+        if let Some(hook) = &cfg.on_step {
+            (hook.0)(StepReport {
+                step: steps_done,
+                steps: cfg.steps,
+                loss: last_loss,
+                elapsed_s: secs,
+            });
+        }
     }
     bar.finish_and_clear();
     let stopped_early = steps_done < cfg.steps;

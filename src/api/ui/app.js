@@ -452,6 +452,114 @@ async function showModels() {
   }
 }
 
+// ---- Train ---------------------------------------------------------------------
+
+// Reads a job's server-sent events through fetch (EventSource cannot send the API key).
+async function followJob(id, onView) {
+  const res = await api(`/v1/training-jobs/${encodeURIComponent(id)}/events`);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buf.indexOf("\n\n")) >= 0) {
+      const data = buf.slice(0, end).split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
+      buf = buf.slice(end + 2);
+      if (data) onView(JSON.parse(data));
+    }
+  }
+}
+
+const finished = (status) => ["succeeded", "failed", "cancelled"].includes(status);
+
+function jobRow(job) {
+  const row = h("tr", { "data-job": job.id });
+  const render = (v) => {
+    const pct = v.steps ? Math.round((100 * v.step) / v.steps) : 0;
+    const cancel = finished(v.status) ? null : h("button", { onclick: async () => {
+      try { await api(`/v1/training-jobs/${encodeURIComponent(v.id)}`, { method: "DELETE" }); } catch (e) { row.append(errorBox(e)); }
+    } }, "Cancel");
+    row.dataset.status = v.status;
+    row.replaceChildren(
+      h("td", {}, v.model),
+      h("td", { class: `status ${v.status}` }, v.status),
+      h("td", {}, h("progress", { max: 100, value: pct }), ` ${v.step}/${v.steps || "?"}`),
+      h("td", {}, v.loss === undefined ? "–" : fmt(v.loss, 4)),
+      h("td", {}, v.eta_s === undefined ? "–" : `${Math.round(v.eta_s)} s`),
+      h("td", { class: "muted" }, v.message || `${when(v.created_at)} · ${v.data}`),
+      h("td", {}, cancel, v.status === "succeeded" ? h("a", { href: "#/inspect" }, "inspect with it") : null));
+  };
+  render(job);
+  if (!finished(job.status)) {
+    followJob(job.id, (v) => {
+      render(v);
+      if (v.status === "succeeded") state.models = [];
+    }).catch((e) => row.append(errorBox(e)));
+  }
+  return row;
+}
+
+async function showTrain() {
+  const jobs = h("tbody", { id: "jobs" });
+  const message = h("p", {});
+  const form = h("form", { id: "train-form", class: "card" },
+    h("div", { class: "controls" },
+      h("label", {}, "model name ", h("input", { name: "model", required: true, pattern: "[A-Za-z0-9_\\-][A-Za-z0-9_.\\-]*", maxlength: 64, placeholder: "e.g. pcb-top" })),
+      h("label", {}, "family ", h("select", { name: "arch" },
+        ["draem", "spatial", "vae", "bergmann"].map((a) => h("option", { value: a }, a)))),
+      h("label", {}, "steps ", h("input", { name: "steps", type: "number", min: 1, placeholder: "default" }))),
+    h("div", { class: "controls" },
+      h("label", {}, "good images: a folder on the server ", h("input", { name: "folder", size: 40, placeholder: "/data/good-parts" })),
+      h("label", {}, " or upload ", h("input", { name: "images", type: "file", accept: "image/*", multiple: true }))),
+    h("div", { class: "controls" },
+      h("label", {}, "more options (JSON, `vigil train` flags) ", h("input", { name: "options", size: 40, placeholder: '{"size": 256}' })),
+      h("button", { type: "submit" }, "Start training")),
+    message);
+  form.onsubmit = async (e) => {
+    e.preventDefault();
+    const d = new FormData(form);
+    let options = {};
+    try {
+      options = d.get("options").trim() ? JSON.parse(d.get("options")) : {};
+    } catch (err) {
+      message.replaceChildren(errorBox(`more options: ${err.message}`));
+      return;
+    }
+    options.arch = d.get("arch");
+    if (d.get("steps")) options.steps = Number(d.get("steps"));
+    const files = form.querySelector("input[type=file]").files;
+    let init;
+    if (files.length) {
+      const body = new FormData();
+      body.append("model", d.get("model"));
+      body.append("options", JSON.stringify(options));
+      for (const f of files) body.append("images", f, f.name);
+      init = { method: "POST", body };
+    } else {
+      init = { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ model: d.get("model"), folder: d.get("folder"), options }) };
+    }
+    try {
+      const job = await (await api("/v1/training-jobs", init)).json();
+      message.replaceChildren(`queued: ${job.model}`);
+      jobs.prepend(jobRow(job));
+    } catch (err) {
+      message.replaceChildren(errorBox(err));
+    }
+  };
+  view().replaceChildren(h("h1", {}, "Train a model"),
+    h("p", { class: "muted" }, "From good images only. One job trains at a time; inspection goes on meanwhile. " +
+      "The model is calibrated, written into the models folder and served as soon as it is done."),
+    form,
+    h("table", { class: "jobs" },
+      h("thead", {}, h("tr", {}, ["model", "status", "progress", "loss", "ETA", "", ""].map((t) => h("th", {}, t)))),
+      jobs));
+  for (const job of await getJson("/v1/training-jobs")) jobs.append(jobRow(job));
+}
+
 // ---- Home ----------------------------------------------------------------------
 
 async function showHome() {
@@ -488,6 +596,7 @@ async function route() {
     else if (name === "review") await showReview();
     else if (name === "inspections" && arg) await showInspection(decodeURIComponent(arg));
     else if (name === "models") await showModels();
+    else if (name === "train") await showTrain();
     else await showHome();
   } catch (e) {
     view().replaceChildren(errorBox(e));

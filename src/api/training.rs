@@ -1,0 +1,508 @@
+//! Training jobs through the server: `POST /v1/training-jobs` queues one (a folder on the
+//! server, or images uploaded with the request), one job trains at a time on
+//! `--training-threads` threads, progress streams as server-sent events, `DELETE` cancels,
+//! and a trained model is moved into `--models-dir` and served at once, without a restart.
+//! Rows in the database say what was asked and how it ended; a restart marks unfinished
+//! jobs `failed` (interrupted), as they cannot resume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use axum::extract::{Multipart, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Json;
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use utoipa::ToSchema;
+
+use super::{now_us, rfc3339, AppState, ServedModel};
+use crate::api::error::ApiError;
+use crate::jobs::{self, JobStatus, JobView};
+use crate::storage::jobs::JobRow;
+
+/// Largest upload of training images in one request.
+pub const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
+
+struct LiveJob {
+    view: watch::Sender<JobView>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The jobs of this process and the queue in front of the one trainer.
+pub struct JobBoard {
+    live: Mutex<HashMap<String, LiveJob>>,
+    queue: mpsc::UnboundedSender<String>,
+    waiting: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    worker: OnceLock<()>,
+    /// Threads a training takes (the rest stay with inspection).
+    pub threads: usize,
+}
+
+impl JobBoard {
+    pub fn new(threads: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        Self {
+            live: Mutex::new(HashMap::new()),
+            queue,
+            waiting: Mutex::new(Some(rx)),
+            worker: OnceLock::new(),
+            threads: threads.max(1),
+        }
+    }
+
+    fn view(&self, id: &str) -> Option<JobView> {
+        self.live
+            .lock()
+            .expect("jobs lock")
+            .get(id)
+            .map(|j| j.view.borrow().clone())
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobView)) {
+        if let Some(j) = self.live.lock().expect("jobs lock").get(id) {
+            j.view.send_modify(f);
+        }
+    }
+}
+
+/// A job read from the database (one a previous process ran, or one not yet in memory).
+fn from_row(r: JobRow) -> JobView {
+    JobView {
+        status: JobStatus::parse(&r.status).unwrap_or(JobStatus::Failed),
+        options: serde_json::from_str(&r.options).unwrap_or_default(),
+        created_at: rfc3339(r.created_at),
+        finished_at: r.finished_at.map(rfc3339),
+        id: r.id,
+        model: r.model,
+        message: r.message,
+        data: r.data,
+        step: 0,
+        steps: 0,
+        loss: None,
+        elapsed_s: 0.0,
+        eta_s: None,
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct JobRequest {
+    /// The name to serve the model under (letters, digits, `-`, `_`, `.`).
+    pub model: String,
+    /// A folder of good images on the server (or an MVTec AD category folder).
+    pub folder: Option<String>,
+    /// `vigil train` options by flag name with `_` for `-`, e.g. `{"steps": 300}`; the
+    /// command's defaults apply to the rest.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// Start a training job (admin): JSON naming a folder on the server, or multipart with
+/// fields `model`, `options` (JSON) and one or more `images` files.
+#[utoipa::path(post, path = "/v1/training-jobs", request_body = JobRequest,
+    responses((status = 202, body = JobView), (status = 400, body = crate::api::error::ErrorBody),
+        (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
+pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let is_multipart = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (request, uploaded) = if is_multipart {
+        let upload_dir = state.blobs.root().join("training-uploads").join(&id);
+        let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        match receive_upload(multipart, &upload_dir).await {
+            Ok(r) => (r, Some(upload_dir)),
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&upload_dir).await;
+                return Err(e);
+            }
+        }
+    } else {
+        let body = axum::body::to_bytes(req.into_body(), 1024 * 1024)
+            .await
+            .map_err(|_| ApiError::BodyTooLarge(1024 * 1024))?;
+        let r: JobRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("expected JSON {{\"model\", \"folder\", \"options\"}}: {e}")))?;
+        (r, None)
+    };
+    let queued = enqueue(&state, id, request).await;
+    if queued.is_err() {
+        if let Some(dir) = uploaded {
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(queued?)))
+}
+
+/// Saves the `images` parts under `dir`; returns the request they belong to.
+async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Result<JobRequest, ApiError> {
+    let (mut model, mut options, mut files, mut total) = (None, BTreeMap::new(), 0usize, 0usize);
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?
+    {
+        match field.name().unwrap_or("") {
+            "model" => model = Some(field.text().await.map_err(|e| ApiError::BadRequest(e.body_text()))?),
+            "options" => {
+                let text = field.text().await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+                if !text.trim().is_empty() {
+                    options = serde_json::from_str(&text)
+                        .map_err(|e| ApiError::BadRequest(format!("options must be a JSON object: {e}")))?;
+                }
+            }
+            "images" => {
+                // Only the extension of the sent name is kept (the name itself is the client's).
+                let ext = field
+                    .file_name()
+                    .and_then(|n| std::path::Path::new(n).extension())
+                    .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                    .filter(|e| e.chars().all(|c| c.is_ascii_alphanumeric()) && e.len() <= 5)
+                    .unwrap_or_else(|| "png".into());
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::BadRequest(e.body_text()))? {
+                    total += chunk.len();
+                    if total > MAX_UPLOAD_BYTES {
+                        return Err(ApiError::BodyTooLarge(MAX_UPLOAD_BYTES));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                let path = dir.join(format!("{files:05}.{ext}"));
+                tokio::fs::write(&path, bytes)
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))?;
+                files += 1;
+            }
+            other => return Err(ApiError::BadRequest(format!("unexpected field {other:?}"))),
+        }
+    }
+    if files == 0 {
+        return Err(ApiError::BadTrainingData(
+            "no images: send one or more `images` files".into(),
+        ));
+    }
+    Ok(JobRequest {
+        model: model.ok_or_else(|| ApiError::BadRequest("missing field `model`".into()))?,
+        folder: Some(dir.display().to_string()),
+        options,
+    })
+}
+
+/// Checks and records the job and puts it in the queue. Uploaded images are removed by the
+/// worker when the job ends (by the caller if this fails).
+async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<JobView, ApiError> {
+    if !jobs::valid_model_name(&r.model) {
+        return Err(ApiError::BadRequest(format!(
+            "model name {:?}: use 1–64 letters, digits, `-`, `_` or `.`, not starting with `.`",
+            r.model
+        )));
+    }
+    if state.model(&r.model).is_ok() || state.models_dir.join(&r.model).exists() {
+        return Err(ApiError::ModelExists(format!(
+            "a model named {:?} already exists",
+            r.model
+        )));
+    }
+    let queued_same_name = state
+        .training
+        .live
+        .lock()
+        .expect("jobs lock")
+        .values()
+        .any(|j| j.view.borrow().model == r.model && !j.view.borrow().status.finished());
+    if queued_same_name {
+        return Err(ApiError::ModelExists(format!(
+            "a job is already training {:?}",
+            r.model
+        )));
+    }
+    let folder = PathBuf::from(r.folder.clone().ok_or_else(|| {
+        ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
+    })?);
+    let flags = jobs::flags(&r.options).map_err(ApiError::BadRequest)?;
+    // Checked now, so a bad option is a 400 here rather than a failed job later.
+    jobs::train_args(&folder, &state.models_dir.join(&r.model), &flags).map_err(ApiError::BadRequest)?;
+    let check = folder.clone();
+    let images = tokio::task::spawn_blocking(move || crate::train::dataset::training_files(&check))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::BadTrainingData(e.to_string()))?;
+    if images.len() < 2 {
+        return Err(ApiError::BadTrainingData(format!(
+            "{} holds {} image(s): training needs at least 2 good images (some are held out to calibrate)",
+            folder.display(),
+            images.len()
+        )));
+    }
+    let created_at = now_us();
+    let row = JobRow {
+        id: id.clone(),
+        model: r.model.clone(),
+        status: JobStatus::Queued.as_str().into(),
+        message: None,
+        options: serde_json::to_string(&flags).expect("flags serialise"),
+        data: folder.display().to_string(),
+        created_at,
+        finished_at: None,
+    };
+    // Committed before the answer: a 202 means the job is on record.
+    state.store.insert_job(&row).await?;
+    let view = from_row(row);
+    let (tx, _) = watch::channel(view.clone());
+    state.training.live.lock().expect("jobs lock").insert(
+        id.clone(),
+        LiveJob {
+            view: tx,
+            cancel: Arc::new(AtomicBool::new(false)),
+        },
+    );
+    start_worker(state);
+    state
+        .training
+        .queue
+        .send(id)
+        .map_err(|_| ApiError::Internal("the training queue is closed".into()))?;
+    tracing::info!(
+        job = view.id,
+        model = view.model,
+        images = images.len(),
+        "training job queued"
+    );
+    Ok(view)
+}
+
+/// The trainer: one job at a time, in queue order. Holds the state weakly, so it ends
+/// with the server.
+fn start_worker(state: &Arc<AppState>) {
+    state.training.worker.get_or_init(|| {
+        let rx = state.training.waiting.lock().expect("jobs lock").take();
+        let weak = Arc::downgrade(state);
+        if let Some(mut rx) = rx {
+            tokio::spawn(async move {
+                while let Some(id) = rx.recv().await {
+                    let Some(state) = weak.upgrade() else { break };
+                    run_job(&state, &id).await;
+                }
+            });
+        }
+    });
+}
+
+async fn run_job(state: &Arc<AppState>, id: &str) {
+    let Some(view) = state.training.view(id) else { return };
+    let cancel = match state.training.live.lock().expect("jobs lock").get(id) {
+        Some(j) => j.cancel.clone(),
+        None => return,
+    };
+    if cancel.load(Ordering::SeqCst) {
+        return; // cancelled while queued: already recorded
+    }
+    state.training.update(id, |v| v.status = JobStatus::Running);
+    if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
+        tracing::warn!(job = id, error = %e, "could not record the job as running");
+    }
+    let data = PathBuf::from(&view.data);
+    let uploaded = data.starts_with(state.blobs.root().join("training-uploads"));
+    let outcome = train_and_serve(state, &view, cancel).await;
+    let (status, message) = match outcome {
+        Ok(msg) => (JobStatus::Succeeded, msg),
+        Err(e) if e == "cancelled" => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
+        Err(e) => (JobStatus::Failed, e),
+    };
+    // Before the final status: whoever sees the job end sees its uploads gone.
+    if uploaded {
+        let _ = tokio::fs::remove_dir_all(&data).await;
+    }
+    // On record before anyone watching sees the job end.
+    let finished = now_us();
+    if let Err(e) = state
+        .store
+        .set_job_status(id, status.as_str(), Some(&message), Some(finished))
+        .await
+    {
+        tracing::warn!(job = id, error = %e, "could not record how the job ended");
+    }
+    state.training.update(id, |v| {
+        v.status = status;
+        v.message = Some(message.clone());
+        v.finished_at = Some(rfc3339(finished));
+        v.eta_s = None;
+    });
+    tracing::info!(
+        job = id,
+        model = view.model,
+        status = status.as_str(),
+        message,
+        "training job ended"
+    );
+}
+
+/// Trains, then loads, warms and serves the model. Ok: what happened, for the job's message.
+async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<AtomicBool>) -> Result<String, String> {
+    let args = jobs::train_args(
+        std::path::Path::new(&view.data),
+        &state.models_dir.join(&view.model),
+        &view.options,
+    )?;
+    let (models_dir, model, id, threads) = (
+        state.models_dir.clone(),
+        view.model.clone(),
+        view.id.clone(),
+        state.training.threads,
+    );
+    let weak: Weak<AppState> = Arc::downgrade(state);
+    let progress_id = id.clone();
+    let on_step = move |r| {
+        if let Some(s) = weak.upgrade() {
+            s.training.update(&progress_id, |v| v.progress(r));
+        }
+    };
+    let device = state.device.clone();
+    let (detector, version, dir) = tokio::task::spawn_blocking(move || {
+        let dir = jobs::run(&models_dir, &model, &id, &args, threads, &cancel, on_step)?;
+        let d = crate::detector::Detector::load(&dir, &device).map_err(|e| e.to_string())?;
+        crate::registry::warm_up(&d).map_err(|e| e.to_string())?;
+        let v = crate::registry::artifact_version(&dir).map_err(|e| e.to_string())?;
+        Ok::<_, String>((d, v, dir))
+    })
+    .await
+    .map_err(|e| format!("the training task failed: {e}"))??;
+    let threshold = detector.card.thresholds.image;
+    let engine = crate::engine::Engine::start(
+        &view.model,
+        detector,
+        &version,
+        state.limits.max_batch,
+        state.limits.queue_capacity,
+    );
+    if !state.add_model(
+        &view.model,
+        ServedModel {
+            engine,
+            dir: dir.clone(),
+            reload: Default::default(),
+        },
+    ) {
+        return Err(format!("a model named {:?} is already served", view.model));
+    }
+    metrics::gauge!(crate::metrics::MODEL_INFO, "model" => view.model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
+    Ok(format!(
+        "written to {} and served as {:?} (version {version}, image threshold {threshold:.4})",
+        dir.display(),
+        view.model
+    ))
+}
+
+/// Training jobs, newest first: this process's with live progress, earlier ones from the database.
+#[utoipa::path(get, path = "/v1/training-jobs", responses((status = 200, body = Vec<JobView>)))]
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<JobView>>, ApiError> {
+    let rows = state.store.jobs(50).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| state.training.view(&r.id).unwrap_or_else(|| from_row(r)))
+            .collect(),
+    ))
+}
+
+async fn find(state: &AppState, id: &str) -> Result<JobView, ApiError> {
+    if let Some(v) = state.training.view(id) {
+        return Ok(v);
+    }
+    let row = state.store.job(id).await?;
+    row.map(from_row).ok_or_else(|| ApiError::UnknownJob(id.to_string()))
+}
+
+/// One training job.
+#[utoipa::path(get, path = "/v1/training-jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 404, body = crate::api::error::ErrorBody)))]
+pub async fn get_one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(find(&state, &id).await?))
+}
+
+/// The job as server-sent events: a `job` event with the whole job at once and on every
+/// change (step, loss, ETA, status); the stream ends after the job does.
+#[utoipa::path(get, path = "/v1/training-jobs/{id}/events", params(("id" = String, Path)), responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = crate::api::error::ErrorBody)))]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let rx = state
+        .training
+        .live
+        .lock()
+        .expect("jobs lock")
+        .get(&id)
+        .map(|j| j.view.subscribe());
+    let first = find(&state, &id).await?;
+    let event = |v: &JobView| Event::default().event("job").json_data(v).expect("job serialises");
+    // (receiver, the view to send next, done)
+    let start = (rx, Some(first), false);
+    let stream = futures_util::stream::unfold(start, move |(mut rx, pending, done)| async move {
+        if done {
+            return None;
+        }
+        if let Some(v) = pending {
+            let finished = v.status.finished() || rx.is_none();
+            return Some((Ok(event(&v)), (rx, None, finished)));
+        }
+        let r = rx.as_mut()?;
+        r.changed().await.ok()?;
+        let v = r.borrow_and_update().clone();
+        let finished = v.status.finished();
+        Some((Ok(event(&v)), (rx, None, finished)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Cancel a job (admin): a queued job never starts; a running one stops after its current
+/// step and writes nothing.
+#[utoipa::path(delete, path = "/v1/training-jobs/{id}", params(("id" = String, Path)), responses((status = 202, body = JobView), (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody)))]
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let view = find(&state, &id).await?;
+    if view.status.finished() {
+        return Err(ApiError::JobFinished(format!(
+            "job {id} has already {}",
+            view.status.as_str()
+        )));
+    }
+    let cancel = state
+        .training
+        .live
+        .lock()
+        .expect("jobs lock")
+        .get(&id)
+        .map(|j| j.cancel.clone());
+    let Some(cancel) = cancel else {
+        return Err(ApiError::UnknownJob(id));
+    };
+    cancel.store(true, Ordering::SeqCst);
+    if view.status == JobStatus::Queued {
+        let finished = now_us();
+        let message = "cancelled before it started";
+        state
+            .store
+            .set_job_status(&id, "cancelled", Some(message), Some(finished))
+            .await?;
+        state.training.update(&id, |v| {
+            v.status = JobStatus::Cancelled;
+            v.message = Some(message.into());
+            v.finished_at = Some(rfc3339(finished));
+        });
+    }
+    tracing::info!(job = id, "training job cancelled");
+    Ok((StatusCode::ACCEPTED, Json(find(&state, &id).await?)))
+}

@@ -1,0 +1,264 @@
+//! Training jobs run by the server: the options a caller may set, the `vigil train`
+//! arguments they become, and one training written atomically into the models folder.
+//! Queueing, progress and serving the result belong to the HTTP layer (`api::training`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::cli::TrainArgs;
+use crate::train::{ProgressHook, StepReport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+/// A job as callers see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    /// The name the trained model is served under.
+    pub model: String,
+    pub status: JobStatus,
+    /// Why it failed, or where the model was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `vigil train` flags the job runs with.
+    pub options: Vec<String>,
+    /// The folder of good images.
+    pub data: String,
+    pub step: usize,
+    pub steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f32>,
+    pub elapsed_s: f64,
+    /// Seconds left at the pace so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+impl JobView {
+    pub fn progress(&mut self, r: StepReport) {
+        self.step = r.step;
+        self.steps = r.steps;
+        self.loss = Some(r.loss);
+        self.elapsed_s = r.elapsed_s;
+        self.eta_s = (r.step > 0).then(|| r.elapsed_s / r.step as f64 * (r.steps - r.step) as f64);
+    }
+}
+
+/// Options a caller may set: `vigil train`'s own flags (same names with `_` for `-`, same
+/// defaults). Where the data is and where the model goes are the job's to decide, and
+/// threads and device are the server's.
+const ALLOWED: &[&str] = &[
+    "arch",
+    "steps",
+    "epochs",
+    "batch_size",
+    "lr",
+    "size",
+    "patch",
+    "resize",
+    "channels",
+    "seed",
+    "width",
+    "bottleneck",
+    "segmenter_width",
+    "segmenter_depth",
+    "latent",
+    "beta",
+    "kl_warmup",
+    "loss",
+    "augment",
+    "validation_fraction",
+    "quantile",
+    "margin",
+    "min_defect_area",
+];
+
+/// Turns `{"steps": 300, "arch": "draem", "resize": true}` into `vigil train` flags.
+pub fn flags(options: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for (key, value) in options {
+        if !ALLOWED.contains(&key.as_str()) {
+            return Err(format!(
+                "unknown training option {key:?}; allowed: {}",
+                ALLOWED.join(", ")
+            ));
+        }
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            serde_json::Value::Bool(true) => out.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::Number(n) => out.extend([flag, n.to_string()]),
+            serde_json::Value::String(s) => out.extend([flag, s.clone()]),
+            other => {
+                return Err(format!(
+                    "training option {key:?} must be a number, a string or true, not {other}"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Parser)]
+#[command(name = "train")]
+struct TrainCommand {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+/// The `vigil train` arguments of a job: `flags` checked exactly as the command line
+/// checks them (so defaults and errors are the command's own).
+pub fn train_args(data: &Path, out: &Path, flags: &[String]) -> Result<TrainArgs, String> {
+    let mut argv: Vec<String> = vec!["train".into(), "--data".into(), data.display().to_string()];
+    argv.extend(["--out".into(), out.display().to_string()]);
+    argv.extend(flags.iter().cloned());
+    TrainCommand::try_parse_from(argv)
+        .map(|c| c.args)
+        .map_err(|e| e.render().to_string().trim().to_string())
+}
+
+/// Where a job trains before the model is moved into place: beside the final folder (one
+/// filesystem, so the move is a rename) and hidden, so the server never loads it as a model.
+pub fn staging_dir(models_dir: &Path, model: &str, job_id: &str) -> PathBuf {
+    models_dir.join(format!(".{model}.{job_id}.partial"))
+}
+
+/// Trains into a staging folder on `threads` threads and renames it to `models_dir/model`
+/// when training, calibration and writing all succeeded and `cancel` was not set. Leaves
+/// nothing behind otherwise. Returns the model's folder.
+pub fn run(
+    models_dir: &Path,
+    model: &str,
+    job_id: &str,
+    args: &TrainArgs,
+    threads: usize,
+    cancel: &Arc<AtomicBool>,
+    on_step: impl Fn(StepReport) + Send + Sync + 'static,
+) -> Result<PathBuf, String> {
+    let staging = staging_dir(models_dir, model, job_id);
+    let target = models_dir.join(model);
+    let mut args = args.clone();
+    args.out = staging.clone();
+    let result = (|| {
+        let mut cfg = crate::commands::train::config(&args, threads).map_err(|e| format!("{e:#}"))?;
+        cfg.progress = false;
+        cfg.on_step = Some(ProgressHook(Arc::new(on_step)));
+        // Its own pool: training takes `threads` cores and leaves the rest to inspection.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("vigil-train-{i}"))
+            .build()
+            .map_err(|e| e.to_string())?;
+        pool.install(|| crate::train::train(&cfg, cancel))
+            .map_err(|e| e.to_string())?;
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("cancelled".to_string());
+        }
+        if target.exists() {
+            return Err(format!("a model named {model:?} appeared while training; not replaced"));
+        }
+        std::fs::rename(&staging, &target).map_err(|e| format!("moving the model into place: {e}"))?;
+        Ok(target.clone())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Model names become folder names and URL segments: letters, digits, `-`, `_`, `.`, not
+/// starting with `.`, at most 64 characters.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_the_commands_own_flags_and_are_checked_by_it() {
+        let options: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(r#"{"steps": 30, "arch": "spatial", "resize": true, "seed": null}"#).unwrap();
+        let f = flags(&options).unwrap();
+        assert_eq!(f, ["--arch", "spatial", "--resize", "--steps", "30"]);
+        let a = train_args(Path::new("/good"), Path::new("/out"), &f).unwrap();
+        assert_eq!((a.steps, a.data.as_path()), (Some(30), Path::new("/good")));
+        // The command's defaults apply to what is not given.
+        let d = train_args(Path::new("/good"), Path::new("/out"), &[]).unwrap();
+        assert_eq!((d.steps, d.batch_size, d.seed), (None, 16, 42));
+        // Not the caller's to set, or not a training option at all.
+        for bad in [
+            r#"{"out": "/etc"}"#,
+            r#"{"threads": 8}"#,
+            r#"{"nonsense": 1}"#,
+            r#"{"steps": [1]}"#,
+        ] {
+            let o: BTreeMap<String, serde_json::Value> = serde_json::from_str(bad).unwrap();
+            assert!(flags(&o).is_err(), "{bad}");
+        }
+        // A bad value is refused with the command line's own message.
+        let e = train_args(Path::new("/g"), Path::new("/o"), &["--steps".into(), "many".into()]).unwrap_err();
+        assert!(e.contains("--steps"), "{e}");
+    }
+
+    #[test]
+    fn model_names_are_safe_folder_names() {
+        for ok in ["pcb-top", "line_2", "v1.2"] {
+            assert!(valid_model_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "../x", "a/b", "with space", &"x".repeat(65)] {
+            assert!(!valid_model_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Training jobs' rows: what was asked, and how it ended. Progress lives in memory.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRow {
+    pub id: String,
+    pub model: String,
+    pub status: String,
+    pub message: Option<String>,
+    /// The `vigil train` flags, as a JSON array of strings.
+    pub options: String,
+    pub data: String,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+const COLUMNS: &str = "id, model, status, message, options, data, created_at, finished_at";
+
+fn from_row(r: &sqlx::any::AnyRow) -> Result<JobRow, sqlx::Error> {
+    Ok(JobRow {
+        id: r.try_get(0)?,
+        model: r.try_get(1)?,
+        status: r.try_get(2)?,
+        message: r.try_get(3)?,
+        options: r.try_get(4)?,
+        data: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        finished_at: r.try_get(7)?,
+    })
+}
+
+impl Store {
+    pub async fn insert_job(&self, j: &JobRow) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO training_jobs ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(j.id.clone())
+        .bind(j.model.clone())
+        .bind(j.status.clone())
+        .bind(j.message.clone())
+        .bind(j.options.clone())
+        .bind(j.data.clone())
+        .bind(j.created_at)
+        .bind(j.finished_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_job_status(
+        &self,
+        id: &str,
+        status: &str,
+        message: Option<&str>,
+        finished_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE training_jobs SET status = $1, message = $2, finished_at = $3 WHERE id = $4")
+            .bind(status.to_string())
+            .bind(message.map(str::to_string))
+            .bind(finished_at)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM training_jobs WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| from_row(&r)).transpose()?)
+    }
+
+    /// The newest `limit` jobs, newest first.
+    pub async fn jobs(&self, limit: i64) -> Result<Vec<JobRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM training_jobs ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Jobs left queued or running by a previous process cannot resume: marks them failed
+    /// (`interrupted`). Returns how many.
+    pub async fn interrupt_unfinished_jobs(&self, now_us: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE training_jobs SET status = 'failed', message = 'interrupted: the server stopped before the job finished', \
+             finished_at = $1 WHERE status IN ('queued', 'running')",
+        )
+        .bind(now_us)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+}
