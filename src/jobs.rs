@@ -211,6 +211,51 @@ pub fn run(
     result
 }
 
+/// Image files a zip of training images may hold (others are skipped).
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+/// Writes the images in a zip archive into `dir` as `NNNNN.ext`, numbered from `first`.
+/// Folder names inside the archive are dropped (nothing is written outside `dir`), other
+/// files are skipped, and extraction stops with an error once more than `limit` bytes
+/// have been unpacked (a small archive can expand enormously). Returns how many images.
+pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) -> Result<usize, String> {
+    use std::io::Read;
+    let mut archive =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| format!("not a readable zip archive: {e}"))?;
+    let (mut written, mut unpacked) = (0usize, 0u64);
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| format!("zip entry {i}: {e}"))?;
+        if !entry.is_file() {
+            continue;
+        }
+        let name = entry.name().map_err(|e| format!("zip entry {i}: {e}"))?.into_owned();
+        let ext = Path::new(&name)
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let hidden = Path::new(&name)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden || !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            continue;
+        }
+        let mut data = Vec::new();
+        let budget = limit.saturating_sub(unpacked);
+        (&mut entry)
+            .take(budget + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("zip entry {name:?}: {e}"))?;
+        unpacked += data.len() as u64;
+        if unpacked > limit {
+            return Err(format!("the zip archive unpacks to more than {limit} bytes"));
+        }
+        let path = dir.join(format!("{:05}.{ext}", first + written));
+        std::fs::write(&path, data).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        written += 1;
+    }
+    Ok(written)
+}
+
 /// Model names become folder names and URL segments: letters, digits, `-`, `_`, `.`, not
 /// starting with `.`, at most 64 characters.
 pub fn valid_model_name(name: &str) -> bool {
@@ -250,6 +295,43 @@ mod tests {
         // A bad value is refused with the command line's own message.
         let e = train_args(Path::new("/g"), Path::new("/o"), &["--steps".into(), "many".into()]).unwrap_err();
         assert!(e.contains("--steps"), "{e}");
+    }
+
+    fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for (name, data) in entries {
+            w.start_file(*name, opts).unwrap();
+            std::io::Write::write_all(&mut w, data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn zip_uploads_give_their_images_flat_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let zip = zip_of(&[
+            ("good/a.png", b"png-bytes"),
+            ("../../escape.JPG", b"jpeg-bytes"),
+            ("notes.txt", b"skip me"),
+            ("__MACOSX/._a.png", b"resource fork"),
+        ]);
+        let n = extract_zip_images(&zip, dir.path(), 3, 1 << 20).unwrap();
+        assert_eq!(n, 2);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["00003.png", "00004.jpg"]);
+        assert_eq!(std::fs::read(dir.path().join("00004.jpg")).unwrap(), b"jpeg-bytes");
+        // A zip bomb stops at the limit: 1 MB of zeros compresses to about a kilobyte.
+        let zeros = vec![0u8; 1 << 20];
+        let bomb = zip_of(&[("a.png", &zeros)]);
+        assert!(bomb.len() < 10_000);
+        let e = extract_zip_images(&bomb, dir.path(), 0, 100_000).unwrap_err();
+        assert!(e.contains("more than 100000 bytes"), "{e}");
+        assert!(extract_zip_images(b"not a zip", dir.path(), 0, 1 << 20).is_err());
     }
 
     #[test]

@@ -1061,15 +1061,23 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
     };
     field("Content-Disposition: form-data; name=\"model\"", b"uploaded");
     field("Content-Disposition: form-data; name=\"options\"", TINY.as_bytes());
-    for i in 0..4 {
-        let bytes = std::fs::read(folder.join(format!("{i}.png"))).unwrap();
-        field(
-            &format!(
-                "Content-Disposition: form-data; name=\"images\"; filename=\"part{i}.png\"\r\nContent-Type: image/png"
-            ),
-            &bytes,
-        );
+    // One image as it is, three in a zip (alone, the one would be refused: too few).
+    let image = |i: usize| std::fs::read(folder.join(format!("{i}.png"))).unwrap();
+    field(
+        "Content-Disposition: form-data; name=\"images\"; filename=\"part0.png\"\r\nContent-Type: image/png",
+        &image(0),
+    );
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 1..4 {
+        zip.start_file(format!("good/part{i}.png"), zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, &image(i)).unwrap();
     }
+    let zip = zip.finish().unwrap().into_inner();
+    field(
+        "Content-Disposition: form-data; name=\"images\"; filename=\"more.zip\"\r\nContent-Type: application/zip",
+        &zip,
+    );
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     let req = post(
         "/v1/training-jobs",

@@ -103,7 +103,8 @@ pub struct JobRequest {
 }
 
 /// Start a training job (admin): JSON naming a folder on the server, or multipart with
-/// fields `model`, `options` (JSON) and one or more `images` files.
+/// fields `model`, `options` (JSON) and one or more `images` files (images, or zip
+/// archives of images).
 #[utoipa::path(post, path = "/v1/training-jobs", request_body = JobRequest,
     responses((status = 202, body = JobView), (status = 400, body = crate::api::error::ErrorBody),
         (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
@@ -164,6 +165,13 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                 }
             }
             "images" => {
+                let is_zip = field
+                    .file_name()
+                    .is_some_and(|n| n.to_ascii_lowercase().ends_with(".zip"))
+                    || matches!(
+                        field.content_type(),
+                        Some("application/zip" | "application/x-zip-compressed")
+                    );
                 // Only the extension of the sent name is kept (the name itself is the client's).
                 let ext = field
                     .file_name()
@@ -178,6 +186,16 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                         return Err(ApiError::BodyTooLarge(MAX_UPLOAD_BYTES));
                     }
                     bytes.extend_from_slice(&chunk);
+                }
+                if is_zip {
+                    let (dir, first) = (dir.to_path_buf(), files);
+                    files += tokio::task::spawn_blocking(move || {
+                        jobs::extract_zip_images(&bytes, &dir, first, MAX_UPLOAD_BYTES as u64)
+                    })
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(ApiError::BadTrainingData)?;
+                    continue;
                 }
                 let path = dir.join(format!("{files:05}.{ext}"));
                 tokio::fs::write(&path, bytes)

@@ -394,13 +394,27 @@ function lossCurve(points) {
   return svg;
 }
 
-// The validation scores' summary (min, p50, p95, max) on one axis with the threshold.
+// The validation scores on one axis with the threshold: a histogram when the model
+// lists every score, else their summary (min, p50–p95 box, max).
 function validationChart(v, threshold) {
   const W = 320, H = 40;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart validation", role: "img" });
   if (!v) return svg;
   const top = Math.max(v.max, threshold) * 1.1 || 1;
   const X = (x) => 4 + ((W - 8) * x) / top;
+  if (v.values && v.values.length) {
+    const bins = new Array(32).fill(0);
+    for (const x of v.values) bins[Math.min(31, Math.floor((32 * x) / top))] += 1;
+    const most = Math.max(...bins);
+    bins.forEach((n, i) => {
+      if (n) svg.append(s("rect", { x: X((i * top) / 32), width: (W - 8) / 32 - 1, y: 38 - (34 * n) / most, height: (34 * n) / most, fill: "#9ab" }));
+    });
+    svg.append(s("line", { x1: X(threshold), x2: X(threshold), y1: 2, y2: 38, stroke: "#c22", "stroke-width": 2 }));
+    const title = s("title");
+    title.textContent = `${v.count} validation images; threshold ${fmt(threshold)}`;
+    svg.append(title);
+    return svg;
+  }
   svg.append(s("line", { x1: X(v.min), x2: X(v.max), y1: 20, y2: 20, stroke: "currentColor" }));
   svg.append(s("rect", { x: X(v.p50), width: Math.max(1, X(v.p95) - X(v.p50)), y: 12, height: 16, fill: "#9ab" }));
   svg.append(s("line", { x1: X(threshold), x2: X(threshold), y1: 2, y2: 38, stroke: "#c22", "stroke-width": 2 }));
@@ -513,7 +527,7 @@ async function showTrain() {
       h("label", {}, "steps ", h("input", { name: "steps", type: "number", min: 1, placeholder: "default" }))),
     h("div", { class: "controls" },
       h("label", {}, "good images: a folder on the server ", h("input", { name: "folder", size: 40, placeholder: "/data/good-parts" })),
-      h("label", {}, " or upload ", h("input", { name: "images", type: "file", accept: "image/*", multiple: true }))),
+      h("label", {}, " or upload images or a zip ", h("input", { name: "images", type: "file", accept: "image/*,.zip", multiple: true }))),
     h("div", { class: "controls" },
       h("label", {}, "more options (JSON, `vigil train` flags) ", h("input", { name: "options", size: 40, placeholder: '{"size": 256}' })),
       h("button", { type: "submit" }, "Start training")),
