@@ -70,6 +70,10 @@ pub enum ArchName {
     /// Variational spatial autoencoder: the code is a Gaussian (see --beta, --kl-warmup);
     /// inference decodes its mean; anomaly map from SSIM and L2 reconstruction error.
     Vae,
+    /// One encoder, two adversarial decoders (after USAD, Audibert et al. 2020): the second
+    /// decoder learns to fail on the first's rebuilds, magnifying what it cannot rebuild;
+    /// anomaly map from both decoders' errors (see --alpha)
+    Usad,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -133,11 +137,15 @@ pub struct TrainArgs {
     /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
     #[arg(long, default_value_t = 0.01)]
     pub beta: f32,
+    /// Weight of the first decoder's error in the anomaly map (--arch usad); the second
+    /// decoder's error on the first's rebuild gets 1 − alpha. Lower is more sensitive.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f32,
     /// Steps over which the KL weight ramps from 0 to --beta (--arch vae).
     #[arg(long, default_value_t = 500)]
     pub kl_warmup: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. Default: 1200 for
-    /// --arch draem, 2500 for the autoencoders (about 10 and 5 minutes for 70–80 images of
+    /// --arch draem, 1000 for --arch usad, 2500 for the other autoencoders (about 10 and 5 minutes for 70–80 images of
     /// 256² on 2 CPU cores).
     #[arg(long)]
     pub steps: Option<usize>,

@@ -64,6 +64,11 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             segmenter_width: args.segmenter_width,
             segmenter_depth: args.segmenter_depth,
         },
+        ArchName::Usad => Architecture::Usad {
+            width: args.width,
+            bottleneck: args.bottleneck,
+            alpha: args.alpha,
+        },
         ArchName::Vae => Architecture::Vae {
             width: args.width,
             bottleneck: args.bottleneck,
@@ -119,14 +124,21 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
     let training_images = train::dataset::training_files(&args.data)?.len();
     let steps = match args.epochs {
         Some(e) => (e * training_images).div_ceil(args.batch_size).max(1),
-        None => args.steps.unwrap_or(if discriminative { 1200 } else { 2500 }),
+        // About 10 minutes each for 70–80 images of 256² on 2 cores; usad's step runs the
+        // autoencoder about three times.
+        None => args.steps.unwrap_or(match architecture {
+            Architecture::Draem { .. } => 1200,
+            Architecture::Usad { .. } => 1000,
+            _ => 2500,
+        }),
     };
     let device = device::select(args.device)?;
-    let map_method = args.scoring.map.unwrap_or(if discriminative {
-        MapMethod::Learned
-    } else {
-        MapMethod::SsimL2
-    });
+    // Families that compute their own map: draem's segmenter, usad's two decoders.
+    let own_map = discriminative || matches!(architecture, Architecture::Usad { .. });
+    let map_method = args
+        .scoring
+        .map
+        .unwrap_or(if own_map { MapMethod::Learned } else { MapMethod::SsimL2 });
     let cfg = TrainConfig {
         data: args.data.clone(),
         out: args.out.clone(),

@@ -39,6 +39,14 @@ pub enum Architecture {
         beta: f32,
         kl_warmup_steps: usize,
     },
+    /// One encoder, two decoders trained adversarially (after USAD, Audibert et al. 2020),
+    /// each autoencoder the spatial one (`width`, `bottleneck`); the map weighs the first
+    /// decoder's error by `alpha` and the second's, on the first's rebuild, by 1 − `alpha`.
+    Usad {
+        width: usize,
+        bottleneck: usize,
+        alpha: f32,
+    },
 }
 
 fn three() -> usize {
@@ -53,6 +61,7 @@ impl Architecture {
             Architecture::Spatial { .. } => "spatial",
             Architecture::Draem { .. } => "draem",
             Architecture::Vae { .. } => "vae",
+            Architecture::Usad { .. } => "usad",
         }
     }
 
@@ -79,7 +88,8 @@ impl Architecture {
             }
             Architecture::Spatial { width, bottleneck }
             | Architecture::Draem { width, bottleneck, .. }
-            | Architecture::Vae { width, bottleneck, .. } => {
+            | Architecture::Vae { width, bottleneck, .. }
+            | Architecture::Usad { width, bottleneck, .. } => {
                 if *width == 0 || *bottleneck == 0 {
                     return Err("width and bottleneck must be positive".into());
                 }
@@ -97,6 +107,11 @@ impl Architecture {
                         return Err(format!("segmenter depth must be 1 to 6, not {segmenter_depth}"));
                     }
                     multiple = multiple.max(1 << segmenter_depth);
+                }
+                if let Architecture::Usad { alpha, .. } = self {
+                    if !(0.0..=1.0).contains(alpha) {
+                        return Err(format!("alpha must be between 0 and 1, not {alpha}"));
+                    }
                 }
                 if let Architecture::Vae { beta, .. } = self {
                     if !(beta.is_finite() && *beta >= 0.0) {

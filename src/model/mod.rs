@@ -12,6 +12,7 @@ pub mod autoencoder;
 pub mod device;
 pub mod draem;
 pub(crate) mod layers;
+pub mod usad;
 pub mod vae;
 
 use std::path::Path;
@@ -106,6 +107,7 @@ impl Network {
         Ok(match arch {
             Architecture::Draem { .. } => Box::new(draem::DraemNet::new(arch, channels, size, vb)?),
             Architecture::Vae { .. } => Box::new(vae::Vae::new(arch, channels, size, vb)?),
+            Architecture::Usad { .. } => Box::new(usad::Usad::new(arch, channels, size, vb)?),
             _ => Box::new(Autoencoder::new(arch, channels, size, vb)?),
         })
     }

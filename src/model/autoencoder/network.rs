@@ -22,7 +22,7 @@ impl Autoencoder {
         match arch {
             Architecture::Bergmann { latent } => Self::bergmann(*latent, channels, size, vb),
             Architecture::Spatial { width, bottleneck } => Self::spatial(*width, *bottleneck, channels, vb),
-            Architecture::Draem { .. } | Architecture::Vae { .. } => {
+            Architecture::Draem { .. } | Architecture::Vae { .. } | Architecture::Usad { .. } => {
                 candle_core::bail!("a {} model is built by its own family", arch.name())
             }
         }
