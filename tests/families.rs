@@ -41,6 +41,16 @@ fn usad() -> Architecture {
     }
 }
 
+/// The names of the loss parts a training recorded in its model card.
+fn loss_parts(card: &Value) -> Vec<&str> {
+    card["training"]["final_loss_parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap())
+        .collect()
+}
+
 fn families() -> Vec<Architecture> {
     vec![
         usad(),
@@ -327,12 +337,7 @@ fn a_vae_trains_inspects_and_evaluates_end_to_end() {
     assert_eq!(card["architecture"]["kl_warmup_steps"], 3);
     assert!((card["architecture"]["beta"].as_f64().unwrap() - 0.05).abs() < 1e-6);
     assert_eq!(card["scoring"]["method"], "ssim+l2");
-    let parts: Vec<&str> = card["training"]["final_loss_parts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p[0].as_str().unwrap())
-        .collect();
+    let parts = loss_parts(&card);
     assert_eq!(parts, ["reconstruction", "kl"]);
     let img = dataset().join("test/hole/000.png");
     let scores: Vec<f64> = (0..2)
@@ -361,12 +366,7 @@ fn a_usad_trains_inspects_and_evaluates_end_to_end() {
     assert_eq!(card["architecture"]["name"], "usad");
     assert!((card["architecture"]["alpha"].as_f64().unwrap() - 0.25).abs() < 1e-6);
     assert_eq!(card["scoring"]["method"], "learned");
-    let parts: Vec<&str> = card["training"]["final_loss_parts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p[0].as_str().unwrap())
-        .collect();
+    let parts = loss_parts(&card);
     assert_eq!(parts, ["ae1", "ae2", "ae2_of_ae1"]);
     let img = dataset().join("test/hole/000.png");
     let o = run(&["inspect", "--model", out.to_str().unwrap(), img.to_str().unwrap()]);
