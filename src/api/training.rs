@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::StatusCode;
@@ -37,8 +37,8 @@ struct LiveJob {
 pub struct JobBoard {
     live: Mutex<HashMap<String, LiveJob>>,
     queue: mpsc::UnboundedSender<String>,
+    /// The queue's receiving end until the trainer starts (on the first job) and takes it.
     waiting: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
-    worker: OnceLock<()>,
     /// Threads a training takes (the rest stay with inspection).
     pub threads: usize,
 }
@@ -50,7 +50,6 @@ impl JobBoard {
             live: Mutex::new(HashMap::new()),
             queue,
             waiting: Mutex::new(Some(rx)),
-            worker: OnceLock::new(),
             threads: threads.max(1),
         }
     }
@@ -233,13 +232,10 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             r.model
         )));
     }
-    let queued_same_name = state
-        .training
-        .live
-        .lock()
-        .expect("jobs lock")
-        .values()
-        .any(|j| j.view.borrow().model == r.model && !j.view.borrow().status.finished());
+    let queued_same_name = state.training.live.lock().expect("jobs lock").values().any(|j| {
+        let v = j.view.borrow();
+        v.model == r.model && !v.status.finished()
+    });
     if queued_same_name {
         return Err(ApiError::ModelExists(format!(
             "a job is already training {:?}",
@@ -304,16 +300,14 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
 /// The trainer: one job at a time, in queue order. Holds the state weakly, so it ends
 /// with the server.
 fn start_worker(state: &Arc<AppState>) {
-    state.training.worker.get_or_init(|| {
-        let rx = state.training.waiting.lock().expect("jobs lock").take();
-        let weak = Arc::downgrade(state);
-        if let Some(mut rx) = rx {
-            tokio::spawn(async move {
-                while let Some(id) = rx.recv().await {
-                    let Some(state) = weak.upgrade() else { break };
-                    run_job(&state, &id).await;
-                }
-            });
+    let Some(mut rx) = state.training.waiting.lock().expect("jobs lock").take() else {
+        return; // already running
+    };
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        while let Some(id) = rx.recv().await {
+            let Some(state) = weak.upgrade() else { break };
+            run_job(&state, &id).await;
         }
     });
 }
