@@ -74,6 +74,10 @@ pub enum ArchName {
     /// decoder learns to fail on the first's rebuilds, magnifying what it cannot rebuild;
     /// anomaly map from both decoders' errors (see --alpha)
     Usad,
+    /// The spatial autoencoder trained as a GAN's generator: reconstruction loss plus the
+    /// judgement of a spectrally normalised patch critic (see --critic-width,
+    /// --adversarial-weight); anomaly map from SSIM and L2 reconstruction error.
+    Adversarial,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -144,6 +148,13 @@ pub struct TrainArgs {
     /// 1); the second decoder still shapes how the first is trained.
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f32,
+    /// Base channel width of the patch critic (--arch adversarial: width, 2·, 4·).
+    #[arg(long, default_value_t = 16)]
+    pub critic_width: usize,
+    /// Weight of the critic's verdict in the reconstructor's loss (--arch adversarial),
+    /// beside the reconstruction loss (1 − SSIM + 5·MSE, about 0.1–0.5 once trained).
+    #[arg(long, default_value_t = 0.05)]
+    pub adversarial_weight: f32,
     /// Steps over which the KL weight ramps from 0 to --beta (--arch vae).
     #[arg(long, default_value_t = 500)]
     pub kl_warmup: usize,

@@ -69,6 +69,12 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             bottleneck: args.bottleneck,
             alpha: args.alpha,
         },
+        ArchName::Adversarial => Architecture::Adversarial {
+            width: args.width,
+            bottleneck: args.bottleneck,
+            critic_width: args.critic_width,
+            adversarial_weight: args.adversarial_weight,
+        },
         ArchName::Vae => Architecture::Vae {
             width: args.width,
             bottleneck: args.bottleneck,
@@ -129,6 +135,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         None => args.steps.unwrap_or(match architecture {
             Architecture::Draem { .. } => 1200,
             Architecture::Usad { .. } => 1000,
+            Architecture::Adversarial { .. } => 1600,
             _ => 2500,
         }),
     };

@@ -47,6 +47,15 @@ pub enum Architecture {
         bottleneck: usize,
         alpha: f32,
     },
+    /// The spatial autoencoder (`width`, `bottleneck`) trained with an adversarial loss
+    /// (weight `adversarial_weight`) from a spectrally normalised patch critic
+    /// (`critic_width`, 2·, 4·); anomaly map from SSIM and L2 reconstruction error.
+    Adversarial {
+        width: usize,
+        bottleneck: usize,
+        critic_width: usize,
+        adversarial_weight: f32,
+    },
 }
 
 fn three() -> usize {
@@ -62,6 +71,7 @@ impl Architecture {
             Architecture::Draem { .. } => "draem",
             Architecture::Vae { .. } => "vae",
             Architecture::Usad { .. } => "usad",
+            Architecture::Adversarial { .. } => "adversarial",
         }
     }
 
@@ -89,7 +99,8 @@ impl Architecture {
             Architecture::Spatial { width, bottleneck }
             | Architecture::Draem { width, bottleneck, .. }
             | Architecture::Vae { width, bottleneck, .. }
-            | Architecture::Usad { width, bottleneck, .. } => {
+            | Architecture::Usad { width, bottleneck, .. }
+            | Architecture::Adversarial { width, bottleneck, .. } => {
                 if *width == 0 || *bottleneck == 0 {
                     return Err("width and bottleneck must be positive".into());
                 }
@@ -111,6 +122,21 @@ impl Architecture {
                 if let Architecture::Usad { alpha, .. } = self {
                     if !(0.0..=1.0).contains(alpha) {
                         return Err(format!("alpha must be between 0 and 1, not {alpha}"));
+                    }
+                }
+                if let Architecture::Adversarial {
+                    critic_width,
+                    adversarial_weight,
+                    ..
+                } = self
+                {
+                    if *critic_width == 0 {
+                        return Err("critic width must be positive".into());
+                    }
+                    if !(adversarial_weight.is_finite() && *adversarial_weight >= 0.0) {
+                        return Err(format!(
+                            "the adversarial weight must be a finite number ≥ 0, not {adversarial_weight}"
+                        ));
                     }
                 }
                 if let Architecture::Vae { beta, .. } = self {

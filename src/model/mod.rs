@@ -1,11 +1,12 @@
 //! Networks and the seams the rest of vigil sees.
 //!
-//! A model *family* is a folder here (`autoencoder`, `draem`, `vae`) holding its network and its
+//! A model *family* is a folder here (`autoencoder`, `draem`, `vae`, `usad`, `adversarial`) holding its network and its
 //! training step. Everything else (detector, scoring, engine, API, training loop) sees only
 //! [`AnomalyModel`] (a batch in; the reconstruction and, where the family has one, a learned
 //! anomaly map out) and [`TrainStep`] (one optimisation step that owns its optimizers and
 //! losses). [`Network`] builds the family a model card names.
 
+pub mod adversarial;
 pub mod arch;
 pub mod artifact;
 pub mod autoencoder;
@@ -79,11 +80,20 @@ pub struct StepSettings {
     pub seed: u64,
 }
 
+/// Trainable variables with their weight names, in name order (a family with several
+/// optimisers splits them by name).
+pub(crate) type NamedVars = Vec<(String, Var)>;
+
+/// The variables alone.
+pub(crate) fn unnamed(vars: NamedVars) -> Vec<Var> {
+    vars.into_iter().map(|(_, v)| v).collect()
+}
+
 /// What every family's network provides to [`Network`].
 trait Family: Send + Sync {
     fn infer(&self, x: &Tensor) -> candle_core::Result<ModelOutput>;
     /// A training step over `vars` (every trainable variable, in name order).
-    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> candle_core::Result<Box<dyn TrainStep + 'a>>;
+    fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> candle_core::Result<Box<dyn TrainStep + 'a>>;
     fn set_kernels(&mut self, kernels: Kernels);
     fn flops(&self, h: usize, w: usize) -> u64;
     /// The plain autoencoder that rebuilds the image, where the family has one.
@@ -108,6 +118,7 @@ impl Network {
             Architecture::Draem { .. } => Box::new(draem::DraemNet::new(arch, channels, size, vb)?),
             Architecture::Vae { .. } => Box::new(vae::Vae::new(arch, channels, size, vb)?),
             Architecture::Usad { .. } => Box::new(usad::Usad::new(arch, channels, size, vb)?),
+            Architecture::Adversarial { .. } => Box::new(adversarial::Adversarial::new(arch, channels, size, vb)?),
             _ => Box::new(Autoencoder::new(arch, channels, size, vb)?),
         })
     }
@@ -173,15 +184,19 @@ impl Network {
 
     /// Number of trainable values.
     pub fn parameter_count(&self) -> usize {
-        self.trainable_vars().iter().map(|v| v.elem_count()).sum()
+        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
     /// Every trainable variable (not BatchNorm running statistics), in name order.
-    fn trainable_vars(&self) -> Vec<Var> {
+    fn trainable_vars(&self) -> NamedVars {
         let data = self.varmap.data().lock().expect("varmap lock");
-        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
+        let mut named: NamedVars = data
+            .iter()
+            .filter(|(k, _)| !k.contains("running_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
     }
 
     /// The family's training step over all trainable variables.

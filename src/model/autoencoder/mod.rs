@@ -8,7 +8,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 pub use network::Autoencoder;
 
-use super::{Family, ModelOutput, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{unnamed, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 impl Family for Autoencoder {
@@ -19,10 +19,10 @@ impl Family for Autoencoder {
         })
     }
 
-    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
+    fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(ReconstructionStep {
             net: self,
-            opt: adamw(vars, &settings)?,
+            opt: adamw(unnamed(vars), &settings)?,
             settings,
         }))
     }

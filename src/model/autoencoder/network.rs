@@ -22,7 +22,10 @@ impl Autoencoder {
         match arch {
             Architecture::Bergmann { latent } => Self::bergmann(*latent, channels, size, vb),
             Architecture::Spatial { width, bottleneck } => Self::spatial(*width, *bottleneck, channels, vb),
-            Architecture::Draem { .. } | Architecture::Vae { .. } | Architecture::Usad { .. } => {
+            Architecture::Draem { .. }
+            | Architecture::Vae { .. }
+            | Architecture::Usad { .. }
+            | Architecture::Adversarial { .. } => {
                 candle_core::bail!("a {} model is built by its own family", arch.name())
             }
         }

@@ -5,13 +5,13 @@
 
 mod network;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer};
 
 pub use network::{DraemNet, Segmenter};
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{Family, ModelOutput, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{unnamed, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 /// Focusing parameter of the focal loss (Lin et al. 2017; DRAEM uses 2).
@@ -26,10 +26,10 @@ impl Family for DraemNet {
         })
     }
 
-    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
+    fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(DraemStep {
             net: self,
-            opt: adamw(vars, &settings)?,
+            opt: adamw(unnamed(vars), &settings)?,
             settings,
         }))
     }

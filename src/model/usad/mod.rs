@@ -11,11 +11,11 @@
 //! with its input cut from the graph and weighted −2, so D2 climbs the adversarial term
 //! while E and D1 descend it); the encoder is trained by AE1's objective only.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, VarBuilder};
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{Architecture, Family, ModelOutput, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{unnamed, Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 /// Steps over which the weight of the plain rebuilds falls from 1 to ½ (USAD's 1/n over
@@ -75,10 +75,10 @@ impl Family for Usad {
         })
     }
 
-    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
+    fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(UsadStep {
             net: self,
-            opt: adamw(vars, &settings)?,
+            opt: adamw(unnamed(vars), &settings)?,
             settings,
             step: 0,
         }))

@@ -3,13 +3,13 @@
 //! sample of it and pays β·KL for straying from N(0, 1), inference decodes the mean. A
 //! reconstruction family: its anomaly map is the SSIM/L2 error like the plain autoencoder's.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, VarBuilder};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{Architecture, Family, ModelOutput, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{unnamed, Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 /// Log-variances are clamped to ±this before `exp`: a wild early step cannot overflow σ.
@@ -80,10 +80,10 @@ impl Family for Vae {
         })
     }
 
-    fn trainer<'a>(&'a self, vars: Vec<Var>, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
+    fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(VaeStep {
             vae: self,
-            opt: adamw(vars, &settings)?,
+            opt: adamw(unnamed(vars), &settings)?,
             settings,
             // ε comes from a seeded generator: candle's CPU sampler cannot be seeded, and
             // CPU training must be reproducible for a seed.
