@@ -248,6 +248,10 @@ pub struct InspectArgs {
     /// Override the model's image threshold.
     #[arg(long)]
     pub threshold: Option<f32>,
+    /// For models that mix two learned maps (usad): the weight of the first, 0 to 1,
+    /// instead of the model's (the threshold was calibrated at the model's own).
+    #[arg(long)]
+    pub alpha: Option<f32>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Images or folders (searched recursively).

@@ -46,9 +46,22 @@ pub struct Inspection {
     pub regions: Vec<Region>,
     pub width: usize,
     pub height: usize,
+    /// The weight of the first of two learned maps this verdict used (usad models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f32>,
     /// The smoothed anomaly map at the image's own resolution, row-major.
     #[serde(skip)]
     pub map: Vec<f32>,
+}
+
+/// What one request may change about how its image is judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Overrides {
+    /// The image threshold instead of the card's (the pixel threshold follows it down
+    /// when it is lower).
+    pub threshold: Option<f32>,
+    /// The weight of the first of two learned maps instead of the architecture's (usad).
+    pub alpha: Option<f32>,
 }
 
 /// A model and its card.
@@ -116,6 +129,7 @@ impl Detector {
             .collect();
         let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
         let mut learned: Vec<f32> = Vec::new();
+        let mut second: Vec<f32> = Vec::new();
         for chunk in tiles.chunks(MAX_CHUNK) {
             let flat: Vec<f32> = chunk.iter().flat_map(|p| p.data.iter().copied()).collect();
             let x = Tensor::from_vec(flat, (chunk.len(), c, t, t), self.model.device())?;
@@ -124,8 +138,11 @@ impl Detector {
             if let Some(map) = out.learned_map {
                 learned.extend(map.flatten_all()?.to_vec1::<f32>()?);
             }
+            if let Some(map) = out.second_map {
+                second.extend(map.flatten_all()?.to_vec1::<f32>()?);
+            }
         }
-        let has_learned = !learned.is_empty();
+        let (has_learned, has_second) = (!learned.is_empty(), !second.is_empty());
         let spec = &self.card.scoring;
         let per_tile = c * t * t;
         let s = self.card.input.working_size;
@@ -133,7 +150,7 @@ impl Detector {
             .iter()
             .enumerate()
             .map(|(n, input)| {
-                let mut raw = RawMaps::zeros(s, s, has_learned);
+                let mut raw = RawMaps::zeros(s, s, has_learned, has_second);
                 let mut image = Planar::new(c, s, s);
                 let mut counts = vec![0u32; s * s];
                 for (k, &(x, y)) in origins.iter().enumerate() {
@@ -147,6 +164,9 @@ impl Detector {
                     let mut tile_raw = RawMaps::compute(&tiles[idx], &recon, spec);
                     if has_learned {
                         tile_raw.learned = Some(learned[idx * t * t..(idx + 1) * t * t].to_vec());
+                    }
+                    if has_second {
+                        tile_raw.second = Some(second[idx * t * t..(idx + 1) * t * t].to_vec());
                     }
                     raw.add_tile(&tile_raw, x, y, &mut counts);
                     add_tile_image(&mut image, &recon, x, y);
@@ -163,22 +183,31 @@ impl Detector {
             .collect())
     }
 
-    /// The smoothed anomaly map at working resolution and the image score.
-    pub fn working_map(&self, raw: &RawMaps) -> (Vec<f32>, f32) {
-        let map = scoring::anomaly_map(raw, &self.card.scoring);
+    /// The weight of the first of two learned maps: `alpha` when given, else the
+    /// architecture's; `None` for families with one map.
+    pub fn alpha(&self, alpha: Option<f32>) -> Option<f32> {
+        self.card.architecture.map_alpha().map(|own| alpha.unwrap_or(own))
+    }
+
+    /// The smoothed anomaly map at working resolution and the image score; `alpha`
+    /// overrides the architecture's mix of two learned maps.
+    pub fn working_map(&self, raw: &RawMaps, alpha: Option<f32>) -> (Vec<f32>, f32) {
+        let raw = match self.alpha(alpha) {
+            Some(a) => raw.mixed(a),
+            None => std::borrow::Cow::Borrowed(raw),
+        };
+        let map = scoring::anomaly_map(&raw, &self.card.scoring);
         let s = self.card.input.working_size;
         let score = scoring::image_score(&map, s, s, self.card.scoring.reduction);
         (map, score)
     }
 
     /// Scores a reconstruction: verdict, regions and the map at the original resolution.
-    /// `threshold` overrides the card's image threshold (the pixel threshold follows it
-    /// down when it is lower).
-    pub fn score(&self, prepared: &Prepared, recon: &Reconstruction, threshold: Option<f32>) -> Inspection {
+    pub fn score(&self, prepared: &Prepared, recon: &Reconstruction, overrides: Overrides) -> Inspection {
         let t = &self.card.thresholds;
-        let image_threshold = threshold.unwrap_or(t.image);
+        let image_threshold = overrides.threshold.unwrap_or(t.image);
         let pixel_threshold = t.pixel.min(image_threshold);
-        let (map, score) = self.working_map(&recon.raw);
+        let (map, score) = self.working_map(&recon.raw, overrides.alpha);
         let s = self.card.input.working_size;
         let (w, h) = (prepared.original_width, prepared.original_height);
         let map = resize_plane(&map, s, s, w, h);
@@ -193,6 +222,7 @@ impl Detector {
             regions,
             width: w,
             height: h,
+            alpha: self.alpha(overrides.alpha),
             map,
         }
     }
@@ -201,7 +231,7 @@ impl Detector {
     pub fn inspect_batch(
         &self,
         images: &[&DynamicImage],
-        threshold: Option<f32>,
+        overrides: Overrides,
     ) -> candle_core::Result<Vec<Inspection>> {
         let prepared: Vec<Prepared> = images.iter().map(|i| self.prepare(i)).collect();
         let inputs: Vec<&Planar> = prepared.iter().map(|p| &p.working).collect();
@@ -209,7 +239,7 @@ impl Detector {
         Ok(prepared
             .iter()
             .zip(&recons)
-            .map(|(p, r)| self.score(p, r, threshold))
+            .map(|(p, r)| self.score(p, r, overrides))
             .collect())
     }
 }

@@ -49,6 +49,19 @@ async fn harness_with(
     request_timeout: Duration,
     artifact: Option<&std::path::Path>,
 ) -> Harness {
+    let card = common::test_card(Fit::Whole, 32, 32);
+    harness_with_card(keys, queue_capacity, name, model, request_timeout, artifact, card).await
+}
+
+async fn harness_with_card(
+    keys: Option<&str>,
+    queue_capacity: usize,
+    name: &str,
+    model: Arc<dyn AnomalyModel>,
+    request_timeout: Duration,
+    artifact: Option<&std::path::Path>,
+    card: vigil::model::ModelCard,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = match artifact {
         Some(src) => {
@@ -62,7 +75,7 @@ async fn harness_with(
         .await
         .unwrap();
     let mut models = BTreeMap::new();
-    let detector = Detector::new(common::test_card(Fit::Whole, 32, 32), model);
+    let detector = Detector::new(card, model);
     models.insert(
         name.to_string(),
         Arc::new(ServedModel {
@@ -658,6 +671,7 @@ impl AnomalyModel for Held {
         Ok(ModelOutput {
             reconstruction: batch.clone(),
             learned_map: None,
+            second_map: None,
         })
     }
     fn device(&self) -> &Device {
@@ -1278,4 +1292,105 @@ async fn jobs_left_unfinished_by_a_stopped_server_are_marked_interrupted() {
     let v = json(&b);
     assert_eq!(v["status"], "failed");
     assert!(v["message"].as_str().unwrap().starts_with("interrupted"));
+}
+
+/// A model with two learned maps, as usad has: the input itself, and its negative.
+struct TwoMaps;
+impl AnomalyModel for TwoMaps {
+    fn infer(&self, batch: &candle_core::Tensor) -> candle_core::Result<ModelOutput> {
+        Ok(ModelOutput {
+            reconstruction: batch.clone(),
+            learned_map: Some(batch.clone()),
+            second_map: Some((1.0 - batch)?),
+        })
+    }
+    fn device(&self) -> &Device {
+        &Device::Cpu
+    }
+}
+
+/// The `anomaly_map.npy` of an inspection, re-rendered by the server.
+async fn rendered_map(state: &Arc<AppState>, id: &str) -> Vec<f32> {
+    let (s, _, b) = send(state, get(&format!("/v1/inspections/{id}/anomaly_map.npy"))).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &b).unwrap();
+    vigil::npy::read_f32_2d(tmp.path()).unwrap().0
+}
+
+#[tokio::test]
+async fn alpha_mixes_two_learned_maps_per_request_and_re_renders_the_same_map() {
+    let mut card = common::test_card(Fit::Whole, 32, 32);
+    card.architecture = vigil::model::Architecture::Usad {
+        width: 4,
+        bottleneck: 2,
+        alpha: 0.5,
+    };
+    card.scoring.method = vigil::scoring::MapMethod::Learned;
+    let h = harness_with_card(
+        None,
+        8,
+        "default",
+        Arc::new(TwoMaps),
+        Duration::from_secs(10),
+        None,
+        card,
+    )
+    .await;
+    // Grey (128/255 ≈ 0.502) with a white square (1.0): the first map peaks in the square
+    // (1.0), the second is ≈ 0.498 around it and 0 inside; α 0.5 mixes both to 0.5.
+    let score_at = |v: &Value| v["score"].as_f64().unwrap();
+    let mut seen = vec![];
+    for (query, alpha) in [("?alpha=1", 1.0), ("?alpha=0", 0.0), ("", 0.5)] {
+        let (s, _, b) = send(
+            &h.state,
+            post(&format!("/v1/inspect{query}"), "image/png", png(32, 32, true)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let v = json(&b);
+        assert_eq!(v["alpha"].as_f64(), Some(alpha), "{v}");
+        // The stored record keeps the mix: its re-rendered map peaks at the verdict's score.
+        let id = v["id"].as_str().unwrap();
+        let peak = rendered_map(&h.state, id).await.into_iter().fold(f32::MIN, f32::max) as f64;
+        assert!(
+            (peak - score_at(&v)).abs() < 1e-4,
+            "{query}: map peak {peak}, score {}",
+            score_at(&v)
+        );
+        let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
+        assert_eq!(json(&b)["alpha"].as_f64(), Some(alpha));
+        seen.push(score_at(&v));
+    }
+    assert!(seen[0] > 0.9, "α 1: the square's own map, {}", seen[0]);
+    assert!(
+        (seen[1] - 0.498).abs() < 1e-3 && (seen[2] - 0.5).abs() < 1e-4,
+        "{seen:?}"
+    );
+
+    for bad in ["alpha=1.5", "alpha=-0.1", "alpha=NaN", "alpha=x"] {
+        let (s, _, b) = send(
+            &h.state,
+            post(&format!("/v1/inspect?{bad}"), "image/png", png(32, 32, true)),
+        )
+        .await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{bad}"
+        );
+    }
+    // A model with one map has nothing to weigh.
+    let single = harness(None, 8).await;
+    let (s, _, b) = send(
+        &single.state,
+        post("/v1/inspect?alpha=0.5", "image/png", png(32, 32, true)),
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    assert!(
+        String::from_utf8_lossy(&b).contains("usad"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use image::{DynamicImage, GrayImage, Luma};
-use vigil::detector::Detector;
+use vigil::detector::{Detector, Overrides};
 use vigil::model::artifact::Fit;
 use vigil::model::{Architecture, Network};
 
@@ -29,7 +29,7 @@ fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
     );
     let flat = DynamicImage::ImageLuma8(GrayImage::from_pixel(64, 64, Luma([128])));
     let square = with_square(64, 40, 10);
-    let r = d.inspect_batch(&[&flat, &square], None).unwrap();
+    let r = d.inspect_batch(&[&flat, &square], Overrides::default()).unwrap();
     assert!(r[0].score < 1e-3 && !r[0].is_anomalous && r[0].regions.is_empty());
     assert!(r[1].is_anomalous);
     assert_eq!(r[1].regions.len(), 1);
@@ -40,7 +40,15 @@ fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
         "{reg:?}"
     );
     // A per-request threshold above the score turns the verdict and removes the regions.
-    let r = d.inspect_batch(&[&square], Some(r[1].score * 2.0)).unwrap();
+    let r = d
+        .inspect_batch(
+            &[&square],
+            Overrides {
+                threshold: Some(r[1].score * 2.0),
+                alpha: None,
+            },
+        )
+        .unwrap();
     assert!(!r[0].is_anomalous && r[0].regions.is_empty());
 }
 
@@ -51,7 +59,7 @@ fn maps_come_back_at_the_images_own_resolution() {
         Arc::new(common::Flat(Device::Cpu)),
     );
     let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(90, 50, Luma([10])));
-    let r = d.inspect_batch(&[&img], None).unwrap();
+    let r = d.inspect_batch(&[&img], Overrides::default()).unwrap();
     assert_eq!((r[0].width, r[0].height, r[0].map.len()), (90, 50, 4500));
 }
 
@@ -67,8 +75,8 @@ fn tiles_cover_the_image_and_agree_with_whole_fitting_away_from_tile_borders() {
     );
     assert_eq!(tiled.tile_origins().len(), 9);
     let img = with_square(64, 28, 28);
-    let a = whole.inspect_batch(&[&img], None).unwrap();
-    let b = tiled.inspect_batch(&[&img], None).unwrap();
+    let a = whole.inspect_batch(&[&img], Overrides::default()).unwrap();
+    let b = tiled.inspect_batch(&[&img], Overrides::default()).unwrap();
     // The flat reconstruction is the same everywhere, so the L2 part agrees exactly and the
     // SSIM part differs only where a tile border cuts the window: the peaks are close.
     assert!(
@@ -96,9 +104,9 @@ fn a_batch_scores_exactly_as_one_by_one() {
     let d = Detector::new(common::test_card(Fit::Whole, 64, 32), Arc::new(net));
     let imgs: Vec<DynamicImage> = (0..5).map(|i| with_square(64, 5 + 9 * i, 50 - 8 * i)).collect();
     let refs: Vec<&DynamicImage> = imgs.iter().collect();
-    let batch = d.inspect_batch(&refs, None).unwrap();
+    let batch = d.inspect_batch(&refs, Overrides::default()).unwrap();
     for (img, b) in imgs.iter().zip(&batch) {
-        let one = d.inspect_batch(&[img], None).unwrap();
+        let one = d.inspect_batch(&[img], Overrides::default()).unwrap();
         assert!(
             (one[0].score - b.score).abs() <= 1e-5 * b.score.abs().max(1.0),
             "{} vs {}",

@@ -34,6 +34,7 @@ impl AnomalyModel for Gated {
         Ok(ModelOutput {
             reconstruction: (batch.clone() * 1.0)?,
             learned_map: None,
+            second_map: None,
         })
     }
     fn device(&self) -> &Device {

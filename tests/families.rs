@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use common::{dataset, run, stderr, stdout};
 use image::DynamicImage;
 use serde_json::Value;
-use vigil::detector::Detector;
+use vigil::detector::{Detector, Overrides};
 use vigil::kernels::Kernels;
 use vigil::model::artifact::Fit;
 use vigil::model::{AnomalyModel, Architecture, Network, StepSettings, TrainBatch};
@@ -234,9 +234,9 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
         })
         .collect();
     let refs: Vec<&DynamicImage> = imgs.iter().collect();
-    let batch = d.inspect_batch(&refs, None).unwrap();
+    let batch = d.inspect_batch(&refs, Overrides::default()).unwrap();
     for (img, b) in imgs.iter().zip(&batch) {
-        let one = &d.inspect_batch(&[img], None).unwrap()[0];
+        let one = &d.inspect_batch(&[img], Overrides::default()).unwrap()[0];
         assert!((one.score - b.score).abs() <= 1e-5, "{} vs {}", one.score, b.score);
         // The map is the segmenter's probability, smoothed: within [0, 1].
         assert!(b.map.iter().all(|v| (0.0..=1.0).contains(v)));
@@ -401,6 +401,34 @@ fn a_usad_trains_inspects_and_evaluates_end_to_end() {
         .as_f64()
         .unwrap();
     assert!(score.is_finite() && score >= 0.0);
+    // The map's mix can change per run (`--alpha`): the verdict says which it used, and the
+    // first decoder's error alone scores differently from the second's alone.
+    let at = |alpha: &str| -> Value {
+        let o = run(&[
+            "inspect",
+            "--model",
+            out.to_str().unwrap(),
+            "--alpha",
+            alpha,
+            img.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(stdout(&o).trim()).unwrap()
+    };
+    let (first, second) = (at("1"), at("0"));
+    assert_eq!(first["alpha"], 1.0);
+    assert_eq!(second["alpha"], 0.0);
+    assert_ne!(first["score"], second["score"]);
+    let o = run(&[
+        "inspect",
+        "--model",
+        common::tiny_model().to_str().unwrap(),
+        "--alpha",
+        "0.5",
+        img.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("usad"), "{}", stderr(&o));
     let o = run(&["eval", "--model", out.to_str().unwrap(), "--data", &data]);
     assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -21,6 +21,7 @@ fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record 
         image_path: Some(format!("images/x/{id}.png")),
         request_id: Some("r".into()),
         part_id: None,
+        alpha: None,
     }
 }
 
@@ -36,6 +37,14 @@ async fn exercise(store: &Store, prefix: &str) {
     let got = store.get(&id(3)).await.unwrap().unwrap();
     assert_eq!(got, record(&id(3), &model, 1_003, false, 3.0));
     assert!(store.get("missing").await.unwrap().is_none());
+    // A request's map mix (usad's `?alpha=`) is kept with the row (another model, so
+    // the listings below are unchanged; pruned with the old rows).
+    let mixed = Record {
+        alpha: Some(0.25),
+        ..record(&id(9), &format!("{model}-mix"), 900, false, 0.5)
+    };
+    store.insert(&mixed).await.unwrap();
+    assert_eq!(store.get(&id(9)).await.unwrap().unwrap(), mixed);
     // Duplicate ids are refused (the primary key holds).
     assert!(store.insert(&record(&id(3), &model, 1, false, 0.0)).await.is_err());
 

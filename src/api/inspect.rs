@@ -15,6 +15,7 @@ use super::types::{InspectQuery, InspectionResponse, Links, Timings};
 use super::upload::read_image_body;
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
+use crate::detector::Overrides;
 use crate::storage::Record;
 
 /// Inspect an image with the default model.
@@ -71,6 +72,22 @@ async fn inspect(
             return Err(ApiError::BadRequest("threshold must be a finite number".into()));
         }
     }
+    if let Some(a) = q.alpha {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(ApiError::BadRequest("alpha must be a number from 0 to 1".into()));
+        }
+        let arch = state.model(&model)?.engine.detector().card.architecture.clone();
+        if arch.map_alpha().is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "alpha weighs two learned maps (usad models); model {model:?} is {} and has one",
+                arch.name()
+            )));
+        }
+    }
+    let overrides = Overrides {
+        threshold: q.threshold,
+        alpha: q.alpha,
+    };
     let bytes = Bytes::from(read_image_body(req, state.limits.max_body_bytes).await?);
     let b = bytes.clone();
     let (digest, ext) = blocking(move || (hex::encode(Sha256::digest(&b)), extension(&b))).await?;
@@ -78,7 +95,7 @@ async fn inspect(
         .store_image
         .unwrap_or(state.limits.store_images)
         .then(|| bytes.clone());
-    let judged = judge(&state, &model, None, bytes, q.threshold).await?;
+    let judged = judge(&state, &model, None, bytes, overrides).await?;
     let (inspection, version) = (judged.inspection, judged.version);
 
     let id = uuid::Uuid::now_v7().to_string();
@@ -107,6 +124,7 @@ async fn inspect(
         image_path: None,
         request_id: request_id.clone(),
         part_id: part_id.clone(),
+        alpha: inspection.alpha.map(f64::from),
     };
     // The image write and the row run as one detached task: a client that hangs up
     // cannot leave a stored image without its row. A 200 means the row is committed.
@@ -137,7 +155,8 @@ async fn inspect(
     metrics::histogram!(crate::metrics::INSPECTION_SECONDS, "model" => model.clone())
         .record(started.elapsed().as_secs_f64());
     state.live.record(&model, timings.total, inspection.is_anomalous);
-    if !inspection.is_anomalous {
+    // Drift compares scores with the calibration's, made at the model's own map mix.
+    if !inspection.is_anomalous && q.alpha.is_none() {
         let detector = state.model(&model)?.engine.detector();
         state
             .live
@@ -155,6 +174,7 @@ async fn inspect(
         width: record.width,
         height: record.height,
         timings_ms: timings,
+        alpha: record.alpha,
         created_at: rfc3339(created_at),
         request_id,
         part_id,

@@ -12,7 +12,7 @@ use image::DynamicImage;
 
 use super::error::ApiError;
 use super::{AppState, ServedModel};
-use crate::detector::{Detector, Inspection, Reconstruction};
+use crate::detector::{Detector, Inspection, Overrides, Reconstruction};
 
 /// One image judged by one model version.
 pub struct Judgement {
@@ -28,13 +28,14 @@ pub struct Judgement {
 
 /// Judges `bytes` with `model`. With `version`, the model must still run that version
 /// (409 `model_changed` otherwise): the detector and its version are read together, so
-/// the check holds for the model that does the work. `threshold` overrides the model's.
+/// the check holds for the model that does the work. `overrides` change the threshold or
+/// the mix of learned maps for this image only.
 pub async fn judge(
     state: &AppState,
     model: &str,
     version: Option<&str>,
     bytes: Bytes,
-    threshold: Option<f32>,
+    overrides: Overrides,
 ) -> Result<Judgement, ApiError> {
     let served = state.model(model)?;
     let (detector, current) = current_version(&served, version)?;
@@ -69,7 +70,7 @@ pub async fn judge(
 
     let scoring_started = Instant::now();
     let recon = reply.reconstruction;
-    let (inspection, reconstruction) = blocking(move || (detector.score(&prepared, &recon, threshold), recon)).await?;
+    let (inspection, reconstruction) = blocking(move || (detector.score(&prepared, &recon, overrides), recon)).await?;
     let scoring = scoring_started.elapsed();
     metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.to_string()).record(scoring.as_secs_f64());
     Ok(Judgement {

@@ -16,6 +16,7 @@ use super::judge::{blocking, current_version, judge, Judgement};
 use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
+use crate::detector::Overrides;
 use crate::storage::{ListQuery, Record};
 
 pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
@@ -38,6 +39,7 @@ pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
         width: r.width,
         height: r.height,
         timings_ms: timings,
+        alpha: r.alpha,
         created_at: rfc3339(r.created_at),
         request_id: r.request_id,
         part_id: r.part_id,
@@ -198,8 +200,11 @@ async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiErr
     let bytes = blocking(move || blobs.get(&path))
         .await?
         .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
-    let threshold = Some(r.threshold as f32);
-    let judged = judge(state, &r.model, Some(&r.model_version), bytes.into(), threshold)
+    let overrides = Overrides {
+        threshold: Some(r.threshold as f32),
+        alpha: r.alpha.map(|a| a as f32),
+    };
+    let judged = judge(state, &r.model, Some(&r.model_version), bytes.into(), overrides)
         .await
         .map_err(in_context)?;
     Ok((r, judged))

@@ -54,6 +54,9 @@ pub struct InspectionResponse {
     pub width: i64,
     pub height: i64,
     pub timings_ms: Timings,
+    /// The weight of the first of two learned maps this verdict used (usad models only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub links: Links,
@@ -71,6 +74,10 @@ pub struct InspectionResponse {
 pub struct InspectQuery {
     /// Image threshold for this request only.
     pub threshold: Option<f32>,
+    /// For models that mix two learned maps (usad): the weight of the first, 0 to 1, for
+    /// this request only (default: the model's). More weight on the second decoder's error
+    /// raises sensitivity and false alarms; the threshold was calibrated at the model's own.
+    pub alpha: Option<f32>,
     /// Keep the image (default: the server's --store-images).
     pub store_image: Option<bool>,
 }

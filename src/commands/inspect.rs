@@ -8,7 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cli::InspectArgs;
-use crate::detector::{Detector, Inspection};
+use crate::detector::{Detector, Inspection, Overrides};
 use crate::image_io;
 use crate::scoring::heatmap::render_heatmap;
 use crate::train::dataset::image_files;
@@ -33,6 +33,22 @@ struct Failure {
 /// Returns the number of images that could not be inspected.
 pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     let detector = super::load_detector(&args.model, args.device)?;
+    if let Some(a) = args.alpha {
+        if !(0.0..=1.0).contains(&a) {
+            anyhow::bail!("--alpha must be a number from 0 to 1, not {a}");
+        }
+        if detector.card.architecture.map_alpha().is_none() {
+            anyhow::bail!(
+                "--alpha weighs two learned maps (usad models); {} is a {} model",
+                args.model.display(),
+                detector.card.architecture.name()
+            );
+        }
+    }
+    let overrides = Overrides {
+        threshold: args.threshold,
+        alpha: args.alpha,
+    };
     let mut paths = Vec::new();
     for input in &args.inputs {
         if input.is_dir() {
@@ -70,7 +86,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             }
         }
         let images: Vec<&image::DynamicImage> = ok.iter().map(|(_, i)| i).collect();
-        let results = detector.inspect_batch(&images, args.threshold)?;
+        let results = detector.inspect_batch(&images, overrides)?;
         for ((path, img), insp) in ok.iter().zip(&results) {
             let rec = write_outputs(&detector, args, path, img, insp)?;
             writeln!(out, "{}", serde_json::to_string(&rec)?)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::detector::Detector;
+use crate::detector::{Detector, Overrides};
 use crate::image_io;
 use crate::train::dataset::{image_files, DatasetError};
 use metrics::{Confusion, MaskedMap};
@@ -134,7 +134,7 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
             })
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&image::DynamicImage> = images.iter().collect();
-        for (t, insp) in chunk.iter().zip(detector.inspect_batch(&refs, None)?) {
+        for (t, insp) in chunk.iter().zip(detector.inspect_batch(&refs, Overrides::default())?) {
             let mask = match &t.mask {
                 Some(p) => Some(load_mask(p, insp.width, insp.height)?),
                 None if !t.is_defective() => Some(vec![false; insp.width * insp.height]),

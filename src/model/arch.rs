@@ -75,6 +75,15 @@ impl Architecture {
         }
     }
 
+    /// The weight of the first of two learned maps when the family returns two (usad: the
+    /// first decoder's error against the second's); `None` for the others.
+    pub fn map_alpha(&self) -> Option<f32> {
+        match self {
+            Architecture::Usad { alpha, .. } => Some(*alpha),
+            _ => None,
+        }
+    }
+
     /// True when the network accepts any input size (a multiple of 8), not only its patch size.
     pub fn fully_convolutional(&self) -> bool {
         !matches!(self, Architecture::Bergmann { .. })

@@ -39,6 +39,10 @@ pub struct ModelOutput {
     /// A per-pixel anomaly map the model computes itself (N, 1, H, W), if it has one: the
     /// segmentation probability of a discriminative family.
     pub learned_map: Option<Tensor>,
+    /// A second learned map (N, 1, H, W) that scoring mixes with the first:
+    /// α·learned + (1 − α)·second, α the architecture's ([`Architecture::map_alpha`]) or a
+    /// request's. USAD's second decoder's error on the first decoder's rebuild.
+    pub second_map: Option<Tensor>,
 }
 
 /// Inference: a batch (N, C, H, W) with values in [0, 1] in, maps and images out.

@@ -84,6 +84,8 @@ pub struct RawMaps {
     pub l2: Vec<f32>,
     /// The model's own map, for families that have one.
     pub learned: Option<Vec<f32>>,
+    /// A second map of the model's, mixed with `learned` by [`RawMaps::mixed`].
+    pub second: Option<Vec<f32>>,
 }
 
 impl RawMaps {
@@ -108,19 +110,39 @@ impl RawMaps {
             dssim,
             l2,
             learned: None,
+            second: None,
         }
     }
 
-    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]); `learned` when
-    /// the tiles will carry a learned map.
-    pub fn zeros(width: usize, height: usize, learned: bool) -> Self {
+    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]); `learned` and
+    /// `second` when the tiles will carry those maps.
+    pub fn zeros(width: usize, height: usize, learned: bool, second: bool) -> Self {
         Self {
             width,
             height,
             dssim: vec![0.0; width * height],
             l2: vec![0.0; width * height],
             learned: learned.then(|| vec![0.0; width * height]),
+            second: second.then(|| vec![0.0; width * height]),
         }
+    }
+
+    /// The maps with `second` folded into `learned`: α·learned + (1 − α)·second. Unchanged
+    /// when there is no second map.
+    pub fn mixed(&self, alpha: f32) -> std::borrow::Cow<'_, RawMaps> {
+        let (Some(first), Some(second)) = (&self.learned, &self.second) else {
+            return std::borrow::Cow::Borrowed(self);
+        };
+        let learned = first
+            .iter()
+            .zip(second)
+            .map(|(a, b)| alpha * a + (1.0 - alpha) * b)
+            .collect();
+        std::borrow::Cow::Owned(RawMaps {
+            learned: Some(learned),
+            second: None,
+            ..self.clone()
+        })
     }
 
     /// Adds a tile's maps at (x, y) and counts the coverage in `counts`.
@@ -134,6 +156,9 @@ impl RawMaps {
                 if let (Some(acc), Some(v)) = (self.learned.as_mut(), tile.learned.as_ref()) {
                     acc[i] += v[t];
                 }
+                if let (Some(acc), Some(v)) = (self.second.as_mut(), tile.second.as_ref()) {
+                    acc[i] += v[t];
+                }
                 counts[i] += 1;
             }
         }
@@ -145,7 +170,7 @@ impl RawMaps {
             let n = n.max(1) as f32;
             self.dssim[i] /= n;
             self.l2[i] /= n;
-            if let Some(acc) = self.learned.as_mut() {
+            for acc in [self.learned.as_mut(), self.second.as_mut()].into_iter().flatten() {
                 acc[i] /= n;
             }
         }
@@ -244,8 +269,32 @@ mod tests {
     }
 
     #[test]
+    fn a_second_map_mixes_in_by_alpha() {
+        // learned (0.125, 1), second (0.5, 0): α 0.25 gives 0.25·0.125 + 0.75·0.5 = 0.40625
+        // and 0.25·1 + 0 = 0.25; α 1 gives the first map back.
+        let raw = RawMaps {
+            width: 2,
+            height: 1,
+            dssim: vec![0.0; 2],
+            l2: vec![0.0; 2],
+            learned: Some(vec![0.125, 1.0]),
+            second: Some(vec![0.5, 0.0]),
+        };
+        let quarter = raw.mixed(0.25);
+        assert_eq!(quarter.learned.as_deref(), Some(&[0.40625f32, 0.25][..]));
+        assert!(quarter.second.is_none());
+        assert_eq!(raw.mixed(1.0).learned.as_deref(), Some(&[0.125f32, 1.0][..]));
+        // Without a second map nothing changes.
+        let single = RawMaps {
+            second: None,
+            ..raw.clone()
+        };
+        assert_eq!(*single.mixed(0.25), single);
+    }
+
+    #[test]
     fn tiles_average_where_they_overlap() {
-        let mut acc = RawMaps::zeros(3, 1, false);
+        let mut acc = RawMaps::zeros(3, 1, false, false);
         let mut counts = vec![0u32; 3];
         let a = RawMaps {
             width: 2,
@@ -253,6 +302,7 @@ mod tests {
             dssim: vec![1.0, 1.0],
             l2: vec![2.0, 2.0],
             learned: None,
+            second: None,
         };
         let b = RawMaps {
             width: 2,
@@ -260,6 +310,7 @@ mod tests {
             dssim: vec![3.0, 3.0],
             l2: vec![0.0, 0.0],
             learned: None,
+            second: None,
         };
         acc.add_tile(&a, 0, 0, &mut counts);
         acc.add_tile(&b, 1, 0, &mut counts);
@@ -276,6 +327,7 @@ mod tests {
             dssim: vec![0.2],
             l2: vec![0.01],
             learned: None,
+            second: None,
         };
         let spec = MapSpec {
             ssim_scale: 0.1,

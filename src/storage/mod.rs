@@ -41,6 +41,9 @@ pub struct Record {
     pub image_path: Option<String>,
     pub request_id: Option<String>,
     pub part_id: Option<String>,
+    /// The request's weight of the first of two learned maps (`?alpha=`), when it set one.
+    #[serde(default)]
+    pub alpha: Option<f64>,
 }
 
 /// Filters for listing, newest first.
@@ -119,8 +122,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, height, \
-             regions, timings, image_sha256, image_path, request_id, part_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             regions, timings, image_sha256, image_path, request_id, part_id, alpha) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&r.id)
         .bind(&r.model)
@@ -137,6 +140,7 @@ impl Store {
         .bind(r.image_path.clone())
         .bind(r.request_id.clone())
         .bind(r.part_id.clone())
+        .bind(r.alpha)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -313,7 +317,7 @@ impl Store {
 }
 
 const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
-                       timings, image_sha256, image_path, request_id, part_id";
+                       timings, image_sha256, image_path, request_id, part_id, alpha";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
     let json = |i: usize| -> Result<serde_json::Value, StoreError> {
@@ -335,5 +339,6 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
         image_path: r.try_get(12)?,
         request_id: r.try_get(13)?,
         part_id: r.try_get(14)?,
+        alpha: r.try_get(15)?,
     })
 }

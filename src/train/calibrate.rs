@@ -86,7 +86,7 @@ pub fn calibrate(
     detector.card.scoring.l2_scale = (l2_mean as f32).max(1e-9);
 
     let s = detector.card.input.working_size;
-    let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.working_map(r)).collect();
+    let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.working_map(r, None)).collect();
     let scores: Vec<f32> = maps.iter().map(|m| m.1).collect();
     let min_area_threshold = maps
         .iter()

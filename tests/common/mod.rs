@@ -103,6 +103,7 @@ impl vigil::model::AnomalyModel for Flat {
         Ok(vigil::model::ModelOutput {
             reconstruction: (batch.ones_like()? * 0.5)?,
             learned_map: None,
+            second_map: None,
         })
     }
     fn device(&self) -> &candle_core::Device {

@@ -65,6 +65,7 @@ impl Family for Adversarial {
         let reconstruction = self.reconstructor.forward_t(x, false)?;
         Ok(ModelOutput {
             learned_map: Some(self.critic.feature_distance(x, &reconstruction)?),
+            second_map: None,
             reconstruction,
         })
     }

@@ -16,6 +16,7 @@ impl Family for Autoencoder {
         Ok(ModelOutput {
             reconstruction: self.forward_t(x, false)?,
             learned_map: None,
+            second_map: None,
         })
     }
 

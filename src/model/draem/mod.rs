@@ -23,6 +23,7 @@ impl Family for DraemNet {
         Ok(ModelOutput {
             reconstruction,
             learned_map: Some(candle_nn::ops::sigmoid(&logits)?),
+            second_map: None,
         })
     }
 

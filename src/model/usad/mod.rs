@@ -4,7 +4,8 @@
 //! clean); D2 learns to rebuild good images and to *fail* on AE1's rebuilds. Trained on good
 //! images only, the second decoder magnifies whatever AE1 cannot rebuild. The anomaly map
 //! is α·e(x, AE1(x)) + (1 − α)·e(x, AE2(AE1(x))), e the per-pixel squared error averaged
-//! over channels.
+//! over channels: the model returns both errors and scoring mixes them, so α can change
+//! per request (`?alpha=`) without running the network differently.
 //!
 //! USAD trains the two autoencoders with two optimisers. Here one loss with one optimiser
 //! gives D1 and D2 the same gradients (the decoder-2 pass on AE1's rebuild runs twice, once
@@ -26,24 +27,17 @@ pub const ADVERSARIAL_RAMP_STEPS: f64 = 100.0;
 pub struct Usad {
     ae1: Autoencoder,
     ae2: Autoencoder,
-    alpha: f64,
 }
 
 impl Usad {
     pub fn new(arch: &Architecture, channels: usize, size: usize, vb: VarBuilder) -> Result<Self> {
         arch.validate(channels, size).map_err(candle_core::Error::Msg)?;
-        let Architecture::Usad {
-            width,
-            bottleneck,
-            alpha,
-        } = *arch
-        else {
+        let Architecture::Usad { width, bottleneck, .. } = *arch else {
             candle_core::bail!("not a usad architecture: {arch:?}")
         };
         Ok(Self {
             ae1: Autoencoder::spatial(width, bottleneck, channels, vb.pp("ae1"))?,
             ae2: Autoencoder::spatial(width, bottleneck, channels, vb.pp("ae2"))?,
-            alpha: alpha as f64,
         })
     }
 
@@ -58,11 +52,9 @@ pub fn rebuild_weight(step: usize) -> f64 {
     1.0 / (1.0 + step as f64 / ADVERSARIAL_RAMP_STEPS)
 }
 
-/// α·mean_c (x − r1)² + (1 − α)·mean_c (x − r21)², per pixel: (N, 1, H, W).
-pub fn usad_map(x: &Tensor, r1: &Tensor, r21: &Tensor, alpha: f64) -> Result<Tensor> {
-    let e1 = (x - r1)?.sqr()?.mean_keepdim(1)?;
-    let e21 = (x - r21)?.sqr()?.mean_keepdim(1)?;
-    (e1 * alpha)? + (e21 * (1.0 - alpha))?
+/// mean_c (x − r)², per pixel: (N, 1, H, W).
+pub fn error_map(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    (x - r)?.sqr()?.mean_keepdim(1)
 }
 
 impl Family for Usad {
@@ -70,7 +62,8 @@ impl Family for Usad {
         let r1 = self.ae1.forward_t(x, false)?;
         let r21 = self.decode2(&r1, false)?;
         Ok(ModelOutput {
-            learned_map: Some(usad_map(x, &r1, &r21, self.alpha)?),
+            learned_map: Some(error_map(x, &r1)?),
+            second_map: Some(error_map(x, &r21)?),
             reconstruction: r1,
         })
     }
@@ -141,15 +134,18 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn the_map_and_the_weight_by_hand() {
+    fn the_maps_and_the_weight_by_hand() {
         // Two channels, one pixel: x = (1, 0), r1 = (0.5, 0) → e1 = (0.25 + 0)/2 = 0.125;
-        // r21 = (1, 1) → e21 = (0 + 1)/2 = 0.5. α = 0.25: 0.25·0.125 + 0.75·0.5 = 0.40625.
+        // r21 = (1, 1) → e21 = (0 + 1)/2 = 0.5. (Scoring mixes them: see
+        // `scoring::RawMaps::mixed`.)
         let dev = Device::Cpu;
         let t = |v: [f32; 2]| Tensor::new(&v, &dev).unwrap().reshape((1, 2, 1, 1)).unwrap();
-        let m = usad_map(&t([1.0, 0.0]), &t([0.5, 0.0]), &t([1.0, 1.0]), 0.25).unwrap();
-        assert_eq!(m.dims(), &[1, 1, 1, 1]);
-        let v: f32 = m.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
-        assert!((v - 0.40625).abs() < 1e-7, "{v}");
+        let value = |m: Tensor| -> f32 {
+            assert_eq!(m.dims(), &[1, 1, 1, 1]);
+            m.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+        };
+        assert_eq!(value(error_map(&t([1.0, 0.0]), &t([0.5, 0.0])).unwrap()), 0.125);
+        assert_eq!(value(error_map(&t([1.0, 0.0]), &t([1.0, 1.0])).unwrap()), 0.5);
         // w = 1/(1 + step/100): 1 at the start, ½ at step 100, ¼ at 300.
         assert_eq!(rebuild_weight(0), 1.0);
         assert_eq!(rebuild_weight(100), 0.5);

@@ -77,6 +77,7 @@ impl Family for Vae {
         Ok(ModelOutput {
             reconstruction: self.net.decode(&mean, false)?,
             learned_map: None,
+            second_map: None,
         })
     }
 
