@@ -92,17 +92,22 @@ impl Autoencoder {
             .conv_act(2 * w, 4 * w, 4, 2, 1)?
             .conv_act(4 * w, 4 * w, 3, 1, 1)?
             .conv(4 * w, code, 1, 1, 0)?;
-        let d = Builder::new(vb.pp("dec"), true)
+        Ok(Self {
+            encoder: e.build(),
+            decoder: Self::spatial_decoder(w, bottleneck, c, vb.pp("dec"))?,
+            kernels: Kernels::default(),
+        })
+    }
+
+    /// The spatial autoencoder's decoder alone (a second decoder on a shared encoder).
+    pub(crate) fn spatial_decoder(w: usize, bottleneck: usize, c: usize, vb: VarBuilder) -> Result<Sequential> {
+        Ok(Builder::new(vb, true)
             .conv_act(bottleneck, 4 * w, 3, 1, 1)?
             .up_act(4 * w, 2 * w)?
             .up_act(2 * w, w)?
             .up(w, c)?
-            .push(Layer::Sigmoid);
-        Ok(Self {
-            encoder: e.build(),
-            decoder: d.build(),
-            kernels: Kernels::default(),
-        })
+            .push(Layer::Sigmoid)
+            .build())
     }
 
     /// Multiply-adds × 2 of one forward pass on an `h × w` input (convolutions and the

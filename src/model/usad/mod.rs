@@ -18,15 +18,18 @@ use candle_nn::{AdamW, Optimizer, VarBuilder};
 use super::autoencoder::{adamw, Autoencoder};
 use super::{unnamed, Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
+use crate::model::layers::Sequential;
 
 /// Steps over which the weight of the plain rebuilds falls from 1 to ½ (USAD's 1/n over
 /// epochs n, here over steps: w = 1 / (1 + step / this)).
 pub const ADVERSARIAL_RAMP_STEPS: f64 = 100.0;
 
-/// E with D1 (`ae1.enc.*`, `ae1.dec.*`) and D2 (`ae2.dec.*`; `ae2.enc.*` exists but is not used).
+/// E with D1 (`ae1.enc.*`, `ae1.dec.*`) and D2 (`ae2.dec.*`). (Models written before D2
+/// stood alone also hold an unused `ae2.enc.*`; loading ignores it.)
 pub struct Usad {
     ae1: Autoencoder,
-    ae2: Autoencoder,
+    decoder2: Sequential,
+    kernels: Kernels,
 }
 
 impl Usad {
@@ -37,13 +40,19 @@ impl Usad {
         };
         Ok(Self {
             ae1: Autoencoder::spatial(width, bottleneck, channels, vb.pp("ae1"))?,
-            ae2: Autoencoder::spatial(width, bottleneck, channels, vb.pp("ae2"))?,
+            decoder2: Autoencoder::spatial_decoder(width, bottleneck, channels, vb.pp("ae2").pp("dec"))?,
+            kernels: Kernels::default(),
         })
+    }
+
+    /// D2(z) for a code z.
+    fn d2(&self, z: &Tensor, train: bool) -> Result<Tensor> {
+        self.decoder2.forward_t(z, train, self.kernels)
     }
 
     /// D2(E(x)).
     fn decode2(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.ae2.decode(&self.ae1.encode(x, train)?, train)
+        self.d2(&self.ae1.encode(x, train)?, train)
     }
 }
 
@@ -79,7 +88,7 @@ impl Family for Usad {
 
     fn set_kernels(&mut self, kernels: Kernels) {
         self.ae1.set_kernels(kernels);
-        self.ae2.set_kernels(kernels);
+        self.kernels = kernels;
     }
 
     fn flops(&self, h: usize, w: usize) -> u64 {
@@ -110,7 +119,7 @@ impl TrainStep for UsadStep<'_> {
         // AE2 on AE1's rebuild: through the graph (E and D1 descend it) and from a cut
         // input (D2 alone, weighted −2, so it climbs it on balance).
         let r21 = net.decode2(&r1, true)?;
-        let r21_cut = net.ae2.decode(&net.ae1.encode(&r1, true)?.detach(), true)?;
+        let r21_cut = net.d2(&net.ae1.encode(&r1, true)?.detach(), true)?;
         let (l1, l2, l21, l21_cut) = (loss(&r1)?, loss(&r2)?, loss(&r21)?, loss(&r21_cut)?);
         let rebuilds = ((&l1 + &l2)? * w)?;
         let adversarial = ((&l21 - (&l21_cut * 2.0)?)? * (1.0 - w))?;
@@ -169,10 +178,7 @@ mod tests {
         let l = |r: &Tensor| (r - &x).unwrap().sqr().unwrap().mean_all().unwrap();
         let r1 = net.ae1.forward_t(&x, true).unwrap();
         let through = l(&net.decode2(&r1, true).unwrap());
-        let cut = l(&net
-            .ae2
-            .decode(&net.ae1.encode(&r1, true).unwrap().detach(), true)
-            .unwrap());
+        let cut = l(&net.d2(&net.ae1.encode(&r1, true).unwrap().detach(), true).unwrap());
         let adversarial = (&through - (&cut * 2.0).unwrap()).unwrap();
         let g_step = adversarial.backward().unwrap();
         let g_plain = through.backward().unwrap();
@@ -199,5 +205,7 @@ mod tests {
             }
         }
         assert!(checked_d1 > 0 && checked_d2 > 0);
+        // The second decoder stands alone: no encoder of its own among the weights.
+        assert!(vars.keys().all(|n| !n.starts_with("ae2.enc")), "{:?}", vars.keys());
     }
 }
