@@ -159,8 +159,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 500)]
     pub kl_warmup: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. Default: 1200 for
-    /// --arch draem, 1000 for --arch usad, 2500 for the other autoencoders (about 10 and 5 minutes for 70–80 images of
-    /// 256² on 2 CPU cores).
+    /// --arch draem, 1000 for usad, 1600 for adversarial, 2500 for the other autoencoders
+    /// (7–12 minutes for 70–80 colour images of 256² on 2 CPU cores).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.

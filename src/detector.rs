@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::image_io::{resize_plane, Planar};
 use crate::model::artifact::{Fit, ModelCard};
 use crate::model::{AnomalyModel, ArtifactError, Network};
-use crate::scoring::{self, regions, RawMaps, Region};
+use crate::scoring::{self, regions, MapMethod, RawMaps, Region};
 
 /// Most tiles or images sent through the network at once.
 const MAX_CHUNK: usize = 16;
@@ -119,7 +119,20 @@ impl Detector {
 
     /// Runs the network over every tile of every input. The batch is cut into chunks of
     /// at most 16 network inputs, so memory stays bounded whatever the caller sends.
+    /// The SSIM and L2 error maps are left empty when the card scores the model's own
+    /// map and the model has one: nothing reads them then, and the SSIM map is the
+    /// costliest part of scoring.
     pub fn reconstruct(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<Reconstruction>> {
+        self.reconstruct_with(inputs, self.card.scoring.method != MapMethod::Learned)
+    }
+
+    /// [`Detector::reconstruct`] with the error maps always computed (calibration sets
+    /// their scales whatever the card scores).
+    pub fn reconstruct_with_error_maps(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<Reconstruction>> {
+        self.reconstruct_with(inputs, true)
+    }
+
+    fn reconstruct_with(&self, inputs: &[&Planar], error_maps: bool) -> candle_core::Result<Vec<Reconstruction>> {
         let origins = self.tile_origins();
         let t = self.tile_size();
         let c = self.card.input.channels;
@@ -143,6 +156,7 @@ impl Detector {
             }
         }
         let (has_learned, has_second) = (!learned.is_empty(), !second.is_empty());
+        let error_maps = error_maps || !has_learned;
         let spec = &self.card.scoring;
         let per_tile = c * t * t;
         let s = self.card.input.working_size;
@@ -151,6 +165,9 @@ impl Detector {
             .enumerate()
             .map(|(n, input)| {
                 let mut raw = RawMaps::zeros(s, s, has_learned, has_second);
+                if !error_maps {
+                    (raw.dssim, raw.l2) = (Vec::new(), Vec::new());
+                }
                 let mut image = Planar::new(c, s, s);
                 let mut counts = vec![0u32; s * s];
                 for (k, &(x, y)) in origins.iter().enumerate() {
@@ -161,7 +178,11 @@ impl Detector {
                         height: t,
                         data: outputs[idx * per_tile..(idx + 1) * per_tile].to_vec(),
                     };
-                    let mut tile_raw = RawMaps::compute(&tiles[idx], &recon, spec);
+                    let mut tile_raw = if error_maps {
+                        RawMaps::compute(&tiles[idx], &recon, spec)
+                    } else {
+                        RawMaps::without_error_maps(t, t)
+                    };
                     if has_learned {
                         tile_raw.learned = Some(learned[idx * t * t..(idx + 1) * t * t].to_vec());
                     }

@@ -241,6 +241,14 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
         // The map is the segmenter's probability, smoothed: within [0, 1].
         assert!(b.map.iter().all(|v| (0.0..=1.0).contains(v)));
     }
+    // Scoring the learned map needs no SSIM/L2 maps: they are skipped, and the score is
+    // the same as with them (calibration still computes them, for their scales).
+    let prepared = d.prepare(&imgs[0]);
+    let lean = d.reconstruct(&[&prepared.working]).unwrap();
+    let full = d.reconstruct_with_error_maps(&[&prepared.working]).unwrap();
+    assert!(lean[0].raw.dssim.is_empty() && lean[0].raw.l2.is_empty());
+    assert_eq!(full[0].raw.dssim.len(), 64 * 64);
+    assert_eq!(d.working_map(&lean[0].raw, None), d.working_map(&full[0].raw, None));
 }
 
 #[test]

@@ -114,6 +114,19 @@ impl RawMaps {
         }
     }
 
+    /// A tile's maps before its learned maps are set, with no error maps (empty `dssim`
+    /// and `l2`: skipped where only a learned map is scored).
+    pub fn without_error_maps(width: usize, height: usize) -> Self {
+        Self {
+            width,
+            height,
+            dssim: Vec::new(),
+            l2: Vec::new(),
+            learned: None,
+            second: None,
+        }
+    }
+
     /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]); `learned` and
     /// `second` when the tiles will carry those maps.
     pub fn zeros(width: usize, height: usize, learned: bool, second: bool) -> Self {
@@ -151,8 +164,10 @@ impl RawMaps {
             for col in 0..tile.width {
                 let i = (y + r) * self.width + x + col;
                 let t = r * tile.width + col;
-                self.dssim[i] += tile.dssim[t];
-                self.l2[i] += tile.l2[t];
+                if !self.dssim.is_empty() {
+                    self.dssim[i] += tile.dssim[t];
+                    self.l2[i] += tile.l2[t];
+                }
                 if let (Some(acc), Some(v)) = (self.learned.as_mut(), tile.learned.as_ref()) {
                     acc[i] += v[t];
                 }
@@ -168,8 +183,10 @@ impl RawMaps {
     pub fn normalise(&mut self, counts: &[u32]) {
         for (i, &n) in counts.iter().enumerate() {
             let n = n.max(1) as f32;
-            self.dssim[i] /= n;
-            self.l2[i] /= n;
+            if !self.dssim.is_empty() {
+                self.dssim[i] /= n;
+                self.l2[i] /= n;
+            }
             for acc in [self.learned.as_mut(), self.second.as_mut()].into_iter().flatten() {
                 acc[i] /= n;
             }

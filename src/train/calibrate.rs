@@ -74,7 +74,7 @@ pub fn calibrate(
     let mut raws = Vec::with_capacity(images.len());
     for chunk in images.chunks(8) {
         let refs: Vec<&Planar> = chunk.iter().collect();
-        raws.extend(detector.reconstruct(&refs)?.into_iter().map(|r| r.raw));
+        raws.extend(detector.reconstruct_with_error_maps(&refs)?.into_iter().map(|r| r.raw));
     }
     // Scales: each error map's mean over the good pixels, so each part of a mixed map
     // averages 1 on good images.
