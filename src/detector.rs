@@ -36,6 +36,15 @@ pub struct Reconstruction {
     pub raw: RawMaps,
 }
 
+/// What the network made of one input, before its maps are assembled: each tile's
+/// reconstruction (C × t × t, tiles in [`Detector::tile_origins`] order) and learned maps.
+#[derive(Debug, Clone)]
+pub struct NetworkOutput {
+    pub reconstruction: Vec<f32>,
+    pub learned: Option<Vec<f32>>,
+    pub second: Option<Vec<f32>>,
+}
+
 /// The verdict on one image.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inspection {
@@ -117,22 +126,29 @@ impl Detector {
         }
     }
 
-    /// Runs the network over every tile of every input. The batch is cut into chunks of
-    /// at most 16 network inputs, so memory stays bounded whatever the caller sends.
-    /// The SSIM and L2 error maps are left empty when the card scores the model's own
-    /// map and the model has one: nothing reads them then, and the SSIM map is the
-    /// costliest part of scoring.
+    /// Runs the network over every tile of every input and assembles each input's
+    /// reconstruction and maps ([`Detector::network`] then [`Detector::assemble`]).
     pub fn reconstruct(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<Reconstruction>> {
-        self.reconstruct_with(inputs, self.card.scoring.method != MapMethod::Learned)
+        let outputs = self.network(inputs)?;
+        Ok(inputs.iter().zip(outputs).map(|(i, o)| self.assemble(i, o)).collect())
     }
 
     /// [`Detector::reconstruct`] with the error maps always computed (calibration sets
     /// their scales whatever the card scores).
     pub fn reconstruct_with_error_maps(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<Reconstruction>> {
-        self.reconstruct_with(inputs, true)
+        let outputs = self.network(inputs)?;
+        Ok(inputs
+            .iter()
+            .zip(outputs)
+            .map(|(i, o)| self.assemble_with(i, o, true))
+            .collect())
     }
 
-    fn reconstruct_with(&self, inputs: &[&Planar], error_maps: bool) -> candle_core::Result<Vec<Reconstruction>> {
+    /// The network's part alone: every tile of every input through the model, cut into
+    /// chunks of at most 16 network inputs so memory stays bounded whatever the caller
+    /// sends. The server's model thread runs only this; the maps are assembled on the
+    /// request's own thread, so one image's SSIM map overlaps the next batch's inference.
+    pub fn network(&self, inputs: &[&Planar]) -> candle_core::Result<Vec<NetworkOutput>> {
         let origins = self.tile_origins();
         let t = self.tile_size();
         let c = self.card.input.channels;
@@ -155,53 +171,67 @@ impl Detector {
                 second.extend(map.flatten_all()?.to_vec1::<f32>()?);
             }
         }
-        let (has_learned, has_second) = (!learned.is_empty(), !second.is_empty());
-        let error_maps = error_maps || !has_learned;
-        let spec = &self.card.scoring;
-        let per_tile = c * t * t;
-        let s = self.card.input.working_size;
-        Ok(inputs
-            .iter()
-            .enumerate()
-            .map(|(n, input)| {
-                let mut raw = RawMaps::zeros(s, s, has_learned, has_second);
-                if !error_maps {
-                    (raw.dssim, raw.l2) = (Vec::new(), Vec::new());
-                }
-                let mut image = Planar::new(c, s, s);
-                let mut counts = vec![0u32; s * s];
-                for (k, &(x, y)) in origins.iter().enumerate() {
-                    let idx = n * origins.len() + k;
-                    let recon = Planar {
-                        channels: c,
-                        width: t,
-                        height: t,
-                        data: outputs[idx * per_tile..(idx + 1) * per_tile].to_vec(),
-                    };
-                    let mut tile_raw = if error_maps {
-                        RawMaps::compute(&tiles[idx], &recon, spec)
-                    } else {
-                        RawMaps::without_error_maps(t, t)
-                    };
-                    if has_learned {
-                        tile_raw.learned = Some(learned[idx * t * t..(idx + 1) * t * t].to_vec());
-                    }
-                    if has_second {
-                        tile_raw.second = Some(second[idx * t * t..(idx + 1) * t * t].to_vec());
-                    }
-                    raw.add_tile(&tile_raw, x, y, &mut counts);
-                    add_tile_image(&mut image, &recon, x, y);
-                }
-                raw.normalise(&counts);
-                for ch in 0..c {
-                    for (i, v) in image.data[ch * s * s..(ch + 1) * s * s].iter_mut().enumerate() {
-                        *v /= counts[i].max(1) as f32;
-                    }
-                }
-                debug_assert_eq!(input.width, s);
-                Reconstruction { image, raw }
+        // Each input's share: its tiles' outputs, in tile order.
+        let (per_input, per_map) = (origins.len() * c * t * t, origins.len() * t * t);
+        let share = |v: &[f32], n: usize, len: usize| (!v.is_empty()).then(|| v[n * len..(n + 1) * len].to_vec());
+        Ok((0..inputs.len())
+            .map(|n| NetworkOutput {
+                reconstruction: outputs[n * per_input..(n + 1) * per_input].to_vec(),
+                learned: share(&learned, n, per_map),
+                second: share(&second, n, per_map),
             })
             .collect())
+    }
+
+    /// One input's reconstruction and raw maps from its network output: tiles placed and
+    /// averaged where they overlap. The SSIM and L2 error maps are left empty when the
+    /// card scores the model's own map and the model has one: nothing reads them then,
+    /// and the SSIM map is the costliest part of scoring.
+    pub fn assemble(&self, input: &Planar, output: NetworkOutput) -> Reconstruction {
+        let error_maps = self.card.scoring.method != MapMethod::Learned;
+        self.assemble_with(input, output, error_maps)
+    }
+
+    fn assemble_with(&self, input: &Planar, output: NetworkOutput, error_maps: bool) -> Reconstruction {
+        let origins = self.tile_origins();
+        let t = self.tile_size();
+        let c = self.card.input.channels;
+        let s = self.card.input.working_size;
+        debug_assert_eq!(input.width, s);
+        let error_maps = error_maps || output.learned.is_none();
+        let spec = &self.card.scoring;
+        let (per_tile, per_map) = (c * t * t, t * t);
+        let mut raw = RawMaps::zeros(s, s, output.learned.is_some(), output.second.is_some());
+        if !error_maps {
+            (raw.dssim, raw.l2) = (Vec::new(), Vec::new());
+        }
+        let mut image = Planar::new(c, s, s);
+        let mut counts = vec![0u32; s * s];
+        for (k, &(x, y)) in origins.iter().enumerate() {
+            let recon = Planar {
+                channels: c,
+                width: t,
+                height: t,
+                data: output.reconstruction[k * per_tile..(k + 1) * per_tile].to_vec(),
+            };
+            let mut tile_raw = if error_maps {
+                RawMaps::compute(&input.crop(x, y, t, t), &recon, spec)
+            } else {
+                RawMaps::without_error_maps(t, t)
+            };
+            let tile_of = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[k * per_map..(k + 1) * per_map].to_vec());
+            tile_raw.learned = tile_of(&output.learned);
+            tile_raw.second = tile_of(&output.second);
+            raw.add_tile(&tile_raw, x, y, &mut counts);
+            add_tile_image(&mut image, &recon, x, y);
+        }
+        raw.normalise(&counts);
+        for ch in 0..c {
+            for (i, v) in image.data[ch * s * s..(ch + 1) * s * s].iter_mut().enumerate() {
+                *v /= counts[i].max(1) as f32;
+            }
+        }
+        Reconstruction { image, raw }
     }
 
     /// The weight of the first of two learned maps: `alpha` when given, else the

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::detector::{Detector, Prepared, Reconstruction};
+use crate::detector::{Detector, NetworkOutput, Prepared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -27,7 +27,8 @@ pub enum EngineError {
 /// What the model thread sends back.
 #[derive(Debug)]
 pub struct Reply {
-    pub reconstruction: Reconstruction,
+    /// The network's output; the request assembles its maps ([`Detector::assemble`]).
+    pub output: NetworkOutput,
     pub queue_time: Duration,
     pub inference_time: Duration,
     pub batch_size: usize,
@@ -116,7 +117,7 @@ impl Engine {
             .map_err(|_| EngineError::Overloaded)
     }
 
-    /// Queues `prepared` (made with `detector`) and waits for its reconstruction. The
+    /// Queues `prepared` (made with `detector`) and waits for the network's output. The
     /// permit travels with the job and is released when the model thread is done with it.
     pub async fn run(
         &self,
@@ -174,7 +175,7 @@ fn model_thread(model: &str, rx: mpsc::Receiver<Job>, max_batch: usize) {
         let result = {
             let _span = batch[0].span.enter();
             // A panic in the model must not end the thread: the batch gets an error instead.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| detector.reconstruct(&inputs)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| detector.network(&inputs)))
                 .unwrap_or_else(|_| Err(candle_core::Error::Msg("the model panicked".into())))
         };
         let inference_time = started.elapsed();
@@ -183,10 +184,10 @@ fn model_thread(model: &str, rx: mpsc::Receiver<Job>, max_batch: usize) {
         metrics::histogram!(crate::metrics::INFERENCE_SECONDS, "model" => model.to_string())
             .record(inference_time.as_secs_f64());
         match result {
-            Ok(recons) => {
-                for (job, reconstruction) in batch.into_iter().zip(recons) {
+            Ok(outputs) => {
+                for (job, output) in batch.into_iter().zip(outputs) {
                     let _ = job.reply.send(Ok(Reply {
-                        reconstruction,
+                        output,
                         queue_time: started.duration_since(job.enqueued),
                         inference_time,
                         batch_size: n,

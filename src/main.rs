@@ -7,6 +7,9 @@ use vigil::commands;
 fn main() -> ExitCode {
     vigil::allocator::keep_freed_memory();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        vigil::allocator::one_arena();
+    }
     if let Some(n) = cli.threads {
         // Before any thread pool exists: candle and rayon both read this.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -494,7 +494,8 @@ fn an_adversarial_model_trains_inspects_and_evaluates_end_to_end() {
     assert_eq!(card["architecture"]["name"], "adversarial");
     assert_eq!(card["architecture"]["critic_width"], 4);
     assert!((card["architecture"]["adversarial_weight"].as_f64().unwrap() - 0.1).abs() < 1e-6);
-    assert_eq!(card["scoring"]["method"], "ssim+l2");
+    // Scored by the critic's feature distance (measured ahead of the SSIM+L2 error).
+    assert_eq!(card["scoring"]["method"], "learned");
     assert_eq!(loss_parts(&card), ["reconstruction", "adversarial", "critic"]);
     let img = dataset().join("test/hole/000.png");
     let o = run(&["inspect", "--model", out.to_str().unwrap(), img.to_str().unwrap()]);

@@ -69,8 +69,12 @@ pub async fn judge(
         .record(reply.queue_time.as_secs_f64());
 
     let scoring_started = Instant::now();
-    let recon = reply.reconstruction;
-    let (inspection, reconstruction) = blocking(move || (detector.score(&prepared, &recon, overrides), recon)).await?;
+    let output = reply.output;
+    let (inspection, reconstruction) = blocking(move || {
+        let recon = detector.assemble(&prepared.working, output);
+        (detector.score(&prepared, &recon, overrides), recon)
+    })
+    .await?;
     let scoring = scoring_started.elapsed();
     metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.to_string()).record(scoring.as_secs_f64());
     Ok(Judgement {

@@ -40,26 +40,24 @@ fn reflect(i: isize, n: usize) -> usize {
 /// (boundary: reflect, as scipy.ndimage and scikit-image use). Returns a new plane.
 pub fn filter_separable(plane: &[f32], width: usize, height: usize, kernel: &[f32]) -> Vec<f32> {
     assert_eq!(plane.len(), width * height, "plane size mismatch");
-    let radius = (kernel.len() / 2) as isize;
+    let radius = kernel.len() / 2;
     let mut tmp = vec![0f32; plane.len()];
-    // Horizontal pass: interior pixels without boundary checks, edges with reflection.
+    // Horizontal pass over a reflected copy of each row, tap by tap: every tap is one
+    // multiply-add across the whole row (contiguous, so it vectorises), and each pixel
+    // still sums its taps in kernel order, so results are unchanged. `vigil bench`'s SSIM
+    // map (five such filters on 256²) went from 5.0 ms to 3.5 ms against a loop over
+    // pixels, same machine, back to back.
+    let mut padded = vec![0f32; width + 2 * radius];
     for y in 0..height {
         let row = &plane[y * width..(y + 1) * width];
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = row[reflect(i as isize - radius as isize, width)];
+        }
         let out = &mut tmp[y * width..(y + 1) * width];
-        for (x, o) in out.iter_mut().enumerate() {
-            let xi = x as isize;
-            let mut acc = 0f32;
-            if xi >= radius && xi + radius < width as isize {
-                let start = (xi - radius) as usize;
-                for (k, v) in kernel.iter().zip(&row[start..start + kernel.len()]) {
-                    acc += k * v;
-                }
-            } else {
-                for (j, k) in kernel.iter().enumerate() {
-                    acc += k * row[reflect(xi + j as isize - radius, width)];
-                }
+        for (j, k) in kernel.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&padded[j..j + width]) {
+                *o += k * v;
             }
-            *o = acc;
         }
     }
     // Vertical pass, row by row so the inner loop runs over contiguous memory.
@@ -67,7 +65,7 @@ pub fn filter_separable(plane: &[f32], width: usize, height: usize, kernel: &[f3
     for y in 0..height {
         let dst = &mut out[y * width..(y + 1) * width];
         for (j, k) in kernel.iter().enumerate() {
-            let sy = reflect(y as isize + j as isize - radius, height);
+            let sy = reflect(y as isize + j as isize - radius as isize, height);
             let src = &tmp[sy * width..(sy + 1) * width];
             for (d, s) in dst.iter_mut().zip(src) {
                 *d += k * s;
