@@ -36,11 +36,12 @@ async fn harness(keys: Option<&str>, queue_capacity: usize) -> Harness {
 /// test's alone, although every test in the process shares one recorder.
 async fn harness_named(keys: Option<&str>, queue_capacity: usize, name: &str) -> Harness {
     let flat = Arc::new(common::Flat(Device::Cpu));
-    harness_with(keys, queue_capacity, name, flat, Duration::from_secs(10), None).await
+    harness_with(keys, queue_capacity, name, flat, Duration::from_secs(10), None, None).await
 }
 
 /// `artifact`, when given, is copied in as the model's directory on disk (what a reload
-/// loads); the model starts out as `model`, version "v1".
+/// loads); the model starts out as `model`, version "v1", with `card` (default: the fake
+/// reconstructors' test card).
 async fn harness_with(
     keys: Option<&str>,
     queue_capacity: usize,
@@ -48,20 +49,9 @@ async fn harness_with(
     model: Arc<dyn AnomalyModel>,
     request_timeout: Duration,
     artifact: Option<&std::path::Path>,
+    card: Option<vigil::model::ModelCard>,
 ) -> Harness {
-    let card = common::test_card(Fit::Whole, 32, 32);
-    harness_with_card(keys, queue_capacity, name, model, request_timeout, artifact, card).await
-}
-
-async fn harness_with_card(
-    keys: Option<&str>,
-    queue_capacity: usize,
-    name: &str,
-    model: Arc<dyn AnomalyModel>,
-    request_timeout: Duration,
-    artifact: Option<&std::path::Path>,
-    card: vigil::model::ModelCard,
-) -> Harness {
+    let card = card.unwrap_or_else(|| common::test_card(Fit::Whole, 32, 32));
     let dir = tempfile::tempdir().unwrap();
     let model_dir = match artifact {
         Some(src) => {
@@ -683,7 +673,7 @@ impl AnomalyModel for Held {
 async fn a_model_slower_than_the_timeout_gives_503_and_its_slot_comes_back() {
     let (held, started, go) = held();
     // One queue slot; the model holds the first request far past the 50 ms timeout.
-    let h = harness_with(None, 1, "default", held, Duration::from_millis(50), None).await;
+    let h = harness_with(None, 1, "default", held, Duration::from_millis(50), None, None).await;
     let (s, headers, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
     assert_eq!(
         (s, error_code(&b).as_str()),
@@ -754,6 +744,7 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
         held,
         Duration::from_secs(60),
         Some(common::tiny_model()),
+        None,
     )
     .await;
     let admin = |uri: &str| Request::post(uri).body(Body::empty()).unwrap();
@@ -1327,14 +1318,14 @@ async fn alpha_mixes_two_learned_maps_per_request_and_re_renders_the_same_map() 
         alpha: 0.5,
     };
     card.scoring.method = vigil::scoring::MapMethod::Learned;
-    let h = harness_with_card(
+    let h = harness_with(
         None,
         8,
         "default",
         Arc::new(TwoMaps),
         Duration::from_secs(10),
         None,
-        card,
+        Some(card),
     )
     .await;
     // Grey (128/255 ≈ 0.502) with a white square (1.0): the first map peaks in the square

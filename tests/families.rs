@@ -60,6 +60,19 @@ fn loss_parts(card: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// Trains a tiny model of a family with `extra` options into the scratch folder `name`;
+/// returns its folder and its model card.
+fn train_tiny(name: &str, extra: &[&str]) -> (std::path::PathBuf, Value) {
+    let data = dataset().to_str().unwrap().to_string();
+    let out = common::scratch().join(name);
+    let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
+    args.extend(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let card = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    (out, card)
+}
+
 fn families() -> Vec<Architecture> {
     vec![
         usad(),
@@ -361,12 +374,7 @@ fn a_vae_scores_deterministically_and_its_step_pulls_the_code_towards_the_prior(
 #[test]
 fn a_vae_trains_inspects_and_evaluates_end_to_end() {
     let data = dataset().to_str().unwrap().to_string();
-    let out = common::scratch().join("tiny-vae");
-    let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
-    args.extend(["--arch", "vae", "--beta", "0.05", "--kl-warmup", "3"]);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = train_tiny("tiny-vae", &["--arch", "vae", "--beta", "0.05", "--kl-warmup", "3"]);
     assert_eq!(card["architecture"]["name"], "vae");
     assert_eq!(card["architecture"]["kl_warmup_steps"], 3);
     assert!((card["architecture"]["beta"].as_f64().unwrap() - 0.05).abs() < 1e-6);
@@ -391,12 +399,7 @@ fn a_vae_trains_inspects_and_evaluates_end_to_end() {
 #[test]
 fn a_usad_trains_inspects_and_evaluates_end_to_end() {
     let data = dataset().to_str().unwrap().to_string();
-    let out = common::scratch().join("tiny-usad");
-    let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
-    args.extend(["--arch", "usad", "--alpha", "0.25"]);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = train_tiny("tiny-usad", &["--arch", "usad", "--alpha", "0.25"]);
     assert_eq!(card["architecture"]["name"], "usad");
     assert!((card["architecture"]["alpha"].as_f64().unwrap() - 0.25).abs() < 1e-6);
     assert_eq!(card["scoring"]["method"], "learned");
@@ -478,19 +481,17 @@ fn the_adversarial_critic_learns_to_tell_images_from_reconstructions() {
 #[test]
 fn an_adversarial_model_trains_inspects_and_evaluates_end_to_end() {
     let data = dataset().to_str().unwrap().to_string();
-    let out = common::scratch().join("tiny-adversarial");
-    let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
-    args.extend([
-        "--arch",
-        "adversarial",
-        "--critic-width",
-        "4",
-        "--adversarial-weight",
-        "0.1",
-    ]);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let (out, card) = train_tiny(
+        "tiny-adversarial",
+        &[
+            "--arch",
+            "adversarial",
+            "--critic-width",
+            "4",
+            "--adversarial-weight",
+            "0.1",
+        ],
+    );
     assert_eq!(card["architecture"]["name"], "adversarial");
     assert_eq!(card["architecture"]["critic_width"], 4);
     assert!((card["architecture"]["adversarial_weight"].as_f64().unwrap() - 0.1).abs() < 1e-6);
