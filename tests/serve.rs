@@ -1,7 +1,8 @@
 //! The real binary on port 0 with the bundled model: bundled samples posted over HTTP; a
 //! SIGKILL in the middle of a load after which every answered inspection is found with
 //! its stored image; a SIGTERM that lets requests in flight finish before exiting 0;
-//! thousands of mutated uploads answered with 200 or a 4xx JSON error, never anything else.
+//! thousands of mutated uploads answered with 200 or a 4xx JSON error, never anything else;
+//! a tiny model of every family served side by side.
 
 mod common;
 
@@ -411,4 +412,54 @@ fn mutated_uploads_get_200_or_a_4xx_json_error_and_the_server_stays_up() {
     let (s, _) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
     assert_eq!(s, 200, "the server is still up");
     let _ = writeln!(std::io::stderr(), "{total} mutated uploads: {counts:?}");
+}
+
+#[test]
+fn a_model_of_every_family_is_served_side_by_side() {
+    // Tiny models of each family in one models folder, one `vigil serve`: each answers
+    // the same image by its own name, and usad's map mix can be set per request.
+    let models = tempfile::tempdir().unwrap();
+    let data = common::dataset().to_str().unwrap().to_string();
+    for family in ["spatial", "vae", "usad", "adversarial", "draem"] {
+        let out = models.path().join(family);
+        let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
+        args.extend(["--arch", family]);
+        let o = common::run(&args);
+        assert!(o.status.success(), "{family}: {}", common::stderr(&o));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_serving(models.path(), dir.path(), &[]);
+    let img = std::fs::read(common::dataset().join("test/hole/000.png")).unwrap();
+    for family in ["spatial", "vae", "usad", "adversarial", "draem"] {
+        let (s, b) = http(
+            &server.addr,
+            "POST",
+            &format!("/v1/models/{family}/inspect"),
+            "image/png",
+            &img,
+        );
+        assert_eq!(s, 200, "{family}: {}", String::from_utf8_lossy(&b));
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["model"], family);
+        assert!(v["score"].as_f64().unwrap().is_finite(), "{family}: {v}");
+        // Only usad mixes two maps.
+        assert_eq!(v["alpha"].is_null(), family != "usad", "{family}: {v}");
+    }
+    let (s, b) = http(
+        &server.addr,
+        "POST",
+        "/v1/models/usad/inspect?alpha=0",
+        "image/png",
+        &img,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["alpha"], 0.0);
+    let (s, _) = http(
+        &server.addr,
+        "POST",
+        "/v1/models/draem/inspect?alpha=0",
+        "image/png",
+        &img,
+    );
+    assert_eq!(s, 400);
 }
