@@ -452,8 +452,8 @@ fn a_usad_trains_inspects_and_evaluates_end_to_end() {
 fn the_adversarial_critic_learns_to_tell_images_from_reconstructions() {
     // The hinge loss of a critic that cannot tell is 2 (logits near 0). With no weight on
     // its verdict (the reconstructor learns to rebuild, not to fool it), the critic's
-    // loss falls well below that on a fixed batch (1.98 →
-    // 1.26 in 40 steps when this was written).
+    // loss falls well below that on a fixed batch (1.98 → 1.26 in 40 steps when this
+    // was written).
     let dev = Device::Cpu;
     let b = batch(&dev);
     let arch = Architecture::Adversarial {
