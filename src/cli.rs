@@ -76,7 +76,8 @@ pub enum ArchName {
     Usad,
     /// The spatial autoencoder trained as a GAN's generator: reconstruction loss plus the
     /// judgement of a spectrally normalised patch critic (see --critic-width,
-    /// --adversarial-weight); anomaly map from SSIM and L2 reconstruction error.
+    /// --adversarial-weight); anomaly map from the critic's features of the image against
+    /// its reconstruction (--map ssim+l2 for the reconstruction error).
     Adversarial,
 }
 

@@ -201,10 +201,7 @@ impl Detector {
         let error_maps = error_maps || output.learned.is_none();
         let spec = &self.card.scoring;
         let (per_tile, per_map) = (c * t * t, t * t);
-        let mut raw = RawMaps::zeros(s, s, output.learned.is_some(), output.second.is_some());
-        if !error_maps {
-            (raw.dssim, raw.l2) = (Vec::new(), Vec::new());
-        }
+        let mut raw = RawMaps::zeros(s, s, error_maps, output.learned.is_some(), output.second.is_some());
         let mut image = Planar::new(c, s, s);
         let mut counts = vec![0u32; s * s];
         for (k, &(x, y)) in origins.iter().enumerate() {
@@ -217,7 +214,7 @@ impl Detector {
             let mut tile_raw = if error_maps {
                 RawMaps::compute(&input.crop(x, y, t, t), &recon, spec)
             } else {
-                RawMaps::without_error_maps(t, t)
+                RawMaps::zeros(t, t, false, false, false)
             };
             let tile_of = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[k * per_map..(k + 1) * per_map].to_vec());
             tile_raw.learned = tile_of(&output.learned);

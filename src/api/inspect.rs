@@ -73,16 +73,12 @@ async fn inspect(
         }
     }
     if let Some(a) = q.alpha {
-        if !(0.0..=1.0).contains(&a) {
-            return Err(ApiError::BadRequest("alpha must be a number from 0 to 1".into()));
-        }
-        let arch = state.model(&model)?.engine.detector().card.architecture.clone();
-        if arch.map_alpha().is_none() {
-            return Err(ApiError::BadRequest(format!(
-                "alpha weighs two learned maps (usad models); model {model:?} is {} and has one",
-                arch.name()
-            )));
-        }
+        let detector = state.model(&model)?.engine.detector();
+        detector
+            .card
+            .architecture
+            .check_alpha(a)
+            .map_err(ApiError::BadRequest)?;
     }
     let overrides = Overrides {
         threshold: q.threshold,

@@ -34,16 +34,11 @@ struct Failure {
 pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     let detector = super::load_detector(&args.model, args.device)?;
     if let Some(a) = args.alpha {
-        if !(0.0..=1.0).contains(&a) {
-            anyhow::bail!("--alpha must be a number from 0 to 1, not {a}");
-        }
-        if detector.card.architecture.map_alpha().is_none() {
-            anyhow::bail!(
-                "--alpha weighs two learned maps (usad models); {} is a {} model",
-                args.model.display(),
-                detector.card.architecture.name()
-            );
-        }
+        detector
+            .card
+            .architecture
+            .check_alpha(a)
+            .map_err(|e| anyhow::anyhow!("--alpha: {e} ({})", args.model.display()))?;
     }
     let overrides = Overrides {
         threshold: args.threshold,

@@ -49,7 +49,8 @@ pub enum Architecture {
     },
     /// The spatial autoencoder (`width`, `bottleneck`) trained with an adversarial loss
     /// (weight `adversarial_weight`) from a spectrally normalised patch critic
-    /// (`critic_width`, 2·, 4·); anomaly map from SSIM and L2 reconstruction error.
+    /// (`critic_width`, 2·, 4·); its learned map is the critic's feature distance between
+    /// an image and its reconstruction.
     Adversarial {
         width: usize,
         bottleneck: usize,
@@ -82,6 +83,21 @@ impl Architecture {
             Architecture::Usad { alpha, .. } => Some(*alpha),
             _ => None,
         }
+    }
+
+    /// Checks a request's `alpha` (the weight of the first of two learned maps): within
+    /// [0, 1], and for a family that has two maps.
+    pub fn check_alpha(&self, alpha: f32) -> std::result::Result<(), String> {
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(format!("alpha must be a number from 0 to 1, not {alpha}"));
+        }
+        if self.map_alpha().is_none() {
+            return Err(format!(
+                "alpha weighs two learned maps (usad models); this model is {} and has one",
+                self.name()
+            ));
+        }
+        Ok(())
     }
 
     /// True when the network accepts any input size (a multiple of 8), not only its patch size.

@@ -114,27 +114,16 @@ impl RawMaps {
         }
     }
 
-    /// A tile's maps before its learned maps are set, with no error maps (empty `dssim`
-    /// and `l2`: skipped where only a learned map is scored).
-    pub fn without_error_maps(width: usize, height: usize) -> Self {
+    /// Zeroed maps to accumulate tiles into (see [`RawMaps::add_tile`]): the error maps
+    /// when `error_maps` (else `dssim` and `l2` stay empty: skipped where only a learned
+    /// map is scored), `learned` and `second` when the tiles will carry those maps.
+    pub fn zeros(width: usize, height: usize, error_maps: bool, learned: bool, second: bool) -> Self {
+        let plane = |on: bool| if on { vec![0.0; width * height] } else { Vec::new() };
         Self {
             width,
             height,
-            dssim: Vec::new(),
-            l2: Vec::new(),
-            learned: None,
-            second: None,
-        }
-    }
-
-    /// Empty maps to accumulate tiles into (see [`RawMaps::add_tile`]); `learned` and
-    /// `second` when the tiles will carry those maps.
-    pub fn zeros(width: usize, height: usize, learned: bool, second: bool) -> Self {
-        Self {
-            width,
-            height,
-            dssim: vec![0.0; width * height],
-            l2: vec![0.0; width * height],
+            dssim: plane(error_maps),
+            l2: plane(error_maps),
             learned: learned.then(|| vec![0.0; width * height]),
             second: second.then(|| vec![0.0; width * height]),
         }
@@ -311,7 +300,7 @@ mod tests {
 
     #[test]
     fn tiles_average_where_they_overlap() {
-        let mut acc = RawMaps::zeros(3, 1, false, false);
+        let mut acc = RawMaps::zeros(3, 1, true, false, false);
         let mut counts = vec![0u32; 3];
         let a = RawMaps {
             width: 2,

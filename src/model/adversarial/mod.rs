@@ -87,7 +87,7 @@ impl Family for Adversarial {
         )?;
         Ok(Box::new(AdversarialStep {
             net: self,
-            reconstructor_opt: adamw(unnamed(reconstructor_vars), &settings)?,
+            reconstructor_opt: adamw(reconstructor_vars, &settings)?,
             critic_opt,
             settings,
         }))

@@ -3,7 +3,7 @@
 
 mod network;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 pub use network::Autoencoder;
@@ -23,7 +23,7 @@ impl Family for Autoencoder {
     fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(ReconstructionStep {
             net: self,
-            opt: adamw(unnamed(vars), &settings)?,
+            opt: adamw(vars, &settings)?,
             settings,
         }))
     }
@@ -42,9 +42,9 @@ impl Family for Autoencoder {
 }
 
 /// AdamW over `vars` with the settings' learning rate and weight decay.
-pub(crate) fn adamw(vars: Vec<Var>, settings: &StepSettings) -> Result<AdamW> {
+pub(crate) fn adamw(vars: NamedVars, settings: &StepSettings) -> Result<AdamW> {
     AdamW::new(
-        vars,
+        unnamed(vars),
         ParamsAdamW {
             lr: settings.learning_rate,
             weight_decay: settings.weight_decay,

@@ -11,7 +11,7 @@ use candle_nn::{AdamW, Optimizer};
 pub use network::{DraemNet, Segmenter};
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{unnamed, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 /// Focusing parameter of the focal loss (Lin et al. 2017; DRAEM uses 2).
@@ -30,7 +30,7 @@ impl Family for DraemNet {
     fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(DraemStep {
             net: self,
-            opt: adamw(unnamed(vars), &settings)?,
+            opt: adamw(vars, &settings)?,
             settings,
         }))
     }

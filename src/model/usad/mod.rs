@@ -16,7 +16,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{AdamW, Optimizer, VarBuilder};
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{unnamed, Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 use crate::model::layers::Sequential;
 
@@ -80,7 +80,7 @@ impl Family for Usad {
     fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(UsadStep {
             net: self,
-            opt: adamw(unnamed(vars), &settings)?,
+            opt: adamw(vars, &settings)?,
             settings,
             step: 0,
         }))

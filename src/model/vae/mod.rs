@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use super::autoencoder::{adamw, Autoencoder};
-use super::{unnamed, Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
+use super::{Architecture, Family, ModelOutput, NamedVars, StepLoss, StepSettings, TrainBatch, TrainStep};
 use crate::kernels::Kernels;
 
 /// Log-variances are clamped to ±this before `exp`: a wild early step cannot overflow σ.
@@ -84,7 +84,7 @@ impl Family for Vae {
     fn trainer<'a>(&'a self, vars: NamedVars, settings: StepSettings) -> Result<Box<dyn TrainStep + 'a>> {
         Ok(Box::new(VaeStep {
             vae: self,
-            opt: adamw(unnamed(vars), &settings)?,
+            opt: adamw(vars, &settings)?,
             settings,
             // ε comes from a seeded generator: candle's CPU sampler cannot be seeded, and
             // CPU training must be reproducible for a seed.
