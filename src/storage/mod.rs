@@ -119,30 +119,39 @@ impl Store {
 
     /// Inserts a record in a transaction; returns once it is committed.
     pub async fn insert(&self, r: &Record) -> Result<(), StoreError> {
+        // A missing alpha is written as a literal NULL, not bound: sqlx 0.8's `Any` driver
+        // declares a NULL double as PostgreSQL float4, and that declaration stays with the
+        // cached statement, so the next row's real float8 alpha would be refused ("incorrect
+        // binary data format"). Two statement texts keep the two cases apart.
+        const INSERT: &str = "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, \
+             verdict, width, height, regions, timings, image_sha256, image_path, request_id, part_id, alpha) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, ";
+        let sql = match r.alpha {
+            Some(_) => format!("{INSERT}$16)"),
+            None => format!("{INSERT}NULL)"),
+        };
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, height, \
-             regions, timings, image_sha256, image_path, request_id, part_id, alpha) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        )
-        .bind(&r.id)
-        .bind(&r.model)
-        .bind(&r.model_version)
-        .bind(r.created_at)
-        .bind(r.score)
-        .bind(r.threshold)
-        .bind(if r.is_anomalous { "anomalous" } else { "normal" })
-        .bind(r.width)
-        .bind(r.height)
-        .bind(r.regions.to_string())
-        .bind(r.timings.to_string())
-        .bind(&r.image_sha256)
-        .bind(r.image_path.clone())
-        .bind(r.request_id.clone())
-        .bind(r.part_id.clone())
-        .bind(r.alpha)
-        .execute(&mut *tx)
-        .await?;
+        let query = sqlx::query(&sql)
+            .bind(&r.id)
+            .bind(&r.model)
+            .bind(&r.model_version)
+            .bind(r.created_at)
+            .bind(r.score)
+            .bind(r.threshold)
+            .bind(if r.is_anomalous { "anomalous" } else { "normal" })
+            .bind(r.width)
+            .bind(r.height)
+            .bind(r.regions.to_string())
+            .bind(r.timings.to_string())
+            .bind(&r.image_sha256)
+            .bind(r.image_path.clone())
+            .bind(r.request_id.clone())
+            .bind(r.part_id.clone());
+        let query = match r.alpha {
+            Some(alpha) => query.bind(alpha),
+            None => query,
+        };
+        query.execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
