@@ -138,6 +138,13 @@ pub struct TrainArgs {
     /// sees around a pixel. Image sides must be multiples of 2^depth.
     #[arg(long, default_value_t = 3)]
     pub segmenter_depth: usize,
+    /// Whether the segmentation U-Net (--arch draem) also reads two error maps of the
+    /// image against its reconstruction: 1 − SSIM over an 11-pixel window and the absolute
+    /// difference, each averaged over channels. Its small first layer sees 3×3 pixels and
+    /// cannot compute a windowed comparison itself.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true")]
+    pub segmenter_error_maps: bool,
     /// Weight of the KL term (--arch vae): higher pulls the code towards N(0, 1), giving
     /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
     #[arg(long, default_value_t = 0.01)]

@@ -107,6 +107,7 @@ const ALLOWED: &[&str] = &[
     "bottleneck",
     "segmenter_width",
     "segmenter_depth",
+    "segmenter_error_maps",
     "latent",
     "beta",
     "kl_warmup",
@@ -121,6 +122,9 @@ const ALLOWED: &[&str] = &[
     "min_defect_area",
 ];
 
+/// Options that are `vigil train` flags taking `true` or `false`, not bare switches.
+const VALUED_SWITCHES: &[&str] = &["segmenter_error_maps"];
+
 /// Turns `{"steps": 300, "arch": "draem", "resize": true}` into `vigil train` flags.
 pub fn flags(options: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
@@ -133,6 +137,8 @@ pub fn flags(options: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String
         }
         let flag = format!("--{}", key.replace('_', "-"));
         match value {
+            // Switches whose default may be on take the value itself, so false turns them off.
+            serde_json::Value::Bool(b) if VALUED_SWITCHES.contains(&key.as_str()) => out.extend([flag, b.to_string()]),
             serde_json::Value::Bool(true) => out.push(flag),
             serde_json::Value::Bool(false) | serde_json::Value::Null => {}
             serde_json::Value::Number(n) => out.extend([flag, n.to_string()]),
@@ -282,6 +288,18 @@ mod tests {
         assert_eq!(f, ["--arch", "spatial", "--resize", "--steps", "30"]);
         let a = train_args(Path::new("/good"), Path::new("/out"), &f).unwrap();
         assert_eq!((a.steps, a.data.as_path()), (Some(30), Path::new("/good")));
+        // A switch that takes its value is given it, false as well as true.
+        for (given, want) in [("true", true), ("false", false)] {
+            let o = serde_json::from_str(&format!(r#"{{"segmenter_error_maps": {given}}}"#)).unwrap();
+            let f = flags(&o).unwrap();
+            assert_eq!(f, ["--segmenter-error-maps", given]);
+            assert_eq!(
+                train_args(Path::new("/g"), Path::new("/o"), &f)
+                    .unwrap()
+                    .segmenter_error_maps,
+                want
+            );
+        }
         // The command's defaults apply to what is not given.
         let d = train_args(Path::new("/good"), Path::new("/out"), &[]).unwrap();
         assert_eq!((d.steps, d.batch_size, d.seed), (None, 16, 42));

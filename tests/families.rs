@@ -21,6 +21,7 @@ fn draem() -> Architecture {
         bottleneck: 2,
         segmenter_width: 4,
         segmenter_depth: 3,
+        error_maps: false,
     }
 }
 
@@ -81,6 +82,13 @@ fn families() -> Vec<Architecture> {
             bottleneck: 2,
         },
         draem(),
+        Architecture::Draem {
+            width: 4,
+            bottleneck: 2,
+            segmenter_width: 4,
+            segmenter_depth: 3,
+            error_maps: true,
+        },
         vae(),
         adversarial(),
     ]

@@ -130,6 +130,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         bottleneck: 8,
         segmenter_width: 8,
         segmenter_depth: 3,
+        error_maps: false,
     };
     let mut forward = Vec::new();
     for arch in [&bergmann, &spatial, &draem] {

@@ -63,6 +63,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             bottleneck: args.bottleneck,
             segmenter_width: args.segmenter_width,
             segmenter_depth: args.segmenter_depth,
+            error_maps: args.segmenter_error_maps,
         },
         ArchName::Usad => Architecture::Usad {
             width: args.width,

@@ -28,6 +28,10 @@ pub enum Architecture {
         /// Artifacts written before the depth was a setting had 3 stages.
         #[serde(default = "three")]
         segmenter_depth: usize,
+        /// The segmenter also reads two error maps of the image against its reconstruction
+        /// (see `draem::error_maps`). Artifacts written before this was a setting did not.
+        #[serde(default)]
+        error_maps: bool,
     },
     /// The variational form of the spatial autoencoder (Kingma & Welling 2014): the encoder
     /// emits a mean and a log-variance per bottleneck value, training decodes a sample
@@ -178,5 +182,26 @@ impl Architecture {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draem_cards_from_before_depth_and_error_maps_were_settings_load_as_trained() {
+        let old = r#"{"name": "draem", "width": 16, "bottleneck": 8, "segmenter_width": 8}"#;
+        let arch: Architecture = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            arch,
+            Architecture::Draem {
+                width: 16,
+                bottleneck: 8,
+                segmenter_width: 8,
+                segmenter_depth: 3,
+                error_maps: false,
+            }
+        );
     }
 }

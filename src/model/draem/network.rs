@@ -4,10 +4,13 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use rayon::prelude::*;
+
 use crate::kernels::Kernels;
 use crate::model::arch::Architecture;
 use crate::model::autoencoder::Autoencoder;
 use crate::model::layers::{Builder, Sequential};
+use crate::scoring::ssim::{ssim_map_multichannel, SsimParams};
 
 /// A small U-Net: `depth` stride-2 stages down to 1/2^depth resolution (widths w, 2w,
 /// then 4w), as many transposed-convolution stages back up, each merged with the
@@ -110,6 +113,8 @@ impl Segmenter {
 pub struct DraemNet {
     pub reconstructor: Autoencoder,
     pub segmenter: Segmenter,
+    /// Whether the segmenter also reads [`error_maps`].
+    pub error_maps: bool,
 }
 
 impl DraemNet {
@@ -120,13 +125,20 @@ impl DraemNet {
             bottleneck,
             segmenter_width,
             segmenter_depth,
+            error_maps,
         } = *arch
         else {
             candle_core::bail!("not a draem architecture: {arch:?}")
         };
         Ok(Self {
             reconstructor: Autoencoder::spatial(width, bottleneck, channels, vb.pp("reconstructor"))?,
-            segmenter: Segmenter::new(2 * channels, segmenter_width, segmenter_depth, vb.pp("segmenter"))?,
+            segmenter: Segmenter::new(
+                2 * channels + if error_maps { ERROR_MAPS } else { 0 },
+                segmenter_width,
+                segmenter_depth,
+                vb.pp("segmenter"),
+            )?,
+            error_maps,
         })
     }
 
@@ -135,9 +147,92 @@ impl DraemNet {
         let recon = self.reconstructor.forward_t(x, train)?;
         // The segmenter's loss does not train the reconstructor (its gradient stops here):
         // each network keeps one job, and the step skips a second backward pass through it.
-        let logits = self
-            .segmenter
-            .forward_t(&Tensor::cat(&[x, &recon.detach()], 1)?, train)?;
+        let detached = recon.detach();
+        let input = if self.error_maps {
+            Tensor::cat(&[x, &detached, &error_maps(x, &detached)?], 1)?
+        } else {
+            Tensor::cat(&[x, &detached], 1)?
+        };
+        let logits = self.segmenter.forward_t(&input, train)?;
         Ok((recon, logits))
+    }
+}
+
+/// Channels [`error_maps`] returns.
+pub const ERROR_MAPS: usize = 2;
+
+/// Two comparisons of each image of `x` (N, C, H, W) with its reconstruction, as (N, 2, H,
+/// W) on `x`'s device: (1 − SSIM)/2 over the scoring's 11-pixel Gaussian window, and the
+/// absolute difference, each averaged over channels. A segmenter whose first layer sees
+/// 3×3 pixels through a few channels cannot compute a windowed structural comparison
+/// itself; given one, it can learn where such differences matter. Computed on the host
+/// by the scoring code (hand-written SSIM); constants, so no gradient flows through them.
+pub fn error_maps(x: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        t.to_device(&candle_core::Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    let (xs, rs) = (host(x)?, host(recon)?);
+    let (plane, image) = (h * w, c * h * w);
+    let params = SsimParams::default();
+    let per_image: Vec<Vec<f32>> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let (a, b) = (&xs[i * image..(i + 1) * image], &rs[i * image..(i + 1) * image]);
+            let mut out = ssim_map_multichannel(a, b, c, w, h, &params);
+            out.iter_mut().for_each(|s| *s = (1.0 - *s) / 2.0);
+            out.extend((0..plane).map(|p| {
+                (0..c)
+                    .map(|ch| (a[ch * plane + p] - b[ch * plane + p]).abs())
+                    .sum::<f32>()
+                    / c as f32
+            }));
+            out
+        })
+        .collect();
+    Tensor::from_vec(per_image.concat(), (n, ERROR_MAPS, h, w), x.device())?.to_dtype(x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn error_maps_are_zero_for_a_perfect_rebuild_and_match_hand_computed_values() {
+        let dev = Device::Cpu;
+        let (h, w) = (16, 16);
+        // Two images: one rebuilt exactly, one flat 0.5 rebuilt as flat 0.25.
+        let mut x = vec![0f32; 2 * h * w];
+        let mut r = vec![0f32; 2 * h * w];
+        for i in 0..h * w {
+            x[i] = 0.3 + 0.4 * ((i % w) as f32 / w as f32);
+            r[i] = x[i];
+            x[h * w + i] = 0.5;
+            r[h * w + i] = 0.25;
+        }
+        let x = Tensor::from_vec(x, (2, 1, h, w), &dev).unwrap();
+        let r = Tensor::from_vec(r, (2, 1, h, w), &dev).unwrap();
+        let maps = error_maps(&x, &r).unwrap();
+        assert_eq!(maps.dims4().unwrap(), (2, ERROR_MAPS, h, w));
+        let v: Vec<f32> = maps.flatten_all().unwrap().to_vec1().unwrap();
+        let plane = h * w;
+        assert!(
+            v[..2 * plane].iter().all(|&e| e.abs() < 1e-5),
+            "a perfect rebuild has no error"
+        );
+        // Flat images: no variance, so SSIM is its luminance term alone,
+        // (2·0.5·0.25 + C1) / (0.5² + 0.25² + C1) with C1 = (0.01·1)² = 1e-4:
+        // 0.2501 / 0.3126 = 0.800064, and (1 − SSIM)/2 = 0.099968; the difference is 0.25.
+        let (ssim_part, diff_part) = (&v[2 * plane..3 * plane], &v[3 * plane..]);
+        assert!(
+            ssim_part.iter().all(|&e| (e - 0.099968).abs() < 1e-4),
+            "{}",
+            ssim_part[0]
+        );
+        assert!(diff_part.iter().all(|&e| (e - 0.25).abs() < 1e-6));
     }
 }
