@@ -132,6 +132,13 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         segmenter_depth: 3,
         error_maps: false,
     };
+    let draem_error_maps = Architecture::Draem {
+        width: 16,
+        bottleneck: 8,
+        segmenter_width: 8,
+        segmenter_depth: 3,
+        error_maps: true,
+    };
     let mut forward = Vec::new();
     for arch in [&bergmann, &spatial, &draem] {
         for size in [128usize, 256] {
@@ -166,6 +173,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         (&spatial, LossKind::SsimL2, 1),
         (&draem, LossKind::SsimL2, 1),
         (&draem, LossKind::SsimL2, 3),
+        (&draem_error_maps, LossKind::SsimL2, 3),
     ] {
         let mut net = Network::new_seeded(arch, channels, 128, dev, 0)?;
         let shape = (16, channels, 128, 128);
@@ -190,7 +198,10 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
             Ok(())
         })?;
         train_steps.push(TrainStep {
-            arch: arch.name().into(),
+            arch: match arch {
+                Architecture::Draem { error_maps: true, .. } => "draem, error maps".into(),
+                _ => arch.name().into(),
+            },
             channels,
             loss: loss.name().into(),
             seconds: fast,

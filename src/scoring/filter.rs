@@ -50,8 +50,10 @@ pub fn filter_separable(plane: &[f32], width: usize, height: usize, kernel: &[f3
     let mut padded = vec![0f32; width + 2 * radius];
     for y in 0..height {
         let row = &plane[y * width..(y + 1) * width];
-        for (i, p) in padded.iter_mut().enumerate() {
-            *p = row[reflect(i as isize - radius as isize, width)];
+        // The row itself is copied; only the `radius` pixels at each end are reflected.
+        padded[radius..radius + width].copy_from_slice(row);
+        for i in (0..radius).chain(radius + width..width + 2 * radius) {
+            padded[i] = row[reflect(i as isize - radius as isize, width)];
         }
         let out = &mut tmp[y * width..(y + 1) * width];
         for (j, k) in kernel.iter().enumerate() {
