@@ -16,12 +16,17 @@ use vigil::model::{AnomalyModel, Architecture, Network, StepSettings, TrainBatch
 use vigil::train::LossKind;
 
 fn draem() -> Architecture {
+    draem_with(false)
+}
+
+/// A tiny draem whose segmenter does or does not also read the error maps.
+fn draem_with(error_maps: bool) -> Architecture {
     Architecture::Draem {
         width: 4,
         bottleneck: 2,
         segmenter_width: 4,
         segmenter_depth: 3,
-        error_maps: false,
+        error_maps,
     }
 }
 
@@ -82,13 +87,7 @@ fn families() -> Vec<Architecture> {
             bottleneck: 2,
         },
         draem(),
-        Architecture::Draem {
-            width: 4,
-            bottleneck: 2,
-            segmenter_width: 4,
-            segmenter_depth: 3,
-            error_maps: true,
-        },
+        draem_with(true),
         vae(),
         adversarial(),
     ]

@@ -125,20 +125,14 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         width: 16,
         bottleneck: 8,
     };
-    let draem = Architecture::Draem {
+    let draem_with = |error_maps| Architecture::Draem {
         width: 16,
         bottleneck: 8,
         segmenter_width: 8,
         segmenter_depth: 3,
-        error_maps: false,
+        error_maps,
     };
-    let draem_error_maps = Architecture::Draem {
-        width: 16,
-        bottleneck: 8,
-        segmenter_width: 8,
-        segmenter_depth: 3,
-        error_maps: true,
-    };
+    let (draem, draem_error_maps) = (draem_with(false), draem_with(true));
     let mut forward = Vec::new();
     for arch in [&bergmann, &spatial, &draem] {
         for size in [128usize, 256] {
