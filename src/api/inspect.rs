@@ -92,7 +92,7 @@ async fn inspect(
         .unwrap_or(state.limits.store_images)
         .then(|| bytes.clone());
     let judged = judge(&state, &model, None, bytes, overrides).await?;
-    let (inspection, version) = (judged.inspection, judged.version);
+    let (inspection, version, detector) = (judged.inspection, judged.version, judged.detector);
 
     let id = uuid::Uuid::now_v7().to_string();
     let created_at = now_us();
@@ -152,8 +152,9 @@ async fn inspect(
         .record(started.elapsed().as_secs_f64());
     state.live.record(&model, timings.total, inspection.is_anomalous);
     // Drift compares scores with the calibration's, made at the model's own map mix.
+    // The judging detector's, not a second lookup: the record is durable by now, so
+    // nothing here may fail, and a model swapped meanwhile has other calibration scores.
     if !inspection.is_anomalous && q.alpha.is_none() {
-        let detector = state.model(&model)?.engine.detector();
         state
             .live
             .record_good(&model, inspection.score, &detector.card.validation_scores.values);

@@ -17,6 +17,8 @@ use crate::detector::{Detector, Inspection, Overrides, Reconstruction};
 /// One image judged by one model version.
 pub struct Judgement {
     pub image: DynamicImage,
+    /// The detector that judged (a model swapped meanwhile does not change it).
+    pub detector: Arc<Detector>,
     pub version: String,
     pub reconstruction: Reconstruction,
     pub inspection: Inspection,
@@ -70,15 +72,17 @@ pub async fn judge(
 
     let scoring_started = Instant::now();
     let output = reply.output;
+    let d = detector.clone();
     let (inspection, reconstruction) = blocking(move || {
-        let recon = detector.assemble(&prepared.working, output);
-        (detector.score(&prepared, &recon, overrides), recon)
+        let recon = d.assemble(&prepared.working, output);
+        (d.score(&prepared, &recon, overrides), recon)
     })
     .await?;
     let scoring = scoring_started.elapsed();
     metrics::histogram!(crate::metrics::SCORING_SECONDS, "model" => model.to_string()).record(scoring.as_secs_f64());
     Ok(Judgement {
         image,
+        detector,
         version: current,
         reconstruction,
         inspection,

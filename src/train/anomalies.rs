@@ -171,7 +171,9 @@ fn inside_distance(mask: &[f32], w: usize, h: usize) -> Vec<f32> {
             }
         }
     }
-    d.iter().map(|&v| if v >= FAR { f32::INFINITY } else { v as f32 / 3.0 }).collect()
+    d.iter()
+        .map(|&v| if v >= FAR { f32::INFINITY } else { v as f32 / 3.0 })
+        .collect()
 }
 
 /// Perlin noise of a random period (4–64 px, scaled to the crop) and rotation, thresholded.
@@ -459,7 +461,13 @@ mod tests {
         // centre 3 (straight steps of 3/3); off the mask 0.
         let (w, h) = (7, 7);
         let mask: Vec<f32> = (0..w * h)
-            .map(|i| if (1..6).contains(&(i % w)) && (1..6).contains(&(i / w)) { 1.0 } else { 0.0 })
+            .map(|i| {
+                if (1..6).contains(&(i % w)) && (1..6).contains(&(i / w)) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let d = inside_distance(&mask, w, h);
         let at = |x: usize, y: usize| d[y * w + x];
@@ -484,7 +492,11 @@ mod tests {
         let disc: Vec<f32> = (0..w * h)
             .map(|i| {
                 let (dx, dy) = ((i % w) as f32 - 32.0, (i / w) as f32 - 32.0);
-                if dx * dx + dy * dy < 20.0 * 20.0 { 1.0 } else { 0.0 }
+                if dx * dx + dy * dy < 20.0 * 20.0 {
+                    1.0
+                } else {
+                    0.0
+                }
             })
             .collect();
         let f = feather(&disc, w, h, 8.0);
@@ -498,7 +510,11 @@ mod tests {
         let along = |x: usize| f[32 * w + x];
         // From the rim (x = 13) inward the weight rises to 1 at 8 px and stays there.
         assert!((along(13) - 1.0 / 8.0).abs() < 1e-6, "{}", along(13));
-        assert!(along(13) < along(16) && along(16) < along(19), "{:?}", (13..22).map(along).collect::<Vec<_>>());
+        assert!(
+            along(13) < along(16) && along(16) < along(19),
+            "{:?}",
+            (13..22).map(along).collect::<Vec<_>>()
+        );
         assert_eq!((along(21), along(32)), (1.0, 1.0));
         // A mask thinner than the ramp still reaches full weight at its deepest pixel.
         let thin = feather(&disc, w, h, 100.0);
