@@ -3,8 +3,7 @@
 //! texture set, nothing downloaded.
 //!
 //! A sample is a clean crop, a binary mask and a foreign content blended into the crop
-//! under the mask: `out = x·(1 − β·m) + content·β·m`, β drawn from faint to opaque, and
-//! `m` either the mask or, for half the areas, a weight fading in from the mask's edge.
+//! under the mask: `out = x·(1 − β·m) + content·β·m`, β drawn from faint to opaque.
 //! Pixels outside the mask are left exactly as they were.
 //!
 //! - Masks: thresholded Perlin noise (random period and rotation), blobs (ellipses with a
@@ -79,101 +78,29 @@ pub struct Anomaly {
 /// training images at any size ≥ the crop). The mask is never empty.
 pub fn synthesise<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Anomaly {
     let (w, h) = (clean.width, clean.height);
-    let (mask, stroke) = loop {
-        let kind = rng.random_range(0..3);
-        let m = match kind {
+    let mask = loop {
+        let m = match rng.random_range(0..3) {
             0 => perlin_mask(w, h, rng),
             1 => blob_mask(w, h, rng),
             _ => stroke_mask(w, h, rng),
         };
         if m.iter().any(|&v| v > 0.0) {
-            break (m, kind == 2);
+            break m;
         }
     };
     let content = content(clean, others, rng);
     let beta: f32 = rng.random_range(0.2..=1.0);
-    // Half the areas fade in from their edge: a real stain or deposit rarely has a sharp
-    // rim, and with sharp rims only the segmenter learns to find rims rather than areas
-    // that differ from their surroundings (faint soft-edged stains went unseen). Strokes
-    // stay sharp: a few pixels wide, they would fade to nothing.
-    let weight = if !stroke && rng.random_bool(0.5) {
-        let scale = w.min(h) as f32 / 128.0;
-        feather(&mask, w, h, rng.random_range(2.0..16.0) * scale)
-    } else {
-        mask.clone()
-    };
     let mut image = clean.clone();
     let n = w * h;
     for ch in 0..clean.channels {
-        for (i, &m) in weight.iter().enumerate() {
+        for (i, &m) in mask.iter().enumerate() {
             if m > 0.0 {
-                let (k, b) = (ch * n + i, beta * m);
-                image.data[k] = (clean.data[k] * (1.0 - b) + content.data[k] * b).clamp(0.0, 1.0);
+                let k = ch * n + i;
+                image.data[k] = (clean.data[k] * (1.0 - beta) + content.data[k] * beta).clamp(0.0, 1.0);
             }
         }
     }
     Anomaly { image, mask }
-}
-
-/// Blend weights that rise from the mask's edge to 1 over `width` pixels inside it (or
-/// over the mask's own depth, if it is thinner), and are 0 outside it: every masked pixel
-/// gets some weight, no other pixel any.
-fn feather(mask: &[f32], w: usize, h: usize, width: f32) -> Vec<f32> {
-    let depth = inside_distance(mask, w, h);
-    let deepest = depth.iter().fold(0f32, |m, &d| m.max(d));
-    let ramp = width.min(deepest).max(1.0);
-    depth.iter().map(|&d| (d / ramp).min(1.0)).collect()
-}
-
-/// For each pixel of a mask, its distance in pixels to the nearest unmasked pixel (0 off
-/// the mask, 1 on its rim), by the two-pass 3-4 chamfer transform (Borgefors 1986), within
-/// 8% of Euclidean. The crop's border is not an edge: masks are cut out of larger areas.
-/// Hand-written: two loops, and no dependency of vigil's has it.
-fn inside_distance(mask: &[f32], w: usize, h: usize) -> Vec<f32> {
-    const FAR: u32 = u32::MAX / 2;
-    let mut d: Vec<u32> = mask.iter().map(|&m| if m > 0.0 { FAR } else { 0 }).collect();
-    let mut relax = |i: usize, j: usize, cost: u32| {
-        if d[j] + cost < d[i] {
-            d[i] = d[j] + cost;
-        }
-    };
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * w + x;
-            if x > 0 {
-                relax(i, i - 1, 3);
-            }
-            if y > 0 {
-                relax(i, i - w, 3);
-                if x > 0 {
-                    relax(i, i - w - 1, 4);
-                }
-                if x + 1 < w {
-                    relax(i, i - w + 1, 4);
-                }
-            }
-        }
-    }
-    for y in (0..h).rev() {
-        for x in (0..w).rev() {
-            let i = y * w + x;
-            if x + 1 < w {
-                relax(i, i + 1, 3);
-            }
-            if y + 1 < h {
-                relax(i, i + w, 3);
-                if x + 1 < w {
-                    relax(i, i + w + 1, 4);
-                }
-                if x > 0 {
-                    relax(i, i + w - 1, 4);
-                }
-            }
-        }
-    }
-    d.iter()
-        .map(|&v| if v >= FAR { f32::INFINITY } else { v as f32 / 3.0 })
-        .collect()
 }
 
 /// Perlin noise of a random period (4–64 px, scaled to the crop) and rotation, thresholded.
@@ -453,72 +380,6 @@ mod tests {
             changed_somewhere >= 55,
             "anomalies visible in {changed_somewhere} of 60"
         );
-    }
-
-    #[test]
-    fn inside_distance_matches_hand_computed_chamfer_values() {
-        // A 5×5 square in a 7×7 crop: its rim is 1 from the outside, the next ring 2, the
-        // centre 3 (straight steps of 3/3); off the mask 0.
-        let (w, h) = (7, 7);
-        let mask: Vec<f32> = (0..w * h)
-            .map(|i| {
-                if (1..6).contains(&(i % w)) && (1..6).contains(&(i / w)) {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let d = inside_distance(&mask, w, h);
-        let at = |x: usize, y: usize| d[y * w + x];
-        assert_eq!((at(0, 0), at(6, 3)), (0.0, 0.0));
-        assert_eq!((at(1, 1), at(3, 1), at(5, 5)), (1.0, 1.0, 1.0));
-        assert_eq!((at(2, 2), at(2, 3), at(4, 2)), (2.0, 2.0, 2.0));
-        assert_eq!(at(3, 3), 3.0);
-        // A diagonal step costs 4/3: in a 3×3 crop whose only unmasked pixel is a corner,
-        // the opposite corner is two diagonal steps away.
-        let mut corner = vec![1.0; 9];
-        corner[0] = 0.0;
-        let d = inside_distance(&corner, 3, 3);
-        assert_eq!((d[1], d[4], d[8]), (1.0, 4.0 / 3.0, 8.0 / 3.0));
-        assert_eq!(d[7], 7.0 / 3.0);
-        // No unmasked pixel: the border is not an edge, so nothing is near one.
-        assert!(inside_distance(&[1.0; 4], 2, 2).iter().all(|v| v.is_infinite()));
-    }
-
-    #[test]
-    fn feathered_weights_rise_from_the_rim_and_stay_on_the_mask() {
-        let (w, h) = (64, 64);
-        let disc: Vec<f32> = (0..w * h)
-            .map(|i| {
-                let (dx, dy) = ((i % w) as f32 - 32.0, (i / w) as f32 - 32.0);
-                if dx * dx + dy * dy < 20.0 * 20.0 {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let f = feather(&disc, w, h, 8.0);
-        for (i, (&m, &v)) in disc.iter().zip(&f).enumerate() {
-            if m == 0.0 {
-                assert_eq!(v, 0.0, "pixel {i} off the mask has weight {v}");
-            } else {
-                assert!(v > 0.0 && v <= 1.0, "pixel {i} on the mask has weight {v}");
-            }
-        }
-        let along = |x: usize| f[32 * w + x];
-        // From the rim (x = 13) inward the weight rises to 1 at 8 px and stays there.
-        assert!((along(13) - 1.0 / 8.0).abs() < 1e-6, "{}", along(13));
-        assert!(
-            along(13) < along(16) && along(16) < along(19),
-            "{:?}",
-            (13..22).map(along).collect::<Vec<_>>()
-        );
-        assert_eq!((along(21), along(32)), (1.0, 1.0));
-        // A mask thinner than the ramp still reaches full weight at its deepest pixel.
-        let thin = feather(&disc, w, h, 100.0);
-        assert_eq!(thin[32 * w + 32], 1.0);
     }
 
     #[test]
