@@ -228,8 +228,8 @@ pub async fn heatmap(
     if !(0.0..=1.0).contains(&opacity) {
         return Err(ApiError::BadRequest("opacity must be between 0 and 1".into()));
     }
-    let (r, judged) = rerun(&state, &id).await?;
-    let channels = state.model(&r.model)?.engine.detector().card.input.channels;
+    let (_, judged) = rerun(&state, &id).await?;
+    let channels = judged.detector.card.input.channels;
     let out = blocking(move || {
         let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
