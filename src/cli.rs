@@ -148,6 +148,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true")]
     pub segmenter_error_maps: bool,
+    /// Whether the segmentation U-Net's loss (--arch draem) also trains the reconstructor,
+    /// as in DRAEM's own training, instead of stopping at the reconstruction. Only
+    /// training differs, and a step costs more. Off by default: on the development set of
+    /// real surfaces its means were the default's within a few thousandths, better on one
+    /// surface and worse on two (the README has the table).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true")]
+    pub joint_training: bool,
     /// Weight of the KL term (--arch vae): higher pulls the code towards N(0, 1), giving
     /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
     #[arg(long, default_value_t = 0.01)]

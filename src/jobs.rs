@@ -108,6 +108,7 @@ const ALLOWED: &[&str] = &[
     "segmenter_width",
     "segmenter_depth",
     "segmenter_error_maps",
+    "joint_training",
     "latent",
     "beta",
     "kl_warmup",
@@ -123,7 +124,7 @@ const ALLOWED: &[&str] = &[
 ];
 
 /// Options that are `vigil train` flags taking `true` or `false`, not bare switches.
-const VALUED_SWITCHES: &[&str] = &["segmenter_error_maps"];
+const VALUED_SWITCHES: &[&str] = &["segmenter_error_maps", "joint_training"];
 
 /// Turns `{"steps": 300, "arch": "draem", "resize": true}` into `vigil train` flags.
 pub fn flags(options: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String>, String> {
@@ -290,15 +291,14 @@ mod tests {
         assert_eq!((a.steps, a.data.as_path()), (Some(30), Path::new("/good")));
         // A switch that takes its value is given it, false as well as true.
         for (given, want) in [("true", true), ("false", false)] {
-            let o = serde_json::from_str(&format!(r#"{{"segmenter_error_maps": {given}}}"#)).unwrap();
+            let o = serde_json::from_str(&format!(
+                r#"{{"segmenter_error_maps": {given}, "joint_training": {given}}}"#
+            ))
+            .unwrap();
             let f = flags(&o).unwrap();
-            assert_eq!(f, ["--segmenter-error-maps", given]);
-            assert_eq!(
-                train_args(Path::new("/g"), Path::new("/o"), &f)
-                    .unwrap()
-                    .segmenter_error_maps,
-                want
-            );
+            assert_eq!(f, ["--joint-training", given, "--segmenter-error-maps", given]);
+            let a = train_args(Path::new("/g"), Path::new("/o"), &f).unwrap();
+            assert_eq!((a.segmenter_error_maps, a.joint_training), (want, want));
         }
         // The command's defaults apply to what is not given.
         let d = train_args(Path::new("/good"), Path::new("/out"), &[]).unwrap();

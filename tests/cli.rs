@@ -412,15 +412,16 @@ fn bench_json_reports_peak_forward_and_training_step() {
     }
     assert!(report["ssim_loss_candle_ms"].as_f64().unwrap() > 0.0);
     let steps = report["train_steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 6);
-    // Every family's own training step is timed, draem in grey and in colour, and with
-    // the segmenter's error maps.
+    assert_eq!(steps.len(), 7);
+    // Every family's own training step is timed, draem in grey and in colour, with the
+    // segmenter's error maps and with joint training.
     for (arch, channels) in [
         ("bergmann", 1),
         ("spatial", 1),
         ("draem", 1),
         ("draem", 3),
         ("draem, error maps", 3),
+        ("draem, joint", 3),
     ] {
         let step = steps
             .iter()

@@ -27,6 +27,19 @@ fn draem_with(error_maps: bool) -> Architecture {
         segmenter_width: 4,
         segmenter_depth: 3,
         error_maps,
+        joint_training: false,
+    }
+}
+
+/// A tiny draem whose segmenter's loss also trains its reconstructor.
+fn draem_joint() -> Architecture {
+    Architecture::Draem {
+        width: 4,
+        bottleneck: 2,
+        segmenter_width: 4,
+        segmenter_depth: 3,
+        error_maps: false,
+        joint_training: true,
     }
 }
 
@@ -88,6 +101,7 @@ fn families() -> Vec<Architecture> {
         },
         draem(),
         draem_with(true),
+        draem_joint(),
         vae(),
         adversarial(),
     ]

@@ -125,14 +125,16 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         width: 16,
         bottleneck: 8,
     };
-    let draem_with = |error_maps| Architecture::Draem {
+    let draem_with = |error_maps, joint_training| Architecture::Draem {
         width: 16,
         bottleneck: 8,
         segmenter_width: 8,
         segmenter_depth: 3,
         error_maps,
+        joint_training,
     };
-    let (draem, draem_error_maps) = (draem_with(false), draem_with(true));
+    let draem = draem_with(false, false);
+    let (draem_error_maps, draem_joint) = (draem_with(true, false), draem_with(false, true));
     let mut forward = Vec::new();
     for arch in [&bergmann, &spatial, &draem] {
         for size in [128usize, 256] {
@@ -168,6 +170,7 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         (&draem, LossKind::SsimL2, 1),
         (&draem, LossKind::SsimL2, 3),
         (&draem_error_maps, LossKind::SsimL2, 3),
+        (&draem_joint, LossKind::SsimL2, 3),
     ] {
         let mut net = Network::new_seeded(arch, channels, 128, dev, 0)?;
         let shape = (16, channels, 128, 128);
@@ -194,6 +197,9 @@ pub fn measure(dev: &Device, repeat: usize, compare: bool) -> anyhow::Result<Ben
         train_steps.push(TrainStep {
             arch: match arch {
                 Architecture::Draem { error_maps: true, .. } => "draem, error maps".into(),
+                Architecture::Draem {
+                    joint_training: true, ..
+                } => "draem, joint".into(),
                 _ => arch.name().into(),
             },
             channels,

@@ -64,6 +64,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             segmenter_width: args.segmenter_width,
             segmenter_depth: args.segmenter_depth,
             error_maps: args.segmenter_error_maps,
+            joint_training: args.joint_training,
         },
         ArchName::Usad => Architecture::Usad {
             width: args.width,

@@ -32,6 +32,11 @@ pub enum Architecture {
         /// (see `draem::error_maps`). Artifacts written before this was a setting did not.
         #[serde(default)]
         error_maps: bool,
+        /// The segmenter's loss also trains the reconstructor, as in DRAEM's own training;
+        /// otherwise the reconstruction is a constant to the segmenter. Only training
+        /// differs. Artifacts written before this was a setting did not.
+        #[serde(default)]
+        joint_training: bool,
     },
     /// The variational form of the spatial autoencoder (Kingma & Welling 2014): the encoder
     /// emits a mean and a log-variance per bottleneck value, training decodes a sample
@@ -190,7 +195,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn draem_cards_from_before_depth_and_error_maps_were_settings_load_as_trained() {
+    fn draem_cards_from_before_depth_error_maps_and_joint_training_were_settings_load_as_trained() {
         let old = r#"{"name": "draem", "width": 16, "bottleneck": 8, "segmenter_width": 8}"#;
         let arch: Architecture = serde_json::from_str(old).unwrap();
         assert_eq!(
@@ -201,6 +206,7 @@ mod tests {
                 segmenter_width: 8,
                 segmenter_depth: 3,
                 error_maps: false,
+                joint_training: false,
             }
         );
     }

@@ -131,4 +131,46 @@ mod tests {
             .unwrap();
         assert!((bce - std::f32::consts::LN_2).abs() < 1e-6);
     }
+
+    #[test]
+    fn the_segmenters_loss_reaches_the_reconstructor_only_with_joint_training() {
+        use crate::model::Architecture;
+        let dev = Device::Cpu;
+        let x = Tensor::rand(0f32, 1f32, (2, 1, 32, 32), &dev).unwrap();
+        let mask = Tensor::rand(0f32, 1f32, (2, 1, 32, 32), &dev)
+            .unwrap()
+            .ge(0.8)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        // The largest gradient of the focal loss alone on any reconstructor weight.
+        let reconstructor_gradient = |joint_training: bool| -> f32 {
+            let arch = Architecture::Draem {
+                width: 4,
+                bottleneck: 2,
+                segmenter_width: 4,
+                segmenter_depth: 3,
+                error_maps: false,
+                joint_training,
+            };
+            let varmap = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
+            let net = DraemNet::new(&arch, 1, 32, vb).unwrap();
+            let (_, logits) = net.forward_t(&x, true).unwrap();
+            let grads = focal_loss(&logits, &mask, FOCAL_GAMMA).unwrap().backward().unwrap();
+            let vars = varmap.data().lock().unwrap();
+            let reconstructor: Vec<_> = vars
+                .iter()
+                .filter(|(name, _)| name.starts_with("reconstructor."))
+                .collect();
+            assert!(!reconstructor.is_empty());
+            reconstructor
+                .iter()
+                .filter_map(|(_, v)| grads.get(v.as_tensor()))
+                .map(|g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                .fold(0.0, f32::max)
+        };
+        assert_eq!(reconstructor_gradient(false), 0.0);
+        assert!(reconstructor_gradient(true) > 0.0);
+    }
 }

@@ -115,6 +115,9 @@ pub struct DraemNet {
     pub segmenter: Segmenter,
     /// Whether the segmenter also reads [`error_maps`].
     pub error_maps: bool,
+    /// Whether the segmenter's loss reaches the reconstructor (else its gradient stops at
+    /// the reconstruction).
+    pub joint_training: bool,
 }
 
 impl DraemNet {
@@ -126,6 +129,7 @@ impl DraemNet {
             segmenter_width,
             segmenter_depth,
             error_maps,
+            joint_training,
         } = *arch
         else {
             candle_core::bail!("not a draem architecture: {arch:?}")
@@ -139,19 +143,26 @@ impl DraemNet {
                 vb.pp("segmenter"),
             )?,
             error_maps,
+            joint_training,
         })
     }
 
     /// The reconstruction and the segmenter's logits for it.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let recon = self.reconstructor.forward_t(x, train)?;
-        // The segmenter's loss does not train the reconstructor (its gradient stops here):
-        // each network keeps one job, and the step skips a second backward pass through it.
-        let detached = recon.detach();
-        let input = if self.error_maps {
-            Tensor::cat(&[x, &detached, &error_maps(x, &detached)?], 1)?
+        // Without joint training the segmenter's gradient stops at the reconstruction, so
+        // each network keeps one job. With it (DRAEM's way) the reconstructor also learns
+        // to rebuild in ways that make anomalies stand out to the segmenter; its encoder
+        // sees far more of the image than the segmenter's 3 stages do.
+        let seen = if self.joint_training {
+            recon.clone()
         } else {
-            Tensor::cat(&[x, &detached], 1)?
+            recon.detach()
+        };
+        let input = if self.error_maps {
+            Tensor::cat(&[x, &seen, &error_maps(x, &recon.detach())?], 1)?
+        } else {
+            Tensor::cat(&[x, &seen], 1)?
         };
         let logits = self.segmenter.forward_t(&input, train)?;
         Ok((recon, logits))
