@@ -16,30 +16,19 @@ use vigil::model::{AnomalyModel, Architecture, Network, StepSettings, TrainBatch
 use vigil::train::LossKind;
 
 fn draem() -> Architecture {
-    draem_with(false)
+    draem_with(false, false)
 }
 
-/// A tiny draem whose segmenter does or does not also read the error maps.
-fn draem_with(error_maps: bool) -> Architecture {
+/// A tiny draem whose segmenter does or does not also read the error maps, and whose
+/// segmenter's loss does or does not also train its reconstructor.
+fn draem_with(error_maps: bool, joint_training: bool) -> Architecture {
     Architecture::Draem {
         width: 4,
         bottleneck: 2,
         segmenter_width: 4,
         segmenter_depth: 3,
         error_maps,
-        joint_training: false,
-    }
-}
-
-/// A tiny draem whose segmenter's loss also trains its reconstructor.
-fn draem_joint() -> Architecture {
-    Architecture::Draem {
-        width: 4,
-        bottleneck: 2,
-        segmenter_width: 4,
-        segmenter_depth: 3,
-        error_maps: false,
-        joint_training: true,
+        joint_training,
     }
 }
 
@@ -100,8 +89,8 @@ fn families() -> Vec<Architecture> {
             bottleneck: 2,
         },
         draem(),
-        draem_with(true),
-        draem_joint(),
+        draem_with(true, false),
+        draem_with(false, true),
         vae(),
         adversarial(),
     ]

@@ -160,7 +160,7 @@ impl DraemNet {
             recon.detach()
         };
         let input = if self.error_maps {
-            Tensor::cat(&[x, &seen, &error_maps(x, &recon.detach())?], 1)?
+            Tensor::cat(&[x, &seen, &error_maps(x, &recon)?], 1)?
         } else {
             Tensor::cat(&[x, &seen], 1)?
         };
