@@ -137,22 +137,24 @@ pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<
     Ok(n)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for SIGINT and SIGTERM from the moment it is called, not from the first poll.
+/// `serve` calls it before binding: a SIGTERM that comes right after "listening" (a
+/// rolling deploy, a quick restart) must drain the requests in flight; with the handler
+/// not yet installed its default action would kill the process and reset them.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// The `serve` subcommand.
@@ -164,6 +166,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         if args.retention_days > 0 {
             spawn_retention(state.clone(), args.retention_days);
         }
+        let shutdown = shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
         // Bound only now: every model is loaded and warm.
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
@@ -171,7 +174,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(%addr, "listening beyond loopback without API keys: anyone who can reach this port can use the API (give --api-keys-file)");
         }
         tracing::info!(models = ?state.model_list().into_iter().map(|m| m.0).collect::<Vec<_>>(), "listening on http://{addr}");
-        run(listener, state, shutdown_signal()).await?;
+        run(listener, state, shutdown).await?;
         Ok(())
     })
 }

@@ -1,14 +1,17 @@
 //! The real binary on port 0 with the bundled model: bundled samples posted over HTTP; a
 //! SIGKILL in the middle of a load after which every answered inspection is found with
-//! its stored image; a SIGTERM that lets requests in flight finish before exiting 0;
+//! its stored image; a SIGTERM that lets requests in flight finish before exiting 0 (and
+//! one sent the moment the server listens, which must not kill it);
 //! thousands of mutated uploads answered with 200 or a 4xx JSON error, never anything else;
 //! a tiny model of every family served side by side.
 
 mod common;
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -16,6 +19,23 @@ use sha2::{Digest, Sha256};
 struct Server {
     child: Child,
     addr: String,
+    /// The last lines the server logged, for failure messages.
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Server {
+    fn log_tail(&self) -> String {
+        self.log.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
 }
 
 impl Drop for Server {
@@ -61,12 +81,20 @@ fn start_serving(models: &std::path::Path, data_dir: &std::path::Path, extra: &[
                 .to_string();
         }
     };
-    // Keep draining the log so the server never blocks on a full pipe.
+    // Keep draining the log so the server never blocks on a full pipe; the last lines stay
+    // for failure messages.
+    let log = Arc::new(Mutex::new(VecDeque::from([line.clone()])));
+    let kept = log.clone();
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = err.read_to_string(&mut sink);
+        for l in err.lines().map_while(Result::ok) {
+            let mut kept = kept.lock().unwrap();
+            if kept.len() == 200 {
+                kept.pop_front();
+            }
+            kept.push_back(l + "\n");
+        }
     });
-    Server { child, addr }
+    Server { child, addr, log }
 }
 
 /// A minimal HTTP/1.1 exchange (Connection: close).
@@ -239,12 +267,7 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
             s
         })
         .collect();
-    let pid = server.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    server.sigterm();
     for s in &mut streams {
         s.write_all(&image).unwrap();
     }
@@ -252,9 +275,11 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
         let mut resp = Vec::new();
         if let Err(e) = s.read_to_end(&mut resp) {
             panic!(
-                "reading the answer of a request in flight: {e} ({:?}); got {:?}",
+                "reading the answer of a request in flight: {e} ({:?}); got {:?}; the server's exit: {:?}; its log:\n{}",
                 e.kind(),
-                String::from_utf8_lossy(&resp)
+                String::from_utf8_lossy(&resp),
+                server.child.try_wait(),
+                server.log_tail()
             );
         }
         let text = String::from_utf8_lossy(&resp);
@@ -265,7 +290,26 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
         assert!(text.contains("\"is_anomalous\""), "{text}");
     }
     let status = server.child.wait().unwrap();
-    assert!(status.success(), "vigil serve exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "vigil serve exited with {status} after SIGTERM; its log:\n{}",
+        server.log_tail()
+    );
+}
+
+#[test]
+fn sigterm_the_moment_it_listens_still_exits_0() {
+    // The handlers are installed before the port is bound, so even a SIGTERM sent as soon
+    // as "listening" is logged is a graceful shutdown, not the signal's default (death).
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start(data.path());
+    server.sigterm();
+    let status = server.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "vigil serve exited with {status} after an early SIGTERM; its log:\n{}",
+        server.log_tail()
+    );
 }
 
 #[test]
