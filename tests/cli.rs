@@ -323,12 +323,7 @@ fn ctrl_c_stops_training_and_still_writes_a_usable_model() {
     while err.read_line(&mut line).unwrap() > 0 && !line.contains("training on") {
         line.clear();
     }
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(&child, "-INT");
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}");
     let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();

@@ -29,12 +29,7 @@ impl Server {
     }
 
     fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+        common::send_signal(&self.child, "-TERM");
     }
 }
 

@@ -13,6 +13,12 @@ pub fn vigil() -> Command {
     c
 }
 
+/// Sends `signal` (as `kill` spells it: "-INT", "-TERM") to `child`.
+pub fn send_signal(child: &std::process::Child, signal: &str) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+}
+
 pub fn run(args: &[&str]) -> Output {
     vigil().args(args).output().expect("vigil runs")
 }
