@@ -298,11 +298,12 @@ mod tests {
             let f = flags(&o).unwrap();
             assert_eq!(f, ["--joint-training", given, "--segmenter-error-maps", given]);
             let a = train_args(Path::new("/g"), Path::new("/o"), &f).unwrap();
-            assert_eq!((a.segmenter_error_maps, a.joint_training), (want, want));
+            assert_eq!((a.segmenter_error_maps, a.joint_training), (Some(want), want));
         }
         // The command's defaults apply to what is not given.
         let d = train_args(Path::new("/good"), Path::new("/out"), &[]).unwrap();
         assert_eq!((d.steps, d.batch_size, d.seed), (None, 16, 42));
+        assert_eq!(d.segmenter_error_maps, None, "decided by the images' colour");
         // Not the caller's to set, or not a training option at all.
         for bad in [
             r#"{"out": "/etc"}"#,

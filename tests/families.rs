@@ -320,6 +320,27 @@ fn draem_trains_inspects_and_evaluates_end_to_end() {
 }
 
 #[test]
+fn draems_segmenter_reads_error_maps_by_default_on_colour_images_only() {
+    let error_maps = |card: &Value| card["architecture"]["error_maps"].as_bool().unwrap_or(false);
+    // The tiny model of the CLI tests: default options on the gray synthetic images.
+    let gray: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::tiny_model().join("model.json")).unwrap()).unwrap();
+    assert_eq!(gray["input"]["channels"], 1);
+    assert!(!error_maps(&gray), "gray images: no error maps by default");
+    let (_, colour) = train_tiny("tiny-draem-colour", &["--channels", "rgb"]);
+    assert_eq!(colour["input"]["channels"], 3);
+    assert!(error_maps(&colour), "colour images: error maps by default");
+    // What the caller says wins, either way.
+    let (_, off) = train_tiny(
+        "tiny-draem-colour-off",
+        &["--channels", "rgb", "--segmenter-error-maps", "false"],
+    );
+    assert!(!error_maps(&off));
+    let (_, on) = train_tiny("tiny-draem-gray-on", &["--segmenter-error-maps"]);
+    assert!(error_maps(&on));
+}
+
+#[test]
 fn every_family_round_trips_through_its_saved_weights() {
     let dev = Device::Cpu;
     for arch in families() {

@@ -63,7 +63,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             bottleneck: args.bottleneck,
             segmenter_width: args.segmenter_width,
             segmenter_depth: args.segmenter_depth,
-            error_maps: args.segmenter_error_maps,
+            error_maps: args.segmenter_error_maps.unwrap_or(false),
             joint_training: args.joint_training,
         },
         ArchName::Usad => Architecture::Usad {
@@ -159,6 +159,9 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         data: args.data.clone(),
         out: args.out.clone(),
         architecture,
+        // Unless the caller chose, draem's segmenter reads error maps when the images turn
+        // out to be colour: known only once they are loaded.
+        error_maps_if_colour: discriminative && args.segmenter_error_maps.is_none(),
         channels: match args.channels {
             Channels::Gray => Some(1),
             Channels::Rgb => Some(3),

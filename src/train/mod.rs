@@ -70,6 +70,9 @@ pub struct TrainConfig {
     pub data: PathBuf,
     pub out: PathBuf,
     pub architecture: Architecture,
+    /// Draem only: when the images are colour, the segmenter also reads the error maps
+    /// (`error_maps` in the architecture written to `model.json` says what was trained).
+    pub error_maps_if_colour: bool,
     /// 1 or 3; None decides from the images (RGB when any has colour).
     pub channels: Option<usize>,
     pub working_size: usize,
@@ -112,6 +115,10 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
     let channels = set.images[0].channels;
     tracing::info!(images = set.images.len(), channels, "loaded training images");
+    let mut architecture = cfg.architecture.clone();
+    if let Architecture::Draem { error_maps, .. } = &mut architecture {
+        *error_maps |= cfg.error_maps_if_colour && channels == 3;
+    }
 
     // Hold out validation images for calibration (seeded, so reruns split alike).
     let mut order: Vec<usize> = (0..set.images.len()).collect();
@@ -128,7 +135,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let mut card = ModelCard {
         schema_version: SCHEMA_VERSION,
         vigil_version: env!("CARGO_PKG_VERSION").into(),
-        architecture: cfg.architecture.clone(),
+        architecture: architecture.clone(),
         input: InputSpec {
             channels,
             working_size: cfg.working_size,
@@ -152,9 +159,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     };
     card.check().map_err(TrainError::Config)?;
 
-    let mut net = Network::new_seeded(&cfg.architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
+    let mut net = Network::new_seeded(&architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
     net.set_kernels(cfg.kernels);
-    tracing::info!(parameters = net.parameter_count(), "built {:?}", cfg.architecture);
+    tracing::info!(parameters = net.parameter_count(), "built {:?}", architecture);
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
     card.training = TrainingSummary {
         training_images: training.len(),
