@@ -141,10 +141,11 @@ pub struct TrainArgs {
     /// Whether the segmentation U-Net (--arch draem) also reads two error maps of the
     /// image against its reconstruction: 1 − SSIM over an 11-pixel window and the absolute
     /// difference, each averaged over channels. Its small first layer sees 3×3 pixels and
-    /// cannot compute a windowed comparison itself. Default: on for colour images, off for
-    /// grayscale. On the development set of real surfaces, over three seeds, the maps
-    /// raised the colour surfaces' image AUROC, pixel AUROC and AUPRO but spread the
-    /// grayscale surfaces' maps around small defects (the README has the tables).
+    /// cannot compute a windowed comparison itself. Default: on when the model takes
+    /// colour input (--channels rgb, or auto with any colour training image), off for
+    /// grayscale. On the development set of real surfaces, with each of three seeds, the
+    /// maps raised the colour surfaces' mean image AUROC, pixel AUROC and AUPRO but spread
+    /// the grayscale surfaces' maps around small defects (the README has the tables).
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true")]
     pub segmenter_error_maps: Option<bool>,
