@@ -265,6 +265,10 @@ pub struct InspectArgs {
     /// Write each heatmap overlay as PNG here.
     #[arg(long)]
     pub heatmaps_dir: Option<PathBuf>,
+    /// Write what the model rebuilt of each image as PNG here, at the model's working
+    /// resolution: beside the input it shows what the model takes for a good surface.
+    #[arg(long)]
+    pub reconstructions_dir: Option<PathBuf>,
     /// Override the model's image threshold.
     #[arg(long)]
     pub threshold: Option<f32>,

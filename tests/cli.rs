@@ -54,6 +54,7 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
     std::fs::write(b.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     let maps = work.path().join("maps");
     let heat = work.path().join("heat");
+    let recons = work.path().join("recons");
     let out = work.path().join("out.jsonl");
     let o = run(&[
         "inspect",
@@ -65,6 +66,8 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         maps.to_str().unwrap(),
         "--heatmaps-dir",
         heat.to_str().unwrap(),
+        "--reconstructions-dir",
+        recons.to_str().unwrap(),
         a.to_str().unwrap(),
         b.to_str().unwrap(),
     ]);
@@ -90,6 +93,7 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
             "height",
             "map_path",
             "heatmap_path",
+            "reconstruction_path",
         ] {
             assert!(r.get(key).is_some(), "missing {key} in {r}");
         }
@@ -105,6 +109,18 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         let heatmap = image::open(r["heatmap_path"].as_str().unwrap()).unwrap();
         assert_eq!((heatmap.width(), heatmap.height()), (64, 64));
         map_paths.push(r["map_path"].as_str().unwrap().to_string());
+        // The reconstruction is the model's own, at its working resolution, in 8 bits.
+        let detector = vigil::detector::Detector::load(&model, &candle_core::Device::Cpu).unwrap();
+        let input = image::open(r["path"].as_str().unwrap()).unwrap();
+        let prepared = detector.prepare(&input);
+        let expected = detector.reconstruct(&[&prepared.working]).unwrap()[0].image.to_rgb8();
+        let written = image::open(r["reconstruction_path"].as_str().unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(written.dimensions(), expected.dimensions());
+        assert!(written == expected, "the written reconstruction is the model's");
+        let input = prepared.working.to_rgb8();
+        assert!(written != input, "a reconstruction, not a copy of the input");
     }
     assert_ne!(map_paths[0], map_paths[1], "same base name, distinct map files");
 }

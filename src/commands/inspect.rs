@@ -8,7 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cli::InspectArgs;
-use crate::detector::{Detector, Inspection, Overrides};
+use crate::detector::{Detector, Inspection, Overrides, Prepared, Reconstruction};
 use crate::image_io;
 use crate::scoring::heatmap::render_heatmap;
 use crate::train::dataset::image_files;
@@ -22,6 +22,8 @@ struct Record<'a> {
     map_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heatmap_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconstruction_path: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -52,7 +54,10 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             paths.push(input.clone());
         }
     }
-    for dir in [&args.maps_dir, &args.heatmaps_dir].into_iter().flatten() {
+    for dir in [&args.maps_dir, &args.heatmaps_dir, &args.reconstructions_dir]
+        .into_iter()
+        .flatten()
+    {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut out: Box<dyn Write> = match &args.json_lines {
@@ -80,10 +85,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
                 }
             }
         }
-        let images: Vec<&image::DynamicImage> = ok.iter().map(|(_, i)| i).collect();
-        let results = detector.inspect_batch(&images, overrides)?;
-        for ((path, img), insp) in ok.iter().zip(&results) {
-            let rec = write_outputs(&detector, args, path, img, insp)?;
+        let prepared: Vec<Prepared> = ok.iter().map(|(_, img)| detector.prepare(img)).collect();
+        let inputs: Vec<&image_io::Planar> = prepared.iter().map(|p| &p.working).collect();
+        let recons = detector.reconstruct(&inputs)?;
+        for (((path, img), prep), recon) in ok.iter().zip(&prepared).zip(&recons) {
+            let insp = detector.score(prep, recon, overrides);
+            let rec = write_outputs(&detector, args, path, img, &insp, recon)?;
             writeln!(out, "{}", serde_json::to_string(&rec)?)?;
         }
     }
@@ -97,6 +104,7 @@ fn write_outputs<'a>(
     path: &Path,
     img: &image::DynamicImage,
     insp: &'a Inspection,
+    recon: &Reconstruction,
 ) -> anyhow::Result<Record<'a>> {
     let name = unique_name(path);
     let map_path = match &args.maps_dir {
@@ -119,11 +127,24 @@ fn write_outputs<'a>(
         }
         None => None,
     };
+    let reconstruction_path = match &args.reconstructions_dir {
+        Some(dir) => {
+            let p = dir.join(format!("{name}.png"));
+            recon
+                .image
+                .to_rgb8()
+                .save(&p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            Some(p.display().to_string())
+        }
+        None => None,
+    };
     Ok(Record {
         path: path.display().to_string(),
         inspection: insp,
         map_path,
         heatmap_path,
+        reconstruction_path,
     })
 }
 
