@@ -186,6 +186,13 @@ pub struct TrainArgs {
     /// Passes over the training images, one crop per image each; overrides --steps.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Minutes the whole training may take when the step count is the family's default
+    /// (neither --steps nor --epochs given). Before training, a few steps of a throwaway
+    /// copy of the network are timed, and the default is cut to what fits if it does not:
+    /// logged, and recorded in model.json, where `--steps N` with the recorded N trains
+    /// the same model again bit for bit. 0 turns the budget off.
+    #[arg(long, default_value_t = 14.0, value_parser = minutes)]
+    pub time_budget: f64,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Peak learning rate (AdamW, cosine decay, 2% warm-up).
@@ -406,4 +413,12 @@ pub struct ProbeArgs {
     pub url: String,
     #[arg(long, default_value_t = 2.0)]
     pub timeout: f64,
+}
+
+/// A non-negative, finite number of minutes.
+fn minutes(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 0.0 => Ok(m),
+        _ => Err(format!("{text:?} is not a number of minutes (0 or more)")),
+    }
 }

@@ -96,6 +96,7 @@ const ALLOWED: &[&str] = &[
     "arch",
     "steps",
     "epochs",
+    "time_budget",
     "batch_size",
     "lr",
     "size",

@@ -543,3 +543,52 @@ fn an_adversarial_model_trains_inspects_and_evaluates_end_to_end() {
     let o = run(&["eval", "--model", out.to_str().unwrap(), "--data", &data]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn a_time_budget_cuts_the_default_steps_and_the_recorded_count_trains_the_same_model() {
+    let data = dataset().to_str().unwrap().to_string();
+    let out = common::scratch().join("tiny-budget");
+    let out_s = out.to_str().unwrap().to_string();
+    // The tiny model's options without its --steps: the family's default step count,
+    // under a budget far too short for it.
+    let mut args: Vec<&str> = common::tiny_train_args(&data, &out_s);
+    let at = args.iter().position(|a| *a == "--steps").unwrap();
+    args.drain(at..at + 2);
+    args.extend(["--time-budget", "0.001"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let t = &card["training"];
+    let quantum = vigil::train::budget::STEP_QUANTUM as u64;
+    assert_eq!(t["steps"].as_u64(), Some(quantum), "cut to the smallest count");
+    assert_eq!(t["planned_steps"].as_u64(), Some(quantum));
+    assert!(t["time_budget"]["default_steps"].as_u64().unwrap() > quantum);
+    assert!(t["time_budget"]["probe_step_seconds"].as_f64().unwrap() > 0.0);
+    assert!((t["time_budget"]["minutes"].as_f64().unwrap() - 0.001).abs() < 1e-9);
+    assert!(stderr(&o).contains(&format!("--steps {quantum}")), "{}", stderr(&o));
+
+    // The recorded count, given explicitly, trains the same weights: the probe touched
+    // neither the network nor the random stream of the real training.
+    let again = common::scratch().join("tiny-budget-again");
+    let again_s = again.to_str().unwrap().to_string();
+    let q = quantum.to_string();
+    let mut args = common::tiny_train_args(&data, &again_s);
+    let at = args.iter().position(|a| *a == "--steps").unwrap();
+    args[at + 1] = &q;
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |dir: &std::path::Path| std::fs::read(dir.join("weights.safetensors")).unwrap();
+    assert!(weights(&out) == weights(&again), "same steps and seed, same weights");
+    let card: Value = serde_json::from_str(&std::fs::read_to_string(again.join("model.json")).unwrap()).unwrap();
+    assert!(
+        card["training"].get("time_budget").is_none(),
+        "explicit steps: no budget"
+    );
+
+    // A budget must be a number of minutes.
+    let mut args = common::tiny_train_args(&data, &again_s);
+    args.push("--time-budget=-1");
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("minutes"), "{}", stderr(&o));
+}

@@ -27,8 +27,12 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         );
     })
     .context("installing the Ctrl-C handler")?;
+    let budget = match cfg.time_budget {
+        Some(b) => format!(", fewer if they do not fit {:.1} minutes", b.as_secs_f64() / 60.0),
+        None => String::new(),
+    };
     eprintln!(
-        "training on {training_images} images from {} ({steps} steps of {})",
+        "training on {training_images} images from {} ({steps} steps of {}{budget})",
         args.data.display(),
         args.batch_size
     );
@@ -173,6 +177,8 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         loss: args.loss,
         kernels: args.kernels,
         steps,
+        time_budget: (args.steps.is_none() && args.epochs.is_none() && args.time_budget > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(args.time_budget * 60.0)),
         batch_size: args.batch_size,
         learning_rate: args.lr,
         validation_fraction: args.validation_fraction,

@@ -161,6 +161,20 @@ pub struct TrainingSummary {
     pub augment: Vec<String>,
     pub inpainting_fraction: f32,
     pub collapse: CollapseCheck,
+    /// The time budget the default step count was fitted to, when it was (`planned_steps`
+    /// is then what fitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_budget: Option<TimeBudget>,
+}
+
+/// How the step count was fitted to a time budget before training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeBudget {
+    pub minutes: f64,
+    /// Seconds per step measured on a throwaway copy of the network just before training.
+    pub probe_step_seconds: f64,
+    /// The family's default step count, run when it fitted.
+    pub default_steps: usize,
 }
 
 /// The model card, `model.json`.

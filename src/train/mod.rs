@@ -4,6 +4,7 @@
 
 pub mod anomalies;
 pub mod augment;
+pub mod budget;
 pub mod calibrate;
 pub mod dataset;
 pub mod loss;
@@ -11,7 +12,7 @@ pub mod loss;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -21,7 +22,7 @@ use crate::detector::Detector;
 use crate::image_io::Planar;
 use crate::kernels::Kernels;
 use crate::model::artifact::{
-    CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TrainingSummary, SCHEMA_VERSION,
+    CollapseCheck, Fit, InputSpec, ModelCard, ScoreStats, Thresholds, TimeBudget, TrainingSummary, SCHEMA_VERSION,
 };
 use crate::model::{device, Architecture, ArtifactError, Network, StepSettings, TrainBatch};
 use crate::scoring::MapSpec;
@@ -81,6 +82,9 @@ pub struct TrainConfig {
     pub loss: LossKind,
     pub kernels: Kernels,
     pub steps: usize,
+    /// When set, `steps` is cut before training to what a probe of this machine's speed
+    /// says fits in this time, end to end (see [`budget`]).
+    pub time_budget: Option<Duration>,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub validation_fraction: f32,
@@ -162,9 +166,46 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let mut net = Network::new_seeded(&architecture, channels, cfg.patch_size, &cfg.device, cfg.seed)?;
     net.set_kernels(cfg.kernels);
     tracing::info!(parameters = net.parameter_count(), "built {:?}", architecture);
+    let (steps, budget_record) = match cfg.time_budget {
+        None => (cfg.steps, None),
+        Some(limit) => {
+            let step = budget::probe_step(
+                &architecture,
+                channels,
+                cfg.patch_size,
+                cfg.batch_size,
+                step_settings(cfg),
+                &cfg.augment,
+                &training,
+                &cfg.device,
+            )?;
+            let remaining = limit.saturating_sub(started.elapsed() + budget::reserve(limit));
+            let steps = budget::steps_within(cfg.steps, step, remaining);
+            let minutes = limit.as_secs_f64() / 60.0;
+            let step_s = step.as_secs_f64();
+            if steps < cfg.steps {
+                tracing::warn!(
+                    "a step takes {step_s:.2} s on this machine: {steps} steps instead of {} fit the {minutes:.1}-minute budget (--time-budget); `--steps {steps}` trains this model again",
+                    cfg.steps
+                );
+            } else {
+                tracing::info!(
+                    "a step takes {step_s:.2} s on this machine: the {steps} steps fit the {minutes:.1}-minute budget"
+                );
+            }
+            let record = TimeBudget {
+                minutes,
+                probe_step_seconds: step_s,
+                default_steps: cfg.steps,
+            };
+            (steps, Some(record))
+        }
+    };
+    let cfg = &TrainConfig { steps, ..cfg.clone() };
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
     card.training = TrainingSummary {
         training_images: training.len(),
+        time_budget: budget_record,
         ..summary
     };
     if card.training.collapse.collapsed {
@@ -205,13 +246,7 @@ fn fit(
     stop: &AtomicBool,
 ) -> Result<TrainingSummary, TrainError> {
     let started = Instant::now();
-    let mut trainer = net.trainer(StepSettings {
-        loss: cfg.loss,
-        learning_rate: cfg.learning_rate,
-        weight_decay: 1e-5,
-        kernels: cfg.kernels,
-        seed: cfg.seed,
-    })?;
+    let mut trainer = net.trainer(step_settings(cfg))?;
     let bar = progress_bar(cfg.steps, cfg.progress);
     let curve_every = (cfg.steps / 100).max(1);
     let mut curve = Vec::new();
@@ -303,7 +338,18 @@ fn fit(
         augment: cfg.augment.names(),
         inpainting_fraction: cfg.augment.inpaint_fraction,
         collapse,
+        time_budget: None,
     })
+}
+
+fn step_settings(cfg: &TrainConfig) -> StepSettings {
+    StepSettings {
+        loss: cfg.loss,
+        learning_rate: cfg.learning_rate,
+        weight_decay: 1e-5,
+        kernels: cfg.kernels,
+        seed: cfg.seed,
+    }
 }
 
 /// Cosine decay from `lr` to 1% of it, after a warm-up over the first 2% of steps.
