@@ -83,6 +83,7 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
     assert!(failed[0]["path"].as_str().unwrap().ends_with("broken.png"));
     let ok: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_none()).collect();
     let mut map_paths = Vec::new();
+    let detector = vigil::detector::Detector::load(model, &candle_core::Device::Cpu).unwrap();
     for r in &ok {
         for key in [
             "score",
@@ -110,7 +111,6 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         assert_eq!((heatmap.width(), heatmap.height()), (64, 64));
         map_paths.push(r["map_path"].as_str().unwrap().to_string());
         // The reconstruction is the model's own, at its working resolution, in 8 bits.
-        let detector = vigil::detector::Detector::load(&model, &candle_core::Device::Cpu).unwrap();
         let input = image::open(r["path"].as_str().unwrap()).unwrap();
         let prepared = detector.prepare(&input);
         let expected = detector.reconstruct(&[&prepared.working]).unwrap()[0].image.to_rgb8();
