@@ -9,12 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use rand::SeedableRng;
 
 use crate::image_io::Planar;
-use crate::model::{Architecture, Network, StepSettings, TrainBatch};
-use crate::train::augment::{self, Augment};
+use crate::model::{Architecture, Network, StepSettings};
+use crate::train::augment::Augment;
+use crate::train::sample_batch;
 
 /// Step counts are cut to a multiple of this, so that the numbers read as chosen.
 pub const STEP_QUANTUM: usize = 50;
@@ -60,18 +60,7 @@ pub fn probe_step(
     for i in 0..3 {
         let started = Instant::now();
         // Sampling is part of a step's cost, so it is timed too.
-        let (mut xs, mut ys, mut ms) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..batch_size {
-            let s = augment::sample(training, patch, augment, &mut rng);
-            xs.extend_from_slice(&s.input.data);
-            ys.extend_from_slice(&s.target.data);
-            ms.extend_from_slice(&s.mask);
-        }
-        let batch = TrainBatch {
-            input: Tensor::from_vec(xs, (batch_size, channels, patch, patch), device)?,
-            target: Tensor::from_vec(ys, (batch_size, channels, patch, patch), device)?,
-            mask: Tensor::from_vec(ms, (batch_size, 1, patch, patch), device)?,
-        };
+        let batch = sample_batch(training, patch, batch_size, augment, &mut rng, device)?;
         trainer.step(&batch, lr)?;
         if i > 0 {
             timed += started.elapsed();

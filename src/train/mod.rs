@@ -254,27 +254,12 @@ fn fit(
     let mut last_loss = 0f32;
     let mut last_parts = Vec::new();
     let mut steps_done = 0;
-    let (c, p, n) = (training[0].channels, cfg.patch_size, cfg.batch_size);
+    let (p, n) = (cfg.patch_size, cfg.batch_size);
     for step in 0..cfg.steps {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let (mut xs, mut ys, mut ms) = (
-            Vec::with_capacity(n * c * p * p),
-            Vec::with_capacity(n * c * p * p),
-            Vec::with_capacity(n * p * p),
-        );
-        for _ in 0..n {
-            let s = augment::sample(training, p, &cfg.augment, rng);
-            xs.extend_from_slice(&s.input.data);
-            ys.extend_from_slice(&s.target.data);
-            ms.extend_from_slice(&s.mask);
-        }
-        let batch = TrainBatch {
-            input: Tensor::from_vec(xs, (n, c, p, p), &cfg.device)?,
-            target: Tensor::from_vec(ys, (n, c, p, p), &cfg.device)?,
-            mask: Tensor::from_vec(ms, (n, 1, p, p), &cfg.device)?,
-        };
+        let batch = sample_batch(training, p, n, &cfg.augment, rng, &cfg.device)?;
         let loss = trainer.step(&batch, cosine_lr(cfg.learning_rate, step, cfg.steps))?;
         last_loss = loss.total;
         last_parts = loss.parts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
@@ -339,6 +324,34 @@ fn fit(
         inpainting_fraction: cfg.augment.inpaint_fraction,
         collapse,
         time_budget: None,
+    })
+}
+
+/// `n` augmented crops of `patch`² from `training`, with their targets and masks.
+pub(crate) fn sample_batch<R: rand::Rng>(
+    training: &[Planar],
+    patch: usize,
+    n: usize,
+    augment: &Augment,
+    rng: &mut R,
+    device: &Device,
+) -> candle_core::Result<TrainBatch> {
+    let (c, p) = (training[0].channels, patch);
+    let (mut xs, mut ys, mut ms) = (
+        Vec::with_capacity(n * c * p * p),
+        Vec::with_capacity(n * c * p * p),
+        Vec::with_capacity(n * p * p),
+    );
+    for _ in 0..n {
+        let s = augment::sample(training, p, augment, rng);
+        xs.extend_from_slice(&s.input.data);
+        ys.extend_from_slice(&s.target.data);
+        ms.extend_from_slice(&s.mask);
+    }
+    Ok(TrainBatch {
+        input: Tensor::from_vec(xs, (n, c, p, p), device)?,
+        target: Tensor::from_vec(ys, (n, c, p, p), device)?,
+        mask: Tensor::from_vec(ms, (n, 1, p, p), device)?,
     })
 }
 
