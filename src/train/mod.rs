@@ -185,12 +185,12 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             let step_s = step.as_secs_f64();
             if steps < cfg.steps {
                 tracing::warn!(
-                    "a step takes {step_s:.2} s on this machine: {steps} steps instead of {} fit the {minutes:.1}-minute budget (--time-budget); `--steps {steps}` trains this model again",
+                    "a step takes {step_s:.3} s on this machine: {steps} steps instead of {} fit the {minutes:.1}-minute budget (--time-budget); `--steps {steps}` trains this model again",
                     cfg.steps
                 );
             } else {
                 tracing::info!(
-                    "a step takes {step_s:.2} s on this machine: the {steps} steps fit the {minutes:.1}-minute budget"
+                    "a step takes {step_s:.3} s on this machine: the {steps} steps fit the {minutes:.1}-minute budget"
                 );
             }
             let record = TimeBudget {
