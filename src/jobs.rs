@@ -305,6 +305,10 @@ mod tests {
         let d = train_args(Path::new("/good"), Path::new("/out"), &[]).unwrap();
         assert_eq!((d.steps, d.batch_size, d.seed), (None, 16, 42));
         assert_eq!(d.segmenter_error_maps, None, "decided by the images' colour");
+        assert_eq!(d.time_budget, 14.0);
+        let o = serde_json::from_str(r#"{"time_budget": 5}"#).unwrap();
+        let a = train_args(Path::new("/g"), Path::new("/o"), &flags(&o).unwrap()).unwrap();
+        assert_eq!(a.time_budget, 5.0);
         // Not the caller's to set, or not a training option at all.
         for bad in [
             r#"{"out": "/etc"}"#,
