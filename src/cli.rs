@@ -223,8 +223,10 @@ pub struct TrainArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ScoringArgs {
-    /// Anomaly map: ssim (1 − SSIM), l2, ssim+l2 (each divided by its mean on good images),
-    /// or learned (the model's own map; --arch draem). Default: learned for draem, else ssim+l2.
+    /// Anomaly map: ssim (1 − SSIM), l2 (squared error), ssim+l2 (each divided by its mean
+    /// on good images), or learned (the model's own map). Default: learned for draem, usad
+    /// and adversarial; l2 for the reconstruction-only families (spatial, vae, bergmann),
+    /// which ranked real surfaces better than ssim+l2.
     #[arg(long, value_enum)]
     pub map: Option<MapMethod>,
     /// Score = maximum of the map after an N×N mean filter (working-resolution pixels), so

@@ -413,7 +413,7 @@ fn a_vae_trains_inspects_and_evaluates_end_to_end() {
     assert_eq!(card["architecture"]["name"], "vae");
     assert_eq!(card["architecture"]["kl_warmup_steps"], 3);
     assert!((card["architecture"]["beta"].as_f64().unwrap() - 0.05).abs() < 1e-6);
-    assert_eq!(card["scoring"]["method"], "ssim+l2");
+    assert_eq!(card["scoring"]["method"], "l2", "a reconstruction family scores the squared error");
     let parts = loss_parts(&card);
     assert_eq!(parts, ["reconstruction", "kl"]);
     let img = dataset().join("test/hole/000.png");
