@@ -191,7 +191,7 @@ pub struct TrainArgs {
     /// copy of the network are timed, and the default is cut to what fits if it does not:
     /// logged, and recorded in model.json, where `--steps N` with the recorded N trains
     /// the same model again bit for bit. 0 turns the budget off.
-    #[arg(long, default_value_t = 14.0, value_parser = minutes)]
+    #[arg(long, default_value_t = 14.0, value_parser = minutes, allow_negative_numbers = true)]
     pub time_budget: f64,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,

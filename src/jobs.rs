@@ -309,6 +309,9 @@ mod tests {
         let o = serde_json::from_str(r#"{"time_budget": 5}"#).unwrap();
         let a = train_args(Path::new("/g"), Path::new("/o"), &flags(&o).unwrap()).unwrap();
         assert_eq!(a.time_budget, 5.0);
+        let o = serde_json::from_str(r#"{"time_budget": -1}"#).unwrap();
+        let e = train_args(Path::new("/g"), Path::new("/o"), &flags(&o).unwrap()).unwrap_err();
+        assert!(e.contains("minutes"), "{e}");
         // Not the caller's to set, or not a training option at all.
         for bad in [
             r#"{"out": "/etc"}"#,

@@ -413,7 +413,10 @@ fn a_vae_trains_inspects_and_evaluates_end_to_end() {
     assert_eq!(card["architecture"]["name"], "vae");
     assert_eq!(card["architecture"]["kl_warmup_steps"], 3);
     assert!((card["architecture"]["beta"].as_f64().unwrap() - 0.05).abs() < 1e-6);
-    assert_eq!(card["scoring"]["method"], "l2", "a reconstruction family scores the squared error");
+    assert_eq!(
+        card["scoring"]["method"], "l2",
+        "a reconstruction family scores the squared error"
+    );
     let parts = loss_parts(&card);
     assert_eq!(parts, ["reconstruction", "kl"]);
     let img = dataset().join("test/hole/000.png");
@@ -587,7 +590,7 @@ fn a_time_budget_cuts_the_default_steps_and_the_recorded_count_trains_the_same_m
 
     // A budget must be a number of minutes.
     let mut args = common::tiny_train_args(&data, &again_s);
-    args.push("--time-budget=-1");
+    args.extend(["--time-budget", "-1"]);
     let o = run(&args);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("minutes"), "{}", stderr(&o));
