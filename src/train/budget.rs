@@ -27,7 +27,7 @@ pub fn reserve(budget: Duration) -> Duration {
 
 /// The steps to run: `planned` when they fit in `remaining` at `step` seconds each, else
 /// as many as fit, rounded down to a multiple of [`STEP_QUANTUM`], and never fewer than
-/// one quantum (a model trained for less would be useless; the log says so).
+/// one quantum (fewer would hardly train at all; the warning names the count).
 pub fn steps_within(planned: usize, step: Duration, remaining: Duration) -> usize {
     let step = step.as_secs_f64().max(1e-9);
     let fit = (remaining.as_secs_f64() / step).floor() as usize;
