@@ -281,13 +281,26 @@ impl Detector {
         images: &[&DynamicImage],
         overrides: Overrides,
     ) -> candle_core::Result<Vec<Inspection>> {
+        Ok(self
+            .inspect_and_reconstruct(images, overrides)?
+            .into_iter()
+            .map(|(inspection, _)| inspection)
+            .collect())
+    }
+
+    /// [`Detector::inspect_batch`] with each image's reconstruction beside its verdict.
+    pub fn inspect_and_reconstruct(
+        &self,
+        images: &[&DynamicImage],
+        overrides: Overrides,
+    ) -> candle_core::Result<Vec<(Inspection, Reconstruction)>> {
         let prepared: Vec<Prepared> = images.iter().map(|i| self.prepare(i)).collect();
         let inputs: Vec<&Planar> = prepared.iter().map(|p| &p.working).collect();
         let recons = self.reconstruct(&inputs)?;
         Ok(prepared
             .iter()
-            .zip(&recons)
-            .map(|(p, r)| self.score(p, r, overrides))
+            .zip(recons)
+            .map(|(p, r)| (self.score(p, &r, overrides), r))
             .collect())
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cli::InspectArgs;
-use crate::detector::{Detector, Inspection, Overrides, Prepared, Reconstruction};
+use crate::detector::{Detector, Inspection, Overrides, Reconstruction};
 use crate::image_io;
 use crate::scoring::heatmap::render_heatmap;
 use crate::train::dataset::image_files;
@@ -85,12 +85,10 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
                 }
             }
         }
-        let prepared: Vec<Prepared> = ok.iter().map(|(_, img)| detector.prepare(img)).collect();
-        let inputs: Vec<&image_io::Planar> = prepared.iter().map(|p| &p.working).collect();
-        let recons = detector.reconstruct(&inputs)?;
-        for (((path, img), prep), recon) in ok.iter().zip(&prepared).zip(&recons) {
-            let insp = detector.score(prep, recon, overrides);
-            let rec = write_outputs(&detector, args, path, img, &insp, recon)?;
+        let images: Vec<&image::DynamicImage> = ok.iter().map(|(_, i)| i).collect();
+        let results = detector.inspect_and_reconstruct(&images, overrides)?;
+        for ((path, img), (insp, recon)) in ok.iter().zip(&results) {
+            let rec = write_outputs(&detector, args, path, img, insp, recon)?;
             writeln!(out, "{}", serde_json::to_string(&rec)?)?;
         }
     }

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 
 use crate::image_io::Planar;
-use crate::model::{Architecture, Network, StepSettings};
-use crate::train::augment::Augment;
-use crate::train::sample_batch;
+use crate::model::{Architecture, Network};
+use crate::train::{sample_batch, step_settings, TrainConfig};
 
 /// Step counts are cut to a multiple of this, so that the numbers read as chosen.
 pub const STEP_QUANTUM: usize = 50;
@@ -37,31 +36,39 @@ pub fn steps_within(planned: usize, step: Duration, remaining: Duration) -> usiz
     (fit / STEP_QUANTUM * STEP_QUANTUM).max(STEP_QUANTUM.min(planned))
 }
 
-/// Seconds per training step on this machine: three steps of a throwaway network of the
-/// same architecture on crops of the training images, the first untimed (it allocates).
-/// Its own network and random stream, so the real training is untouched.
-#[allow(clippy::too_many_arguments)]
+/// Seconds per training step of `cfg` on this machine: three steps of a throwaway network
+/// of the same architecture on crops of the training images, the first untimed (it
+/// allocates). Its own network and random stream, so the real training is untouched.
 pub fn probe_step(
+    cfg: &TrainConfig,
     architecture: &Architecture,
     channels: usize,
-    patch: usize,
-    batch_size: usize,
-    settings: StepSettings,
-    augment: &Augment,
     training: &[Planar],
-    device: &candle_core::Device,
 ) -> candle_core::Result<Duration> {
-    let mut net = Network::new_seeded(architecture, channels, patch, device, settings.seed ^ 0x9e37_79b9)?;
+    let settings = step_settings(cfg);
+    let mut net = Network::new_seeded(
+        architecture,
+        channels,
+        cfg.patch_size,
+        &cfg.device,
+        settings.seed ^ 0x9e37_79b9,
+    )?;
     net.set_kernels(settings.kernels);
-    let lr = settings.learning_rate;
     let mut trainer = net.trainer(settings)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
     let mut timed = Duration::ZERO;
     for i in 0..3 {
         let started = Instant::now();
         // Sampling is part of a step's cost, so it is timed too.
-        let batch = sample_batch(training, patch, batch_size, augment, &mut rng, device)?;
-        trainer.step(&batch, lr)?;
+        let batch = sample_batch(
+            training,
+            cfg.patch_size,
+            cfg.batch_size,
+            &cfg.augment,
+            &mut rng,
+            &cfg.device,
+        )?;
+        trainer.step(&batch, cfg.learning_rate)?;
         if i > 0 {
             timed += started.elapsed();
         }

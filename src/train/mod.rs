@@ -169,16 +169,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let (steps, budget_record) = match cfg.time_budget {
         None => (cfg.steps, None),
         Some(limit) => {
-            let step = budget::probe_step(
-                &architecture,
-                channels,
-                cfg.patch_size,
-                cfg.batch_size,
-                step_settings(cfg),
-                &cfg.augment,
-                &training,
-                &cfg.device,
-            )?;
+            let step = budget::probe_step(cfg, &architecture, channels, &training)?;
             let remaining = limit.saturating_sub(started.elapsed() + budget::reserve(limit));
             let steps = budget::steps_within(cfg.steps, step, remaining);
             let minutes = limit.as_secs_f64() / 60.0;
@@ -355,7 +346,7 @@ pub(crate) fn sample_batch<R: rand::Rng>(
     })
 }
 
-fn step_settings(cfg: &TrainConfig) -> StepSettings {
+pub(crate) fn step_settings(cfg: &TrainConfig) -> StepSettings {
     StepSettings {
         loss: cfg.loss,
         learning_rate: cfg.learning_rate,
