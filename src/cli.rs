@@ -178,9 +178,10 @@ pub struct TrainArgs {
     /// Steps over which the KL weight ramps from 0 to --beta (--arch vae).
     #[arg(long, default_value_t = 500)]
     pub kl_warmup: usize,
-    /// Optimisation steps (batches). Ignored when --epochs is given. Default: 1200 for
-    /// --arch draem, 1000 for usad, 1600 for adversarial, 2500 for the other autoencoders
-    /// (7–12 minutes for 70–80 colour images of 256² on 2 CPU cores).
+    /// Optimisation steps (batches). Ignored when --epochs is given. Default: 2400 for
+    /// --arch draem (cut to what fits --time-budget), 1000 for usad, 1600 for adversarial,
+    /// 2500 for the other autoencoders (7–14 minutes for 70–80 colour images of 256² on
+    /// 2 CPU cores).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.
@@ -251,8 +252,9 @@ pub struct CalibrationArgs {
     pub threshold_method: ThresholdMethod,
     #[arg(long, default_value_t = 0.99)]
     pub quantile: f32,
-    /// Relative margin over the quantile. Default: 0.2 for a learned map (draem), whose
-    /// good-image scores spread more from image to image; 0.1 for reconstruction-error maps.
+    /// Relative margin over the quantile. Default: 0.4 for a learned map (draem), whose
+    /// good-image scores spread more from image to image and from one part of a surface to
+    /// another; 0.1 for reconstruction-error maps.
     #[arg(long)]
     pub margin: Option<f32>,
     /// Smallest defect worth reporting, in working-resolution pixels.

@@ -133,14 +133,34 @@ fn bundled_samples_over_http() {
     let server = start(data.path());
     let (s, b) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    // The command line's verdicts on the same files are the reference (their values are
+    // held to the recorded golden ones in tests/bundled.rs): the service must agree.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default/samples");
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
+    let o = common::run(&["inspect", "--model", model, dir]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cli: Vec<Value> = common::stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut verdicts = Vec::new();
     for path in samples() {
         let bytes = std::fs::read(&path).unwrap();
         let (s, b) = http(&server.addr, "POST", "/v1/inspect", "image/png", &bytes);
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
         let v: Value = serde_json::from_slice(&b).unwrap();
         let name = path.file_name().unwrap().to_string_lossy();
-        let expect_anomalous = !name.starts_with("good");
-        assert_eq!(v["is_anomalous"].as_bool().unwrap(), expect_anomalous, "{name}: {v}");
+        let reference = cli
+            .iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(&*name))
+            .unwrap_or_else(|| panic!("{name} missing from the CLI's output"));
+        assert_eq!(v["is_anomalous"], reference["is_anomalous"], "{name}: {v}");
+        let (got, want) = (v["score"].as_f64().unwrap(), reference["score"].as_f64().unwrap());
+        assert!(
+            (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+            "{name}: {got} over HTTP, {want} from the CLI"
+        );
+        verdicts.push(v["is_anomalous"].as_bool().unwrap());
         let id = v["id"].as_str().unwrap();
         let (s, b) = http(
             &server.addr,
@@ -152,6 +172,7 @@ fn bundled_samples_over_http() {
         assert_eq!(s, 200);
         assert!(image::load_from_memory(&b).is_ok());
     }
+    assert!(verdicts.contains(&true) && verdicts.contains(&false), "{verdicts:?}");
     // The container health check.
     let probe = common::run(&["probe", &format!("http://{}/health/ready", server.addr)]);
     assert!(probe.status.success(), "{}", common::stderr(&probe));
