@@ -35,24 +35,10 @@ const GOLDEN_SPATIAL: &[(&str, f64, bool)] = &[
 ];
 
 fn check_golden(model: &str, golden: &[(&str, f64, bool)]) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let o = common::run(&[
-        "inspect",
-        "--model",
-        &format!("{root}/models/{model}"),
-        &format!("{root}/models/default/samples"),
-    ]);
-    assert!(o.status.success(), "{model}: {}", common::stderr(&o));
-    let records: Vec<Value> = common::stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::inspect_bundled_samples(model);
     assert_eq!(records.len(), golden.len());
     for &(name, want, anomalous) in golden {
-        let r = records
-            .iter()
-            .find(|r| r["path"].as_str().unwrap().ends_with(name))
-            .unwrap_or_else(|| panic!("{name} missing"));
+        let r = common::record_for(&records, name);
         let got = r["score"].as_f64().unwrap();
         assert!(
             (got - want).abs() <= 0.02 * want,

@@ -135,14 +135,7 @@ fn bundled_samples_over_http() {
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     // The command line's verdicts on the same files are the reference (their values are
     // held to the recorded golden ones in tests/bundled.rs): the service must agree.
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default/samples");
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
-    let o = common::run(&["inspect", "--model", model, dir]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
-    let cli: Vec<Value> = common::stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let cli = common::inspect_bundled_samples("default");
     let mut verdicts = Vec::new();
     for path in samples() {
         let bytes = std::fs::read(&path).unwrap();
@@ -150,10 +143,7 @@ fn bundled_samples_over_http() {
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
         let v: Value = serde_json::from_slice(&b).unwrap();
         let name = path.file_name().unwrap().to_string_lossy();
-        let reference = cli
-            .iter()
-            .find(|r| r["path"].as_str().unwrap().ends_with(&*name))
-            .unwrap_or_else(|| panic!("{name} missing from the CLI's output"));
+        let reference = common::record_for(&cli, &name);
         assert_eq!(v["is_anomalous"], reference["is_anomalous"], "{name}: {v}");
         let (got, want) = (v["score"].as_f64().unwrap(), reference["score"].as_f64().unwrap());
         assert!(

@@ -31,6 +31,28 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// `vigil inspect --model models/<model> models/default/samples`: one record per bundled
+/// sample, as the command line writes them.
+pub fn inspect_bundled_samples(model: &str) -> Vec<serde_json::Value> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = run(&[
+        "inspect",
+        "--model",
+        &format!("{root}/models/{model}"),
+        &format!("{root}/models/default/samples"),
+    ]);
+    assert!(o.status.success(), "{model}: {}", stderr(&o));
+    stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The record of the image whose path ends with `name`.
+pub fn record_for<'a>(records: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    records
+        .iter()
+        .find(|r| r["path"].as_str().unwrap().ends_with(name))
+        .unwrap_or_else(|| panic!("{name} missing from the records"))
+}
+
 /// A directory that lives for the whole test binary.
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
