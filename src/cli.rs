@@ -231,17 +231,21 @@ pub struct ScoringArgs {
     #[arg(long, value_enum)]
     pub map: Option<MapMethod>,
     /// Score = maximum of the map after an N×N mean filter (working-resolution pixels), so
-    /// a defect must cover an area to score high. Default: none (the maximum of the
-    /// smoothed map): DRAEM's 21×21 filter lost thin scratches on real surfaces.
+    /// a defect must cover an area to score high. Default: none: DRAEM's 21×21 filter lost
+    /// thin scratches on real surfaces.
     #[arg(long, conflicts_with = "top_k")]
     pub score_filter: Option<usize>,
-    /// σ of the Gaussian smoothing of the anomaly map, in working-resolution pixels.
-    /// Default: 2 for the learned map of --arch draem (already smooth; thin scratches fade
-    /// under more), 4 for reconstruction-error maps.
+    /// σ of the Gaussian smoothing of the anomaly map (the map returned, drawn and cut into
+    /// regions), in working-resolution pixels. Default: 4.
     #[arg(long)]
     pub smoothing: Option<f32>,
-    /// Score = mean of the K highest map values instead of the maximum.
+    /// σ of the smoothing of the map the score is read from, when it should differ from
+    /// --smoothing. Default: 0 (unsmoothed) for --arch draem, whose score averages the
+    /// highest pixels instead; the same as --smoothing for the others.
     #[arg(long)]
+    pub score_smoothing: Option<f32>,
+    /// Score = mean of the K highest map values instead of the maximum. Default: 100 per
+    /// 256² of working resolution for --arch draem; the others take the maximum.
     pub top_k: Option<usize>,
 }
 

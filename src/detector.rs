@@ -244,10 +244,7 @@ impl Detector {
             Some(a) => raw.mixed(a),
             None => std::borrow::Cow::Borrowed(raw),
         };
-        let map = scoring::anomaly_map(&raw, &self.card.scoring);
-        let s = self.card.input.working_size;
-        let score = scoring::image_score(&map, s, s, self.card.scoring.reduction);
-        (map, score)
+        scoring::map_and_score(&raw, &self.card.scoring)
     }
 
     /// Scores a reconstruction: verdict, regions and the map at the original resolution.
@@ -261,12 +258,21 @@ impl Detector {
         let map = resize_plane(&map, s, s, w, h);
         let area_scale = (w * h) as f32 / (s * s) as f32;
         let min_area = (t.min_defect_area as f32 * area_scale).round() as u32;
-        let regions = regions::find_regions(&map, w, h, pixel_threshold, image_threshold, min_area);
+        // Regions reach the image threshold, and an anomalous image always has the one
+        // around its map's peak: the score may be read off another smoothing than the map
+        // returned (draem's), and resizing lowers sharp peaks. A normal image has none.
+        let is_anomalous = score > image_threshold;
+        let seed = if is_anomalous {
+            image_threshold.min(map.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        } else {
+            f32::INFINITY
+        };
+        let regions = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
         Inspection {
             score,
             threshold: image_threshold,
             pixel_threshold,
-            is_anomalous: score > image_threshold,
+            is_anomalous,
             regions,
             width: w,
             height: h,

@@ -104,16 +104,19 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         );
         let (m, h, w) = vigil::npy::read_f32_2d(std::path::Path::new(r["map_path"].as_str().unwrap())).unwrap();
         assert_eq!((h, w), (64, 64));
-        // The image score is the map's maximum (up to the resize back to full resolution).
-        let peak = m.iter().copied().fold(f32::MIN, f32::max) as f64;
-        assert!((peak - r["score"].as_f64().unwrap()).abs() < 0.05 * peak.abs().max(1e-3));
+        // The score and the map written are the detector's own for that image.
+        let input = image::open(r["path"].as_str().unwrap()).unwrap();
+        let prepared = detector.prepare(&input);
+        let recon = detector.reconstruct(&[&prepared.working]).unwrap();
+        let inspection = detector.score(&prepared, &recon[0], Default::default());
+        let score = r["score"].as_f64().unwrap();
+        assert!((score - inspection.score as f64).abs() <= 1e-6 * score.abs().max(1.0));
+        assert_eq!(m, inspection.map);
         let heatmap = image::open(r["heatmap_path"].as_str().unwrap()).unwrap();
         assert_eq!((heatmap.width(), heatmap.height()), (64, 64));
         map_paths.push(r["map_path"].as_str().unwrap().to_string());
         // The reconstruction is the model's own, at its working resolution, in 8 bits.
-        let input = image::open(r["path"].as_str().unwrap()).unwrap();
-        let prepared = detector.prepare(&input);
-        let expected = detector.reconstruct(&[&prepared.working]).unwrap()[0].image.to_rgb8();
+        let expected = recon[0].image.to_rgb8();
         let written = image::open(r["reconstruction_path"].as_str().unwrap())
             .unwrap()
             .to_rgb8();

@@ -286,8 +286,13 @@ fn draem_trains_inspects_and_evaluates_end_to_end() {
     let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(card["architecture"]["name"], "draem");
     assert_eq!(card["scoring"]["method"], "learned");
-    assert_eq!(card["scoring"]["reduction"]["kind"], "max");
-    assert_eq!(card["scoring"]["smoothing_sigma"], 2.0);
+    // The map is smoothed with σ 4; the score is the mean of the 100 highest unsmoothed
+    // pixels per 256² (64² here: ⌈6.25⌉ = 7).
+    assert_eq!(card["input"]["working_size"], 64);
+    assert_eq!(card["scoring"]["reduction"]["kind"], "top-k-mean");
+    assert_eq!(card["scoring"]["reduction"]["k"], 7);
+    assert_eq!(card["scoring"]["smoothing_sigma"], 4.0);
+    assert_eq!(card["scoring"]["score_smoothing_sigma"], 0.0);
     assert!(card["training"]["augment"]
         .as_array()
         .unwrap()

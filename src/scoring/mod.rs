@@ -54,9 +54,14 @@ pub struct MapSpec {
     pub ssim_scale: f32,
     /// Divisor of the squared error (mean on validation images; 1 until calibrated).
     pub l2_scale: f32,
-    /// σ of the Gaussian smoothing, in working-resolution pixels.
+    /// σ of the Gaussian smoothing of the returned map, in working-resolution pixels.
     pub smoothing_sigma: f32,
     pub reduction: Reduction,
+    /// σ of the smoothing of the map the score is read from, when it differs from the
+    /// returned map's (0: the unsmoothed map). Absent in cards written before it existed:
+    /// the score then reads the returned map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_smoothing_sigma: Option<f32>,
     pub ssim_window: usize,
     pub ssim_sigma: f32,
 }
@@ -69,6 +74,7 @@ impl Default for MapSpec {
             l2_scale: 1.0,
             smoothing_sigma: 4.0,
             reduction: Reduction::Max,
+            score_smoothing_sigma: None,
             ssim_window: 11,
             ssim_sigma: 1.5,
         }
@@ -183,11 +189,27 @@ impl RawMaps {
     }
 }
 
-/// Combines raw maps by `spec.method` and smooths: the anomaly map at working resolution.
-/// `Learned` on maps without a learned part falls back to `ssim+l2` (a card that names it
-/// is only written for families that have one).
-pub fn anomaly_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
-    let combined: Vec<f32> = match spec.method {
+/// The anomaly map at working resolution (raw maps combined by `spec.method`, smoothed)
+/// and the image score: the score is read off the map smoothed by
+/// `score_smoothing_sigma` where the card sets one, else off the anomaly map itself.
+pub fn map_and_score(raw: &RawMaps, spec: &MapSpec) -> (Vec<f32>, f32) {
+    let (w, h) = (raw.width, raw.height);
+    let combined = combined_map(raw, spec);
+    let map = filter::gaussian_smooth(&combined, w, h, spec.smoothing_sigma);
+    let score = match spec.score_smoothing_sigma {
+        Some(sigma) if sigma != spec.smoothing_sigma => {
+            image_score(&filter::gaussian_smooth(&combined, w, h, sigma), w, h, spec.reduction)
+        }
+        _ => image_score(&map, w, h, spec.reduction),
+    };
+    (map, score)
+}
+
+/// Raw maps combined by `spec.method`, unsmoothed. `Learned` on maps without a learned
+/// part falls back to `ssim+l2` (a card that names it is only written for families that
+/// have one).
+fn combined_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
+    match spec.method {
         MapMethod::Ssim => raw.dssim.iter().map(|v| v / spec.ssim_scale).collect(),
         MapMethod::L2 => raw.l2.iter().map(|v| v / spec.l2_scale).collect(),
         MapMethod::SsimL2 => raw
@@ -203,14 +225,13 @@ pub fn anomaly_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
                     method: MapMethod::SsimL2,
                     ..spec.clone()
                 };
-                return anomaly_map(raw, &fallback);
+                combined_map(raw, &fallback)
             }
         },
-    };
-    filter::gaussian_smooth(&combined, raw.width, raw.height, spec.smoothing_sigma)
+    }
 }
 
-/// The image score of a smoothed `width × height` anomaly map.
+/// The image score of a `width × height` map.
 pub fn image_score(map: &[f32], width: usize, height: usize, reduction: Reduction) -> f32 {
     match reduction {
         Reduction::Max => map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
@@ -272,6 +293,47 @@ mod tests {
         assert!((f[6] - 4.0).abs() < 1e-5 && (f[12] - 4.0).abs() < 1e-5);
         // Even sizes round up to the next odd one.
         assert_eq!(image_score(&m, 5, 5, Reduction::MeanFilterMax { size: 2 }), s);
+    }
+
+    #[test]
+    fn the_score_reads_its_own_smoothing_of_the_map() {
+        // A thin line: 40 pixels of 1 in row 32 of a 64² map of zeros. Smoothed with σ 4
+        // across the line, its middle keeps about 1/(√(2π)·4) ≈ 0.0997 of its height; the
+        // mean of the 20 highest unsmoothed pixels is exactly 1.
+        let (w, h) = (64, 64);
+        let mut learned = vec![0f32; w * h];
+        learned[32 * w + 12..32 * w + 52].fill(1.0);
+        let raw = RawMaps {
+            width: w,
+            height: h,
+            dssim: Vec::new(),
+            l2: Vec::new(),
+            learned: Some(learned),
+            second: None,
+        };
+        let spec = MapSpec {
+            method: MapMethod::Learned,
+            smoothing_sigma: 4.0,
+            reduction: Reduction::TopKMean { k: 20 },
+            score_smoothing_sigma: Some(0.0),
+            ..Default::default()
+        };
+        let (map, score) = map_and_score(&raw, &spec);
+        assert_eq!(score, 1.0);
+        let peak = map.iter().copied().fold(0f32, f32::max);
+        assert!((peak - 0.0997).abs() < 0.003, "smoothed peak {peak}");
+        // Without a score smoothing of its own (older cards), or with the map's own σ, the
+        // score reads the returned map.
+        for own in [None, Some(4.0)] {
+            let spec = MapSpec {
+                score_smoothing_sigma: own,
+                ..spec.clone()
+            };
+            let (same_map, s) = map_and_score(&raw, &spec);
+            assert_eq!(same_map, map);
+            assert_eq!(s, image_score(&map, w, h, Reduction::TopKMean { k: 20 }));
+            assert!(s < 0.11, "{s}");
+        }
     }
 
     #[test]
@@ -341,6 +403,6 @@ mod tests {
             smoothing_sigma: 0.0,
             ..Default::default()
         };
-        assert!((anomaly_map(&raw, &spec)[0] - 4.0).abs() < 1e-5);
+        assert!((map_and_score(&raw, &spec).0[0] - 4.0).abs() < 1e-5);
     }
 }

@@ -57,9 +57,9 @@ pub fn label_components(mask: &[bool], width: usize, height: usize) -> (Vec<u32>
 }
 
 /// Defect regions of `map` by hysteresis: components of pixels above `pixel_threshold`
-/// that reach `seed_threshold` somewhere (so an image judged normal has no regions and
-/// an anomalous one has at least the region around its peak). Regions smaller than
-/// `min_area` pixels are dropped. Sorted by peak, highest first.
+/// whose peak reaches `seed_threshold` (≥, so a seed at the map's maximum keeps the
+/// region around it). Regions smaller than `min_area` pixels are dropped. Sorted by peak,
+/// highest first.
 pub fn find_regions(
     map: &[f32],
     width: usize,
@@ -79,7 +79,7 @@ pub fn find_regions(
     let total = (width * height) as f32;
     let mut regions: Vec<Region> = stats
         .into_iter()
-        .filter(|s| s.area >= min_area.max(1) && s.peak > seed_threshold)
+        .filter(|s| s.area >= min_area.max(1) && s.peak >= seed_threshold)
         .map(|s| Region {
             x: s.x0 as u32,
             y: s.y0 as u32,
@@ -185,8 +185,12 @@ mod tests {
         assert!((r[0].mean - 15.0 / 4.0).abs() < 1e-6);
         assert!((r[0].area_fraction - 4.0 / 35.0).abs() < 1e-6);
         assert_eq!((r[1].x, r[1].y, r[1].width, r[1].height), (6, 2, 1, 2));
-        // A seed threshold above 5 keeps only the blob; a min area of 3 drops the bar.
-        assert_eq!(find_regions(&m, w, h, 1.5, 5.0, 1).len(), 1);
+        // A seed of 5 is reached by the bar's peak; above 5 only the blob is kept, and a
+        // seed at the map's maximum (9) keeps the region around it. A min area of 3 drops
+        // the bar.
+        assert_eq!(find_regions(&m, w, h, 1.5, 5.0, 1).len(), 2);
+        assert_eq!(find_regions(&m, w, h, 1.5, 5.01, 1).len(), 1);
+        assert_eq!(find_regions(&m, w, h, 1.5, 9.0, 1)[0].peak, 9.0);
         assert_eq!(find_regions(&m, w, h, 1.5, 4.0, 3).len(), 1);
         assert_eq!(largest_component_area(&m, w, h, 1.5), 4);
         assert_eq!(largest_component_area(&m, w, h, 0.5), 4);
