@@ -233,7 +233,7 @@ pub async fn heatmap(
     let out = blocking(move || {
         let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
-        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, opacity)
+        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.pixel_threshold, opacity)
     })
     .await?;
     png(out)

@@ -118,7 +118,7 @@ fn write_outputs<'a>(
         Some(dir) => {
             let p = dir.join(format!("{name}.png"));
             let base = image_io::Planar::from_image(img, detector.card.input.channels).to_rgb8();
-            render_heatmap(&base, &insp.map, insp.threshold, insp.pixel_threshold, 0.5)
+            render_heatmap(&base, &insp.map, insp.pixel_threshold, 0.5)
                 .save(&p)
                 .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())

@@ -7,14 +7,20 @@ use super::regions::label_components;
 
 /// Renders `map` (row-major, same size as `base`) over `base`.
 ///
-/// Colour scale: 0 at the bottom of turbo, `threshold` at its middle and `2 × threshold`
-/// at its top, so the same colour means the same thing on every image of a model.
-/// Pixels above `pixel_threshold` get a white outline around each connected region.
-pub fn render_heatmap(base: &RgbImage, map: &[f32], threshold: f32, pixel_threshold: f32, alpha: f32) -> RgbImage {
+/// Colour scale: 0 at the bottom of turbo, `pixel_threshold` at its middle and twice it at
+/// its top, so the same colour means the same thing on every image of a model, and the
+/// white outline around each connected region of pixels above `pixel_threshold` sits where
+/// the colours turn warm. (The image threshold is in the score's units, which need not be
+/// the map's: draem's score is read off the unsmoothed map.)
+pub fn render_heatmap(base: &RgbImage, map: &[f32], pixel_threshold: f32, alpha: f32) -> RgbImage {
     let (w, h) = base.dimensions();
     let (wu, hu) = (w as usize, h as usize);
     assert_eq!(map.len(), wu * hu, "map and image sizes differ");
-    let scale = if threshold > 0.0 { 0.5 / threshold } else { 1.0 };
+    let scale = if pixel_threshold > 0.0 {
+        0.5 / pixel_threshold
+    } else {
+        1.0
+    };
     let mut out = RgbImage::new(w, h);
     for (i, px) in out.pixels_mut().enumerate() {
         let t = (map[i] * scale).clamp(0.0, 1.0) as f64;
@@ -62,7 +68,7 @@ mod tests {
                 map[y * 8 + x] = 10.0;
             }
         }
-        let out = render_heatmap(&base, &map, 1.0, 1.0, 1.0);
+        let out = render_heatmap(&base, &map, 1.0, 1.0);
         let cold = out.get_pixel(0, 0);
         assert!(cold[2] > cold[0], "cold should be bluish: {cold:?}");
         let hot = out.get_pixel(3, 3);
