@@ -246,6 +246,7 @@ pub struct ScoringArgs {
     pub score_smoothing: Option<f32>,
     /// Score = mean of the K highest map values instead of the maximum. Default: 100 per
     /// 256² of working resolution for --arch draem; the others take the maximum.
+    #[arg(long)]
     pub top_k: Option<usize>,
 }
 

@@ -10,6 +10,7 @@ use crate::cli::BenchArgs;
 use crate::kernels::{ops, Activation, Kernels};
 use crate::model::{device, AnomalyModel, Architecture, Network, StepSettings, TrainBatch};
 use crate::scoring::ssim::{ssim_map, SsimParams};
+use crate::scoring::{map_and_score, MapMethod, MapSpec, RawMaps, Reduction};
 use crate::train::LossKind;
 
 #[derive(Debug, Serialize)]
@@ -318,6 +319,37 @@ fn measure_choices(dev: &Device, repeat: usize) -> candle_core::Result<Vec<Choic
         "latent 100 → 32×8×8, batch 16: Linear vs 8×8 transposed conv",
         linear,
         convt8,
+    );
+
+    // draem's map and score from a 256² learned map: chosen for detection, not speed; the
+    // ratio says what it costs per image against the scoring it replaced.
+    let learned: Vec<f32> = (0..256 * 256).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let raw = RawMaps {
+        learned: Some(learned),
+        ..RawMaps::zeros(256, 256, false, false, false)
+    };
+    let now = MapSpec {
+        method: MapMethod::Learned,
+        reduction: Reduction::TopKMean { k: 100 },
+        score_smoothing_sigma: Some(0.0),
+        ..MapSpec::default()
+    };
+    let before = MapSpec {
+        smoothing_sigma: 2.0,
+        reduction: Reduction::Max,
+        score_smoothing_sigma: None,
+        ..now.clone()
+    };
+    let score = |spec: &MapSpec| {
+        time(repeat, || {
+            std::hint::black_box(map_and_score(&raw, spec));
+            Ok(())
+        })
+    };
+    push(
+        "draem map and score, 256²: σ 4 map, top 100 unsmoothed vs σ 2 map, its maximum",
+        score(&now)?,
+        score(&before)?,
     );
     Ok(out)
 }

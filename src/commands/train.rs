@@ -225,3 +225,44 @@ fn map_spec(scoring: &ScoringArgs, method: MapMethod, discriminative: bool, size
         ..MapSpec::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn scoring_of(extra: &[&str]) -> ScoringArgs {
+        let mut argv = vec!["vigil", "train", "--data", "d", "--out", "o"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Train(t) => t.scoring,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn map_spec_defaults_by_family_and_options_override_them() {
+        let draem = map_spec(&scoring_of(&[]), MapMethod::Learned, true, 256);
+        assert_eq!(draem.smoothing_sigma, 4.0);
+        assert_eq!(draem.score_smoothing_sigma, Some(0.0));
+        assert_eq!(draem.reduction, Reduction::TopKMean { k: 100 });
+        // k scales with the working area: 100 per 256², rounded up.
+        let small = map_spec(&scoring_of(&[]), MapMethod::Learned, true, 64);
+        assert_eq!(small.reduction, Reduction::TopKMean { k: 7 });
+        let spatial = map_spec(&scoring_of(&[]), MapMethod::L2, false, 256);
+        assert_eq!(
+            (spatial.reduction, spatial.score_smoothing_sigma),
+            (Reduction::Max, None)
+        );
+        assert_eq!(spatial.smoothing_sigma, 4.0);
+
+        let given = scoring_of(&["--top-k", "5", "--score-smoothing", "1.5", "--smoothing", "3"]);
+        let draem = map_spec(&given, MapMethod::Learned, true, 256);
+        assert_eq!(draem.reduction, Reduction::TopKMean { k: 5 });
+        assert_eq!(draem.score_smoothing_sigma, Some(1.5));
+        assert_eq!(draem.smoothing_sigma, 3.0);
+        let filtered = map_spec(&scoring_of(&["--score-filter", "21"]), MapMethod::Learned, true, 256);
+        assert_eq!(filtered.reduction, Reduction::MeanFilterMax { size: 21 });
+        assert!(crate::cli::Cli::try_parse_from(["vigil", "train", "--data", "d", "--out", "o", "5"]).is_err());
+    }
+}
