@@ -145,7 +145,7 @@ pub struct TrainArgs {
     /// colour input (--channels rgb, or auto with any colour training image), off for
     /// grayscale. On the development set of real surfaces, with each of three seeds, the
     /// maps raised the colour surfaces' mean image AUROC, pixel AUROC and AUPRO but spread
-    /// the grayscale surfaces' maps around small defects (the README has the tables).
+    /// the grayscale surfaces' maps around small defects (the README has the figures).
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true")]
     pub segmenter_error_maps: Option<bool>,
@@ -153,7 +153,7 @@ pub struct TrainArgs {
     /// as in DRAEM's own training, instead of stopping at the reconstruction. Only
     /// training differs, and a step costs more. Off by default: on the development set of
     /// real surfaces its means were the default's within a few thousandths, better on one
-    /// surface and worse on two (the README has the table).
+    /// surface and worse on two (the README has the figures).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true")]
     pub joint_training: bool,
