@@ -59,7 +59,7 @@ pub enum Channels {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ArchName {
     /// Fully convolutional autoencoder, spatial bottleneck, BatchNorm; anomaly map from
-    /// SSIM and L2 reconstruction error.
+    /// the squared reconstruction error (--map ssim+l2 adds 1 − SSIM).
     Spatial,
     /// Bergmann et al. 2019: vector latent (see --latent).
     Bergmann,
@@ -68,7 +68,7 @@ pub enum ArchName {
     /// the anomaly map is the U-Net's per-pixel probability.
     Draem,
     /// Variational spatial autoencoder: the code is a Gaussian (see --beta, --kl-warmup);
-    /// inference decodes its mean; anomaly map from SSIM and L2 reconstruction error.
+    /// inference decodes its mean; anomaly map from the squared reconstruction error.
     Vae,
     /// One encoder, two adversarial decoders (after USAD, Audibert et al. 2020): the second
     /// decoder learns to fail on the first's rebuilds, magnifying what it cannot rebuild;
@@ -131,7 +131,8 @@ pub struct TrainArgs {
     /// Bottleneck channels at 1/8 resolution (--arch spatial, draem, vae).
     #[arg(long, default_value_t = 8)]
     pub bottleneck: usize,
-    /// Base channel width of the segmentation U-Net (--arch draem: width, 2·, 4·).
+    /// Base channel width of the segmentation U-Net (--arch draem: width, 2·, 4·, and 4·
+    /// again at its deepest stage).
     #[arg(long, default_value_t = 8)]
     pub segmenter_width: usize,
     /// Stride-2 stages of the segmentation U-Net (--arch draem): each doubles how far it
@@ -159,21 +160,21 @@ pub struct TrainArgs {
     pub joint_training: bool,
     /// Weight of the KL term (--arch vae): higher pulls the code towards N(0, 1), giving
     /// smoother reconstructions that rebuild less of a defect, and less of fine texture.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = non_negative_f32)]
     pub beta: f32,
     /// Weight of the first decoder's error in the anomaly map (--arch usad); the second
     /// decoder's error on the first's rebuild gets 1 − alpha. Default 1: on real surface
     /// photographs the second decoder's error was noise across the whole image (the same
     /// six models re-scored: mean image / pixel AUROC 0.68 / 0.51 at 0.5, 0.78 / 0.77 at
     /// 1); the second decoder still shapes how the first is trained.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval_f32)]
     pub alpha: f32,
     /// Base channel width of the patch critic (--arch adversarial: width, 2·, 4·).
     #[arg(long, default_value_t = 16)]
     pub critic_width: usize,
     /// Weight of the critic's verdict in the reconstructor's loss (--arch adversarial),
     /// beside the reconstruction loss (1 − SSIM + 5·MSE, about 0.1–0.5 once trained).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = non_negative_f32)]
     pub adversarial_weight: f32,
     /// Steps over which the KL weight ramps from 0 to --beta (--arch vae).
     #[arg(long, default_value_t = 500)]
@@ -185,7 +186,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub epochs: Option<usize>,
     /// Minutes the whole training may take when the step count is the family's default
     /// (neither --steps nor --epochs given). Before training, a few steps of a throwaway
@@ -194,14 +195,17 @@ pub struct TrainArgs {
     /// the same model again bit for bit. 0 turns the budget off.
     #[arg(long, default_value_t = 14.0, value_parser = minutes, allow_negative_numbers = true)]
     pub time_budget: f64,
+    /// Training crops per step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Peak learning rate (AdamW, cosine decay, 2% warm-up).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_f64)]
     pub lr: f64,
     /// Fraction of the good images held out of training to calibrate thresholds.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = validation_fraction)]
     pub validation_fraction: f32,
+    /// Seed of initialisation, crops, synthetic anomalies and the validation split: the
+    /// same seed, data, options and thread count train the same weights bit for bit (CPU).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Convolution and SSIM-loss kernels on the CPU: fast (vigil's, the default) or candle
@@ -233,20 +237,20 @@ pub struct ScoringArgs {
     /// Score = maximum of the map after an N×N mean filter (working-resolution pixels), so
     /// a defect must cover an area to score high. Default: none: DRAEM's 21×21 filter lost
     /// thin scratches on real surfaces.
-    #[arg(long, conflicts_with = "top_k")]
+    #[arg(long, conflicts_with = "top_k", value_parser = at_least_one)]
     pub score_filter: Option<usize>,
     /// σ of the Gaussian smoothing of the anomaly map (the map returned, drawn and cut into
     /// regions), in working-resolution pixels. Default: 4.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_f32)]
     pub smoothing: Option<f32>,
     /// σ of the smoothing of the map the score is read from, when it should differ from
     /// --smoothing. Default: 0 (unsmoothed) for --arch draem, whose score averages the
     /// highest pixels instead; the same as --smoothing for the others.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_f32)]
     pub score_smoothing: Option<f32>,
     /// Score = mean of the K highest map values instead of the maximum. Default: 100 per
     /// 256² of working resolution for --arch draem; the others take the maximum.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub top_k: Option<usize>,
 }
 
@@ -255,12 +259,14 @@ pub struct CalibrationArgs {
     /// quantile: the good images' score quantile × (1 + margin); min-area: Bergmann's rule.
     #[arg(long, value_enum, default_value_t = ThresholdMethod::Quantile)]
     pub threshold_method: ThresholdMethod,
-    #[arg(long, default_value_t = 0.99)]
+    /// Quantile of the good images' scores the image threshold starts from (0.99: the
+    /// 99th percentile; with few images, about their maximum).
+    #[arg(long, default_value_t = 0.99, value_parser = quantile)]
     pub quantile: f32,
     /// Relative margin over the quantile. Default: 0.4 for a learned map (draem), whose
     /// good-image scores spread more from image to image and from one part of a surface to
     /// another; 0.1 for reconstruction-error maps.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_f32)]
     pub margin: Option<f32>,
     /// Smallest defect worth reporting, in working-resolution pixels.
     #[arg(long, default_value_t = 25)]
@@ -286,11 +292,11 @@ pub struct InspectArgs {
     #[arg(long)]
     pub reconstructions_dir: Option<PathBuf>,
     /// Override the model's image threshold.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative_f32)]
     pub threshold: Option<f32>,
     /// For models that mix two learned maps (usad): the weight of the first, 0 to 1,
     /// instead of the model's (the threshold was calibrated at the model's own).
-    #[arg(long)]
+    #[arg(long, value_parser = unit_interval_f32)]
     pub alpha: Option<f32>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -323,6 +329,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
+    /// Model directory whose model.json gets the new thresholds (the weights are not touched).
     #[arg(long)]
     pub model: PathBuf,
     /// Folder of good images (all are used for calibration).
@@ -354,7 +361,8 @@ pub struct SynthArgs {
     /// Output folder (MVTec AD layout).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 256)]
+    /// Side of each image, in pixels (32 or more).
+    #[arg(long, default_value_t = 256, value_parser = synth_size)]
     pub size: usize,
     #[arg(long, default_value_t = 80)]
     pub train_good: usize,
@@ -374,7 +382,7 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Every sub-folder holding a model.json is served under its folder name; `default`
-    /// is the model behind POST /v1/inspect.
+    /// (or the only model served) is the model behind POST /v1/inspect.
     #[arg(long, env = "VIGIL_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
     /// Database and stored images live here.
@@ -429,5 +437,134 @@ fn minutes(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(m) if m.is_finite() && m >= 0.0 => Ok(m),
         _ => Err(format!("{text:?} is not a number of minutes (0 or more)")),
+    }
+}
+
+/// A finite number ≥ 0 (a NaN or infinite setting would be written into a model card that
+/// nothing can read back).
+fn non_negative_f32(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a finite number of 0 or more")),
+    }
+}
+
+/// A finite number > 0.
+fn positive_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a finite number above 0")),
+    }
+}
+
+/// A number from 0 to 1.
+fn unit_interval_f32(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a number from 0 to 1")),
+    }
+}
+
+/// A quantile: above 0, at most 1.
+fn quantile(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a quantile (above 0, at most 1)")),
+    }
+}
+
+/// A fraction of the training images: 0 or more, below 1 (something must be left to train on).
+fn validation_fraction(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a fraction from 0 up to (not including) 1")),
+    }
+}
+
+/// A synthetic image side: its defects are drawn at sizes that need 32 pixels or more.
+fn synth_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(v) if v >= 32 => Ok(v),
+        _ => Err(format!("{text:?} is not a whole number of 32 or more")),
+    }
+}
+
+/// A count of 1 or more.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!("{text:?} is not a whole number of 1 or more")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::Parser;
+
+    fn parses(args: &[&str]) -> bool {
+        Cli::try_parse_from(args).is_ok()
+    }
+
+    #[test]
+    fn numbers_that_would_make_an_unusable_model_or_verdict_are_refused_when_parsed() {
+        let train = |extra: &[&str]| {
+            let mut a = vec!["vigil", "train", "--data", "d", "--out", "o"];
+            a.extend_from_slice(extra);
+            parses(&a)
+        };
+        assert!(train(&[]));
+        assert!(train(&[
+            "--margin",
+            "0.2",
+            "--quantile",
+            "0.95",
+            "--lr",
+            "0.002",
+            "--epochs",
+            "3"
+        ]));
+        for bad in [
+            &["--margin", "nan"][..],
+            &["--margin", "inf"],
+            &["--margin=-2"],
+            &["--quantile", "2"],
+            &["--quantile", "0"],
+            &["--quantile", "nan"],
+            &["--lr", "nan"],
+            &["--lr", "0"],
+            &["--epochs", "0"],
+            &["--validation-fraction", "1"],
+            &["--smoothing", "nan"],
+            &["--top-k", "0"],
+            &["--beta", "inf"],
+        ] {
+            assert!(!train(bad), "{bad:?} accepted");
+        }
+        let inspect = |extra: &[&str]| {
+            let mut a = vec!["vigil", "inspect"];
+            a.extend_from_slice(extra);
+            a.push("x.png");
+            parses(&a)
+        };
+        assert!(inspect(&["--threshold", "0.5"]));
+        for bad in [
+            &["--threshold", "nan"][..],
+            &["--threshold", "inf"],
+            &["--threshold", "1e40"],
+            &["--alpha", "1.5"],
+        ] {
+            assert!(!inspect(bad), "{bad:?} accepted");
+        }
+        assert!(!parses(&[
+            "vigil",
+            "calibrate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--quantile",
+            "nan"
+        ]));
     }
 }

@@ -267,7 +267,15 @@ impl Detector {
         } else {
             f32::INFINITY
         };
-        let regions = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
+        let mut regions = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
+        if is_anomalous && regions.is_empty() {
+            // Nothing over the pixel threshold reached the minimum area (the peak may sit
+            // below that threshold when the image threshold was overridden, or the area be
+            // set high): the verdict still points at the peak, with its extent down to
+            // half the peak's height.
+            let peak = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            regions = regions::find_regions(&map, w, h, pixel_threshold.min(0.5 * peak), peak, 1);
+        }
         Inspection {
             score,
             threshold: image_threshold,

@@ -67,12 +67,38 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     // should return an error (fuzzing found zune-jpeg 0.5.15 unwrapping `None` in its AVX2
     // IDCT on a crafted JPEG; tests/upload.rs keeps that input). A panic here is a corrupt
     // image to the caller, not a crashed `vigil inspect` or a 500.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())) {
+    quiet_decoder_panics();
+    DECODING.with(|d| d.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()));
+    DECODING.with(|d| d.set(false));
+    match result {
         Ok(decoded) => decoded.map_err(|e| ImageError::Corrupt(e.to_string())),
         Err(_) => Err(ImageError::Corrupt(format!(
             "the {format:?} decoder failed on this image"
         ))),
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a decoder inside `catch_unwind`.
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A decoder panic that [`decode`] catches is a corrupt image, not a crash: without this
+/// the default hook would still print "thread … panicked" (and a backtrace) to stderr,
+/// outside the JSON logs. Panics anywhere else go to the previous hook unchanged.
+fn quiet_decoder_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if DECODING.with(|d| d.get()) {
+                tracing::debug!(panic = %info, "an image decoder panicked; answered as a corrupt image");
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Reads and decodes a file.

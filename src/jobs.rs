@@ -122,6 +122,14 @@ const ALLOWED: &[&str] = &[
     "quantile",
     "margin",
     "min_defect_area",
+    "threshold_method",
+    "map",
+    "smoothing",
+    "score_smoothing",
+    "top_k",
+    "score_filter",
+    "fit",
+    "stride",
 ];
 
 /// Options that are `vigil train` flags taking `true` or `false`, not bare switches.

@@ -61,9 +61,15 @@ pub async fn build_state(
         );
     }
     let default_model = if models.contains_key("default") {
-        "default".to_string()
+        Some("default".to_string())
+    } else if models.len() == 1 {
+        models.keys().next().cloned()
     } else {
-        models.keys().next().expect("one model").clone()
+        tracing::warn!(
+            models = models.keys().cloned().collect::<Vec<_>>().join(", "),
+            "no model is named `default`: POST /v1/inspect answers 404; use /v1/models/{{model}}/inspect"
+        );
+        None
     };
     Ok(Arc::new(AppState {
         models: std::sync::RwLock::new(models),

@@ -76,7 +76,7 @@ async fn harness_with(
     );
     let state = Arc::new(AppState {
         models: std::sync::RwLock::new(models),
-        default_model: name.into(),
+        default_model: Some(name.into()),
         store,
         blobs: BlobStore::new(dir.path()),
         limits: Limits {
@@ -358,10 +358,36 @@ async fn bad_inputs_get_the_right_status_and_code() {
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
         ),
+        (
+            // curl's default for -d: a form, not JSON.
+            post(
+                &format!("/v1/inspections/{MISSING}/feedback"),
+                "application/x-www-form-urlencoded",
+                br#"{"label":"good"}"#.to_vec(),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Request::get("/v1/inspect").body(Body::empty()).unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Request::delete("/v1/models").body(Body::empty()).unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
     ];
     for (req, want_status, want_code) in cases {
         let uri = req.uri().to_string();
-        let (s, _, b) = send(&h.state, req).await;
+        let (s, headers, b) = send(&h.state, req).await;
+        if s == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(
+                headers.get("allow").is_some(),
+                "{uri}: a 405 names the methods it takes"
+            );
+        }
         assert_eq!(s, want_status, "{uri}: {}", String::from_utf8_lossy(&b));
         assert_eq!(error_code(&b), want_code, "{uri}");
     }
@@ -786,11 +812,14 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     let (s, headers, _) = send(&h.state, get(format!("/v1/inspections/{id_b}/heatmap.png"))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(headers["content-type"], "image/png");
-    // A corrupt artifact does not load: 400, and the model loaded before keeps serving.
+    // A corrupt artifact does not load: 422, and the model loaded before keeps serving.
     let served_dir = h.state.model("default").unwrap().dir.clone();
     std::fs::write(served_dir.join("weights.safetensors"), b"not safetensors").unwrap();
     let (s, _, b) = send(&h.state, admin("/v1/models/default/reload")).await;
-    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed")
+    );
     let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["model_version"], new_version.as_str());
@@ -1384,4 +1413,25 @@ async fn alpha_mixes_two_learned_maps_per_request_and_re_renders_the_same_map() 
         "{}",
         String::from_utf8_lossy(&b)
     );
+}
+
+#[tokio::test]
+async fn without_a_model_named_default_post_inspect_refuses_rather_than_guess() {
+    let h = harness_named(None, 8, "small").await;
+    // Several models and none named `default`, as a server with two trained models has.
+    let state = {
+        let other = h.state.model("small").unwrap();
+        h.state.models.write().unwrap().insert("other".into(), other);
+        let mut s = Arc::try_unwrap(h.state).ok().expect("no other reference yet");
+        s.default_model = None;
+        Arc::new(s)
+    };
+    let (s, _, b) = send(&state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&b), "unknown_model");
+    let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("other") && message.contains("small"), "{message}");
+    // Named models still answer.
+    let (s, _, _) = send(&state, post("/v1/models/small/inspect", "image/png", png(8, 8, false))).await;
+    assert_eq!(s, StatusCode::OK);
 }

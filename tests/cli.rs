@@ -80,6 +80,9 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
     assert_eq!(lines.len(), 3);
     let failed: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
     assert_eq!(failed.len(), 1);
+    // One line per input, in the order given (folders sorted): a/x, b/broken, b/x.
+    assert!(lines[1].get("error").is_some(), "{lines:?}");
+    assert!(lines[0]["path"].as_str().unwrap().ends_with("a/x.png"));
     assert!(failed[0]["path"].as_str().unwrap().ends_with("broken.png"));
     let ok: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_none()).collect();
     let mut map_paths = Vec::new();
@@ -271,6 +274,8 @@ fn user_errors_are_clear_and_never_panics() {
     let work = tempfile::tempdir().unwrap();
     let empty = work.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
+    let empty_dir = work.path().join("still-empty");
+    std::fs::create_dir_all(&empty_dir).unwrap();
     let out = work.path().join("m");
     let o = run(&tiny_train_args(empty.to_str().unwrap(), out.to_str().unwrap()));
     assert_eq!(o.status.code(), Some(2));
@@ -298,6 +303,36 @@ fn user_errors_are_clear_and_never_panics() {
     let o = run(&["inspect", "--model", bad_model.to_str().unwrap(), img.to_str().unwrap()]);
     assert!(
         stderr(&o).contains("model.json") && stderr(&o).contains("not a valid"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("line 1 column").count(),
+        1,
+        "the cause once: {}",
+        stderr(&o)
+    );
+
+    // Nothing to inspect is an error, not a silent success.
+    let o = run(&[
+        "inspect",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        empty_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no images found"), "{}", stderr(&o));
+
+    // An output path that cannot be a folder fails before any training step.
+    let in_the_way = work.path().join("file");
+    std::fs::write(&in_the_way, b"x").unwrap();
+    let o = run(&tiny_train_args(
+        dataset().join("train/good").to_str().unwrap(),
+        in_the_way.to_str().unwrap(),
+    ));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("in the way") && !stderr(&o).contains("training on"),
         "{}",
         stderr(&o)
     );

@@ -29,6 +29,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("no model named {0:?}")]
     UnknownModel(String),
+    #[error("no model is named \"default\" and several are served ({0}): use POST /v1/models/{{model}}/inspect")]
+    NoDefaultModel(String),
     #[error("no inspection with id {0:?}")]
     UnknownInspection(String),
     #[error("{0}")]
@@ -48,6 +50,10 @@ pub enum ApiError {
     Forbidden,
     #[error("no such route")]
     NoRoute,
+    #[error("this route does not take that method (see the Allow header)")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    ModelLoadFailed(String),
     /// The detail goes to the log, not to the client.
     #[error("the image store is unavailable")]
     ImageStoreUnavailable(String),
@@ -85,7 +91,7 @@ impl ApiError {
             TooManyPixels(_) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            UnknownModel(_) => (StatusCode::NOT_FOUND, "unknown_model"),
+            UnknownModel(_) | NoDefaultModel(_) => (StatusCode::NOT_FOUND, "unknown_model"),
             UnknownInspection(_) => (StatusCode::NOT_FOUND, "unknown_inspection"),
             NotStored(_) => (StatusCode::NOT_FOUND, "image_not_stored"),
             ModelChanged(_) => (StatusCode::CONFLICT, "model_changed"),
@@ -95,6 +101,8 @@ impl ApiError {
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             NoRoute => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ModelLoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed"),
             ImageStoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "image_store_unavailable"),
             ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
             BadTrainingData(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_training_data"),
@@ -168,7 +176,16 @@ impl IntoResponse for ApiError {
 /// Logs internal and storage failures with their detail and counts storage failures,
 /// from the [`ErrorReport`] a response carries.
 pub async fn report_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    // The router answers a known route with a wrong method itself, with an empty body;
+    // give it the JSON shape every other error has, keeping its Allow header.
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED && resp.extensions().get::<ErrorReport>().is_none() {
+        let allow = resp.headers().get(header::ALLOW).cloned();
+        resp = ApiError::MethodNotAllowed.into_response();
+        if let Some(allow) = allow {
+            resp.headers_mut().insert(header::ALLOW, allow);
+        }
+    }
     if let Some(report) = resp.extensions().get::<ErrorReport>() {
         let detail = report.detail.as_deref().unwrap_or("");
         match report.code {

@@ -29,7 +29,10 @@ pub async fn inspect_default(
     q: Result<Query<InspectQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<InspectionResponse>, ApiError> {
-    let model = state.default_model.clone();
+    let Some(model) = state.default_model.clone() else {
+        let names: Vec<String> = state.models.read().expect("models lock").keys().cloned().collect();
+        return Err(ApiError::NoDefaultModel(names.join(", ")));
+    };
     inspect(state, model, query(q)?, req).await
 }
 

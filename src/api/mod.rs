@@ -58,7 +58,10 @@ pub struct AppState {
     /// Served models by name. A lock, not a plain map, so a model trained by the server
     /// joins without a restart; held only to look a model up or add one.
     pub models: std::sync::RwLock<BTreeMap<String, Arc<ServedModel>>>,
-    pub default_model: String,
+    /// The model behind `POST /v1/inspect`: the one named `default`, or the only one.
+    /// None when several are served and none is named `default` (a guess could change
+    /// silently when a model is added).
+    pub default_model: Option<String>,
     pub store: Store,
     pub blobs: BlobStore,
     pub limits: Limits,

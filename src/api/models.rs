@@ -26,7 +26,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
                     version,
                     architecture: d.card.architecture.name().to_string(),
                     image_threshold: d.card.thresholds.image as f64,
-                    is_default: *name == state.default_model,
+                    is_default: state.default_model.as_deref() == Some(name.as_str()),
                 }
             })
             .collect(),
@@ -62,7 +62,7 @@ pub async fn card(
 }
 
 /// Reload a model's artifact from disk (admin). Requests in flight finish with the old one.
-#[utoipa::path(post, path = "/v1/models/{model}/reload", params(("model" = String, Path)), responses((status = 200, body = ModelSummary), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/models/{model}/reload", params(("model" = String, Path)), responses((status = 200, body = ModelSummary), (status = 404, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
 pub async fn reload(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -79,7 +79,11 @@ pub async fn reload(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::BadRequest(format!("the model on disk does not load: {e}")))?;
+    .map_err(|e| {
+        ApiError::ModelLoadFailed(format!(
+            "the model on disk does not load; the one loaded before keeps serving: {e}"
+        ))
+    })?;
     let threshold = detector.card.thresholds.image as f64;
     let architecture = detector.card.architecture.name().to_string();
     served.engine.replace(detector, version.clone());
@@ -87,7 +91,7 @@ pub async fn reload(
     metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {
-        is_default: model == state.default_model,
+        is_default: state.default_model.as_deref() == Some(model.as_str()),
         name: model,
         version,
         architecture,

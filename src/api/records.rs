@@ -144,6 +144,8 @@ pub async fn feedback(
     let Json(body) = body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::BodyTooLarge(64 * 1024)
+        } else if e.status() == axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            ApiError::UnsupportedMediaType(e.body_text())
         } else {
             ApiError::BadRequest(e.body_text())
         }

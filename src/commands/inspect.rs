@@ -54,11 +54,28 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             paths.push(input.clone());
         }
     }
+    if paths.is_empty() {
+        anyhow::bail!(
+            "no images found in {} (PNG, JPEG, BMP or TIFF files, folders searched recursively)",
+            args.inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     for dir in [&args.maps_dir, &args.heatmaps_dir, &args.reconstructions_dir]
         .into_iter()
         .flatten()
     {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Heatmaps and reconstructions are both `<name>.png`: one folder for both would keep
+    // only one of each pair.
+    if let (Some(h), Some(r)) = (&args.heatmaps_dir, &args.reconstructions_dir) {
+        if h.canonicalize()? == r.canonicalize()? {
+            anyhow::bail!("--heatmaps-dir and --reconstructions-dir must be different folders");
+        }
     }
     let mut out: Box<dyn Write> = match &args.json_lines {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -68,28 +85,28 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     };
     let mut failures = 0;
     for chunk in paths.chunks(8) {
-        let mut ok = Vec::new();
-        for p in chunk {
-            match image_io::load(p, image_io::DEFAULT_MAX_PIXELS) {
-                Ok(img) => ok.push((p, img)),
+        let loaded: Vec<_> = chunk
+            .iter()
+            .map(|p| image_io::load(p, image_io::DEFAULT_MAX_PIXELS))
+            .collect();
+        let images: Vec<&image::DynamicImage> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let mut results = detector.inspect_and_reconstruct(&images, overrides)?.into_iter();
+        // One line per input, in the order given.
+        for (path, img) in chunk.iter().zip(&loaded) {
+            let line = match img {
+                Ok(img) => {
+                    let (insp, recon) = results.next().expect("one result per loaded image");
+                    serde_json::to_string(&write_outputs(&detector, args, path, img, &insp, &recon)?)?
+                }
                 Err(e) => {
                     failures += 1;
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::to_string(&Failure {
-                            path: p.display().to_string(),
-                            error: e.to_string()
-                        })?
-                    )?;
+                    serde_json::to_string(&Failure {
+                        path: path.display().to_string(),
+                        error: e.to_string(),
+                    })?
                 }
-            }
-        }
-        let images: Vec<&image::DynamicImage> = ok.iter().map(|(_, i)| i).collect();
-        let results = detector.inspect_and_reconstruct(&images, overrides)?;
-        for ((path, img), (insp, recon)) in ok.iter().zip(&results) {
-            let rec = write_outputs(&detector, args, path, img, insp, recon)?;
-            writeln!(out, "{}", serde_json::to_string(&rec)?)?;
+            };
+            writeln!(out, "{line}")?;
         }
     }
     out.flush()?;

@@ -75,6 +75,7 @@ pub fn synth(args: &crate::cli::SynthArgs) -> anyhow::Result<()> {
 
 /// `vigil probe URL`: GET over plain HTTP/1.1; Ok when the status is 200.
 pub fn probe(args: &crate::cli::ProbeArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let rest = args
@@ -85,15 +86,18 @@ pub fn probe(args: &crate::cli::ProbeArgs) -> anyhow::Result<()> {
         .split_once('/')
         .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
     let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let url = &args.url;
     let addr = host
-        .to_socket_addrs()?
+        .to_socket_addrs()
+        .with_context(|| format!("{url}: cannot resolve {host}"))?
         .next()
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {host}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        .ok_or_else(|| anyhow::anyhow!("{url}: cannot resolve {host}"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{url}: cannot connect"))?;
     s.set_read_timeout(Some(timeout))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
     let mut head = [0u8; 12];
-    s.read_exact(&mut head)?;
+    s.read_exact(&mut head).with_context(|| format!("{url}: no answer"))?;
     let status = String::from_utf8_lossy(&head[9..12]).to_string();
     anyhow::ensure!(status == "200", "{} answered {status}", args.url);
     Ok(())

@@ -14,6 +14,7 @@ use crate::train::{self, Augment, TrainConfig};
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let cfg = config(args, threads)?;
     let training_images = train::dataset::training_files(&args.data)?.len();
+    train::check_output(&args.out)?;
     let steps = cfg.steps;
     // First Ctrl-C: finish the current step, calibrate and write the model. Second: quit.
     let stop = Arc::new(AtomicBool::new(false));

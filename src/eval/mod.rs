@@ -29,6 +29,12 @@ pub enum EvalError {
     },
     #[error("model error: {0}")]
     Model(#[from] candle_core::Error),
+    #[error("{path}: the mask is {}×{} but its image is {}×{}", mask.0, mask.1, image.0, image.1)]
+    MaskSize {
+        path: PathBuf,
+        mask: (u32, u32),
+        image: (u32, u32),
+    },
 }
 
 /// One test image and where its mask is.
@@ -207,15 +213,21 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
     }
 }
 
-/// Loads a mask (nonzero = defect), resized with nearest neighbour to the image's size.
+/// Loads a mask (nonzero = defect), which must have the image's size.
 fn load_mask(path: &Path, width: usize, height: usize) -> Result<Vec<bool>, EvalError> {
     let img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut g = img.to_luma8();
+    let g = img.to_luma8();
+    // A mask of another size cannot be matched to the map pixel for pixel; stretching it
+    // would make the pixel metrics measure something else without saying so.
     if (g.width() as usize, g.height() as usize) != (width, height) {
-        g = image::imageops::resize(&g, width as u32, height as u32, image::imageops::FilterType::Nearest);
+        return Err(EvalError::MaskSize {
+            path: path.to_path_buf(),
+            mask: (g.width(), g.height()),
+            image: (width as u32, height as u32),
+        });
     }
     Ok(g.pixels().map(|p| p[0] > 0).collect())
 }
@@ -255,5 +267,26 @@ impl EvalReport {
             self.best_f1.f1, self.best_f1.threshold, self.best_f1.precision, self.best_f1.recall
         ));
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mask_of_another_size_than_its_image_is_an_error_not_stretched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m_mask.png");
+        let mut mask = image::GrayImage::new(4, 4);
+        mask.put_pixel(1, 2, image::Luma([255]));
+        mask.save(&path).unwrap();
+        let pixels = load_mask(&path, 4, 4).unwrap();
+        assert_eq!(pixels.iter().filter(|&&d| d).count(), 1);
+        assert!(pixels[2 * 4 + 1]);
+        match load_mask(&path, 256, 256) {
+            Err(EvalError::MaskSize { mask, image, .. }) => assert_eq!((mask, image), ((4, 4), (256, 256))),
+            other => panic!("{other:?}"),
+        }
     }
 }

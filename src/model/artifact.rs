@@ -19,6 +19,8 @@ pub enum ArtifactError {
     Missing { path: PathBuf },
     #[error("{path}: cannot read: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot write: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid vigil model card: {source}")]
     BadCard { path: PathBuf, source: serde_json::Error },
     #[error("{path}: schema version {found} is newer than this vigil understands ({SCHEMA_VERSION}); upgrade vigil")]
@@ -245,7 +247,7 @@ impl ModelCard {
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| ArtifactError::Io { path, source }
+            move |source| ArtifactError::Write { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(CARD_FILE);

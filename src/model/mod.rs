@@ -183,7 +183,7 @@ impl Network {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
         }
-        std::fs::rename(&tmp, &path).map_err(|source| ArtifactError::Io { path, source })
+        std::fs::rename(&tmp, &path).map_err(|source| ArtifactError::Write { path, source })
     }
 
     /// Number of trainable values.

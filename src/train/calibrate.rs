@@ -46,6 +46,26 @@ impl CalibrationConfig {
     }
 }
 
+impl CalibrationConfig {
+    /// Refuses settings that would write a threshold nothing can use: a quantile outside
+    /// (0, 1], a negative or non-finite margin.
+    pub fn validate(&self) -> Result<(), CalibrationError> {
+        if !(self.quantile > 0.0 && self.quantile <= 1.0) {
+            return Err(CalibrationError::Settings(format!(
+                "the quantile must be above 0 and at most 1, not {}",
+                self.quantile
+            )));
+        }
+        if !(self.margin.is_finite() && self.margin >= 0.0) {
+            return Err(CalibrationError::Settings(format!(
+                "the margin must be a finite number of 0 or more, not {}",
+                self.margin
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CalibrationConfig {
     fn default() -> Self {
         Self {
@@ -61,6 +81,10 @@ impl Default for CalibrationConfig {
 pub enum CalibrationError {
     #[error("calibration needs at least one good image")]
     NoImages,
+    #[error("{0}")]
+    Settings(String),
+    #[error("the calibrated thresholds are not finite (image {image}, pixel {pixel}): the model's maps hold NaN or infinite values")]
+    NotFinite { image: f32, pixel: f32 },
     #[error(transparent)]
     Model(#[from] candle_core::Error),
 }
@@ -72,6 +96,7 @@ pub fn calibrate(
     images: &[Planar],
     cfg: &CalibrationConfig,
 ) -> Result<Vec<f32>, CalibrationError> {
+    cfg.validate()?;
     if images.is_empty() {
         return Err(CalibrationError::NoImages);
     }
@@ -105,6 +130,10 @@ pub fn calibrate(
         ),
         ThresholdMethod::MinArea => (min_area_threshold, min_area_threshold, "min-area"),
     };
+    // A card with a NaN threshold serialises as null and no longer loads: refuse it here.
+    if !(image.is_finite() && pixel.is_finite()) {
+        return Err(CalibrationError::NotFinite { image, pixel });
+    }
     detector.card.thresholds = Thresholds {
         image,
         pixel,
@@ -142,6 +171,26 @@ pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_would_write_an_unusable_threshold_are_refused() {
+        let ok = CalibrationConfig::default();
+        assert!(ok.validate().is_ok());
+        for (quantile, margin) in [
+            (f32::NAN, 0.1),
+            (0.0, 0.1),
+            (1.5, 0.1),
+            (0.99, f32::NAN),
+            (0.99, f32::INFINITY),
+            (0.99, -0.5),
+        ] {
+            let cfg = CalibrationConfig { quantile, margin, ..ok };
+            assert!(
+                matches!(cfg.validate(), Err(CalibrationError::Settings(_))),
+                "quantile {quantile}, margin {margin} accepted"
+            );
+        }
+    }
 
     #[test]
     fn min_area_threshold_sits_just_below_the_kth_largest_blob_value() {

@@ -115,6 +115,14 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     if !(0.0..1.0).contains(&cfg.validation_fraction) {
         return Err(TrainError::Config("validation fraction must be in [0, 1)".into()));
     }
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+        return Err(TrainError::Config(format!(
+            "the learning rate must be a finite number above 0, not {}",
+            cfg.learning_rate
+        )));
+    }
+    cfg.calibration.validate()?;
+    check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
     let channels = set.images[0].channels;
@@ -218,7 +226,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     };
     calibrate::calibrate(&mut detector, calibration_images, &cfg.calibration)?;
     detector.card.training.seconds = started.elapsed().as_secs_f64();
-    std::fs::create_dir_all(&cfg.out).map_err(|source| ArtifactError::Io {
+    std::fs::create_dir_all(&cfg.out).map_err(|source| ArtifactError::Write {
         path: cfg.out.clone(),
         source,
     })?;
@@ -354,6 +362,28 @@ pub(crate) fn step_settings(cfg: &TrainConfig) -> StepSettings {
         kernels: cfg.kernels,
         seed: cfg.seed,
     }
+}
+
+/// Fails now, not after minutes of training, when the model could not be written to `out`:
+/// a file in the way, or a folder that cannot be created. A folder created to find out is
+/// removed again, so a training that fails later leaves nothing behind.
+pub fn check_output(out: &std::path::Path) -> Result<(), ArtifactError> {
+    let write_error = |source| ArtifactError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(write_error(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file is in the way of the model folder",
+            )));
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(out).map_err(write_error)?;
+    let _ = std::fs::remove_dir(out);
+    Ok(())
 }
 
 /// Cosine decay from `lr` to 1% of it, after a warm-up over the first 2% of steps.
