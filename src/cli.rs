@@ -291,7 +291,8 @@ pub struct InspectArgs {
     /// resolution: beside the input it shows what the model takes for a good surface.
     #[arg(long)]
     pub reconstructions_dir: Option<PathBuf>,
-    /// Override the model's image threshold.
+    /// Override the model's image threshold (regions are then cut at the lower of it and
+    /// the model's pixel threshold).
     #[arg(long, value_parser = non_negative_f32)]
     pub threshold: Option<f32>,
     /// For models that mix two learned maps (usad): the weight of the first, 0 to 1,
