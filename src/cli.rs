@@ -503,8 +503,14 @@ mod tests {
     use super::Cli;
     use clap::Parser;
 
+    /// True when `args` parse; false when clap refuses a value (any other refusal, such
+    /// as a misspelt flag, fails the test instead of passing for a refused value).
     fn parses(args: &[&str]) -> bool {
-        Cli::try_parse_from(args).is_ok()
+        match Cli::try_parse_from(args) {
+            Ok(_) => true,
+            Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => false,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
     }
 
     #[test]
@@ -524,6 +530,16 @@ mod tests {
             "0.002",
             "--epochs",
             "3"
+        ]));
+        assert!(train(&[
+            "--validation-fraction",
+            "0",
+            "--smoothing",
+            "0",
+            "--top-k",
+            "50",
+            "--beta",
+            "0.1"
         ]));
         for bad in [
             &["--margin", "nan"][..],
@@ -557,6 +573,16 @@ mod tests {
         ] {
             assert!(!inspect(bad), "{bad:?} accepted");
         }
+        assert!(parses(&[
+            "vigil",
+            "calibrate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--quantile",
+            "1"
+        ]));
         assert!(!parses(&[
             "vigil",
             "calibrate",

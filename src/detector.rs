@@ -271,10 +271,8 @@ impl Detector {
         if is_anomalous && regions.is_empty() {
             // Nothing over the pixel threshold reached the minimum area (the peak may sit
             // below that threshold when the image threshold was overridden, or the area be
-            // set high): the verdict still points at the peak, with its extent down to
-            // half the peak's height.
-            let peak = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            regions = regions::find_regions(&map, w, h, pixel_threshold.min(0.5 * peak), peak, 1);
+            // set high): the verdict still points at the peak.
+            regions = regions::peak_region(&map, w, h, pixel_threshold).into_iter().collect();
         }
         Inspection {
             score,

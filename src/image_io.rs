@@ -41,9 +41,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
         return Err(ImageError::UnsupportedFormat);
     }
     let header = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = header
-        .into_dimensions()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let (width, height) = without_panics(format, || header.into_dimensions())?;
     if width == 0 || height == 0 {
         return Err(ImageError::Corrupt(format!(
             "the image declares {width}×{height} pixels"
@@ -67,16 +65,31 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     // should return an error (fuzzing found zune-jpeg 0.5.15 unwrapping `None` in its AVX2
     // IDCT on a crafted JPEG; tests/upload.rs keeps that input). A panic here is a corrupt
     // image to the caller, not a crashed `vigil inspect` or a 500.
+    without_panics(format, || reader.decode())
+}
+
+/// Runs a decoder step (header or pixels) so that a panic in it becomes a corrupt image.
+fn without_panics<T>(format: ImageFormat, step: impl FnOnce() -> image::ImageResult<T>) -> Result<T, ImageError> {
     quiet_decoder_panics();
     DECODING.with(|d| d.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
     DECODING.with(|d| d.set(false));
     match result {
         Ok(decoded) => decoded.map_err(|e| ImageError::Corrupt(e.to_string())),
-        Err(_) => Err(ImageError::Corrupt(format!(
-            "the {format:?} decoder failed on this image"
+        Err(payload) => Err(ImageError::Corrupt(format!(
+            "the {format:?} decoder failed on this image ({})",
+            panic_message(payload.as_ref())
         ))),
     }
+}
+
+/// The text a panic was raised with, when it was text.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 thread_local! {
@@ -92,8 +105,16 @@ fn quiet_decoder_panics() {
     INSTALL.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if DECODING.with(|d| d.get()) {
-                tracing::debug!(panic = %info, "an image decoder panicked; answered as a corrupt image");
+            if DECODING.try_with(|d| d.get()).unwrap_or(false) {
+                let location = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    location,
+                    message = panic_message(info.payload()),
+                    "an image decoder crashed on its input; answered as a corrupt image"
+                );
             } else {
                 previous(info);
             }

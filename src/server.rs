@@ -60,17 +60,13 @@ pub async fn build_state(
             }),
         );
     }
-    let default_model = if models.contains_key("default") {
-        Some("default".to_string())
-    } else if models.len() == 1 {
-        models.keys().next().cloned()
-    } else {
+    let default_model = crate::api::fallback_default_model(&models);
+    if default_model.is_none() && !models.contains_key("default") {
         tracing::warn!(
             models = models.keys().cloned().collect::<Vec<_>>().join(", "),
             "no model is named `default`: POST /v1/inspect answers 404; use /v1/models/{{model}}/inspect"
         );
-        None
-    };
+    }
     Ok(Arc::new(AppState {
         models: std::sync::RwLock::new(models),
         default_model,

@@ -1434,4 +1434,10 @@ async fn without_a_model_named_default_post_inspect_refuses_rather_than_guess() 
     // Named models still answer.
     let (s, _, _) = send(&state, post("/v1/models/small/inspect", "image/png", png(8, 8, false))).await;
     assert_eq!(s, StatusCode::OK);
+    // A model named `default` that joins later (a training job) is the default at once.
+    let served = state.model("small").unwrap();
+    state.models.write().unwrap().insert("default".into(), served);
+    let (s, _, b) = send(&state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["model"], "default");
 }

@@ -313,6 +313,16 @@ fn user_errors_are_clear_and_never_panics() {
         stderr(&o)
     );
 
+    // A decoder that panics on a crafted file: a corrupt image, and no panic message.
+    let crafted = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions/decode");
+    let o = run(&[
+        "inspect",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        crafted.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+
     // Nothing to inspect is an error, not a silent success.
     let o = run(&[
         "inspect",

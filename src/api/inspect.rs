@@ -29,7 +29,7 @@ pub async fn inspect_default(
     q: Result<Query<InspectQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<InspectionResponse>, ApiError> {
-    let Some(model) = state.default_model.clone() else {
+    let Some(model) = state.default_model_name() else {
         let names: Vec<String> = state.models.read().expect("models lock").keys().cloned().collect();
         return Err(ApiError::NoDefaultModel(names.join(", ")));
     };
@@ -71,8 +71,10 @@ async fn inspect(
     let request_id = header_str(req.headers(), "x-request-id");
     let part_id = header_str(req.headers(), "x-part-id");
     if let Some(t) = q.threshold {
-        if !t.is_finite() {
-            return Err(ApiError::BadRequest("threshold must be a finite number".into()));
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(ApiError::BadRequest(
+                "threshold must be a finite number of 0 or more".into(),
+            ));
         }
     }
     if let Some(a) = q.alpha {

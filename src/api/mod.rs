@@ -54,13 +54,21 @@ pub struct ServedModel {
     pub reload: tokio::sync::Mutex<()>,
 }
 
+/// The model `POST /v1/inspect` uses when none is named `default`: the only one served,
+/// if there is exactly one.
+pub fn fallback_default_model<T>(models: &BTreeMap<String, T>) -> Option<String> {
+    if models.contains_key("default") || models.len() != 1 {
+        return None;
+    }
+    models.keys().next().cloned()
+}
+
 pub struct AppState {
     /// Served models by name. A lock, not a plain map, so a model trained by the server
     /// joins without a restart; held only to look a model up or add one.
     pub models: std::sync::RwLock<BTreeMap<String, Arc<ServedModel>>>,
-    /// The model behind `POST /v1/inspect`: the one named `default`, or the only one.
-    /// None when several are served and none is named `default` (a guess could change
-    /// silently when a model is added).
+    /// The model `POST /v1/inspect` falls back to when none is named `default`: the only
+    /// model served at start, if there was one (see [`AppState::default_model_name`]).
     pub default_model: Option<String>,
     pub store: Store,
     pub blobs: BlobStore,
@@ -83,6 +91,16 @@ impl AppState {
             .get(name)
             .cloned()
             .ok_or_else(|| crate::api::error::ApiError::UnknownModel(name.to_string()))
+    }
+
+    /// The model behind `POST /v1/inspect`: the one named `default` (also one a training
+    /// job adds later), else the only model served at start. None when several are served
+    /// and none is named `default`: a guess could change silently when a model is added.
+    pub fn default_model_name(&self) -> Option<String> {
+        if self.models.read().expect("models lock").contains_key("default") {
+            return Some("default".to_string());
+        }
+        self.default_model.clone()
     }
 
     /// The served models, by name.
@@ -181,3 +199,18 @@ pub fn rfc3339(us: i64) -> String {
 }
 
 pub type AppStateRef = State<Arc<AppState>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_default_is_the_only_model_and_never_a_guess_among_several() {
+        let of = |names: &[&str]| -> BTreeMap<String, ()> { names.iter().map(|n| (n.to_string(), ())).collect() };
+        assert_eq!(fallback_default_model(&of(&["tiles"])), Some("tiles".to_string()));
+        assert_eq!(fallback_default_model(&of(&["bricks", "tiles"])), None);
+        // A model named `default` is found by name at request time, not pinned here.
+        assert_eq!(fallback_default_model(&of(&["default", "tiles"])), None);
+        assert_eq!(fallback_default_model(&of(&[])), None);
+    }
+}

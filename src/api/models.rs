@@ -14,6 +14,7 @@ use crate::eval::metrics::Confusion;
 /// The models this server serves.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = Vec<ModelSummary>)))]
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>> {
+    let default = state.default_model_name();
     Json(
         state
             .model_list()
@@ -26,7 +27,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
                     version,
                     architecture: d.card.architecture.name().to_string(),
                     image_threshold: d.card.thresholds.image as f64,
-                    is_default: state.default_model.as_deref() == Some(name.as_str()),
+                    is_default: default.as_deref() == Some(name.as_str()),
                 }
             })
             .collect(),
@@ -91,7 +92,7 @@ pub async fn reload(
     metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {
-        is_default: state.default_model.as_deref() == Some(model.as_str()),
+        is_default: state.default_model_name().as_deref() == Some(model.as_str()),
         name: model,
         version,
         architecture,

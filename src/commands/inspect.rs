@@ -73,7 +73,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     // Heatmaps and reconstructions are both `<name>.png`: one folder for both would keep
     // only one of each pair.
     if let (Some(h), Some(r)) = (&args.heatmaps_dir, &args.reconstructions_dir) {
-        if h.canonicalize()? == r.canonicalize()? {
+        let resolve = |p: &PathBuf| p.canonicalize().with_context(|| format!("resolving {}", p.display()));
+        if resolve(h)? == resolve(r)? {
             anyhow::bail!("--heatmaps-dir and --reconstructions-dir must be different folders");
         }
     }

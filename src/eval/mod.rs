@@ -118,6 +118,7 @@ pub struct EvalReport {
 pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: bool) -> Result<EvalReport, EvalError> {
     let started = std::time::Instant::now();
     let set = test_set(dir)?;
+    check_mask_sizes(&set)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(set.len() as u64);
         b.set_style(
@@ -211,6 +212,30 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
         aupro,
         at_threshold: Confusion::at(&scores, &labels, threshold),
     }
+}
+
+/// Every mask has its image's size, read from the headers: a mismatch is found before
+/// minutes of inference, not after.
+fn check_mask_sizes(set: &[TestImage]) -> Result<(), EvalError> {
+    let size = |path: &Path| {
+        image::image_dimensions(path).map_err(|e| EvalError::Image {
+            path: path.to_path_buf(),
+            source: image_io::ImageError::Corrupt(e.to_string()),
+        })
+    };
+    for t in set {
+        if let Some(mask_path) = &t.mask {
+            let (mask, image) = (size(mask_path)?, size(&t.path)?);
+            if mask != image {
+                return Err(EvalError::MaskSize {
+                    path: mask_path.clone(),
+                    mask,
+                    image,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads a mask (nonzero = defect), which must have the image's size.

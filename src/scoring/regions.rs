@@ -95,6 +95,30 @@ pub fn find_regions(
     regions
 }
 
+/// The region around the map's peak, for a verdict that must point somewhere when no
+/// region passed [`find_regions`]: the connected pixels above the pixel threshold or, if
+/// lower, above half-way from the map's median to its peak (half the peak's height over
+/// the background, so a map whose background is high does not flood the image). None for
+/// a map without a peak above its median (flat, empty or all NaN).
+pub fn peak_region(map: &[f32], width: usize, height: usize, pixel_threshold: f32) -> Option<Region> {
+    let peak = map
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut finite: Vec<f32> = map.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() {
+        return None;
+    }
+    let mid = finite.len() / 2;
+    let median = *finite.select_nth_unstable_by(mid, f32::total_cmp).1;
+    if peak <= median {
+        return None;
+    }
+    let cut = pixel_threshold.min(median + 0.5 * (peak - median));
+    find_regions(map, width, height, cut, peak, 1).into_iter().next()
+}
+
 /// Area of the largest 8-connected component of `map > threshold`.
 pub fn largest_component_area(map: &[f32], width: usize, height: usize, threshold: f32) -> u32 {
     let mask: Vec<bool> = map.iter().map(|&v| v > threshold).collect();
@@ -157,6 +181,27 @@ mod tests {
             .flat_map(|r| r.chars().map(|c| c.to_digit(10).unwrap() as f32))
             .collect();
         (v, w, h)
+    }
+
+    #[test]
+    fn the_peak_region_reaches_half_way_from_the_background_to_the_peak() {
+        // Background 2 (the median), a bump peaking at 8 under a pixel threshold of 9:
+        // the cut is min(9, 2 + 0.5·(8 − 2)) = 5, so the 6 and 8 pixels, not the 4 or 3.
+        let (m, w, h) = grid(&[
+            "22222", //
+            "24682", //
+            "22322", //
+            "22222",
+        ]);
+        let r = peak_region(&m, w, h, 9.0).unwrap();
+        assert_eq!((r.x, r.y, r.width, r.height, r.area_px), (2, 1, 2, 1, 2));
+        assert_eq!(r.peak, 8.0);
+        // A pixel threshold below that cut is used as it is.
+        let r = peak_region(&m, w, h, 3.5).unwrap();
+        assert_eq!(r.area_px, 3);
+        // No peak over the background: no region, flat or all NaN.
+        assert!(peak_region(&[2.0; 6], 3, 2, 1.0).is_none());
+        assert!(peak_region(&[f32::NAN; 6], 3, 2, 1.0).is_none());
     }
 
     #[test]

@@ -144,8 +144,11 @@ pub fn calibrate(
         validation_images: images.len(),
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
-    // draem's map is a probability, so its score never exceeds 1.
-    if matches!(detector.card.architecture, crate::model::Architecture::Draem { .. }) && image >= 1.0 {
+    // draem's learned map is a probability, so its score never exceeds 1.
+    if matches!(detector.card.architecture, crate::model::Architecture::Draem { .. })
+        && detector.card.scoring.method == crate::scoring::MapMethod::Learned
+        && image >= 1.0
+    {
         tracing::warn!(
             threshold = image,
             "the image threshold is at or above 1, the highest score this model can give: it will flag nothing; train longer, or lower --margin or --quantile"

@@ -365,25 +365,34 @@ pub(crate) fn step_settings(cfg: &TrainConfig) -> StepSettings {
 }
 
 /// Fails now, not after minutes of training, when the model could not be written to `out`:
-/// a file in the way, or a folder that cannot be created. A folder created to find out is
-/// removed again, so a training that fails later leaves nothing behind.
+/// no path, a file in the way, a folder that cannot be created or written. Folders made to
+/// find out are removed again, so a training that fails later leaves nothing behind.
 pub fn check_output(out: &std::path::Path) -> Result<(), ArtifactError> {
     let write_error = |source| ArtifactError::Write {
         path: out.to_path_buf(),
         source,
     };
-    if out.exists() {
-        if !out.is_dir() {
-            return Err(write_error(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file is in the way of the model folder",
-            )));
-        }
-        return Ok(());
+    let refuse = |why: &str| write_error(std::io::Error::other(why.to_string()));
+    if out.as_os_str().is_empty() {
+        return Err(refuse("no folder given for the model"));
+    }
+    if out.exists() && !out.is_dir() {
+        return Err(refuse("a file is in the way of the model folder"));
+    }
+    // The folders this check creates, deepest first.
+    let mut created = Vec::new();
+    let mut missing = Some(out);
+    while let Some(p) = missing.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        created.push(p.to_path_buf());
+        missing = p.parent();
     }
     std::fs::create_dir_all(out).map_err(write_error)?;
-    let _ = std::fs::remove_dir(out);
-    Ok(())
+    let probe = out.join(format!(".vigil-write-check-{}", std::process::id()));
+    let writable = std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe));
+    for dir in &created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    writable.map_err(write_error)
 }
 
 /// Cosine decay from `lr` to 1% of it, after a warm-up over the first 2% of steps.
@@ -443,6 +452,24 @@ fn progress_bar(len: usize, visible: bool) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_output_check_refuses_what_cannot_hold_a_model_and_leaves_nothing_behind() {
+        let root = tempfile::tempdir().unwrap();
+        // Missing folders two deep: accepted, and both removed again.
+        let deep = root.path().join("a/b");
+        check_output(&deep).unwrap();
+        assert!(!root.path().join("a").exists());
+        // An existing folder: accepted and kept, with no probe file left in it.
+        check_output(root.path()).unwrap();
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        // A file in the way, an empty path, a folder under a file.
+        let file = root.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(check_output(&file).is_err());
+        assert!(check_output(std::path::Path::new("")).is_err());
+        assert!(check_output(&file.join("m")).is_err());
+    }
 
     #[test]
     fn cosine_schedule_warms_up_then_decays_to_one_percent() {
