@@ -433,69 +433,61 @@ pub struct ProbeArgs {
     pub timeout: f64,
 }
 
+/// Parses `text` as a `T` that `accept` takes; otherwise "`text` is not `what`". The
+/// value parsers below are this with their bounds: a NaN, infinite or out-of-range number
+/// would otherwise reach a model card that nothing can read back.
+fn bounded<T: std::str::FromStr>(text: &str, accept: impl Fn(&T) -> bool, what: &str) -> Result<T, String> {
+    text.parse::<T>()
+        .ok()
+        .filter(|v| accept(v))
+        .ok_or_else(|| format!("{text:?} is not {what}"))
+}
+
 /// A non-negative, finite number of minutes.
 fn minutes(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(m) if m.is_finite() && m >= 0.0 => Ok(m),
-        _ => Err(format!("{text:?} is not a number of minutes (0 or more)")),
-    }
+    bounded(
+        text,
+        |m: &f64| m.is_finite() && *m >= 0.0,
+        "a number of minutes (0 or more)",
+    )
 }
 
-/// A finite number ≥ 0 (a NaN or infinite setting would be written into a model card that
-/// nothing can read back).
 fn non_negative_f32(text: &str) -> Result<f32, String> {
-    match text.parse::<f32>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("{text:?} is not a finite number of 0 or more")),
-    }
+    bounded(
+        text,
+        |v: &f32| v.is_finite() && *v >= 0.0,
+        "a finite number of 0 or more",
+    )
 }
 
-/// A finite number > 0.
 fn positive_f64(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{text:?} is not a finite number above 0")),
-    }
+    bounded(text, |v: &f64| v.is_finite() && *v > 0.0, "a finite number above 0")
 }
 
-/// A number from 0 to 1.
 fn unit_interval_f32(text: &str) -> Result<f32, String> {
-    match text.parse::<f32>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{text:?} is not a number from 0 to 1")),
-    }
+    bounded(text, |v: &f32| (0.0..=1.0).contains(v), "a number from 0 to 1")
 }
 
-/// A quantile: above 0, at most 1.
 fn quantile(text: &str) -> Result<f32, String> {
-    match text.parse::<f32>() {
-        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
-        _ => Err(format!("{text:?} is not a quantile (above 0, at most 1)")),
-    }
+    bounded(text, |v: &f32| *v > 0.0 && *v <= 1.0, "a quantile (above 0, at most 1)")
 }
 
-/// A fraction of the training images: 0 or more, below 1 (something must be left to train on).
+/// A fraction of the training images: something must be left to train on.
 fn validation_fraction(text: &str) -> Result<f32, String> {
-    match text.parse::<f32>() {
-        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{text:?} is not a fraction from 0 up to (not including) 1")),
-    }
+    bounded(
+        text,
+        |v: &f32| (0.0..1.0).contains(v),
+        "a fraction from 0 up to (not including) 1",
+    )
 }
 
 /// A synthetic image side: its defects are drawn at sizes that need 32 pixels or more.
 fn synth_size(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(v) if v >= 32 => Ok(v),
-        _ => Err(format!("{text:?} is not a whole number of 32 or more")),
-    }
+    bounded(text, |v: &usize| *v >= 32, "a whole number of 32 or more")
 }
 
-/// A count of 1 or more.
 fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(v) if v >= 1 => Ok(v),
-        _ => Err(format!("{text:?} is not a whole number of 1 or more")),
-    }
+    bounded(text, |v: &usize| *v >= 1, "a whole number of 1 or more")
 }
 
 #[cfg(test)]

@@ -197,6 +197,8 @@ pub fn map_and_score(raw: &RawMaps, spec: &MapSpec) -> (Vec<f32>, f32) {
     let combined = combined_map(raw, spec);
     let map = filter::gaussian_smooth(&combined, w, h, spec.smoothing_sigma);
     let score = match spec.score_smoothing_sigma {
+        // σ 0 (draem's): the combined map itself, not a copy of it.
+        Some(sigma) if sigma <= 0.0 => image_score(&combined, w, h, spec.reduction),
         Some(sigma) if sigma != spec.smoothing_sigma => {
             image_score(&filter::gaussian_smooth(&combined, w, h, sigma), w, h, spec.reduction)
         }
@@ -205,10 +207,10 @@ pub fn map_and_score(raw: &RawMaps, spec: &MapSpec) -> (Vec<f32>, f32) {
     (map, score)
 }
 
-/// Raw maps combined by `spec.method`, unsmoothed. `Learned` on maps without a learned
-/// part falls back to `ssim+l2` (a card that names it is only written for families that
-/// have one).
-fn combined_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
+/// Raw maps combined by `spec.method`, unsmoothed (a learned map is borrowed as it is).
+/// `Learned` on maps without a learned part falls back to `ssim+l2` (a card that names it
+/// is only written for families that have one).
+fn combined_map<'a>(raw: &'a RawMaps, spec: &MapSpec) -> std::borrow::Cow<'a, [f32]> {
     match spec.method {
         MapMethod::Ssim => raw.dssim.iter().map(|v| v / spec.ssim_scale).collect(),
         MapMethod::L2 => raw.l2.iter().map(|v| v / spec.l2_scale).collect(),
@@ -219,7 +221,7 @@ fn combined_map(raw: &RawMaps, spec: &MapSpec) -> Vec<f32> {
             .map(|(d, l)| d / spec.ssim_scale + l / spec.l2_scale)
             .collect(),
         MapMethod::Learned => match &raw.learned {
-            Some(m) => m.clone(),
+            Some(m) => std::borrow::Cow::Borrowed(m),
             None => {
                 let fallback = MapSpec {
                     method: MapMethod::SsimL2,

@@ -101,15 +101,11 @@ pub fn find_regions(
 /// the background, so a map whose background is high does not flood the image). None for
 /// a map without a peak above its median (flat, empty or all NaN).
 pub fn peak_region(map: &[f32], width: usize, height: usize, pixel_threshold: f32) -> Option<Region> {
-    let peak = map
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
     let mut finite: Vec<f32> = map.iter().copied().filter(|v| v.is_finite()).collect();
     if finite.is_empty() {
         return None;
     }
+    let peak = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mid = finite.len() / 2;
     let median = *finite.select_nth_unstable_by(mid, f32::total_cmp).1;
     if peak <= median {

@@ -44,9 +44,7 @@ impl CalibrationConfig {
             _ => 0.1,
         }
     }
-}
 
-impl CalibrationConfig {
     /// Refuses settings that would write a threshold nothing can use: a quantile outside
     /// (0, 1], a negative or non-finite margin.
     pub fn validate(&self) -> Result<(), CalibrationError> {
