@@ -183,7 +183,7 @@ pub struct TrainArgs {
     /// --arch draem (cut to what fits --time-budget), 1000 for usad, 1600 for adversarial,
     /// 2500 for the other autoencoders (7–14 minutes for 70–80 colour images of 256² on
     /// 2 CPU cores).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.
     #[arg(long, value_parser = at_least_one)]
@@ -196,7 +196,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 14.0, value_parser = minutes, allow_negative_numbers = true)]
     pub time_budget: f64,
     /// Training crops per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Peak learning rate (AdamW, cosine decay, 2% warm-up).
     #[arg(long, default_value_t = 1e-3, value_parser = positive_f64)]

@@ -1,7 +1,7 @@
 //! Decoding images with limits, colour conversion and the planar f32 image type the
 //! model and scoring work on.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
@@ -15,6 +15,8 @@ pub enum ImageError {
     UnsupportedFormat,
     #[error("the image declares {width}×{height} pixels, over the limit of {max_pixels}")]
     TooManyPixels { width: u32, height: u32, max_pixels: u64 },
+    #[error("the image is larger than its decoder will read: {0}")]
+    OverDecoderLimit(String),
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
     #[error("cannot read {path}: {source}")]
@@ -36,24 +38,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let format = image::guess_format(bytes).map_err(|_| ImageError::UnsupportedFormat)?;
-    if !SUPPORTED.contains(&format) {
-        return Err(ImageError::UnsupportedFormat);
-    }
-    let header = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = without_panics(format, || header.into_dimensions())?;
-    if width == 0 || height == 0 {
-        return Err(ImageError::Corrupt(format!(
-            "the image declares {width}×{height} pixels"
-        )));
-    }
-    if width as u64 * height as u64 > max_pixels {
-        return Err(ImageError::TooManyPixels {
-            width,
-            height,
-            max_pixels,
-        });
-    }
+    let (format, width, height) = header(ImageReader::new(Cursor::new(bytes)), max_pixels)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
@@ -68,6 +53,87 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     without_panics(format, || reader.decode())
 }
 
+/// The format and size a file declares, checked as [`decode`] checks them, reading
+/// only its header: whether a file is an image vigil can read, without decoding it.
+pub fn probe(path: &Path, max_pixels: u64) -> Result<(u32, u32), ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() == 0 {
+        return Err(ImageError::Empty);
+    }
+    let (_, width, height) = header(ImageReader::new(std::io::BufReader::new(file)), max_pixels)?;
+    Ok((width, height))
+}
+
+/// Format (from the content, not the name) and declared size, within `max_pixels`.
+fn header<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    max_pixels: u64,
+) -> Result<(ImageFormat, u32, u32), ImageError> {
+    let reader = reader
+        .with_guessed_format()
+        .map_err(|_| ImageError::UnsupportedFormat)?;
+    let format = reader.format().ok_or(ImageError::UnsupportedFormat)?;
+    if !SUPPORTED.contains(&format) {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    let reader = if format == ImageFormat::Bmp {
+        // The BMP decoder refuses sides over 65535 with a format error: read what the header
+        // declares first, so a huge BMP is "too large" as a huge PNG is.
+        let mut inner = reader.into_inner();
+        let start = inner
+            .stream_position()
+            .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+        let mut head = Vec::with_capacity(26);
+        (&mut inner)
+            .take(26)
+            .read_to_end(&mut head)
+            .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+        inner
+            .seek(std::io::SeekFrom::Start(start))
+            .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+        if let Some((width, height)) = bmp_declared_size(&head) {
+            if width as u64 * height as u64 > max_pixels {
+                return Err(ImageError::TooManyPixels {
+                    width,
+                    height,
+                    max_pixels,
+                });
+            }
+        }
+        ImageReader::with_format(inner, format)
+    } else {
+        reader
+    };
+    let (width, height) = without_panics(format, || reader.into_dimensions())?;
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt(format!(
+            "the image declares {width}×{height} pixels"
+        )));
+    }
+    if width as u64 * height as u64 > max_pixels {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    Ok((format, width, height))
+}
+
+/// Width and height a BMP's info header declares (40-byte and later headers; a negative
+/// height means top-down rows).
+fn bmp_declared_size(head: &[u8]) -> Option<(u32, u32)> {
+    let i32_at = |at: usize| Some(i32::from_le_bytes(head.get(at..at + 4)?.try_into().ok()?));
+    if !head.starts_with(b"BM") || i32_at(14)? < 40 {
+        return None;
+    }
+    Some((i32_at(18)?.unsigned_abs(), i32_at(22)?.unsigned_abs()))
+}
+
 /// Runs a decoder step (header or pixels) so that a panic in it becomes a corrupt image.
 fn without_panics<T>(format: ImageFormat, step: impl FnOnce() -> image::ImageResult<T>) -> Result<T, ImageError> {
     quiet_decoder_panics();
@@ -75,6 +141,8 @@ fn without_panics<T>(format: ImageFormat, step: impl FnOnce() -> image::ImageRes
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
     DECODING.with(|d| d.set(false));
     match result {
+        // A decoder's own size limit (BMP's, on a header declaring a huge image).
+        Ok(Err(image::ImageError::Limits(e))) => Err(ImageError::OverDecoderLimit(e.to_string())),
         Ok(decoded) => decoded.map_err(|e| ImageError::Corrupt(e.to_string())),
         Err(payload) => Err(ImageError::Corrupt(format!(
             "the {format:?} decoder failed on this image ({})",
@@ -151,18 +219,35 @@ impl Planar {
     }
 
     /// Converts to 1 (luma) or 3 (RGB) channels.
+    /// Large images are converted without a second full-size f32 copy (a 40-megapixel
+    /// image is 160 MB a channel as f32): luma is moved, not copied, and 8-bit RGB is
+    /// read as `to_rgb32f` reads it (v / 255) straight into the planes.
     pub fn from_image(img: &DynamicImage, channels: usize) -> Self {
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        let n = w * h;
-        let mut out = Self::new(channels, w, h);
+        let (width, height) = (img.width() as usize, img.height() as usize);
         if channels == 1 {
-            let g = img.to_luma32f();
-            out.data.copy_from_slice(g.as_raw());
-        } else {
-            let rgb = img.to_rgb32f();
-            for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-                for (c, v) in px.iter().enumerate() {
-                    out.data[c * n + i] = *v;
+            return Self {
+                channels,
+                width,
+                height,
+                data: img.to_luma32f().into_raw(),
+            };
+        }
+        let n = width * height;
+        let mut out = Self::new(channels, width, height);
+        let mut put = |i: usize, px: [f32; 3]| {
+            for (c, v) in px.into_iter().enumerate() {
+                out.data[c * n + i] = v;
+            }
+        };
+        match img.as_rgb8() {
+            Some(rgb) => {
+                for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+                    put(i, [0, 1, 2].map(|c| px[c] as f32 / 255.0));
+                }
+            }
+            None => {
+                for (i, px) in img.to_rgb32f().as_raw().chunks_exact(3).enumerate() {
+                    put(i, [px[0], px[1], px[2]]);
                 }
             }
         }
@@ -285,5 +370,62 @@ mod tests {
         assert!(!has_colour(&DynamicImage::new_luma8(2, 2)));
         let c = p.crop(1, 0, 2, 2);
         assert_eq!((c.width, c.height, c.data[0]), (2, 2, 1.0));
+    }
+
+    #[test]
+    fn eight_bit_rgb_converts_exactly_as_the_generic_path() {
+        let img = image::RgbImage::from_fn(17, 5, |x, y| {
+            image::Rgb([(x * 15) as u8, (y * 50) as u8, (x * y) as u8])
+        });
+        let fast = Planar::from_image(&DynamicImage::ImageRgb8(img.clone()), 3);
+        // The same pixels as RGBA: not 8-bit RGB, so converted through `to_rgb32f`.
+        let generic = Planar::from_image(&DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img).to_rgba8()), 3);
+        assert_eq!(fast, generic);
+    }
+
+    #[test]
+    fn a_bmp_header_declaring_a_huge_image_is_too_large_not_corrupt() {
+        // BITMAPFILEHEADER + BITMAPINFOHEADER of a 100000 × 100000, 24-bit image, no pixels.
+        let mut bmp = b"BM".to_vec();
+        bmp.extend(54u32.to_le_bytes()); // file size (as declared)
+        bmp.extend([0u8; 4]);
+        bmp.extend(54u32.to_le_bytes()); // pixel data offset
+        bmp.extend(40u32.to_le_bytes()); // info header size
+        bmp.extend(100_000i32.to_le_bytes());
+        bmp.extend(100_000i32.to_le_bytes());
+        bmp.extend(1u16.to_le_bytes()); // planes
+        bmp.extend(24u16.to_le_bytes()); // bits per pixel
+        bmp.extend([0u8; 24]); // no compression, sizes, resolution, palette
+        let e = decode(&bmp, DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImageError::TooManyPixels {
+                    width: 100_000,
+                    height: 100_000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn probe_reads_the_header_only_and_refuses_what_decode_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.png");
+        image::GrayImage::new(7, 3).save(&good).unwrap();
+        assert_eq!(probe(&good, DEFAULT_MAX_PIXELS).unwrap(), (7, 3));
+        assert!(matches!(probe(&good, 20), Err(ImageError::TooManyPixels { .. })));
+        // Named like an image, content decides.
+        let text = dir.path().join("text.png");
+        std::fs::write(&text, "not an image").unwrap();
+        assert!(matches!(
+            probe(&text, DEFAULT_MAX_PIXELS),
+            Err(ImageError::UnsupportedFormat)
+        ));
+        let empty = dir.path().join("empty.png");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(probe(&empty, DEFAULT_MAX_PIXELS), Err(ImageError::Empty)));
     }
 }

@@ -146,13 +146,15 @@ pub fn flags(options: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String
             ));
         }
         let flag = format!("--{}", key.replace('_', "-"));
+        // `--flag=value`, one word: a negative number is then the flag's value (refused by
+        // its own check) rather than an unknown flag of its own.
         match value {
             // Switches whose default may be on take the value itself, so false turns them off.
-            serde_json::Value::Bool(b) if VALUED_SWITCHES.contains(&key.as_str()) => out.extend([flag, b.to_string()]),
+            serde_json::Value::Bool(b) if VALUED_SWITCHES.contains(&key.as_str()) => out.push(format!("{flag}={b}")),
             serde_json::Value::Bool(true) => out.push(flag),
             serde_json::Value::Bool(false) | serde_json::Value::Null => {}
-            serde_json::Value::Number(n) => out.extend([flag, n.to_string()]),
-            serde_json::Value::String(s) => out.extend([flag, s.clone()]),
+            serde_json::Value::Number(n) => out.push(format!("{flag}={n}")),
+            serde_json::Value::String(s) => out.push(format!("{flag}={s}")),
             other => {
                 return Err(format!(
                     "training option {key:?} must be a number, a string or true, not {other}"
@@ -295,7 +297,7 @@ mod tests {
         let options: BTreeMap<String, serde_json::Value> =
             serde_json::from_str(r#"{"steps": 30, "arch": "spatial", "resize": true, "seed": null}"#).unwrap();
         let f = flags(&options).unwrap();
-        assert_eq!(f, ["--arch", "spatial", "--resize", "--steps", "30"]);
+        assert_eq!(f, ["--arch=spatial", "--resize", "--steps=30"]);
         let a = train_args(Path::new("/good"), Path::new("/out"), &f).unwrap();
         assert_eq!((a.steps, a.data.as_path()), (Some(30), Path::new("/good")));
         // A switch that takes its value is given it, false as well as true.
@@ -305,7 +307,13 @@ mod tests {
             ))
             .unwrap();
             let f = flags(&o).unwrap();
-            assert_eq!(f, ["--joint-training", given, "--segmenter-error-maps", given]);
+            assert_eq!(
+                f,
+                [
+                    format!("--joint-training={given}"),
+                    format!("--segmenter-error-maps={given}")
+                ]
+            );
             let a = train_args(Path::new("/g"), Path::new("/o"), &f).unwrap();
             assert_eq!((a.segmenter_error_maps, a.joint_training), (Some(want), want));
         }
@@ -330,9 +338,23 @@ mod tests {
             let o: BTreeMap<String, serde_json::Value> = serde_json::from_str(bad).unwrap();
             assert!(flags(&o).is_err(), "{bad}");
         }
-        // A bad value is refused with the command line's own message.
+        // A bad value is refused with the command line's own message; a negative number
+        // is the option's value, not taken for a flag.
         let e = train_args(Path::new("/g"), Path::new("/o"), &["--steps".into(), "many".into()]).unwrap_err();
         assert!(e.contains("--steps"), "{e}");
+        for bad in [
+            r#"{"steps": -5}"#,
+            r#"{"steps": 0}"#,
+            r#"{"batch_size": 0}"#,
+            r#"{"lr": -1}"#,
+        ] {
+            let o = serde_json::from_str(bad).unwrap();
+            let e = train_args(Path::new("/g"), Path::new("/o"), &flags(&o).unwrap()).unwrap_err();
+            assert!(
+                e.contains("invalid value") && !e.contains("unexpected argument"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {

@@ -162,7 +162,7 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'stati
 /// The `serve` subcommand.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let handle = crate::metrics::install();
         let state = build_state(args, handle).await?;
         if args.retention_days > 0 {
@@ -176,7 +176,20 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(%addr, "listening beyond loopback without API keys: anyone who can reach this port can use the API (give --api-keys-file)");
         }
         tracing::info!(models = ?state.model_list().into_iter().map(|m| m.0).collect::<Vec<_>>(), "listening on http://{addr}");
-        run(listener, state, shutdown).await?;
+        run(listener, state.clone(), shutdown).await?;
+        // Requests are drained; a training job would otherwise run to its end (the runtime
+        // waits for blocking work) and leave a model its record calls unfinished.
+        state.training.stop_all();
+        if tokio::time::timeout(Duration::from_secs(60), state.training.wait_finished())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a training job did not stop within 60 s; its staging folder stays hidden and unserved");
+        }
         Ok(())
-    })
+    });
+    // Not the default wait for blocking work: a training job that did not stop in time
+    // must not hold the process (it was cancelled, so it would never move its model in).
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
 }

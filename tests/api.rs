@@ -136,6 +136,38 @@ fn error_code(b: &[u8]) -> String {
 }
 
 #[tokio::test]
+async fn client_ids_are_kept_within_bounds() {
+    let h = harness(None, 8).await;
+    let inspect = |request_id: &str, part_id: &str| {
+        Request::post("/v1/inspect")
+            .header("content-type", "image/png")
+            .header("x-request-id", request_id)
+            .header("x-part-id", part_id)
+            .body(Body::from(png(16, 16, false)))
+            .unwrap()
+    };
+    // An empty or overlong request id is replaced by a generated one (a UUID).
+    for given in ["", &"r".repeat(129)] {
+        let (s, headers, b) = send(&h.state, inspect(given, "p")).await;
+        assert_eq!(s, StatusCode::OK);
+        let echoed = headers["x-request-id"].to_str().unwrap().to_string();
+        assert!(uuid::Uuid::parse_str(&echoed).is_ok(), "{echoed:?}");
+        assert_eq!(json(&b)["request_id"], echoed.as_str());
+    }
+    let kept = "r".repeat(128);
+    assert_eq!(
+        send(&h.state, inspect(&kept, "p")).await.1["x-request-id"],
+        kept.as_str()
+    );
+    // A part id is the caller's data: too long is refused, not cut; empty is none.
+    let (s, _, b) = send(&h.state, inspect("a", &"p".repeat(257))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    let (s, _, b) = send(&h.state, inspect("b", "")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(json(&b).get("part_id").is_none());
+}
+
+#[tokio::test]
 async fn inspect_answers_every_field_and_the_record_is_durable() {
     let h = harness(None, 8).await;
     let req = Request::post("/v1/inspect")
@@ -187,6 +219,9 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["id"], id);
+    // An id written another way (upper case, braced) finds the same record.
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{{{}}}", id.to_uppercase()))).await;
+    assert_eq!((s, json(&b)["id"].as_str()), (StatusCode::OK, Some(id)));
     let (s, hd, b) = send(
         &h.state,
         Request::get(format!("/v1/inspections/{id}/heatmap.png"))
@@ -515,6 +550,28 @@ async fn feedback_counts_false_positives_and_suggests_a_threshold() {
         .await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
         assert_eq!(json(&b)["feedback"], "good");
+        assert_eq!(json(&b)["feedback_note"], "checked by hand");
+    }
+    // The note is read back with the record and in the list; a new label replaces both.
+    let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{}", ids[0]))).await;
+    assert_eq!(json(&b)["feedback_note"], "checked by hand");
+    let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
+    assert!(json(&b)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["feedback_note"] == "checked by hand"));
+    let relabel = |label: &str| {
+        post(
+            &format!("/v1/inspections/{}/feedback", ids[1]),
+            "application/json",
+            serde_json::json!({ "label": label }).to_string().into_bytes(),
+        )
+    };
+    for label in ["defective", "good"] {
+        let (_, _, b) = send(&h.state, relabel(label)).await;
+        assert_eq!(json(&b)["feedback"], label);
+        assert!(json(&b).get("feedback_note").is_none(), "{label}");
     }
     let (s, _, b) = send(
         &h.state,
@@ -627,6 +684,22 @@ async fn health_metrics_openapi_and_models() {
     let doc = json(&b);
     assert!(doc["paths"]["/v1/inspect"]["post"].is_object());
     assert!(doc["paths"]["/v1/inspections/{id}/feedback"]["post"].is_object());
+    // Every parameter is where the route reads it: only `{…}` segments are path ones,
+    // and those are required; the rest are optional query parameters.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                let in_path = path.contains(&format!("{{{name}}}"));
+                let want = if in_path { ("path", true) } else { ("query", false) };
+                assert_eq!(
+                    (p["in"].as_str().unwrap(), p["required"].as_bool().unwrap_or(false)),
+                    want,
+                    "{method} {path}: {name}"
+                );
+            }
+        }
+    }
     let (s, _, b) = send(&h.state, Request::get("/docs").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(String::from_utf8(b).unwrap().contains("/openapi.json"));
@@ -1046,7 +1119,7 @@ async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once(
         (Some("queued"), Some("line-2"))
     );
     let id = job["id"].as_str().unwrap().to_string();
-    assert!(job["options"].as_array().unwrap().contains(&"--steps".into()));
+    assert!(job["options"].as_array().unwrap().contains(&"--steps=3".into()));
 
     let events = job_events(&h.state, &id).await;
     let last = events.last().unwrap();
@@ -1140,6 +1213,8 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
     std::fs::create_dir_all(&h.state.models_dir).unwrap();
     let folder = good_folder(h._dir.path(), 3);
     let one = good_folder(&h._dir.path().join("one"), 1);
+    let fake = good_folder(&h._dir.path().join("fake"), 2);
+    std::fs::write(fake.join("1.png"), b"not an image").unwrap();
     let cases = [
         (
             serde_json::json!({"model": "x", "folder": "/no/such/folder"}),
@@ -1176,6 +1251,33 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Settings the command line takes but training refuses, checked before queueing.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"steps": 0}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"steps": -5}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"size": 0}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"size": 32, "patch": 64}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // A file named like an image that is not one.
+        (
+            serde_json::json!({"model": "x", "folder": fake}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_training_data",
+        ),
     ];
     for (request, status, code) in cases {
         let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request.clone())).await;
@@ -1186,6 +1288,19 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             String::from_utf8_lossy(&b)
         );
     }
+    let (s, _, b) = send(
+        &h.state,
+        post(
+            "/v1/training-jobs",
+            "text/plain",
+            serde_json::to_vec(&serde_json::json!({"model": "x", "folder": folder})).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
     let (_, _, b) = send(&h.state, get("/v1/training-jobs")).await;
     assert_eq!(json(&b), serde_json::json!([]), "a refused job leaves no record");
     let (s, _, b) = send(&h.state, get("/v1/training-jobs/nope")).await;
@@ -1285,6 +1400,57 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
     )
     .await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "job_finished"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let long = serde_json::json!({"steps": 100000, "size": 32, "patch": 32, "batch_size": 2});
+    let start = |name: &str| {
+        post_json(
+            "/v1/training-jobs",
+            serde_json::json!({"model": name, "folder": folder, "options": long}),
+        )
+    };
+    let running = json(&send(&h.state, start("long")).await.2)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let queued = json(&send(&h.state, start("next")).await.2)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = api::app(h.state.clone())
+        .oneshot(get(&format!("/v1/training-jobs/{running}/events")))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains("\"status\":\"running\"") {
+        let frame = body
+            .frame()
+            .await
+            .expect("the stream ended before the job ran")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    // What `vigil serve` does once requests are drained.
+    h.state.training.stop_all();
+    h.state.training.wait_finished().await;
+    for id in [&running, &queued] {
+        let row = h.state.store.job(id).await.unwrap().unwrap();
+        assert_eq!(row.status, "failed", "{id}");
+        assert!(row.message.unwrap().starts_with("interrupted"), "{id}");
+    }
+    let written: Vec<_> = std::fs::read_dir(&h.state.models_dir).unwrap().collect();
+    assert!(written.is_empty(), "an interrupted job wrote {written:?}");
+    let (_, _, b) = send(&h.state, get("/v1/models")).await;
+    assert!(!json(&b).as_array().unwrap().iter().any(|m| m["name"] == "long"));
 }
 
 #[tokio::test]

@@ -98,7 +98,10 @@ async fn exercise(store: &Store, prefix: &str) {
     );
     assert_eq!(
         store.feedback_of(&id(1)).await.unwrap(),
-        Some(("defective".into(), Some("again".into())))
+        Some(vigil::storage::Feedback {
+            label: "defective".into(),
+            note: Some("again".into())
+        })
     );
 
     let pruned = store.prune(1_002).await.unwrap();

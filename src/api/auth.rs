@@ -50,6 +50,10 @@ impl ApiKeys {
             if key.len() < 16 {
                 return Err(format!("line {}: keys must be at least 16 characters", n + 1));
             }
+            // A key listed twice would silently take its last role.
+            if keys.iter().any(|(_, k): &(Role, Vec<u8>)| k == key.as_bytes()) {
+                return Err(format!("line {}: this key is listed twice", n + 1));
+            }
             keys.push((role, key.as_bytes().to_vec()));
         }
         if keys.is_empty() {
@@ -132,5 +136,9 @@ mod tests {
         assert_eq!(k.role_of(b"aaaaaaaaaaaaaaa"), None);
         assert!(ApiKeys::parse("root aaaaaaaaaaaaaaaa").is_err());
         assert!(ApiKeys::parse("inspect short").is_err());
+        let twice = ApiKeys::parse("admin aaaaaaaaaaaaaaaa\ninspect aaaaaaaaaaaaaaaa")
+            .err()
+            .unwrap();
+        assert!(twice.contains("line 2") && twice.contains("twice"), "{twice}");
     }
 }

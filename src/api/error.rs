@@ -205,7 +205,9 @@ impl From<ImageError> for ApiError {
         match e {
             ImageError::Empty => ApiError::EmptyBody,
             ImageError::UnsupportedFormat => ApiError::UnsupportedMediaType(e.to_string()),
-            ImageError::TooManyPixels { .. } => ApiError::TooManyPixels(e.to_string()),
+            ImageError::TooManyPixels { .. } | ImageError::OverDecoderLimit(_) => {
+                ApiError::TooManyPixels(e.to_string())
+            }
             ImageError::Corrupt(_) => ApiError::CorruptImage(e.to_string()),
             ImageError::Io { .. } => ApiError::Internal(e.to_string()),
         }

@@ -18,6 +18,9 @@ use crate::api::error::ApiError;
 use crate::detector::Overrides;
 use crate::storage::Record;
 
+/// Longest `X-Part-Id` stored with a record (a serial number or a barcode's text).
+pub const MAX_PART_ID: usize = 256;
+
 /// Inspect an image with the default model.
 #[utoipa::path(post, path = "/v1/inspect", params(InspectQuery),
     request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
@@ -69,7 +72,12 @@ async fn inspect(
     }
     let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let request_id = header_str(req.headers(), "x-request-id");
-    let part_id = header_str(req.headers(), "x-part-id");
+    let part_id = header_str(req.headers(), "x-part-id").filter(|p| !p.is_empty());
+    if part_id.as_ref().is_some_and(|p| p.len() > MAX_PART_ID) {
+        return Err(ApiError::BadRequest(format!(
+            "X-Part-Id is at most {MAX_PART_ID} bytes"
+        )));
+    }
     if let Some(t) = q.threshold {
         if !(t.is_finite() && t >= 0.0) {
             return Err(ApiError::BadRequest(
@@ -162,7 +170,7 @@ async fn inspect(
     if !inspection.is_anomalous && q.alpha.is_none() {
         state
             .live
-            .record_good(&model, inspection.score, &detector.card.validation_scores.values);
+            .record_good(&model, &id, inspection.score, &detector.card.validation_scores.values);
     }
     Ok(Json(InspectionResponse {
         links: Links::for_id(&id),
@@ -182,6 +190,7 @@ async fn inspect(
         part_id,
         image_stored: image_path.is_some(),
         feedback: None,
+        feedback_note: None,
     }))
 }
 

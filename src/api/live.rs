@@ -43,7 +43,8 @@ pub struct LiveStats {
 
 #[derive(Default)]
 struct DriftState {
-    recent: VecDeque<f32>,
+    /// (inspection id, score), oldest first: a part relabelled good twice counts once.
+    recent: VecDeque<(String, f32)>,
     last: Option<Drift>,
 }
 
@@ -101,20 +102,23 @@ impl LiveStats {
         });
     }
 
-    /// Adds the score of a good part judged by `model`, whose calibration scores are
+    /// Adds the score of good part `id` judged by `model`, whose calibration scores are
     /// `reference` (ascending), and returns the drift now, once there are enough scores.
-    /// Logs when the drift flag changes.
-    pub fn record_good(&self, model: &str, score: f32, reference: &[f32]) -> Option<Drift> {
+    /// A part already in the window is not added again. Logs when the drift flag changes.
+    pub fn record_good(&self, model: &str, id: &str, score: f32, reference: &[f32]) -> Option<Drift> {
         let mut all = self.good_scores.lock().expect("drift lock");
         let st = all.entry(model.to_string()).or_default();
+        if st.recent.iter().any(|(seen, _)| seen == id) {
+            return st.last.clone();
+        }
         if st.recent.len() == DRIFT_WINDOW {
             st.recent.pop_front();
         }
-        st.recent.push_back(score);
+        st.recent.push_back((id.to_string(), score));
         if st.recent.len() < DRIFT_MIN_SAMPLES || reference.is_empty() {
             return None;
         }
-        let mut recent: Vec<f32> = st.recent.iter().copied().collect();
+        let mut recent: Vec<f32> = st.recent.iter().map(|(_, s)| *s).collect();
         recent.sort_by(f32::total_cmp);
         let statistic = crate::scoring::drift::ks_statistic(&recent, reference)?;
         let critical = crate::scoring::drift::ks_critical(recent.len(), reference.len(), DRIFT_ALPHA);
@@ -205,6 +209,7 @@ fn nearest_rank(sorted: &[f64], q: f64) -> Option<f64> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatsQuery {
     /// Seconds to look back: 1–900, default 60.
     pub window_s: Option<f64>,
@@ -236,24 +241,30 @@ mod tests {
         // Calibration scores 0.10, 0.11, … 0.29.
         let reference: Vec<f32> = (0..20).map(|i| 0.1 + 0.01 * i as f32).collect();
         for i in 0..DRIFT_MIN_SAMPLES - 1 {
-            assert_eq!(live.record_good("m", reference[i % 20], &reference), None);
+            assert_eq!(
+                live.record_good("m", &format!("a{i}"), reference[i % 20], &reference),
+                None
+            );
         }
+        // The same part again (relabelled good twice) is not a new sample.
+        assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
         // Same distribution: small distance, no flag.
-        let d = live.record_good("m", 0.2, &reference).unwrap();
+        let d = live.record_good("m", "b", 0.2, &reference).unwrap();
         assert!(!d.drifted && d.statistic < d.critical, "{d:?}");
         assert_eq!((d.recent, d.reference), (DRIFT_MIN_SAMPLES, 20));
+        assert_eq!(live.record_good("m", "b", 0.2, &reference), Some(d));
         // Good parts now score far above every calibration score: the window fills with
         // them, the distance reaches 1 and the flag rises.
         let mut last = None;
-        for _ in 0..DRIFT_WINDOW {
-            last = live.record_good("m", 0.5, &reference);
+        for i in 0..DRIFT_WINDOW {
+            last = live.record_good("m", &format!("c{i}"), 0.5, &reference);
         }
         let d = last.unwrap();
         assert_eq!((d.recent, d.statistic, d.drifted), (DRIFT_WINDOW, 1.0, true));
         assert_eq!(live.summary(Duration::from_secs(60)).drift["m"], d);
         // Without calibration scores (an older artifact) there is nothing to compare.
-        for _ in 0..DRIFT_MIN_SAMPLES {
-            assert_eq!(live.record_good("old", 0.5, &[]), None);
+        for i in 0..DRIFT_MIN_SAMPLES {
+            assert_eq!(live.record_good("old", &format!("d{i}"), 0.5, &[]), None);
         }
         live.reset_drift("m");
         assert!(live.summary(Duration::from_secs(60)).drift.is_empty());

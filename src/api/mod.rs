@@ -167,7 +167,23 @@ pub fn app(state: Arc<AppState>) -> Router {
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(drop_unusable_request_id))
         .with_state(state)
+}
+
+/// Longest `X-Request-Id` kept from a client; a longer, empty or non-text one is
+/// replaced by a generated id (it is echoed, logged and stored with the record).
+const MAX_REQUEST_ID: usize = 128;
+
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = |v: &axum::http::HeaderValue| {
+        v.to_str()
+            .is_ok_and(|s| !s.trim().is_empty() && s.len() <= MAX_REQUEST_ID)
+    };
+    if req.headers().get("x-request-id").is_some_and(|v| !usable(v)) {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
 }
 
 /// Requests by route and status; latency by route. Routes are the matched patterns, so

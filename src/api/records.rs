@@ -17,9 +17,9 @@ use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResp
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::detector::Overrides;
-use crate::storage::{ListQuery, Record};
+use crate::storage::{Feedback, ListQuery, Record};
 
-pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
+pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse {
     let timings: Timings = serde_json::from_value(r.timings).unwrap_or(Timings {
         decode: 0.0,
         queue: 0.0,
@@ -44,7 +44,8 @@ pub fn to_response(r: Record, feedback: Option<String>) -> InspectionResponse {
         request_id: r.request_id,
         part_id: r.part_id,
         image_stored: r.image_path.is_some(),
-        feedback,
+        feedback_note: feedback.as_ref().and_then(|f| f.note.clone()),
+        feedback: feedback.map(|f| f.label),
     }
 }
 
@@ -114,6 +115,22 @@ pub async fn list(
     }))
 }
 
+/// An inspection id from the path, in the form ids are stored in (lowercase, hyphenated),
+/// so `01A2…`, braced or `urn:uuid:` forms find the same record; anything else is kept
+/// as given and answers 404.
+pub struct InspectionId(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for InspectionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        Ok(Self(uuid::Uuid::parse_str(&id).map_or(id, |u| u.to_string())))
+    }
+}
+
 async fn load(state: &AppState, id: &str) -> Result<Record, ApiError> {
     state
         .store
@@ -126,10 +143,10 @@ async fn load(state: &AppState, id: &str) -> Result<Record, ApiError> {
 #[utoipa::path(get, path = "/v1/inspections/{id}", params(("id" = String, Path)), responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
 ) -> Result<Json<InspectionResponse>, ApiError> {
     let r = load(&state, &id).await?;
-    let fb = state.store.feedback_of(&id).await?.map(|f| f.0);
+    let fb = state.store.feedback_of(&id).await?;
     Ok(Json(to_response(r, fb)))
 }
 
@@ -138,7 +155,7 @@ pub async fn get_one(
     responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn feedback(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
     body: Result<Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<InspectionResponse>, ApiError> {
     let Json(body) = body.map_err(|e| {
@@ -159,7 +176,7 @@ pub async fn feedback(
             )))
         }
     };
-    let before = state.store.feedback_of(&id).await?.map(|f| f.0);
+    let before = state.store.feedback_of(&id).await?.map(|f| f.label);
     if !state
         .store
         .set_feedback(&id, defective, body.note.as_deref(), now_us())
@@ -177,12 +194,12 @@ pub async fn feedback(
                 if version == r.model_version {
                     state
                         .live
-                        .record_good(&r.model, r.score as f32, &detector.card.validation_scores.values);
+                        .record_good(&r.model, &id, r.score as f32, &detector.card.validation_scores.values);
                 }
             }
         }
     }
-    get_one(State(state), Path(id)).await
+    get_one(State(state), InspectionId(id)).await
 }
 
 /// Judges the stored image again with the model version that made the verdict.
@@ -223,7 +240,7 @@ fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
 #[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path), HeatmapQuery), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn heatmap(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
     q: Result<Query<HeatmapQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     let opacity = super::inspect::query(q)?.opacity.unwrap_or(0.5);
@@ -245,7 +262,7 @@ pub async fn heatmap(
 #[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn image(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
 ) -> Result<axum::response::Response, ApiError> {
     let r = load(&state, &id).await?;
     let path = r
@@ -271,7 +288,7 @@ pub async fn image(
 #[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn anomaly_map(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
 ) -> Result<axum::response::Response, ApiError> {
     let insp = rerun(&state, &id).await?.1.inspection;
     let bytes = crate::npy::encode_f32_2d(&insp.map, insp.height, insp.width);
@@ -282,7 +299,7 @@ pub async fn anomaly_map(
 #[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn reconstruction(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    InspectionId(id): InspectionId,
 ) -> Result<axum::response::Response, ApiError> {
     let recon = rerun(&state, &id).await?.1.reconstruction;
     png(recon.image.to_rgb8())

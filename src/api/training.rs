@@ -5,7 +5,7 @@
 //! Rows in the database say what was asked and how it ended; a restart marks unfinished
 //! jobs `failed` (interrupted), as they cannot resume.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,10 @@ struct LiveJob {
 /// The jobs of this process and the queue in front of the one trainer.
 pub struct JobBoard {
     live: Mutex<HashMap<String, LiveJob>>,
+    /// Model names of requests being checked, not yet in `live`.
+    reserved: Mutex<HashSet<String>>,
+    /// Set when the server stops: jobs still running end as interrupted.
+    stopping: AtomicBool,
     queue: mpsc::UnboundedSender<String>,
     /// The queue's receiving end until the trainer starts (on the first job) and takes it.
     waiting: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -48,6 +52,8 @@ impl JobBoard {
         let (queue, rx) = mpsc::unbounded_channel();
         Self {
             live: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
             queue,
             waiting: Mutex::new(Some(rx)),
             threads: threads.max(1),
@@ -66,6 +72,59 @@ impl JobBoard {
         if let Some(j) = self.live.lock().expect("jobs lock").get(id) {
             j.view.send_modify(f);
         }
+    }
+
+    /// Claims `model` for a request being checked: 409 when a job of this process is
+    /// queued or running for it, or another request holds it. Released on drop.
+    fn reserve(&self, model: &str) -> Result<NameReservation<'_>, ApiError> {
+        let live = self.live.lock().expect("jobs lock");
+        let mut reserved = self.reserved.lock().expect("jobs lock");
+        let training = live.values().any(|j| {
+            let v = j.view.borrow();
+            v.model == model && !v.status.finished()
+        });
+        if training || !reserved.insert(model.to_string()) {
+            return Err(ApiError::ModelExists(format!("a job is already training {model:?}")));
+        }
+        Ok(NameReservation {
+            board: self,
+            model: model.to_string(),
+        })
+    }
+
+    /// The server is stopping: every queued or running job is cancelled (a running one
+    /// after its current step) and ends as interrupted, leaving no model behind.
+    pub fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for job in self.live.lock().expect("jobs lock").values() {
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until every job of this process has ended and its end is on record.
+    pub async fn wait_finished(&self) {
+        let watching: Vec<watch::Receiver<JobView>> = self
+            .live
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .map(|j| j.view.subscribe())
+            .collect();
+        for mut rx in watching {
+            let _ = rx.wait_for(|v| v.status.finished()).await;
+        }
+    }
+}
+
+/// A model name held by [`JobBoard::reserve`].
+struct NameReservation<'a> {
+    board: &'a JobBoard,
+    model: String,
+}
+
+impl Drop for NameReservation<'_> {
+    fn drop(&mut self) {
+        self.board.reserved.lock().expect("jobs lock").remove(&self.model);
     }
 }
 
@@ -109,11 +168,20 @@ pub struct JobRequest {
         (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
 pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
-    let is_multipart = req
+    let content_type = req
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let is_multipart = content_type.starts_with("multipart/form-data");
+    // As the feedback route: a body in another type (a form, text) is refused rather than
+    // read as JSON; a request without a type is read as JSON.
+    if !is_multipart && !content_type.is_empty() && !content_type.starts_with("application/json") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send JSON (Content-Type: application/json) or multipart/form-data, not {content_type:?}"
+        )));
+    }
     let (request, uploaded) = if is_multipart {
         let upload_dir = state.blobs.root().join("training-uploads").join(&id);
         let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
@@ -232,31 +300,42 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             r.model
         )));
     }
-    let queued_same_name = state.training.live.lock().expect("jobs lock").values().any(|j| {
-        let v = j.view.borrow();
-        v.model == r.model && !v.status.finished()
-    });
-    if queued_same_name {
-        return Err(ApiError::ModelExists(format!(
-            "a job is already training {:?}",
-            r.model
-        )));
-    }
+    // Held until the job is in the board (or refused): a second request for the same name
+    // meanwhile is a 409, not a second job that would fail at the end.
+    let _name = state.training.reserve(&r.model)?;
     let folder = PathBuf::from(r.folder.clone().ok_or_else(|| {
         ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
     })?);
+    // Uploads live in a folder of the server's own; errors name it as the upload.
+    let shown = if folder.starts_with(state.blobs.root().join("training-uploads")) {
+        "the uploaded images".to_string()
+    } else {
+        folder.display().to_string()
+    };
     let flags = jobs::flags(&r.options).map_err(ApiError::BadRequest)?;
     // Checked now, so a bad option is a 400 here rather than a failed job later.
-    jobs::train_args(&folder, &state.models_dir.join(&r.model), &flags).map_err(ApiError::BadRequest)?;
-    let check = folder.clone();
-    let images = tokio::task::spawn_blocking(move || crate::train::dataset::training_files(&check))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::BadTrainingData(e.to_string()))?;
+    let args = jobs::train_args(&folder, &state.models_dir.join(&r.model), &flags).map_err(ApiError::BadRequest)?;
+    let (check, threads, named) = (folder.clone(), state.training.threads, shown.clone());
+    let images = tokio::task::spawn_blocking(move || {
+        let images = crate::train::dataset::training_files(&check)
+            .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), &named)))?;
+        let cfg = crate::commands::train::config(&args, threads).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
+        cfg.check().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Every file must be an image the trainer can read (from its header), so a
+        // mislabelled upload is refused now, not after the job was queued.
+        for path in &images {
+            crate::image_io::probe(path, crate::image_io::DEFAULT_MAX_PIXELS).map_err(|e| {
+                let name = path.strip_prefix(&check).unwrap_or(path).display();
+                ApiError::BadTrainingData(format!("{name} in {named}: {e}"))
+            })?;
+        }
+        Ok::<_, ApiError>(images)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     if images.len() < 2 {
         return Err(ApiError::BadTrainingData(format!(
-            "{} holds {} image(s): training needs at least 2 good images (some are held out to calibrate)",
-            folder.display(),
+            "{shown}: {} image(s); training needs at least 2 good images (some are held out to calibrate)",
             images.len()
         )));
     }
@@ -318,18 +397,28 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
         Some(j) => j.cancel.clone(),
         None => return,
     };
-    if cancel.load(Ordering::SeqCst) {
-        return; // cancelled while queued: already recorded
-    }
-    state.training.update(id, |v| v.status = JobStatus::Running);
-    if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
-        tracing::warn!(job = id, error = %e, "could not record the job as running");
-    }
+    let stopping = || state.training.stopping.load(Ordering::SeqCst);
     let data = PathBuf::from(&view.data);
     let uploaded = data.starts_with(state.blobs.root().join("training-uploads"));
-    let outcome = train_and_serve(state, &view, cancel).await;
+    let outcome = if cancel.load(Ordering::SeqCst) {
+        if view.status.finished() || !stopping() {
+            return; // cancelled while queued: recorded by the cancel
+        }
+        Err("cancelled".to_string())
+    } else {
+        state.training.update(id, |v| v.status = JobStatus::Running);
+        if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
+            tracing::warn!(job = id, error = %e, "could not record the job as running");
+        }
+        train_and_serve(state, &view, cancel).await
+    };
     let (status, message) = match outcome {
         Ok(msg) => (JobStatus::Succeeded, msg),
+        // As a restart records a job the previous process left unfinished.
+        Err(e) if e == "cancelled" && stopping() => (
+            JobStatus::Failed,
+            "interrupted: the server stopped before the job finished; nothing was written".into(),
+        ),
         Err(e) if e == "cancelled" => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
         Err(e) => (JobStatus::Failed, e),
     };
@@ -417,10 +506,25 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     ))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobListQuery {
+    /// How many of the newest jobs: 1–500, default 50.
+    pub limit: Option<i64>,
+}
+
 /// Training jobs, newest first: this process's with live progress, earlier ones from the database.
-#[utoipa::path(get, path = "/v1/training-jobs", responses((status = 200, body = Vec<JobView>)))]
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<JobView>>, ApiError> {
-    let rows = state.store.jobs(50).await?;
+#[utoipa::path(get, path = "/v1/training-jobs", params(JobListQuery),
+    responses((status = 200, body = Vec<JobView>), (status = 400, body = crate::api::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    q: Result<axum::extract::Query<JobListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<JobView>>, ApiError> {
+    let limit = super::inspect::query(q)?.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
+    }
+    let rows = state.store.jobs(limit).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| state.training.view(&r.id).unwrap_or_else(|| from_row(r)))
@@ -517,4 +621,19 @@ pub async fn cancel(
     }
     tracing::info!(job = id, "training job cancelled");
     Ok((StatusCode::ACCEPTED, Json(find(&state, &id).await?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_is_held_by_one_request_at_a_time() {
+        let board = JobBoard::new(1);
+        let first = board.reserve("line-1").unwrap();
+        assert!(matches!(board.reserve("line-1"), Err(ApiError::ModelExists(_))));
+        assert!(board.reserve("line-2").is_ok(), "other names stay free");
+        drop(first);
+        assert!(board.reserve("line-1").is_ok(), "released when the request is done");
+    }
 }

@@ -68,9 +68,13 @@ pub struct InspectionResponse {
     /// The operator's label, when one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback: Option<String>,
+    /// The note given with that label, if any (a new label replaces it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_note: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct InspectQuery {
     /// Image threshold for this request only.
     pub threshold: Option<f32>,
@@ -83,6 +87,7 @@ pub struct InspectQuery {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     pub model: Option<String>,
     /// `anomalous` or `normal`.
@@ -100,6 +105,7 @@ pub struct ListParams {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HeatmapQuery {
     /// How much the colour covers the image: 0 (image only) to 1 (colour only, as the
     /// operator's page lays it over the image itself); default 0.5.

@@ -20,6 +20,13 @@ pub enum StoreError {
     Malformed(String),
 }
 
+/// An operator's label of an inspection (`good` or `defective`) and the note given with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    pub label: String,
+    pub note: Option<String>,
+}
+
 /// One stored inspection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -215,14 +222,14 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
-    /// The operator's labels (`good` / `defective`) of those of `ids` that have one.
-    pub async fn labels_of(&self, ids: &[String]) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    /// The operator's labels (`good` / `defective`) and notes of those of `ids` that have one.
+    pub async fn labels_of(&self, ids: &[String]) -> Result<std::collections::HashMap<String, Feedback>, StoreError> {
         if ids.is_empty() {
             return Ok(Default::default());
         }
         let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "SELECT inspection_id, label FROM feedback WHERE inspection_id IN ({})",
+            "SELECT inspection_id, label, note FROM feedback WHERE inspection_id IN ({})",
             placeholders.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -231,7 +238,13 @@ impl Store {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .map(|r| {
+                let feedback = Feedback {
+                    label: r.try_get(1)?,
+                    note: r.try_get(2)?,
+                };
+                Ok((r.try_get::<String, _>(0)?, feedback))
+            })
             .collect()
     }
 
@@ -264,12 +277,15 @@ impl Store {
     }
 
     /// The operator's label of an inspection, if any.
-    pub async fn feedback_of(&self, id: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+    pub async fn feedback_of(&self, id: &str) -> Result<Option<Feedback>, StoreError> {
         let row = sqlx::query("SELECT label, note FROM feedback WHERE inspection_id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1))))
+        Ok(row.map(|r| Feedback {
+            label: r.get(0),
+            note: r.get(1),
+        }))
     }
 
     /// Feedback counts for `model`.

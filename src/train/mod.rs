@@ -99,29 +99,46 @@ pub struct TrainConfig {
     pub on_step: Option<ProgressHook>,
 }
 
+impl TrainConfig {
+    /// Checks the settings without reading any image, so a training job can refuse bad
+    /// options before it is queued. [`train`] checks them again.
+    pub fn check(&self) -> Result<(), TrainError> {
+        if self.patch_size > self.working_size {
+            return Err(TrainError::Config(format!(
+                "patch size {} is larger than the working size {}",
+                self.patch_size, self.working_size
+            )));
+        }
+        if self.batch_size == 0 || self.steps == 0 {
+            return Err(TrainError::Config("steps and batch size must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.validation_fraction) {
+            return Err(TrainError::Config("validation fraction must be in [0, 1)".into()));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(TrainError::Config(format!(
+                "the learning rate must be a finite number above 0, not {}",
+                self.learning_rate
+            )));
+        }
+        self.calibration.validate()?;
+        self.architecture
+            .validate(self.channels.unwrap_or(1), self.patch_size)
+            .map_err(TrainError::Config)?;
+        if matches!(self.fit, Fit::Whole) && self.architecture.fully_convolutional() {
+            self.architecture
+                .validate(self.channels.unwrap_or(1), self.working_size)
+                .map_err(TrainError::Config)?;
+        }
+        Ok(())
+    }
+}
+
 /// Trains, calibrates and writes the artifact to `cfg.out`. Setting `stop` ends training
 /// early; the artifact is still calibrated and written.
 pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, TrainError> {
     let started = Instant::now();
-    if cfg.patch_size > cfg.working_size {
-        return Err(TrainError::Config(format!(
-            "patch size {} is larger than the working size {}",
-            cfg.patch_size, cfg.working_size
-        )));
-    }
-    if cfg.batch_size == 0 || cfg.steps == 0 {
-        return Err(TrainError::Config("steps and batch size must be positive".into()));
-    }
-    if !(0.0..1.0).contains(&cfg.validation_fraction) {
-        return Err(TrainError::Config("validation fraction must be in [0, 1)".into()));
-    }
-    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
-        return Err(TrainError::Config(format!(
-            "the learning rate must be a finite number above 0, not {}",
-            cfg.learning_rate
-        )));
-    }
-    cfg.calibration.validate()?;
+    cfg.check()?;
     check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
