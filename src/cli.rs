@@ -407,6 +407,10 @@ pub struct ServeArgs {
     /// Seconds an inspection may wait for the model before a 503.
     #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0)]
     pub request_timeout: f64,
+    /// Seconds a request body may pause mid-way before a 408 (a client that stalls an
+    /// upload would otherwise hold its connection open).
+    #[arg(long, env = "VIGIL_BODY_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    pub body_timeout: f64,
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,

@@ -76,6 +76,7 @@ pub async fn build_state(
             max_body_bytes: args.max_body_bytes,
             max_pixels: args.max_pixels,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
+            body_timeout: Duration::from_secs_f64(args.body_timeout),
             store_images: args.store_images,
             max_batch: args.max_batch,
             queue_capacity: args.queue_capacity,

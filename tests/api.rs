@@ -83,6 +83,7 @@ async fn harness_with(
             max_body_bytes: 200_000,
             max_pixels: 1_000_000,
             request_timeout,
+            body_timeout: request_timeout,
             store_images: true,
             max_batch: 4,
             queue_capacity,
@@ -133,6 +134,34 @@ fn json(b: &[u8]) -> Value {
 
 fn error_code(b: &[u8]) -> String {
     json(b)["error"]["code"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_a_408_not_a_hang() {
+    let flat = Arc::new(common::Flat(Device::Cpu));
+    let h = harness_with(None, 8, "default", flat, Duration::from_millis(200), None, None).await;
+    let stalled = |content_type: &str, start: &[u8]| {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(start.to_vec())]);
+        let body = Body::from_stream(futures_util::StreamExt::chain(first, futures_util::stream::pending()));
+        Request::post("/v1/inspect")
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap()
+    };
+    let png = png(16, 16, false);
+    let multipart = b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n";
+    for req in [
+        stalled("image/png", &png[..20]),
+        stalled("multipart/form-data; boundary=b0undary", multipart),
+    ] {
+        let (s, _, b) = tokio::time::timeout(Duration::from_secs(20), send(&h.state, req))
+            .await
+            .expect("the server waited on the stalled body");
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::REQUEST_TIMEOUT, "body_timeout")
+        );
+    }
 }
 
 #[tokio::test]

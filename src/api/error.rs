@@ -25,6 +25,8 @@ pub enum ApiError {
     TooManyPixels(String),
     #[error("the request body is larger than {0} bytes")]
     BodyTooLarge(usize),
+    #[error("the request body stopped arriving before it was complete")]
+    BodyTimeout,
     #[error("{0}")]
     BadRequest(String),
     #[error("no model named {0:?}")]
@@ -90,6 +92,7 @@ impl ApiError {
             CorruptImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
             TooManyPixels(_) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             UnknownModel(_) | NoDefaultModel(_) => (StatusCode::NOT_FOUND, "unknown_model"),
             UnknownInspection(_) => (StatusCode::NOT_FOUND, "unknown_inspection"),
@@ -159,7 +162,10 @@ impl IntoResponse for ApiError {
         // the client reconnect instead.
         if matches!(
             self,
-            ApiError::Overloaded(_) | ApiError::BodyTooLarge(_) | ApiError::UnsupportedMediaType(_)
+            ApiError::Overloaded(_)
+                | ApiError::BodyTooLarge(_)
+                | ApiError::BodyTimeout
+                | ApiError::UnsupportedMediaType(_)
         ) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -28,6 +28,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::engine::Engine;
@@ -40,6 +41,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_pixels: u64,
     pub request_timeout: Duration,
+    /// The longest pause while a request body arrives.
+    pub body_timeout: Duration,
     pub store_images: bool,
     /// Engine settings for models added while serving (trained by a job).
     pub max_batch: usize,
@@ -155,6 +158,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async { crate::api::error::ApiError::NoRoute })
         // The body limit is enforced by the handlers (to answer in our JSON shape).
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // A client that stops sending its body mid-way gets a 408, not a connection held
+        // open for good.
+        .layer(RequestBodyTimeoutLayer::new(state.limits.body_timeout))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(axum::middleware::from_fn(error::report_errors))
         .layer(PropagateRequestIdLayer::x_request_id())

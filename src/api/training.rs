@@ -197,7 +197,7 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
     } else {
         let body = axum::body::to_bytes(req.into_body(), 1024 * 1024)
             .await
-            .map_err(|_| ApiError::BodyTooLarge(1024 * 1024))?;
+            .map_err(|e| super::upload::body_error(&e, 1024 * 1024))?;
         let r: JobRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("expected JSON {{\"model\", \"folder\", \"options\"}}: {e}")))?;
         (r, None)
@@ -217,15 +217,12 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
-    while let Some(mut field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| ApiError::BadRequest(e.body_text()))?
-    {
+    let failed = |e| super::upload::multipart_error(e, MAX_UPLOAD_BYTES);
+    while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
         match field.name().unwrap_or("") {
-            "model" => model = Some(field.text().await.map_err(|e| ApiError::BadRequest(e.body_text()))?),
+            "model" => model = Some(field.text().await.map_err(failed)?),
             "options" => {
-                let text = field.text().await.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+                let text = field.text().await.map_err(failed)?;
                 if !text.trim().is_empty() {
                     options = serde_json::from_str(&text)
                         .map_err(|e| ApiError::BadRequest(format!("options must be a JSON object: {e}")))?;
@@ -247,7 +244,7 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                     .filter(|e| e.chars().all(|c| c.is_ascii_alphanumeric()) && e.len() <= 5)
                     .unwrap_or_else(|| "png".into());
                 let mut bytes = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::BadRequest(e.body_text()))? {
+                while let Some(chunk) = field.chunk().await.map_err(failed)? {
                     total += chunk.len();
                     if total > MAX_UPLOAD_BYTES {
                         return Err(ApiError::BodyTooLarge(MAX_UPLOAD_BYTES));

@@ -65,24 +65,38 @@ pub async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiE
     Ok(bytes)
 }
 
-/// 413 when the body outgrew the limit; 400 when reading it failed otherwise.
-fn body_error(e: &axum::Error, limit: usize) -> ApiError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return ApiError::BodyTooLarge(limit);
-        }
-        source = s.source();
+/// 413 when the body outgrew the limit; 408 when it stopped arriving; 400 when reading
+/// it failed otherwise.
+pub(super) fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    if has_source::<http_body_util::LengthLimitError>(e) {
+        return ApiError::BodyTooLarge(limit);
+    }
+    if has_source::<tower_http::timeout::TimeoutError>(e) {
+        return ApiError::BodyTimeout;
     }
     ApiError::BadRequest(format!("reading the request body failed: {e}"))
 }
 
-fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+pub(super) fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::BodyTooLarge(limit)
+    } else if has_source::<tower_http::timeout::TimeoutError>(&e) {
+        ApiError::BodyTimeout
     } else {
         ApiError::BadRequest(e.body_text())
     }
+}
+
+/// Whether `E` is `e` or among its causes.
+fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<E>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Content types the `upload_body` fuzz target chooses between (see [`fuzz_request`]).
