@@ -713,6 +713,24 @@ async fn health_metrics_openapi_and_models() {
     let doc = json(&b);
     assert!(doc["paths"]["/v1/inspect"]["post"].is_object());
     assert!(doc["paths"]["/v1/inspections/{id}/feedback"]["post"].is_object());
+    // Keys, the answers every route can give, and binary bodies as binary.
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let jobs = &doc["paths"]["/v1/training-jobs"]["post"];
+    for code in ["401", "403", "413", "415", "500"] {
+        assert!(jobs["responses"][code].is_object(), "{code}");
+    }
+    assert!(jobs["requestBody"]["content"]["multipart/form-data"].is_object());
+    let inspect = &doc["paths"]["/v1/models/{model}/inspect"]["post"];
+    assert!(inspect["responses"]["403"].is_null(), "inspecting needs no admin key");
+    for kind in ["image/png", "image/jpeg", "application/octet-stream"] {
+        assert_eq!(
+            inspect["requestBody"]["content"][kind]["schema"]["format"], "binary",
+            "{kind}"
+        );
+    }
+    let heatmap = &doc["paths"]["/v1/inspections/{id}/heatmap.png"]["get"]["responses"];
+    assert_eq!(heatmap["200"]["content"]["image/png"]["schema"]["format"], "binary");
+    assert!(heatmap["409"].is_object());
     // Every parameter is where the route reads it: only `{…}` segments are path ones,
     // and those are required; the rest are optional query parameters.
     for (path, item) in doc["paths"].as_object().unwrap() {

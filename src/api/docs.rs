@@ -3,6 +3,7 @@
 
 use axum::response::{Html, IntoResponse};
 use axum::Json;
+use serde_json::{json, Value};
 use utoipa::OpenApi;
 
 #[derive(OpenApi)]
@@ -34,7 +35,81 @@ use utoipa::OpenApi;
 pub struct ApiDoc;
 
 pub async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(document).clone())
+}
+
+/// The generated document with what the annotations cannot say route by route: the
+/// bearer keys (optional: a server without `--api-keys-file` takes none) and the answers
+/// every `/v1` route can give (401 without a key, 403 for admin routes with an inspect
+/// key, 500), 503 where the database is read, and binary bodies as binary (the
+/// annotations' `Vec<u8>` renders as an array of integers).
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serialises");
+    doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer"}});
+    let error = json!({"description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
+    let binary = json!({"type": "string", "format": "binary"});
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    for (path, item) in paths.iter_mut() {
+        for (method, op) in item.as_object_mut().expect("path item") {
+            let admin = path.starts_with("/v1/training-jobs") || path.ends_with("/reload");
+            let mut codes = vec![("500", "internal")];
+            if path != "/v1/whoami" {
+                op["security"] = json!([{"bearer": []}, {}]);
+                codes.push((
+                    "401",
+                    "unauthorized: keys are required and none or a wrong one was sent",
+                ));
+            }
+            if admin {
+                codes.push(("403", "forbidden: an admin key is needed"));
+            }
+            if !matches!(path.as_str(), "/v1/whoami" | "/v1/stats" | "/v1/models") {
+                codes.push(("503", "the database, image store or model is unavailable"));
+            }
+            let responses = op["responses"].as_object_mut().expect("responses");
+            for (code, description) in codes {
+                responses.entry(code).or_insert_with(|| {
+                    let mut e = error.clone();
+                    e["description"] = description.into();
+                    e
+                });
+            }
+            // Binary bodies, in and out.
+            let as_binary = |body: &mut Value| {
+                for (kind, media) in body
+                    .get_mut("content")
+                    .and_then(Value::as_object_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if !kind.contains("json") && !kind.starts_with("text/") {
+                        media["schema"] = binary.clone();
+                    }
+                }
+            };
+            responses.values_mut().for_each(as_binary);
+            if let Some(body) = op.get_mut("requestBody") {
+                as_binary(body);
+            }
+            // An image to inspect may come in any format vigil reads, or as a form.
+            if method == "post" && path.ends_with("/inspect") {
+                let content = &mut op["requestBody"]["content"];
+                for kind in ["image/jpeg", "image/bmp", "image/tiff", "application/octet-stream"] {
+                    content[kind] = json!({"schema": binary});
+                }
+                content["multipart/form-data"] = json!({"schema": {"type": "object",
+                    "properties": {"image": binary}, "required": ["image"]}});
+            }
+            if method == "post" && path == "/v1/training-jobs" {
+                op["requestBody"]["content"]["multipart/form-data"] = json!({"schema": {"type": "object",
+                    "properties": {"model": {"type": "string"}, "options": {"type": "string", "description": "JSON object of options"},
+                        "images": {"type": "array", "items": binary, "description": "images, or zip archives of images"}},
+                    "required": ["model", "images"]}});
+            }
+        }
+    }
+    doc
 }
 
 pub async fn page() -> Html<&'static str> {

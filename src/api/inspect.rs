@@ -24,7 +24,8 @@ pub const MAX_PART_ID: usize = 256;
 /// Inspect an image with the default model.
 #[utoipa::path(post, path = "/v1/inspect", params(InspectQuery),
     request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
-    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::api::error::ErrorBody), (status = 413, body = crate::api::error::ErrorBody),
+    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody),
+        (status = 408, body = crate::api::error::ErrorBody), (status = 413, body = crate::api::error::ErrorBody),
         (status = 415, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 429, body = crate::api::error::ErrorBody),
         (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn inspect_default(
@@ -42,7 +43,10 @@ pub async fn inspect_default(
 /// Inspect an image with a named model.
 #[utoipa::path(post, path = "/v1/models/{model}/inspect", params(("model" = String, Path), InspectQuery),
     request_body(content = Vec<u8>, description = "The image (PNG, JPEG, BMP, TIFF), raw or as multipart field `image`", content_type = "image/png"),
-    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
+    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody),
+        (status = 408, body = crate::api::error::ErrorBody), (status = 413, body = crate::api::error::ErrorBody),
+        (status = 415, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 429, body = crate::api::error::ErrorBody),
+        (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn inspect_model(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,

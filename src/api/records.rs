@@ -50,7 +50,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
 }
 
 /// List inspections, newest first, with cursor pagination.
-#[utoipa::path(get, path = "/v1/inspections", params(ListParams), responses((status = 200, body = InspectionPage)))]
+#[utoipa::path(get, path = "/v1/inspections", params(ListParams), responses((status = 200, body = InspectionPage), (status = 400, body = crate::api::error::ErrorBody)))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     p: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -152,7 +152,8 @@ pub async fn get_one(
 
 /// Label an inspection `good` or `defective`.
 #[utoipa::path(post, path = "/v1/inspections/{id}/feedback", params(("id" = String, Path)), request_body = FeedbackRequest,
-    responses((status = 200, body = InspectionResponse), (status = 404, body = crate::api::error::ErrorBody)))]
+    responses((status = 200, body = InspectionResponse), (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody),
+        (status = 413, body = crate::api::error::ErrorBody), (status = 415, body = crate::api::error::ErrorBody)))]
 pub async fn feedback(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
@@ -237,7 +238,8 @@ fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
 }
 
 /// The heatmap overlay (PNG), rendered on demand.
-#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path), HeatmapQuery), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path), HeatmapQuery), responses((status = 200, content_type = "image/png", body = Vec<u8>),
+    (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn heatmap(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
@@ -285,7 +287,8 @@ pub async fn image(
 }
 
 /// The anomaly map: float32 .npy, height × width (as `vigil inspect --maps-dir` writes).
-#[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn anomaly_map(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
@@ -296,7 +299,8 @@ pub async fn anomaly_map(
 }
 
 /// The model's reconstruction at working resolution (PNG).
-#[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>),
+    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn reconstruction(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,

@@ -164,8 +164,8 @@ pub struct JobRequest {
 /// fields `model`, `options` (JSON) and one or more `images` files (images, or zip
 /// archives of images).
 #[utoipa::path(post, path = "/v1/training-jobs", request_body = JobRequest,
-    responses((status = 202, body = JobView), (status = 400, body = crate::api::error::ErrorBody),
-        (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
+    responses((status = 202, body = JobView), (status = 400, body = crate::api::error::ErrorBody), (status = 408, body = crate::api::error::ErrorBody),
+        (status = 409, body = crate::api::error::ErrorBody), (status = 413, body = crate::api::error::ErrorBody), (status = 415, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody)))]
 pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
     let content_type = req
