@@ -37,11 +37,15 @@ pub async fn build_state(
         .await
         .with_context(|| "opening the database".to_string())?;
     tracing::info!(backend = store.backend, "database ready");
-    let interrupted = store.interrupt_unfinished_jobs(crate::api::now_us()).await?;
+    // SQLite is this process's own: whatever it left unfinished was this server's. A
+    // shared PostgreSQL may hold jobs other replicas are training: only quiet ones.
+    let now = crate::api::now_us();
+    let quiet_since = (store.backend != "sqlite").then(|| now - api::training::JOB_QUIET_US);
+    let interrupted = store.interrupt_abandoned_jobs(now, quiet_since).await?;
     if interrupted > 0 {
         tracing::warn!(
             jobs = interrupted,
-            "training jobs of the previous run were interrupted; marked failed"
+            "training jobs of a server that stopped were interrupted; marked failed"
         );
     }
     let dir = args.models_dir.clone();
@@ -169,6 +173,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         if args.retention_days > 0 {
             spawn_retention(state.clone(), args.retention_days);
         }
+        api::training::spawn_heartbeat(&state);
         let shutdown = shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
         // Bound only now: every model is loaded and warm.
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

@@ -1516,7 +1516,15 @@ async fn jobs_left_unfinished_by_a_stopped_server_are_marked_interrupted() {
         };
         h.state.store.insert_job(&row).await.unwrap();
     }
-    assert_eq!(h.state.store.interrupt_unfinished_jobs(5).await.unwrap(), 2);
+    // Unfinished on record but not this process's (another replica's, as far as it
+    // knows): not its to cancel.
+    let (s, _, b) = send(
+        &h.state,
+        Request::delete("/v1/training-jobs/b").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "job_elsewhere"));
+    assert_eq!(h.state.store.interrupt_abandoned_jobs(5, None).await.unwrap(), 2);
     for (id, want) in [("a", "failed"), ("b", "failed"), ("c", "succeeded")] {
         let row = h.state.store.job(id).await.unwrap().unwrap();
         assert_eq!(row.status, want, "{id}");

@@ -104,6 +104,35 @@ async fn exercise(store: &Store, prefix: &str) {
         })
     );
 
+    // Jobs of a server that went quiet are interrupted; a live one's are not, whatever
+    // their age (replicas share a PostgreSQL database).
+    for (i, status) in [(0, "running"), (1, "running"), (2, "queued"), (3, "succeeded")] {
+        let job = vigil::storage::jobs::JobRow {
+            id: format!("{prefix}-job-{i}"),
+            model: format!("{model}-{i}"),
+            status: status.into(),
+            message: None,
+            options: "[]".into(),
+            data: "/d".into(),
+            created_at: 100,
+            finished_at: None,
+        };
+        store.insert_job(&job).await.unwrap();
+    }
+    let job = |i: u32| format!("{prefix}-job-{i}");
+    store.heartbeat_jobs(&[job(1)], 1_000).await.unwrap();
+    store.interrupt_abandoned_jobs(2_000, Some(500)).await.unwrap();
+    for (i, want) in [(0, "failed"), (1, "running"), (2, "failed"), (3, "succeeded")] {
+        let row = store.job(&job(i)).await.unwrap().unwrap();
+        assert_eq!(row.status, want, "job {i}");
+    }
+    store.interrupt_abandoned_jobs(2_000, None).await.unwrap();
+    assert_eq!(
+        store.job(&job(1)).await.unwrap().unwrap().status,
+        "failed",
+        "all, when the database is ours"
+    );
+
     let pruned = store.prune(1_002).await.unwrap();
     assert!(pruned.contains(&format!("images/x/{}.png", id(0))));
     assert!(store.get(&id(1)).await.unwrap().is_none());

@@ -67,6 +67,8 @@ pub enum ApiError {
     UnknownJob(String),
     #[error("{0}")]
     JobFinished(String),
+    #[error("{0}")]
+    JobElsewhere(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -111,6 +113,7 @@ impl ApiError {
             BadTrainingData(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_training_data"),
             UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job"),
             JobFinished(_) => (StatusCode::CONFLICT, "job_finished"),
+            JobElsewhere(_) => (StatusCode::CONFLICT, "job_elsewhere"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -116,6 +116,57 @@ impl JobBoard {
     }
 }
 
+/// How often a server says its queued and running jobs are alive, and looks for jobs of
+/// servers that went quiet.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A job whose server has not said it is alive for this long (µs) was abandoned: that
+/// server stopped without recording how its jobs ended (killed, crashed, lost power).
+pub const JOB_QUIET_US: i64 = 60_000_000;
+
+/// Every [`HEARTBEAT`]: records that this process's unfinished jobs are alive, and marks
+/// interrupted the unfinished jobs of servers that have gone quiet (replicas sharing a
+/// database; or this server's own previous run, restarted within a minute). Holds the
+/// state weakly, so it ends with the server.
+pub fn spawn_heartbeat(state: &Arc<AppState>) {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else { break };
+            let ours: Vec<String> = state
+                .training
+                .live
+                .lock()
+                .expect("jobs lock")
+                .iter()
+                .filter(|(_, j)| !j.view.borrow().status.finished())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let now = now_us();
+            let beat = state.store.heartbeat_jobs(&ours, now).await;
+            let swept = match beat {
+                Ok(()) => {
+                    state
+                        .store
+                        .interrupt_abandoned_jobs(now, Some(now - JOB_QUIET_US))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match swept {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    jobs = n,
+                    "training jobs of a server that went quiet were interrupted; marked failed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not record that this server's training jobs are alive"),
+            }
+        }
+    });
+}
+
 /// A model name held by [`JobBoard::reserve`].
 struct NameReservation<'a> {
     board: &'a JobBoard,
@@ -600,7 +651,11 @@ pub async fn cancel(
         .get(&id)
         .map(|j| j.cancel.clone());
     let Some(cancel) = cancel else {
-        return Err(ApiError::UnknownJob(id));
+        // On record and unfinished, but not this process's: another replica's.
+        return Err(ApiError::JobElsewhere(format!(
+            "job {id} is {} on another server sharing this database: cancel it there",
+            view.status.as_str()
+        )));
     };
     cancel.store(true, Ordering::SeqCst);
     if view.status == JobStatus::Queued {

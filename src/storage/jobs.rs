@@ -36,7 +36,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<JobRow, sqlx::Error> {
 impl Store {
     pub async fn insert_job(&self, j: &JobRow) -> Result<(), StoreError> {
         sqlx::query(&format!(
-            "INSERT INTO training_jobs ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO training_jobs ({COLUMNS}, heartbeat_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(j.id.clone())
         .bind(j.model.clone())
@@ -46,6 +46,7 @@ impl Store {
         .bind(j.data.clone())
         .bind(j.created_at)
         .bind(j.finished_at)
+        .bind(j.created_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -87,16 +88,31 @@ impl Store {
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
-    /// Jobs left queued or running by a previous process cannot resume: marks them failed
-    /// (`interrupted`). Returns how many.
-    pub async fn interrupt_unfinished_jobs(&self, now_us: i64) -> Result<u64, StoreError> {
+    /// Jobs left queued or running by a process that stopped cannot resume: marks them
+    /// failed (`interrupted`). With `quiet_since`, only those whose process last said it
+    /// was alive ([`Store::heartbeat_jobs`]) before then: other replicas sharing the
+    /// database may be training theirs. Returns how many.
+    pub async fn interrupt_abandoned_jobs(&self, now_us: i64, quiet_since: Option<i64>) -> Result<u64, StoreError> {
         let r = sqlx::query(
             "UPDATE training_jobs SET status = 'failed', message = 'interrupted: the server stopped before the job finished', \
-             finished_at = $1 WHERE status IN ('queued', 'running')",
+             finished_at = $1 WHERE status IN ('queued', 'running') AND COALESCE(heartbeat_at, created_at) < $2",
         )
         .bind(now_us)
+        .bind(quiet_since.unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    /// Says that this process still has `ids` queued or running.
+    pub async fn heartbeat_jobs(&self, ids: &[String], now_us: i64) -> Result<(), StoreError> {
+        for id in ids {
+            sqlx::query("UPDATE training_jobs SET heartbeat_at = $1 WHERE id = $2 AND status IN ('queued', 'running')")
+                .bind(now_us)
+                .bind(id.clone())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 }
