@@ -1369,9 +1369,9 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
     assert_eq!(send(&keyed.state, req).await.0, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing() {
-    let h = harness(None, 8).await;
+/// Two long jobs: the first seen running on its event stream (returned with what it sent
+/// so far, to read on), the second queued behind it.
+async fn a_running_and_a_queued_job(h: &Harness) -> (String, String, Body, String) {
     std::fs::create_dir_all(&h.state.models_dir).unwrap();
     let folder = good_folder(h._dir.path(), 4);
     let long = serde_json::json!({"steps": 100000, "size": 32, "patch": 32, "batch_size": 2});
@@ -1389,7 +1389,6 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
         .as_str()
         .unwrap()
         .to_string();
-
     // Wait, on the job's own event stream, until the first is training.
     let resp = api::app(h.state.clone())
         .oneshot(get(&format!("/v1/training-jobs/{running}/events")))
@@ -1407,6 +1406,13 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
             seen.push_str(&String::from_utf8_lossy(&data));
         }
     }
+    (running, queued, body, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing() {
+    let h = harness(None, 8).await;
+    let (running, queued, mut body, mut seen) = a_running_and_a_queued_job(&h).await;
 
     // The queued one is dropped at once; the running one ends as cancelled.
     let (s, _, b) = send(
@@ -1452,39 +1458,7 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
     let h = harness(None, 8).await;
-    std::fs::create_dir_all(&h.state.models_dir).unwrap();
-    let folder = good_folder(h._dir.path(), 4);
-    let long = serde_json::json!({"steps": 100000, "size": 32, "patch": 32, "batch_size": 2});
-    let start = |name: &str| {
-        post_json(
-            "/v1/training-jobs",
-            serde_json::json!({"model": name, "folder": folder, "options": long}),
-        )
-    };
-    let running = json(&send(&h.state, start("long")).await.2)["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let queued = json(&send(&h.state, start("next")).await.2)["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let resp = api::app(h.state.clone())
-        .oneshot(get(&format!("/v1/training-jobs/{running}/events")))
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    let mut seen = String::new();
-    while !seen.contains("\"status\":\"running\"") {
-        let frame = body
-            .frame()
-            .await
-            .expect("the stream ended before the job ran")
-            .unwrap();
-        if let Ok(data) = frame.into_data() {
-            seen.push_str(&String::from_utf8_lossy(&data));
-        }
-    }
+    let (running, queued, _events, _) = a_running_and_a_queued_job(&h).await;
 
     // What `vigil serve` does once requests are drained.
     h.state.training.stop_all();
