@@ -411,6 +411,11 @@ pub struct ServeArgs {
     /// upload would otherwise hold its connection open).
     #[arg(long, env = "VIGIL_BODY_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
     pub body_timeout: f64,
+    /// Pixels judged at full resolution at once, across requests: a request waits until its
+    /// image fits (an image takes about 13 bytes a pixel while judged, so the default of
+    /// 80 megapixels, two of the largest images, is about 1 GB). At least --max-pixels.
+    #[arg(long, env = "VIGIL_MAX_INFLIGHT_PIXELS", default_value_t = 80_000_000, value_parser = at_least_one_u64)]
+    pub max_inflight_pixels: u64,
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -488,6 +493,10 @@ fn validation_fraction(text: &str) -> Result<f32, String> {
 /// A synthetic image side: its defects are drawn at sizes that need 32 pixels or more.
 fn synth_size(text: &str) -> Result<usize, String> {
     bounded(text, |v: &usize| *v >= 32, "a whole number of 32 or more")
+}
+
+fn at_least_one_u64(text: &str) -> Result<u64, String> {
+    bounded(text, |v: &u64| *v >= 1, "a whole number of 1 or more")
 }
 
 fn at_least_one(text: &str) -> Result<usize, String> {

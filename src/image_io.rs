@@ -53,6 +53,15 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     without_panics(format, || reader.decode())
 }
 
+/// The size `bytes` declare, checked as [`decode`] checks them, from the header alone.
+pub fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let (_, width, height) = header(ImageReader::new(Cursor::new(bytes)), max_pixels)?;
+    Ok((width, height))
+}
+
 /// The format and size a file declares, checked as [`decode`] checks them, reading
 /// only its header: whether a file is an image vigil can read, without decoding it.
 pub fn probe(path: &Path, max_pixels: u64) -> Result<(u32, u32), ImageError> {

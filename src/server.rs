@@ -81,6 +81,8 @@ pub async fn build_state(
             max_pixels: args.max_pixels,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
             body_timeout: Duration::from_secs_f64(args.body_timeout),
+            // Never below one image of the largest size accepted, which would wait for good.
+            pixel_budget: crate::api::budget::PixelBudget::new(args.max_inflight_pixels.max(args.max_pixels)),
             store_images: args.store_images,
             max_batch: args.max_batch,
             queue_capacity: args.queue_capacity,

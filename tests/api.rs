@@ -84,6 +84,7 @@ async fn harness_with(
             max_pixels: 1_000_000,
             request_timeout,
             body_timeout: request_timeout,
+            pixel_budget: api::budget::PixelBudget::new(1_000_000),
             store_images: true,
             max_batch: 4,
             queue_capacity,
@@ -205,9 +206,15 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
         .header("x-request-id", "req-1")
         .body(Body::from(png(40, 30, true)))
         .unwrap();
+    let budget = h.state.limits.pixel_budget.available();
     let (status, headers, body) = send(&h.state, req).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(headers["x-request-id"], "req-1");
+    assert_eq!(
+        h.state.limits.pixel_budget.available(),
+        budget,
+        "the image's pixels are given back"
+    );
     let v = json(&body);
     for key in [
         "id",

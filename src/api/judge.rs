@@ -26,6 +26,8 @@ pub struct Judgement {
     pub queue: Duration,
     pub inference: Duration,
     pub scoring: Duration,
+    /// This image's share of the pixel budget, given back when the judgement is dropped.
+    pub pixels: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Judges `bytes` with `model`. With `version`, the model must still run that version
@@ -50,6 +52,15 @@ pub async fn judge(
 
     let decode_started = Instant::now();
     let max_pixels = state.limits.max_pixels;
+    // Held until the answer is built: the decoded image and its full-size map are the
+    // memory a request takes, and its size is known from the header before decoding.
+    let (width, height) = crate::image_io::dimensions(&bytes, max_pixels)?;
+    let pixels = tokio::time::timeout(
+        state.limits.request_timeout,
+        state.limits.pixel_budget.hold(width as u64 * height as u64),
+    )
+    .await
+    .map_err(|_| ApiError::Timeout)?;
     let d = detector.clone();
     let (image, prepared) = blocking(move || {
         let img = crate::image_io::decode(&bytes, max_pixels)?;
@@ -90,6 +101,7 @@ pub async fn judge(
         queue: reply.queue_time,
         inference: reply.inference_time,
         scoring,
+        pixels,
     })
 }
 

@@ -2,6 +2,7 @@
 //! workers, record, and answer; errors become JSON in `error`.
 
 pub mod auth;
+pub mod budget;
 pub mod docs;
 pub mod error;
 pub mod health;
@@ -44,6 +45,8 @@ pub struct Limits {
     /// The longest pause while a request body arrives.
     pub body_timeout: Duration,
     pub store_images: bool,
+    /// Pixels held at full resolution at once, across requests (see [`budget`]).
+    pub pixel_budget: budget::PixelBudget,
     /// Engine settings for models added while serving (trained by a job).
     pub max_batch: usize,
     pub queue_capacity: usize,
