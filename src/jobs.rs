@@ -208,6 +208,7 @@ pub fn run(
     let result = (|| {
         let mut cfg = crate::commands::train::config(&args, threads).map_err(|e| format!("{e:#}"))?;
         cfg.progress = false;
+        cfg.abandon_when_stopped = true;
         cfg.on_step = Some(ProgressHook(Arc::new(on_step)));
         // Its own pool: training takes `threads` cores and leaves the rest to inspection.
         let pool = rayon::ThreadPoolBuilder::new()
@@ -215,11 +216,11 @@ pub fn run(
             .thread_name(|i| format!("vigil-train-{i}"))
             .build()
             .map_err(|e| e.to_string())?;
-        pool.install(|| crate::train::train(&cfg, cancel))
-            .map_err(|e| e.to_string())?;
+        let trained = pool.install(|| crate::train::train(&cfg, cancel));
         if cancel.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("cancelled".to_string());
         }
+        trained.map_err(|e| e.to_string())?;
         if target.exists() {
             return Err(format!("a model named {model:?} appeared while training; not replaced"));
         }

@@ -112,6 +112,11 @@ pub async fn run(
         .with_graceful_shutdown(async move {
             shutdown.await;
             s.ready.store(false, Ordering::SeqCst);
+            // Before the drain: a client watching a job's events keeps its connection open
+            // until the job ends, so the jobs must end first. A running one stops after its
+            // step and writes nothing; it would otherwise run to its end (the runtime waits
+            // for blocking work) and leave a model its record calls unfinished.
+            s.training.stop_all();
             tracing::info!("shutting down: draining requests in flight");
         })
         .await
@@ -185,15 +190,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
         tracing::info!(models = ?state.model_list().into_iter().map(|m| m.0).collect::<Vec<_>>(), "listening on http://{addr}");
         run(listener, state.clone(), shutdown).await?;
-        // Requests are drained; a training job would otherwise run to its end (the runtime
-        // waits for blocking work) and leave a model its record calls unfinished.
-        state.training.stop_all();
-        if tokio::time::timeout(Duration::from_secs(60), state.training.wait_finished())
-            .await
-            .is_err()
-        {
-            tracing::warn!("a training job did not stop within 60 s; its staging folder stays hidden and unserved");
-        }
+        state.training.finish_stopping(&state.store, Duration::from_secs(60)).await;
         Ok(())
     });
     // Not the default wait for blocking work: a training job that did not stop in time

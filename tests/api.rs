@@ -151,9 +151,14 @@ async fn a_body_that_stops_arriving_is_a_408_not_a_hang() {
     };
     let png = png(16, 16, false);
     let multipart = b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n";
+    let (_, _, b) = send(&h.state, post("/v1/inspect", "image/png", png.clone())).await;
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    let mut feedback = stalled("application/json", br#"{"label": "go"#);
+    *feedback.uri_mut() = format!("/v1/inspections/{id}/feedback").parse().unwrap();
     for req in [
         stalled("image/png", &png[..20]),
         stalled("multipart/form-data; boundary=b0undary", multipart),
+        feedback,
     ] {
         let (s, _, b) = tokio::time::timeout(Duration::from_secs(20), send(&h.state, req))
             .await
@@ -1326,6 +1331,17 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Sizes the model card would refuse once trained.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"fit": "tiles", "stride": 0}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "bergmann", "fit": "whole", "size": 256, "patch": 128}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         // A file named like an image that is not one.
         (
             serde_json::json!({"model": "x", "folder": fake}),
@@ -1469,7 +1485,9 @@ async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
 
     // What `vigil serve` does once requests are drained.
     h.state.training.stop_all();
-    h.state.training.wait_finished().await;
+    tokio::time::timeout(Duration::from_secs(60), h.state.training.wait_finished())
+        .await
+        .expect("the jobs did not stop");
     for id in [&running, &queued] {
         let row = h.state.store.job(id).await.unwrap().unwrap();
         assert_eq!(row.status, "failed", "{id}");
@@ -1479,6 +1497,45 @@ async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
     assert!(written.is_empty(), "an interrupted job wrote {written:?}");
     let (_, _, b) = send(&h.state, get("/v1/models")).await;
     assert!(!json(&b).as_array().unwrap().iter().any(|m| m["name"] == "long"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_told_to_stop_ends_its_jobs_before_draining_a_watching_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(None, 8).await;
+    let (running, queued, _events, _) = a_running_and_a_queued_job(&h).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vigil::server::run(listener, h.state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    // An operator's page watching the job over a real connection: the drain waits for it.
+    let mut watcher = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /v1/training-jobs/{running}/events HTTP/1.1\r\nHost: vigil\r\n\r\n");
+    watcher.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("\"status\":\"running\"") {
+        let mut buf = [0u8; 4096];
+        let n = watcher.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream closed before the job was seen running");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("the drain waited for the training job")
+        .unwrap()
+        .unwrap();
+    h.state
+        .training
+        .finish_stopping(&h.state.store, Duration::from_secs(60))
+        .await;
+    for id in [&running, &queued] {
+        let row = h.state.store.job(id).await.unwrap().unwrap();
+        assert_eq!(row.status, "failed", "{id}");
+        assert!(row.message.unwrap().starts_with("interrupted"), "{id}");
+    }
 }
 
 #[tokio::test]

@@ -237,6 +237,7 @@ impl From<StoreError> for ApiError {
         match e {
             // A row that does not parse is a bug, not an outage: 500, not 503.
             StoreError::Malformed(m) => ApiError::Internal(format!("malformed record: {m}")),
+            StoreError::Conflict(m) => ApiError::ModelExists(m),
             other => ApiError::DatabaseUnavailable(other.to_string()),
         }
     }

@@ -55,12 +55,11 @@ pub async fn judge(
     // Held until the answer is built: the decoded image and its full-size map are the
     // memory a request takes, and its size is known from the header before decoding.
     let (width, height) = crate::image_io::dimensions(&bytes, max_pixels)?;
-    let pixels = tokio::time::timeout(
-        state.limits.request_timeout,
-        state.limits.pixel_budget.hold(width as u64 * height as u64),
-    )
-    .await
-    .map_err(|_| ApiError::Timeout)?;
+    // One deadline for both waits (for room and for the model), as the timeout promises.
+    let deadline = tokio::time::Instant::now() + state.limits.request_timeout;
+    let pixels = tokio::time::timeout_at(deadline, state.limits.pixel_budget.hold(width as u64 * height as u64))
+        .await
+        .map_err(|_| ApiError::Timeout)?;
     let d = detector.clone();
     let (image, prepared) = blocking(move || {
         let img = crate::image_io::decode(&bytes, max_pixels)?;
@@ -72,12 +71,9 @@ pub async fn judge(
     metrics::histogram!(crate::metrics::DECODE_SECONDS, "model" => model.to_string()).record(decode.as_secs_f64());
 
     let prepared = Arc::new(prepared);
-    let reply = tokio::time::timeout(
-        state.limits.request_timeout,
-        served.engine.run(permit, prepared.clone(), detector.clone()),
-    )
-    .await
-    .map_err(|_| ApiError::Timeout)??;
+    let reply = tokio::time::timeout_at(deadline, served.engine.run(permit, prepared.clone(), detector.clone()))
+        .await
+        .map_err(|_| ApiError::Timeout)??;
     metrics::histogram!(crate::metrics::QUEUE_SECONDS, "model" => model.to_string())
         .record(reply.queue_time.as_secs_f64());
 

@@ -146,6 +146,14 @@ impl LiveStats {
         Some(drift)
     }
 
+    /// Takes part `id` out of `model`'s recent good scores (an operator labelled it
+    /// defective after all).
+    pub fn forget_good(&self, model: &str, id: &str) {
+        if let Some(st) = self.good_scores.lock().expect("drift lock").get_mut(model) {
+            st.recent.retain(|(seen, _)| seen != id);
+        }
+    }
+
     /// Forgets a model's recent good scores (its artifact changed: new calibration).
     pub fn reset_drift(&self, model: &str) {
         self.good_scores.lock().expect("drift lock").remove(model);
@@ -246,7 +254,10 @@ mod tests {
                 None
             );
         }
-        // The same part again (relabelled good twice) is not a new sample.
+        // The same part again (relabelled good twice) is not a new sample; one labelled
+        // defective leaves the window.
+        assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
+        live.forget_good("m", "a0");
         assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
         // Same distribution: small distance, no flag.
         let d = live.record_good("m", "b", 0.2, &reference).unwrap();

@@ -164,6 +164,8 @@ pub async fn feedback(
             ApiError::BodyTooLarge(64 * 1024)
         } else if e.status() == axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE {
             ApiError::UnsupportedMediaType(e.body_text())
+        } else if super::upload::has_source::<tower_http::timeout::TimeoutError>(&e) {
+            ApiError::BodyTimeout
         } else {
             ApiError::BadRequest(e.body_text())
         }
@@ -186,8 +188,11 @@ pub async fn feedback(
         return Err(ApiError::UnknownInspection(id));
     }
     // A false alarm is a good part too: its score counts towards drift (parts judged
-    // normal count when they are judged).
-    if !defective && before.as_deref() != Some("good") {
+    // normal count when they are judged); a part labelled defective leaves the window.
+    if defective {
+        let r = load(&state, &id).await?;
+        state.live.forget_good(&r.model, &id);
+    } else if before.as_deref() != Some("good") {
         let r = load(&state, &id).await?;
         if r.is_anomalous {
             if let Ok(served) = state.model(&r.model) {

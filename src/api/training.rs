@@ -31,6 +31,8 @@ pub const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
 struct LiveJob {
     view: watch::Sender<JobView>,
     cancel: Arc<AtomicBool>,
+    /// Cancelled by a `DELETE` (not by the server stopping): ends as `cancelled`.
+    by_request: Arc<AtomicBool>,
 }
 
 /// The jobs of this process and the queue in front of the one trainer.
@@ -38,8 +40,6 @@ pub struct JobBoard {
     live: Mutex<HashMap<String, LiveJob>>,
     /// Model names of requests being checked, not yet in `live`.
     reserved: Mutex<HashSet<String>>,
-    /// Set when the server stops: jobs still running end as interrupted.
-    stopping: AtomicBool,
     queue: mpsc::UnboundedSender<String>,
     /// The queue's receiving end until the trainer starts (on the first job) and takes it.
     waiting: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -53,7 +53,6 @@ impl JobBoard {
         Self {
             live: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
-            stopping: AtomicBool::new(false),
             queue,
             waiting: Mutex::new(Some(rx)),
             threads: threads.max(1),
@@ -95,9 +94,34 @@ impl JobBoard {
     /// The server is stopping: every queued or running job is cancelled (a running one
     /// after its current step) and ends as interrupted, leaving no model behind.
     pub fn stop_all(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
         for job in self.live.lock().expect("jobs lock").values() {
             job.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// After [`JobBoard::stop_all`]: waits up to `limit` for every job to end with its end on
+    /// record; any still going then is recorded as interrupted here (it was cancelled, so
+    /// it can no longer move a model into place).
+    pub async fn finish_stopping(&self, store: &crate::storage::Store, limit: std::time::Duration) {
+        if tokio::time::timeout(limit, self.wait_finished()).await.is_ok() {
+            return;
+        }
+        let left: Vec<String> = self
+            .live
+            .lock()
+            .expect("jobs lock")
+            .iter()
+            .filter(|(_, j)| !j.view.borrow().status.finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        tracing::warn!(jobs = ?left, "training jobs did not stop in time; recorded as interrupted");
+        for id in left {
+            let recorded = store
+                .set_job_status(&id, JobStatus::Failed.as_str(), Some(INTERRUPTED), Some(now_us()))
+                .await;
+            if let Err(e) = recorded {
+                tracing::warn!(job = id, error = %e, "could not record the job as interrupted");
+            }
         }
     }
 
@@ -115,6 +139,9 @@ impl JobBoard {
         }
     }
 }
+
+/// How a job that the server's stop ended is recorded.
+const INTERRUPTED: &str = "interrupted: the server stopped before the job finished; nothing was written";
 
 /// How often a server says its queued and running jobs are alive, and looks for jobs of
 /// servers that went quiet.
@@ -342,15 +369,16 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             r.model
         )));
     }
+    // Held until the job is in the board (or refused): a second request for the same name
+    // meanwhile is a 409, not a second job that would fail at the end. (Other servers
+    // sharing the database meet at its one-unfinished-job-per-model rule instead.)
+    let _name = state.training.reserve(&r.model)?;
     if state.model(&r.model).is_ok() || state.models_dir.join(&r.model).exists() {
         return Err(ApiError::ModelExists(format!(
             "a model named {:?} already exists",
             r.model
         )));
     }
-    // Held until the job is in the board (or refused): a second request for the same name
-    // meanwhile is a 409, not a second job that would fail at the end.
-    let _name = state.training.reserve(&r.model)?;
     let folder = PathBuf::from(r.folder.clone().ok_or_else(|| {
         ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
     })?);
@@ -407,6 +435,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         LiveJob {
             view: tx,
             cancel: Arc::new(AtomicBool::new(false)),
+            by_request: Arc::new(AtomicBool::new(false)),
         },
     );
     start_worker(state);
@@ -441,33 +470,36 @@ fn start_worker(state: &Arc<AppState>) {
 
 async fn run_job(state: &Arc<AppState>, id: &str) {
     let Some(view) = state.training.view(id) else { return };
-    let cancel = match state.training.live.lock().expect("jobs lock").get(id) {
-        Some(j) => j.cancel.clone(),
-        None => return,
+    // Whether it starts is decided under the board's lock, where a `DELETE` decides
+    // whether it was still queued: a job is cancelled before it starts or while running,
+    // never both.
+    let (cancel, by_request, started) = {
+        let live = state.training.live.lock().expect("jobs lock");
+        let Some(j) = live.get(id) else { return };
+        let started = !j.cancel.load(Ordering::SeqCst);
+        if started {
+            j.view.send_modify(|v| v.status = JobStatus::Running);
+        }
+        (j.cancel.clone(), j.by_request.clone(), started)
     };
-    let stopping = || state.training.stopping.load(Ordering::SeqCst);
     let data = PathBuf::from(&view.data);
     let uploaded = data.starts_with(state.blobs.root().join("training-uploads"));
-    let outcome = if cancel.load(Ordering::SeqCst) {
-        if view.status.finished() || !stopping() {
-            return; // cancelled while queued: recorded by the cancel
-        }
-        Err("cancelled".to_string())
-    } else {
-        state.training.update(id, |v| v.status = JobStatus::Running);
+    let outcome = if started {
         if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
             tracing::warn!(job = id, error = %e, "could not record the job as running");
         }
         train_and_serve(state, &view, cancel).await
+    } else if by_request.load(Ordering::SeqCst) {
+        return; // cancelled while queued: recorded by the cancel
+    } else {
+        Err("cancelled".to_string()) // the server is stopping
     };
+    let by_request = by_request.load(Ordering::SeqCst);
     let (status, message) = match outcome {
         Ok(msg) => (JobStatus::Succeeded, msg),
         // As a restart records a job the previous process left unfinished.
-        Err(e) if e == "cancelled" && stopping() => (
-            JobStatus::Failed,
-            "interrupted: the server stopped before the job finished; nothing was written".into(),
-        ),
-        Err(e) if e == "cancelled" => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
+        Err(e) if e == "cancelled" && by_request => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
+        Err(e) if e == "cancelled" => (JobStatus::Failed, INTERRUPTED.into()),
         Err(e) => (JobStatus::Failed, e),
     };
     // Before the final status: whoever sees the job end sees its uploads gone.
@@ -643,33 +675,37 @@ pub async fn cancel(
             view.status.as_str()
         )));
     }
-    let cancel = state
-        .training
-        .live
-        .lock()
-        .expect("jobs lock")
-        .get(&id)
-        .map(|j| j.cancel.clone());
-    let Some(cancel) = cancel else {
+    let finished = now_us();
+    let message = "cancelled before it started";
+    // Under the board's lock, where the trainer decides whether to start it (see run_job).
+    let was_queued = {
+        let live = state.training.live.lock().expect("jobs lock");
+        live.get(&id).map(|j| {
+            j.cancel.store(true, Ordering::SeqCst);
+            j.by_request.store(true, Ordering::SeqCst);
+            let queued = j.view.borrow().status == JobStatus::Queued;
+            if queued {
+                j.view.send_modify(|v| {
+                    v.status = JobStatus::Cancelled;
+                    v.message = Some(message.into());
+                    v.finished_at = Some(rfc3339(finished));
+                });
+            }
+            queued
+        })
+    };
+    let Some(was_queued) = was_queued else {
         // On record and unfinished, but not this process's: another replica's.
         return Err(ApiError::JobElsewhere(format!(
             "job {id} is {} on another server sharing this database: cancel it there",
             view.status.as_str()
         )));
     };
-    cancel.store(true, Ordering::SeqCst);
-    if view.status == JobStatus::Queued {
-        let finished = now_us();
-        let message = "cancelled before it started";
+    if was_queued {
         state
             .store
             .set_job_status(&id, "cancelled", Some(message), Some(finished))
             .await?;
-        state.training.update(&id, |v| {
-            v.status = JobStatus::Cancelled;
-            v.message = Some(message.into());
-            v.finished_at = Some(rfc3339(finished));
-        });
     }
     tracing::info!(job = id, "training job cancelled");
     Ok((StatusCode::ACCEPTED, Json(find(&state, &id).await?)))

@@ -88,7 +88,7 @@ pub(super) fn multipart_error(e: axum::extract::multipart::MultipartError, limit
 }
 
 /// Whether `E` is `e` or among its causes.
-fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(super) fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(s) = source {
         if s.is::<E>() {

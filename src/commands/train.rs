@@ -197,6 +197,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         device,
         threads,
         progress: true,
+        abandon_when_stopped: false,
         on_step: None,
     };
     Ok(cfg)

@@ -57,6 +57,27 @@ pub struct InputSpec {
     pub normalisation: String,
 }
 
+impl InputSpec {
+    /// Checks that `architecture` takes these sizes, channels and fit.
+    pub fn check(&self, architecture: &Architecture) -> Result<(), String> {
+        architecture.validate(self.channels, self.patch_size)?;
+        if self.working_size < self.patch_size {
+            return Err(format!(
+                "working size {} is smaller than the patch size {}",
+                self.working_size, self.patch_size
+            ));
+        }
+        match self.fit {
+            Fit::Whole if !architecture.fully_convolutional() && self.working_size != self.patch_size => {
+                Err("this architecture needs working_size == patch_size for whole-image fitting".into())
+            }
+            Fit::Whole => architecture.validate(self.channels, self.working_size),
+            Fit::Tiles { stride: 0 } => Err("tile stride must be positive".into()),
+            Fit::Tiles { .. } => Ok(()),
+        }
+    }
+}
+
 /// Thresholds and how they were set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
@@ -225,22 +246,7 @@ impl ModelCard {
 
     /// Checks the sizes fit together.
     pub fn check(&self) -> Result<(), String> {
-        let i = &self.input;
-        self.architecture.validate(i.channels, i.patch_size)?;
-        if i.working_size < i.patch_size {
-            return Err(format!(
-                "working size {} is smaller than the patch size {}",
-                i.working_size, i.patch_size
-            ));
-        }
-        match i.fit {
-            Fit::Whole if !self.architecture.fully_convolutional() && i.working_size != i.patch_size => {
-                Err("this architecture needs working_size == patch_size for whole-image fitting".into())
-            }
-            Fit::Whole => self.architecture.validate(i.channels, i.working_size),
-            Fit::Tiles { stride: 0 } => Err("tile stride must be positive".into()),
-            Fit::Tiles { .. } => Ok(()),
-        }
+        self.input.check(&self.architecture)
     }
 
     /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file.

@@ -48,7 +48,13 @@ impl Store {
         .bind(j.finished_at)
         .bind(j.created_at)
         .execute(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::UniqueViolation => {
+                StoreError::Conflict(format!("a job is already queued or running for {:?}", j.model))
+            }
+            other => other.into(),
+        })?;
         Ok(())
     }
 

@@ -18,6 +18,9 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored record is malformed: {0}")]
     Malformed(String),
+    /// A row that a unique rule refuses (a second unfinished job for one model name).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// An operator's label of an inspection (`good` or `defective`) and the note given with it.

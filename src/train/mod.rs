@@ -44,6 +44,8 @@ pub enum TrainError {
     Artifact(#[from] ArtifactError),
     #[error(transparent)]
     Calibration(#[from] calibrate::CalibrationError),
+    #[error("stopped before the end; nothing was written")]
+    Stopped,
 }
 
 /// Where training stands after a step (for a caller that shows progress elsewhere).
@@ -96,6 +98,10 @@ pub struct TrainConfig {
     pub threads: usize,
     /// A progress bar on stderr.
     pub progress: bool,
+    /// When `stop` is set: false (the command line's Ctrl-C) writes the model trained so
+    /// far; true (a training job cancelled, or its server stopping) abandons the training
+    /// at once, with [`TrainError::Stopped`] and nothing written.
+    pub abandon_when_stopped: bool,
     pub on_step: Option<ProgressHook>,
 }
 
@@ -122,26 +128,31 @@ impl TrainConfig {
             )));
         }
         self.calibration.validate()?;
-        self.architecture
-            .validate(self.channels.unwrap_or(1), self.patch_size)
-            .map_err(TrainError::Config)?;
-        if matches!(self.fit, Fit::Whole) && self.architecture.fully_convolutional() {
-            self.architecture
-                .validate(self.channels.unwrap_or(1), self.working_size)
-                .map_err(TrainError::Config)?;
-        }
-        Ok(())
+        // As the model card will be checked once written (channels, when left to the
+        // images, are 1 or 3, and no family's sizes depend on which).
+        let input = InputSpec {
+            channels: self.channels.unwrap_or(1),
+            working_size: self.working_size,
+            patch_size: self.patch_size,
+            fit: self.fit,
+            normalisation: String::new(),
+        };
+        input.check(&self.architecture).map_err(TrainError::Config)
     }
 }
 
 /// Trains, calibrates and writes the artifact to `cfg.out`. Setting `stop` ends training
-/// early; the artifact is still calibrated and written.
+/// early; the artifact is still calibrated and written, unless `cfg.abandon_when_stopped`.
 pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, TrainError> {
     let started = Instant::now();
+    let abandoned = || cfg.abandon_when_stopped && stop.load(Ordering::SeqCst);
     cfg.check()?;
     check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
+    if abandoned() {
+        return Err(TrainError::Stopped);
+    }
     let channels = set.images[0].channels;
     tracing::info!(images = set.images.len(), channels, "loaded training images");
     let mut architecture = cfg.architecture.clone();
@@ -218,7 +229,13 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         }
     };
     let cfg = &TrainConfig { steps, ..cfg.clone() };
+    if abandoned() {
+        return Err(TrainError::Stopped);
+    }
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
+    if abandoned() {
+        return Err(TrainError::Stopped);
+    }
     card.training = TrainingSummary {
         training_images: training.len(),
         time_budget: budget_record,
