@@ -330,7 +330,13 @@ fn fit(
     }
     bar.finish_and_clear();
     let stopped_early = steps_done < cfg.steps;
-    if stopped_early {
+    if stopped_early && cfg.abandon_when_stopped {
+        tracing::info!(
+            steps_done,
+            planned = cfg.steps,
+            "training stopped; nothing will be written"
+        );
+    } else if stopped_early {
         tracing::warn!(
             steps_done,
             planned = cfg.steps,
