@@ -106,14 +106,7 @@ impl JobBoard {
         if tokio::time::timeout(limit, self.wait_finished()).await.is_ok() {
             return;
         }
-        let left: Vec<String> = self
-            .live
-            .lock()
-            .expect("jobs lock")
-            .iter()
-            .filter(|(_, j)| !j.view.borrow().status.finished())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let left = self.unfinished();
         tracing::warn!(jobs = ?left, "training jobs did not stop in time; recorded as interrupted");
         for id in left {
             let recorded = store
@@ -123,6 +116,17 @@ impl JobBoard {
                 tracing::warn!(job = id, error = %e, "could not record the job as interrupted");
             }
         }
+    }
+
+    /// This process's jobs still queued or running.
+    fn unfinished(&self) -> Vec<String> {
+        self.live
+            .lock()
+            .expect("jobs lock")
+            .iter()
+            .filter(|(_, j)| !j.view.borrow().status.finished())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Waits until every job of this process has ended and its end is on record.
@@ -162,15 +166,7 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
         loop {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { break };
-            let ours: Vec<String> = state
-                .training
-                .live
-                .lock()
-                .expect("jobs lock")
-                .iter()
-                .filter(|(_, j)| !j.view.borrow().status.finished())
-                .map(|(id, _)| id.clone())
-                .collect();
+            let ours = state.training.unfinished();
             let now = now_us();
             let beat = state.store.heartbeat_jobs(&ours, now).await;
             let swept = match beat {
