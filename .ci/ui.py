@@ -188,14 +188,21 @@ try:
     b.wait("its images load", "[...document.querySelectorAll('main img')].length === 3 && "
            "[...document.querySelectorAll('main img')].every(i => i.complete && i.naturalWidth > 0)")
     not_blank(b, "inspection")
+    b.js("document.getElementById('note').value = 'scratch near the edge'")
     b.key("d", "KeyD", "d")
     b.wait("d labels it defective", "!!document.querySelector('#label .label.defective')")
+    check("the note is stored with the label",
+          api(OPEN_BASE, f"/v1/inspections/{ids[0]}").get("feedback_note") == "scratch near the edge")
     b.key("ArrowRight")
     b.wait("→ moves to the older one", f"document.getElementById('view').dataset.inspection === '{ids[1]}'")
     b.key("g", "KeyG", "g")
     b.wait("g labels it good", "!!document.querySelector('#label .label.good')")
     check("the labels are stored",
           [api(OPEN_BASE, f"/v1/inspections/{i}").get("feedback") for i in ids] == ["defective", "good"])
+    b.key("ArrowLeft")
+    b.wait("← moves back and shows the stored note",
+           f"document.getElementById('view').dataset.inspection === '{ids[0]}' && "
+           "document.getElementById('note').value === 'scratch near the edge'")
     b.goto(OPEN_BASE + "/#/review")
     b.wait("the list shows the labels",
            "document.querySelectorAll('#inspections .label.defective').length === 1 && "

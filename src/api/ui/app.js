@@ -325,7 +325,9 @@ async function showInspection(id) {
     if (at >= 0 && next) location.hash = `#/inspections/${next}`;
   };
   const labelText = h("span", { id: "label" }, insp.feedback ? h("span", { class: `label ${insp.feedback}` }, insp.feedback) : "not labelled");
-  const note = h("input", { id: "note", placeholder: "note (optional)", size: 30 });
+  // The stored note is shown and sent again with a new label (a label without one
+  // would clear it).
+  const note = h("input", { id: "note", placeholder: "note (optional)", size: 30, value: insp.feedback_note });
   const label = async (which) => {
     try {
       const res = await api(`/v1/inspections/${encodeURIComponent(id)}/feedback`, {
