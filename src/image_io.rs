@@ -35,10 +35,7 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 /// Decodes `bytes`, refusing from the header alone any image over `max_pixels`
 /// (so a small file declaring 100000×100000 never allocates).
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    if bytes.is_empty() {
-        return Err(ImageError::Empty);
-    }
-    let (format, width, height) = header(ImageReader::new(Cursor::new(bytes)), max_pixels)?;
+    let (format, width, height) = declared(bytes, max_pixels)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
@@ -55,11 +52,16 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
 
 /// The size `bytes` declare, checked as [`decode`] checks them, from the header alone.
 pub fn dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), ImageError> {
+    let (_, width, height) = declared(bytes, max_pixels)?;
+    Ok((width, height))
+}
+
+/// [`header`] of an image held in memory.
+fn declared(bytes: &[u8], max_pixels: u64) -> Result<(ImageFormat, u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let (_, width, height) = header(ImageReader::new(Cursor::new(bytes)), max_pixels)?;
-    Ok((width, height))
+    header(ImageReader::new(Cursor::new(bytes)), max_pixels)
 }
 
 /// The format and size a file declares, checked as [`decode`] checks them, reading

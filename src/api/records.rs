@@ -187,25 +187,27 @@ pub async fn feedback(
     {
         return Err(ApiError::UnknownInspection(id));
     }
+    let r = load(&state, &id).await?;
     // A false alarm is a good part too: its score counts towards drift (parts judged
     // normal count when they are judged); a part labelled defective leaves the window.
     if defective {
-        let r = load(&state, &id).await?;
         state.live.forget_good(&r.model, &id);
-    } else if before.as_deref() != Some("good") {
-        let r = load(&state, &id).await?;
-        if r.is_anomalous {
-            if let Ok(served) = state.model(&r.model) {
-                let (detector, version) = served.engine.current();
-                if version == r.model_version {
-                    state
-                        .live
-                        .record_good(&r.model, &id, r.score as f32, &detector.card.validation_scores.values);
-                }
+    } else if before.as_deref() != Some("good") && r.is_anomalous {
+        if let Ok(served) = state.model(&r.model) {
+            let (detector, version) = served.engine.current();
+            if version == r.model_version {
+                state
+                    .live
+                    .record_good(&r.model, &id, r.score as f32, &detector.card.validation_scores.values);
             }
         }
     }
-    get_one(State(state), InspectionId(id)).await
+    // The record with the label just stored, as `GET` reads it back.
+    let feedback = Feedback {
+        label: body.label,
+        note: body.note,
+    };
+    Ok(Json(to_response(r, Some(feedback))))
 }
 
 /// Judges the stored image again with the model version that made the verdict.

@@ -168,16 +168,14 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
             let Some(state) = weak.upgrade() else { break };
             let ours = state.training.unfinished();
             let now = now_us();
-            let beat = state.store.heartbeat_jobs(&ours, now).await;
-            let swept = match beat {
-                Ok(()) => {
-                    state
-                        .store
-                        .interrupt_abandoned_jobs(now, Some(now - JOB_QUIET_US))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
+            let swept = async {
+                state.store.heartbeat_jobs(&ours, now).await?;
+                state
+                    .store
+                    .interrupt_abandoned_jobs(now, Some(now - JOB_QUIET_US))
+                    .await
+            }
+            .await;
             match swept {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -257,7 +255,7 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
         )));
     }
     let (request, uploaded) = if is_multipart {
-        let upload_dir = state.blobs.root().join("training-uploads").join(&id);
+        let upload_dir = uploads_dir(&state).join(&id);
         let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -283,6 +281,11 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
         }
     }
     Ok((StatusCode::ACCEPTED, Json(queued?)))
+}
+
+/// Where uploaded training images wait, one folder per job, until their job ends.
+fn uploads_dir(state: &AppState) -> PathBuf {
+    state.blobs.root().join("training-uploads")
 }
 
 /// Saves the `images` parts under `dir`; returns the request they belong to.
@@ -379,7 +382,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
     })?);
     // Uploads live in a folder of the server's own; errors name it as the upload.
-    let shown = if folder.starts_with(state.blobs.root().join("training-uploads")) {
+    let shown = if folder.starts_with(uploads_dir(state)) {
         "the uploaded images".to_string()
     } else {
         folder.display().to_string()
@@ -479,7 +482,7 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
         (j.cancel.clone(), j.by_request.clone(), started)
     };
     let data = PathBuf::from(&view.data);
-    let uploaded = data.starts_with(state.blobs.root().join("training-uploads"));
+    let uploaded = data.starts_with(uploads_dir(state));
     let outcome = if started {
         if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
             tracing::warn!(job = id, error = %e, "could not record the job as running");
@@ -493,8 +496,8 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
     let by_request = by_request.load(Ordering::SeqCst);
     let (status, message) = match outcome {
         Ok(msg) => (JobStatus::Succeeded, msg),
-        // As a restart records a job the previous process left unfinished.
         Err(e) if e == "cancelled" && by_request => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
+        // Stopped by the server: recorded as a restart records what a stopped process left.
         Err(e) if e == "cancelled" => (JobStatus::Failed, INTERRUPTED.into()),
         Err(e) => (JobStatus::Failed, e),
     };

@@ -145,14 +145,19 @@ impl TrainConfig {
 /// early; the artifact is still calibrated and written, unless `cfg.abandon_when_stopped`.
 pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, TrainError> {
     let started = Instant::now();
-    let abandoned = || cfg.abandon_when_stopped && stop.load(Ordering::SeqCst);
+    // A stopped job (not the command line's Ctrl-C) ends at the next of these checks.
+    let still_wanted = || {
+        if cfg.abandon_when_stopped && stop.load(Ordering::SeqCst) {
+            Err(TrainError::Stopped)
+        } else {
+            Ok(())
+        }
+    };
     cfg.check()?;
     check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
-    if abandoned() {
-        return Err(TrainError::Stopped);
-    }
+    still_wanted()?;
     let channels = set.images[0].channels;
     tracing::info!(images = set.images.len(), channels, "loaded training images");
     let mut architecture = cfg.architecture.clone();
@@ -229,13 +234,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         }
     };
     let cfg = &TrainConfig { steps, ..cfg.clone() };
-    if abandoned() {
-        return Err(TrainError::Stopped);
-    }
+    still_wanted()?;
     let summary = fit(cfg, &net, &training, &validation, &mut rng, stop)?;
-    if abandoned() {
-        return Err(TrainError::Stopped);
-    }
+    still_wanted()?;
     card.training = TrainingSummary {
         training_images: training.len(),
         time_budget: budget_record,
