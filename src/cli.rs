@@ -278,7 +278,7 @@ pub struct InspectArgs {
     /// Model directory.
     #[arg(long, default_value = "models/default")]
     pub model: PathBuf,
-    /// Write one JSON object per image here (default: standard output).
+    /// Write one JSON object per image to this file (default, or `-`: standard output).
     #[arg(long)]
     pub json_lines: Option<PathBuf>,
     /// Write each anomaly map as float32 .npy (height × width) here.
@@ -333,7 +333,9 @@ pub struct CalibrateArgs {
     /// Model directory whose model.json gets the new thresholds (the weights are not touched).
     #[arg(long)]
     pub model: PathBuf,
-    /// Folder of good images (all are used for calibration).
+    /// Folder of good images, all used for calibration (of an MVTec AD category folder,
+    /// its train/good). Images of defective parts here raise the threshold until it
+    /// misses defects: a warning says how many scored above the threshold before.
     #[arg(long)]
     pub data: PathBuf,
     #[command(flatten)]

@@ -35,6 +35,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<vigil::train::TrainError>()
+                .is_some_and(|t| t.is_stop()) =>
+        {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::from(2)

@@ -132,6 +132,28 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
 }
 
 #[test]
+fn inspect_json_lines_dash_is_standard_output() {
+    let work = tempfile::tempdir().unwrap();
+    let img = dataset().join("test/good/000.png");
+    let o = vigil()
+        .current_dir(work.path())
+        .args([
+            "inspect",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--json-lines",
+            "-",
+            img.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(record["score"].is_number());
+    assert!(!work.path().join("-").exists());
+}
+
+#[test]
 fn eval_reports_metrics_and_writes_json_and_figure() {
     let model = tiny_model();
     let work = tempfile::tempdir().unwrap();
@@ -251,6 +273,82 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
 }
 
 #[test]
+fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    common::copy_model(tiny_model(), &model);
+    let good = dataset().join("test/good");
+    let calibrate = |margin: &str| {
+        run(&[
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            good.to_str().unwrap(),
+            "--margin",
+            margin,
+        ])
+    };
+    // With no margin, the highest of the four scores lies above their 0.99 quantile.
+    let o = calibrate("0");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("scored above the threshold before"),
+        "{}",
+        stderr(&o)
+    );
+    let o = calibrate("0.4");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 of 4 calibration images scored above the threshold before"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn eval_says_which_defective_images_have_no_mask() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    for entry in walk(dataset()) {
+        let to = data.join(entry.strip_prefix(dataset()).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let masks = data.join("ground_truth");
+    let first_mask = walk(&masks).into_iter().next().unwrap();
+    std::fs::remove_file(&first_mask).unwrap();
+    let o = run(&[
+        "eval",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 of 8 defective images have no mask"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
 fn training_is_deterministic_for_a_seed_and_thread_count() {
     let work = tempfile::tempdir().unwrap();
     let data = dataset().to_str().unwrap().to_string();
@@ -336,10 +434,14 @@ fn user_errors_are_clear_and_never_panics() {
     // An output path that cannot be a folder fails before any training step.
     let in_the_way = work.path().join("file");
     std::fs::write(&in_the_way, b"x").unwrap();
-    let o = run(&tiny_train_args(
-        dataset().join("train/good").to_str().unwrap(),
-        in_the_way.to_str().unwrap(),
-    ));
+    let o = vigil()
+        .env("RUST_LOG", "info")
+        .args(tiny_train_args(
+            dataset().join("train/good").to_str().unwrap(),
+            in_the_way.to_str().unwrap(),
+        ))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("in the way") && !stderr(&o).contains("training on"),
@@ -366,34 +468,64 @@ fn user_errors_are_clear_and_never_panics() {
     }
 }
 
-#[test]
-fn ctrl_c_stops_training_and_still_writes_a_usable_model() {
-    use std::io::{BufRead, BufReader};
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("m");
+/// Starts `vigil train` for `steps` into `out`, reads its log (stderr is a pipe, so
+/// progress comes as log lines) until a line containing `wait_for`, then sends Ctrl-C.
+fn train_and_interrupt(out: &std::path::Path, steps: &str, wait_for: &str) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, BufReader, Read};
     let data = dataset().to_str().unwrap().to_string();
     let mut args = tiny_train_args(&data, out.to_str().unwrap());
-    let steps = args.iter().position(|a| *a == "--steps").unwrap();
-    args[steps + 1] = "1000000";
+    let at = args.iter().position(|a| *a == "--steps").unwrap();
+    args[at + 1] = steps;
     let mut child = vigil()
+        .env("RUST_LOG", "info")
         .args(&args)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The handler is installed before this line is printed.
     let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
     let mut line = String::new();
-    while err.read_line(&mut line).unwrap() > 0 && !line.contains("training on") {
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains(wait_for) {
+        log.push_str(&line);
         line.clear();
     }
+    assert!(line.contains(wait_for), "the log ended before {wait_for:?}:\n{log}");
     send_signal(&child, "-INT");
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit {status:?}");
+    err.read_to_string(&mut log).unwrap();
+    (child.wait().unwrap(), log)
+}
+
+#[test]
+fn ctrl_c_after_a_tenth_of_the_steps_still_writes_a_usable_model() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("m");
+    // Progress is logged every twentieth (100 steps): at step 200 a tenth is done, and
+    // 1800 steps are left for the signal to arrive in.
+    let (status, log) = train_and_interrupt(&out, "2000", "step 200/2000:");
+    assert!(status.success(), "exit {status:?}\n{log}");
     let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     assert_eq!(card["training"]["stopped_early"], true);
-    assert!(card["training"]["steps"].as_u64().unwrap() < 1_000_000);
+    let steps = card["training"]["steps"].as_u64().unwrap();
+    assert!((200..2000).contains(&steps), "{steps}");
     assert!(card["thresholds"]["image"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn ctrl_c_within_the_first_tenth_writes_nothing_and_keeps_the_model_there() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("m");
+    std::fs::create_dir(&out).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(tiny_model().join(f), out.join(f)).unwrap();
+    }
+    let before = std::fs::read(out.join("model.json")).unwrap();
+    // The Ctrl-C handler is installed before this line is logged.
+    // (Steps enough that a missing log line fails the test in minutes, not hours.)
+    let (status, log) = train_and_interrupt(&out, "100000", "training on");
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("nothing was written"), "{log}");
+    assert_eq!(std::fs::read(out.join("model.json")).unwrap(), before);
 }
 
 #[test]

@@ -79,10 +79,10 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         }
     }
     let mut out: Box<dyn Write> = match &args.json_lines {
-        Some(p) => Box::new(std::io::BufWriter::new(
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
-        None => Box::new(std::io::stdout().lock()),
+        _ => Box::new(std::io::stdout().lock()),
     };
     let mut failures = 0;
     for chunk in paths.chunks(8) {

@@ -46,9 +46,25 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     let config = args.calibration.config(detector.card.scoring.method);
     calibrate::calibrate(&mut detector, &set.images, &config)?;
     detector.card.save(&args.model)?;
+    let above = detector
+        .card
+        .validation_scores
+        .values
+        .iter()
+        .filter(|&&v| v > before.image)
+        .count();
+    if above > 0 {
+        tracing::warn!(
+            "{above} of {} calibration images scored above the threshold before ({:.4}); after a change of light \
+             or material that is expected, but if any of them shows a defect the new threshold will let such \
+             defects through",
+            set.images.len(),
+            before.image
+        );
+    }
     let t = &detector.card.thresholds;
     println!(
-        "calibrated on {} good images: image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}), method {}",
+        "calibrated on {} good image(s): image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}), method {}",
         set.images.len(),
         t.image,
         before.image,

@@ -15,8 +15,15 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let cfg = config(args, threads)?;
     let training_images = train::dataset::training_files(&args.data)?.len();
     train::check_output(&args.out)?;
+    if args.out.join("model.json").is_file() {
+        tracing::info!(
+            "{} holds a model: it is replaced when this training ends",
+            args.out.display()
+        );
+    }
     let steps = cfg.steps;
-    // First Ctrl-C: finish the current step, calibrate and write the model. Second: quit.
+    // First Ctrl-C: finish the current step, calibrate and write the model (nothing, within
+    // the first tenth of the steps). Second: quit.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -24,7 +31,8 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             std::process::exit(130);
         }
         eprintln!(
-            "\nstopping: finishing the current step, then calibrating and writing the model (Ctrl-C again to abort)"
+            "\nstopping: finishing the current step, then calibrating and writing the model, unless under a \
+             tenth of the steps is done (Ctrl-C again to abort)"
         );
     })
     .context("installing the Ctrl-C handler")?;
@@ -32,15 +40,16 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         Some(b) => format!(", fewer if they do not fit {:.1} minutes", b.as_secs_f64() / 60.0),
         None => String::new(),
     };
-    eprintln!(
-        "training on {training_images} images from {} ({steps} steps of {}{budget})",
+    tracing::info!(
+        "training on {} from {} ({steps} steps of {}{budget})",
+        plural(training_images, "image"),
         args.data.display(),
         args.batch_size
     );
     let card = train::train(&cfg, &stop)?;
     let t = &card.training;
     println!(
-        "wrote {}: {} steps in {:.0} s, final loss {:.4}, contrast kept {:.0}%{}; image threshold {:.4}, pixel threshold {:.4} ({} validation images)",
+        "wrote {}: {} steps in {:.0} s, final loss {:.4}, contrast kept {:.0}%{}; image threshold {:.4}, pixel threshold {:.4} ({})",
         args.out.display(),
         t.steps,
         t.seconds,
@@ -49,9 +58,18 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         if t.collapse.collapsed { " (COLLAPSED: see model.json)" } else { "" },
         card.thresholds.image,
         card.thresholds.pixel,
-        card.thresholds.validation_images
+        plural(card.thresholds.validation_images, "validation image")
     );
     Ok(())
+}
+
+/// "1 image", "2 images".
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// The training configuration `args` describe, with the defaults of each family: what

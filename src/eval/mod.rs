@@ -54,6 +54,9 @@ impl TestImage {
 
 /// Lists the test images of an MVTec AD category folder.
 pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
+    if !dir.is_dir() {
+        return Err(DatasetError::NotFound(dir.to_path_buf()).into());
+    }
     let test = dir.join("test");
     if !test.is_dir() {
         return Err(EvalError::NoTestFolder(dir.to_path_buf()));
@@ -80,6 +83,15 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
     let defective = out.iter().filter(|t| t.is_defective()).count();
     if defective == 0 || defective == out.len() {
         return Err(EvalError::OneClass(dir.to_path_buf()));
+    }
+    let unmasked: Vec<&TestImage> = out.iter().filter(|t| t.is_defective() && t.mask.is_none()).collect();
+    if let Some(first) = unmasked.first() {
+        tracing::warn!(
+            "{} of {defective} defective images have no mask (ground_truth/<defect>/<name>_mask.png; the first: {}): \
+             pixel AUROC and AUPRO are left out for their defect types and overall",
+            unmasked.len(),
+            first.path.display()
+        );
     }
     Ok(out)
 }

@@ -10,15 +10,33 @@ use crate::image_io::{self, Planar, EXTENSIONS};
 pub enum DatasetError {
     #[error("{0}: no such folder")]
     NotFound(PathBuf),
+    #[error("{0}: a file, not a folder of images")]
+    NotAFolder(PathBuf),
+    #[error(
+        "{0}: has test/ or ground_truth/ like an MVTec AD category, but no train/good; \
+         give a folder of good images only (its train/good)"
+    )]
+    NoTrainGood(PathBuf),
     #[error("{0}: no images found (looked for {exts} files, recursively)", exts = EXTENSIONS.join(", "))]
     Empty(PathBuf),
-    #[error("{path}: {source}")]
-    BadImage {
-        path: PathBuf,
-        source: image_io::ImageError,
-    },
+    /// Every unreadable image of the set, so that one run names them all.
+    #[error("{}", unreadable_list(.0))]
+    BadImages(Vec<(PathBuf, image_io::ImageError)>),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+fn unreadable_list(bad: &[(PathBuf, image_io::ImageError)]) -> String {
+    const SHOWN: usize = 5;
+    let mut text: Vec<String> = bad
+        .iter()
+        .take(SHOWN)
+        .map(|(p, e)| format!("{}: {e}", p.display()))
+        .collect();
+    if bad.len() > SHOWN {
+        text.push(format!("and {} more", bad.len() - SHOWN));
+    }
+    format!("{} unreadable image(s): {}", bad.len(), text.join("; "))
 }
 
 /// True when `path` has an image extension.
@@ -29,13 +47,23 @@ pub fn is_image(path: &Path) -> bool {
 }
 
 /// Image files under `dir`, recursively, sorted. An MVTec AD category folder (one with
-/// `train/good`) yields its training images only.
+/// `train/good`) yields its training images only; one with test images but no `train/good`
+/// is refused, since walking it would take defects and masks for good parts.
 pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    if dir.is_file() {
+        return Err(DatasetError::NotAFolder(dir.to_path_buf()));
+    }
     if !dir.is_dir() {
         return Err(DatasetError::NotFound(dir.to_path_buf()));
     }
     let mvtec = dir.join("train").join("good");
-    let root = if mvtec.is_dir() { mvtec } else { dir.to_path_buf() };
+    let root = if mvtec.is_dir() {
+        mvtec
+    } else if dir.join("test").is_dir() || dir.join("ground_truth").is_dir() {
+        return Err(DatasetError::NoTrainGood(dir.to_path_buf()));
+    } else {
+        dir.to_path_buf()
+    };
     let files = image_files(&root)?;
     if files.is_empty() {
         return Err(DatasetError::Empty(root));
@@ -43,13 +71,23 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(files)
 }
 
-/// Image files under `root`, recursively, sorted; hidden entries skipped.
+/// Image files under `root`, recursively, sorted; hidden files and folders skipped. An
+/// entry that cannot be followed (a dangling link, a link back to a parent) is skipped with
+/// a warning rather than failing the whole folder; an unreadable `root` is an error.
 pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
-        let entry = entry.map_err(|e| DatasetError::Io(e.into()))?;
-        let hidden = entry.file_name().to_str().is_some_and(|n| n.starts_with('.')) && entry.depth() > 0;
-        if entry.file_type().is_file() && !hidden && is_image(entry.path()) {
+    let walk = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
+    let visible = |e: &walkdir::DirEntry| e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'));
+    for entry in walk.into_iter().filter_entry(visible) {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.depth() > 0 => {
+                tracing::warn!("skipped: {e}");
+                continue;
+            }
+            Err(e) => return Err(DatasetError::Io(e.into())),
+        };
+        if entry.file_type().is_file() && is_image(entry.path()) {
             files.push(entry.into_path());
         }
     }
@@ -67,7 +105,7 @@ pub struct LoadedSet {
 }
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
-/// and resizing to `size × size`. Any unreadable image is an error naming it.
+/// and resizing to `size × size`. Unreadable images are an error naming each of them.
 pub fn load_set(
     root: &Path,
     files: &[PathBuf],
@@ -76,17 +114,20 @@ pub fn load_set(
 ) -> Result<LoadedSet, DatasetError> {
     let mut hasher = Sha256::new();
     let mut decoded = Vec::with_capacity(files.len());
+    let mut bad = Vec::new();
     for f in files {
-        let bytes = std::fs::read(f)?;
+        let bytes = std::fs::read(f).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
         let rel = f.strip_prefix(root).unwrap_or(f);
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update([0]);
         hasher.update(Sha256::digest(&bytes));
-        let img = image_io::decode(&bytes, image_io::DEFAULT_MAX_PIXELS).map_err(|source| DatasetError::BadImage {
-            path: f.clone(),
-            source,
-        })?;
-        decoded.push(img);
+        match image_io::decode(&bytes, image_io::DEFAULT_MAX_PIXELS) {
+            Ok(img) => decoded.push(img),
+            Err(e) => bad.push((f.clone(), e)),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(DatasetError::BadImages(bad));
     }
     let any_colour = decoded.iter().any(image_io::has_colour);
     let c = channels.unwrap_or(if any_colour { 3 } else { 1 });
@@ -100,4 +141,82 @@ pub fn load_set(
         fingerprint: hex::encode(hasher.finalize()),
         any_colour,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::GrayImage::from_pixel(8, 8, image::Luma([128]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn an_mvtec_folder_without_train_good_is_refused_not_walked() {
+        let dir = tempfile::tempdir().unwrap();
+        png(&dir.path().join("test/good/000.png"));
+        png(&dir.path().join("test/scratch/000.png"));
+        png(&dir.path().join("ground_truth/scratch/000_mask.png"));
+        let err = training_files(dir.path()).unwrap_err();
+        assert!(matches!(err, DatasetError::NoTrainGood(_)), "{err}");
+        png(&dir.path().join("train/good/000.png"));
+        assert_eq!(
+            training_files(dir.path()).unwrap(),
+            vec![dir.path().join("train/good/000.png")]
+        );
+    }
+
+    #[test]
+    fn a_file_given_as_the_folder_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.png");
+        png(&file);
+        assert!(matches!(training_files(&file), Err(DatasetError::NotAFolder(_))));
+        assert!(matches!(
+            training_files(&dir.path().join("none")),
+            Err(DatasetError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn every_unreadable_image_is_named_in_one_error() {
+        let dir = tempfile::tempdir().unwrap();
+        png(&dir.path().join("a.png"));
+        std::fs::write(dir.path().join("b.png"), b"").unwrap();
+        std::fs::write(dir.path().join("c.png"), b"not a png").unwrap();
+        let files = image_files(dir.path()).unwrap();
+        let err = load_set(dir.path(), &files, None, 8)
+            .err()
+            .expect("unreadable images refused");
+        let DatasetError::BadImages(bad) = &err else {
+            panic!("{err}")
+        };
+        let names: Vec<_> = bad
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["b.png", "c.png"]);
+        assert!(err.to_string().starts_with("2 unreadable image(s): "), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn hidden_folders_and_unfollowable_links_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        png(&root.join("a.png"));
+        png(&root.join(".cache/b.png"));
+        png(&root.join(".c.png"));
+        png(&root.join("sub/d.png"));
+        std::os::unix::fs::symlink(root.join("missing.png"), root.join("dangling.png")).unwrap();
+        std::os::unix::fs::symlink(root, root.join("sub/loop")).unwrap();
+        let files = image_files(root).unwrap();
+        assert_eq!(files, vec![root.join("a.png"), root.join("sub/d.png")]);
+        // The folder itself may be hidden: only what is inside it is filtered.
+        let hidden_root = root.join(".cache");
+        assert_eq!(image_files(&hidden_root).unwrap(), vec![hidden_root.join("b.png")]);
+    }
 }

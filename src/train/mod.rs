@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod dataset;
 pub mod loss;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,18 @@ pub enum TrainError {
     Calibration(#[from] calibrate::CalibrationError),
     #[error("stopped before the end; nothing was written")]
     Stopped,
+    #[error(
+        "stopped after {done} of {planned} steps, under a tenth of the training: nothing was \
+         written (a model already in the output folder is untouched)"
+    )]
+    StoppedTooSoon { done: usize, planned: usize },
+}
+
+impl TrainError {
+    /// True when the training ended because it was asked to stop (Ctrl-C, a cancelled job).
+    pub fn is_stop(&self) -> bool {
+        matches!(self, TrainError::Stopped | TrainError::StoppedTooSoon { .. })
+    }
 }
 
 /// Where training stands after a step (for a caller that shows progress elsewhere).
@@ -159,7 +172,6 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
     still_wanted()?;
     let channels = set.images[0].channels;
-    tracing::info!(images = set.images.len(), channels, "loaded training images");
     let mut architecture = cfg.architecture.clone();
     if let Architecture::Draem { error_maps, .. } = &mut architecture {
         *error_maps |= cfg.error_maps_if_colour && channels == 3;
@@ -176,6 +188,11 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     };
     let validation: Vec<Planar> = order[..n_val].iter().map(|&i| set.images[i].clone()).collect();
     let training: Vec<Planar> = order[n_val..].iter().map(|&i| set.images[i].clone()).collect();
+    tracing::info!(
+        "loaded {} image(s), {channels} channel(s): {} to train on, {n_val} held out to calibrate",
+        set.images.len(),
+        training.len()
+    );
 
     let mut card = ModelCard {
         schema_version: SCHEMA_VERSION,
@@ -215,7 +232,14 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             let steps = budget::steps_within(cfg.steps, step, remaining);
             let minutes = limit.as_secs_f64() / 60.0;
             let step_s = step.as_secs_f64();
-            if steps < cfg.steps {
+            let fits = remaining.as_secs_f64() >= steps as f64 * step_s;
+            if !fits {
+                tracing::warn!(
+                    "a step takes {step_s:.3} s on this machine: even the fewest steps vigil trains ({steps}) \
+                     overrun the {minutes:.1}-minute budget (--time-budget); training them anyway; `--steps {steps}` \
+                     trains this model again"
+                );
+            } else if steps < cfg.steps {
                 tracing::warn!(
                     "a step takes {step_s:.3} s on this machine: {steps} steps instead of {} fit the {minutes:.1}-minute budget (--time-budget); `--steps {steps}` trains this model again",
                     cfg.steps
@@ -265,6 +289,20 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         path: cfg.out.clone(),
         source,
     })?;
+    // Replacing a model: its card goes first, so that a crash between the two writes leaves
+    // a folder that does not load ("no model.json") rather than new weights under the old
+    // card and thresholds.
+    let old_card = cfg.out.join(crate::model::artifact::CARD_FILE);
+    match std::fs::remove_file(&old_card) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ArtifactError::Write {
+                path: old_card,
+                source: e,
+            }
+            .into())
+        }
+        _ => {}
+    }
     net.save_weights(&cfg.out)?;
     detector.card.save(&cfg.out)?;
     Ok(detector.card)
@@ -282,6 +320,9 @@ fn fit(
     let started = Instant::now();
     let mut trainer = net.trainer(step_settings(cfg))?;
     let bar = progress_bar(cfg.steps, cfg.progress);
+    // Without a terminal (nohup, CI, a container's log) the bar draws nothing: log a line
+    // at every twentieth of the training instead.
+    let log_every = (cfg.progress && !std::io::stderr().is_terminal()).then(|| cfg.steps.div_ceil(20));
     let curve_every = (cfg.steps / 100).max(1);
     let mut curve = Vec::new();
     let (mut interval_loss, mut interval_n) = (0f64, 0usize);
@@ -315,11 +356,17 @@ fn fit(
             [_] => String::new(),
             parts => parts.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect(),
         };
-        bar.set_message(format!(
-            "loss {last_loss:.4}{parts}  {:.1} img/s",
-            (steps_done * cfg.batch_size) as f64 / secs.max(1e-9)
-        ));
+        let images_per_s = (steps_done * cfg.batch_size) as f64 / secs.max(1e-9);
+        bar.set_message(format!("loss {last_loss:.4}{parts}  {images_per_s:.1} img/s"));
         bar.inc(1);
+        if log_every.is_some_and(|k| steps_done % k == 0 || steps_done == cfg.steps) {
+            let eta_s = secs / steps_done as f64 * (cfg.steps - steps_done) as f64;
+            tracing::info!(
+                "step {steps_done}/{}: loss {last_loss:.4}{parts}, {images_per_s:.1} img/s, eta {:.0} s",
+                cfg.steps,
+                eta_s
+            );
+        }
         if let Some(hook) = &cfg.on_step {
             (hook.0)(StepReport {
                 step: steps_done,
@@ -331,6 +378,14 @@ fn fit(
     }
     bar.finish_and_clear();
     let stopped_early = steps_done < cfg.steps;
+    // A model stopped within its first tenth is not worth writing over what `--out` may
+    // already hold (Ctrl-C just after starting means "not this training").
+    if stopped_early && steps_done < cfg.steps.div_ceil(10) && !cfg.abandon_when_stopped {
+        return Err(TrainError::StoppedTooSoon {
+            done: steps_done,
+            planned: cfg.steps,
+        });
+    }
     if stopped_early && cfg.abandon_when_stopped {
         tracing::info!(
             steps_done,
