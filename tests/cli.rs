@@ -333,6 +333,37 @@ fn eval_says_which_defective_images_have_no_mask() {
     );
 }
 
+#[test]
+fn training_warns_about_images_of_another_size_and_flat_images() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("good");
+    std::fs::create_dir(&data).unwrap();
+    let good = walk(&dataset().join("train/good"));
+    for f in &good[..4] {
+        std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
+    }
+    image::GrayImage::from_pixel(64, 32, image::Luma([90]))
+        .save(data.join("wide.png"))
+        .unwrap();
+    let out = work.path().join("m");
+    let o = run(&tiny_train_args(data.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("wide.png is 64×32"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("nearly flat"), "{}", stderr(&o));
+
+    let flat = work.path().join("flat");
+    std::fs::create_dir(&flat).unwrap();
+    for i in 0..3 {
+        image::GrayImage::from_pixel(64, 64, image::Luma([90]))
+            .save(flat.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let o = run(&tiny_train_args(flat.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nearly flat"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("differ in size"), "{}", stderr(&o));
+}
+
 /// Every file under `dir`, sorted.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

@@ -129,6 +129,22 @@ pub fn load_set(
     if !bad.is_empty() {
         return Err(DatasetError::BadImages(bad));
     }
+    if let Some((first, other)) = decoded.iter().zip(files).find_map(|(img, f)| {
+        let size = (img.width(), img.height());
+        let first = (decoded[0].width(), decoded[0].height());
+        (size != first).then_some((first, (f, size)))
+    }) {
+        tracing::warn!(
+            "the images differ in size ({} is {}×{}, {} is {}×{}): each is resized to {size}×{size}, \
+             which stretches those of another shape",
+            files[0].display(),
+            first.0,
+            first.1,
+            other.0.display(),
+            other.1 .0,
+            other.1 .1
+        );
+    }
     let any_colour = decoded.iter().any(image_io::has_colour);
     let c = channels.unwrap_or(if any_colour { 3 } else { 1 });
     let images = decoded

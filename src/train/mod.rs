@@ -266,7 +266,14 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         time_budget: budget_record,
         ..summary
     };
-    if card.training.collapse.collapsed {
+    // Below about one grey level of contrast there is no structure to learn, and the
+    // collapse check's ratio (reconstruction over input contrast) means nothing.
+    if card.training.collapse.input_std < 0.004 {
+        tracing::warn!(
+            contrast = card.training.collapse.input_std,
+            "the training images are nearly flat: there is little for a model to learn, and the contrast check does not apply"
+        );
+    } else if card.training.collapse.collapsed {
         tracing::warn!(
             ratio = card.training.collapse.contrast_ratio,
             "the reconstructions lost most of the input's contrast (collapse): the model will detect poorly; train longer or change the loss"
