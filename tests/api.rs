@@ -227,6 +227,7 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
         "model_version",
         "score",
         "threshold",
+        "pixel_threshold",
         "is_anomalous",
         "regions",
         "width",
@@ -260,6 +261,9 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["id"], id);
+    // The stored record answers with the pixel threshold the live answer gave.
+    assert_eq!(json(&b)["pixel_threshold"], v["pixel_threshold"]);
+    assert!(v["pixel_threshold"].as_f64().unwrap() <= v["threshold"].as_f64().unwrap());
     // An id written another way (upper case, braced) finds the same record.
     let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{{{}}}", id.to_uppercase()))).await;
     assert_eq!((s, json(&b)["id"].as_str()), (StatusCode::OK, Some(id)));
@@ -330,6 +334,9 @@ async fn multipart_octet_stream_and_threshold_override() {
     assert_eq!(v["is_anomalous"], false);
     assert_eq!(v["regions"].as_array().unwrap().len(), 0);
     assert_eq!(v["image_stored"], false);
+    // Regions are cut at the lower of the model's pixel threshold and the request's.
+    let pixel = v["pixel_threshold"].as_f64().unwrap();
+    assert!(pixel <= score * 2.0 + 1e-6 && pixel > 0.0, "{pixel}");
     // Not stored: its heatmap cannot be rendered.
     let id = v["id"].as_str().unwrap();
     let (s, _, b) = send(

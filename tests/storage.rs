@@ -22,6 +22,7 @@ fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record 
         request_id: Some("r".into()),
         part_id: None,
         alpha: None,
+        pixel_threshold: Some(0.75),
     }
 }
 
@@ -41,6 +42,7 @@ async fn exercise(store: &Store, prefix: &str) {
     // the listings below are unchanged; pruned with the old rows).
     let mixed = Record {
         alpha: Some(0.25),
+        pixel_threshold: None,
         ..record(&id(9), &format!("{model}-mix"), 900, false, 0.5)
     };
     store.insert(&mixed).await.unwrap();

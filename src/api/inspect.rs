@@ -138,6 +138,7 @@ async fn inspect(
         request_id: request_id.clone(),
         part_id: part_id.clone(),
         alpha: inspection.alpha.map(f64::from),
+        pixel_threshold: Some(inspection.pixel_threshold as f64),
     };
     // The image write and the row run as one detached task: a client that hangs up
     // cannot leave a stored image without its row. A 200 means the row is committed.
@@ -183,6 +184,7 @@ async fn inspect(
         model_version: version,
         score: record.score,
         threshold: record.threshold,
+        pixel_threshold: record.pixel_threshold,
         is_anomalous: inspection.is_anomalous,
         regions: inspection.regions,
         width: record.width,

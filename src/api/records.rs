@@ -34,6 +34,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
         model_version: r.model_version,
         score: r.score,
         threshold: r.threshold,
+        pixel_threshold: r.pixel_threshold,
         is_anomalous: r.is_anomalous,
         regions: serde_json::from_value(r.regions).unwrap_or_default(),
         width: r.width,

@@ -48,6 +48,11 @@ pub struct InspectionResponse {
     pub model_version: String,
     pub score: f64,
     pub threshold: f64,
+    /// The map value the regions were cut at: the model's pixel threshold, or the
+    /// request's image threshold when that is lower. Absent in records made before it
+    /// was stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pixel_threshold: Option<f64>,
     pub is_anomalous: bool,
     #[schema(value_type = Vec<Object>)]
     pub regions: Vec<Region>,

@@ -54,6 +54,9 @@ pub struct Record {
     /// The request's weight of the first of two learned maps (`?alpha=`), when it set one.
     #[serde(default)]
     pub alpha: Option<f64>,
+    /// The pixel threshold its regions were cut at; absent in rows older than the column.
+    #[serde(default)]
+    pub pixel_threshold: Option<f64>,
 }
 
 /// Filters for listing, newest first.
@@ -129,19 +132,30 @@ impl Store {
 
     /// Inserts a record in a transaction; returns once it is committed.
     pub async fn insert(&self, r: &Record) -> Result<(), StoreError> {
-        // A missing alpha is written as a literal NULL, not bound: sqlx 0.8's `Any` driver
+        // A missing value is written as a literal NULL, not bound: sqlx 0.8's `Any` driver
         // declares a NULL double as PostgreSQL float4, and that declaration stays with the
-        // cached statement, so the next row's real float8 alpha would be refused ("incorrect
-        // binary data format"). Two statement texts keep the two cases apart.
-        const INSERT: &str = "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, \
-             verdict, width, height, regions, timings, image_sha256, image_path, request_id, part_id, alpha) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, ";
-        let sql = match r.alpha {
-            Some(_) => format!("{INSERT}$16)"),
-            None => format!("{INSERT}NULL)"),
-        };
+        // cached statement, so the next row's real float8 would be refused ("incorrect
+        // binary data format"). Each combination of present values has its own text.
+        let optional = [r.alpha, r.pixel_threshold];
+        let mut next = 16;
+        let placeholders: Vec<String> = optional
+            .iter()
+            .map(|v| match v {
+                Some(_) => {
+                    next += 1;
+                    format!("${}", next - 1)
+                }
+                None => "NULL".into(),
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, \
+             height, regions, timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, {})",
+            placeholders.join(", ")
+        );
         let mut tx = self.pool.begin().await?;
-        let query = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(&r.id)
             .bind(&r.model)
             .bind(&r.model_version)
@@ -157,10 +171,9 @@ impl Store {
             .bind(r.image_path.clone())
             .bind(r.request_id.clone())
             .bind(r.part_id.clone());
-        let query = match r.alpha {
-            Some(alpha) => query.bind(alpha),
-            None => query,
-        };
+        for value in optional.into_iter().flatten() {
+            query = query.bind(value);
+        }
         query.execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
@@ -345,7 +358,7 @@ impl Store {
 }
 
 const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
-                       timings, image_sha256, image_path, request_id, part_id, alpha";
+                       timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
     let json = |i: usize| -> Result<serde_json::Value, StoreError> {
@@ -368,5 +381,6 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
         request_id: r.try_get(13)?,
         part_id: r.try_get(14)?,
         alpha: r.try_get(15)?,
+        pixel_threshold: r.try_get(16)?,
     })
 }
