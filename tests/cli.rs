@@ -479,6 +479,27 @@ fn user_errors_are_clear_and_never_panics() {
         "{}",
         stderr(&o)
     );
+    // So does a file where inspect is to write maps, and a file given as training data.
+    let o = run(&[
+        "inspect",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--maps-dir",
+        in_the_way.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("a file, not a folder to write into"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&tiny_train_args(
+        img.to_str().unwrap(),
+        work.path().join("m").to_str().unwrap(),
+    ));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("a file, not a folder of images"), "{}", stderr(&o));
     std::fs::copy(tiny_model().join("model.json"), bad_model.join("model.json")).unwrap();
     std::fs::write(bad_model.join("weights.safetensors"), b"garbage").unwrap();
     let o = run(&["inspect", "--model", bad_model.to_str().unwrap(), img.to_str().unwrap()]);

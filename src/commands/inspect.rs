@@ -68,6 +68,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         .into_iter()
         .flatten()
     {
+        if dir.is_file() {
+            anyhow::bail!("{}: a file, not a folder to write into", dir.display());
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // Heatmaps and reconstructions are both `<name>.png`: one folder for both would keep
