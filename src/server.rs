@@ -71,7 +71,7 @@ pub async fn build_state(
             "no model is named `default`: POST /v1/inspect answers 404; use /v1/models/{{model}}/inspect"
         );
     }
-    Ok(Arc::new(AppState {
+    let state = Arc::new(AppState {
         models: std::sync::RwLock::new(models),
         default_model,
         store,
@@ -97,7 +97,15 @@ pub async fn build_state(
             args.training_threads
                 .unwrap_or((candle_core::utils::get_num_threads() / 2).max(1)),
         ),
-    }))
+    });
+    let removed = api::training::remove_stale_uploads(&state).await;
+    if removed > 0 {
+        tracing::info!(
+            jobs = removed,
+            "removed uploaded images of training jobs that had ended"
+        );
+    }
+    Ok(state)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains.

@@ -1220,11 +1220,9 @@ async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once(
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_exists"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after() {
-    let h = harness(None, 8).await;
-    std::fs::create_dir_all(&h.state.models_dir).unwrap();
-    let folder = good_folder(h._dir.path(), 4);
+/// A training job for `model` whose images (those of `folder`, named 0.png…3.png) come
+/// with the request: one as it is, three in a zip (alone, the one would be refused).
+fn upload_job(folder: &std::path::Path, model: &str, options: &str) -> Request<Body> {
     let boundary = "vigil-test-boundary";
     let mut body = Vec::new();
     let mut field = |headers: &str, content: &[u8]| {
@@ -1232,9 +1230,8 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
         body.extend_from_slice(content);
         body.extend_from_slice(b"\r\n");
     };
-    field("Content-Disposition: form-data; name=\"model\"", b"uploaded");
-    field("Content-Disposition: form-data; name=\"options\"", TINY.as_bytes());
-    // One image as it is, three in a zip (alone, the one would be refused: too few).
+    field("Content-Disposition: form-data; name=\"model\"", model.as_bytes());
+    field("Content-Disposition: form-data; name=\"options\"", options.as_bytes());
     let image = |i: usize| std::fs::read(folder.join(format!("{i}.png"))).unwrap();
     field(
         "Content-Disposition: form-data; name=\"images\"; filename=\"part0.png\"\r\nContent-Type: image/png",
@@ -1252,11 +1249,19 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
         &zip,
     );
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    let req = post(
+    post(
         "/v1/training-jobs",
         &format!("multipart/form-data; boundary={boundary}"),
         body,
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let req = upload_job(&folder, "uploaded", TINY);
     let (s, _, b) = send(&h.state, req).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
     let job = json(&b);
@@ -1437,6 +1442,66 @@ async fn a_running_and_a_queued_job(h: &Harness) -> (String, String, Body, Strin
         }
     }
     (running, queued, body, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_cancelled_leaves_no_uploaded_images_behind() {
+    let h = harness(None, 8).await;
+    let (running, queued, _body, _seen) = a_running_and_a_queued_job(&h).await;
+    let folder = good_folder(&h._dir.path().join("up"), 4);
+    let (s, _, b) = send(&h.state, upload_job(&folder, "uploaded", TINY)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let job = json(&b);
+    let upload_dir = std::path::PathBuf::from(job["data"].as_str().unwrap());
+    assert!(upload_dir.is_dir());
+    let id = job["id"].as_str().unwrap();
+    let (s, _, b) = send(
+        &h.state,
+        Request::delete(format!("/v1/training-jobs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, json(&b)["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("cancelled"))
+    );
+    assert!(!upload_dir.exists(), "a cancelled job's uploads stayed");
+    let (s, _, _) = send(
+        &h.state,
+        Request::delete(format!("/v1/training-jobs/{running}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn uploads_of_ended_jobs_are_removed_at_start_and_live_ones_kept() {
+    let h = harness(None, 8).await;
+    let uploads = h.state.blobs.root().join("training-uploads");
+    for (id, status) in [("ended", Some("failed")), ("live", Some("running")), ("arriving", None)] {
+        std::fs::create_dir_all(uploads.join(id)).unwrap();
+        std::fs::write(uploads.join(id).join("0.png"), png(8, 8, false)).unwrap();
+        if let Some(status) = status {
+            let row = vigil::storage::jobs::JobRow {
+                id: id.into(),
+                model: format!("m-{id}"),
+                status: status.into(),
+                message: None,
+                options: "[]".into(),
+                data: uploads.join(id).display().to_string(),
+                created_at: 1,
+                finished_at: None,
+            };
+            h.state.store.insert_job(&row).await.unwrap();
+        }
+    }
+    assert_eq!(vigil::api::training::remove_stale_uploads(&h.state).await, 1);
+    assert!(!uploads.join("ended").exists());
+    // Another replica's running job, and a request still arriving (not on record, fresh).
+    assert!(uploads.join("live").is_dir() && uploads.join("arriving").is_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -288,6 +288,38 @@ fn uploads_dir(state: &AppState) -> PathBuf {
     state.blobs.root().join("training-uploads")
 }
 
+/// Removes the uploaded images of jobs that have ended: a server stopped during a job (or
+/// before its turn) leaves them behind. A folder whose job is not on record yet may be a
+/// request another replica is receiving, so it goes only once an hour old. Returns how
+/// many folders were removed.
+pub async fn remove_stale_uploads(state: &AppState) -> usize {
+    let Ok(mut entries) = tokio::fs::read_dir(uploads_dir(state)).await else {
+        return 0;
+    };
+    let mut removed = 0;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let ended = match state.store.job(&id).await {
+            Ok(Some(row)) => JobStatus::parse(&row.status).is_none_or(JobStatus::finished),
+            Ok(None) => entry
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(3600))),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look up uploaded images' jobs; kept");
+                return removed;
+            }
+        };
+        if ended && tokio::fs::remove_dir_all(entry.path()).await.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Saves the `images` parts under `dir`; returns the request they belong to.
 async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Result<JobRequest, ApiError> {
     let (mut model, mut options, mut files, mut total) = (None, BTreeMap::new(), 0usize, 0usize);
@@ -705,6 +737,11 @@ pub async fn cancel(
             .store
             .set_job_status(&id, "cancelled", Some(message), Some(finished))
             .await?;
+        // It will never read its uploads (the trainer decides under the same lock).
+        let data = PathBuf::from(&view.data);
+        if data.starts_with(uploads_dir(&state)) {
+            let _ = tokio::fs::remove_dir_all(&data).await;
+        }
     }
     tracing::info!(job = id, "training job cancelled");
     Ok((StatusCode::ACCEPTED, Json(find(&state, &id).await?)))
