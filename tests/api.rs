@@ -1467,14 +1467,16 @@ async fn a_queued_job_cancelled_leaves_no_uploaded_images_behind() {
         (StatusCode::ACCEPTED, Some("cancelled"))
     );
     assert!(!upload_dir.exists(), "a cancelled job's uploads stayed");
-    let (s, _, _) = send(
-        &h.state,
-        Request::delete(format!("/v1/training-jobs/{running}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    for id in [&queued, &running] {
+        let (s, _, _) = send(
+            &h.state,
+            Request::delete(format!("/v1/training-jobs/{id}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+    }
 }
 
 #[tokio::test]
