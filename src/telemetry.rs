@@ -10,7 +10,7 @@ pub fn init(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour codes only where a person reads them, not in files or log collectors.
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
     let _ = if json {
         builder.json().try_init()
     } else {

@@ -335,8 +335,26 @@ async fn multipart_octet_stream_and_threshold_override() {
     assert_eq!(v["regions"].as_array().unwrap().len(), 0);
     assert_eq!(v["image_stored"], false);
     // Regions are cut at the lower of the model's pixel threshold and the request's.
+    let (_, _, b) = send(&h.state, get("/v1/models/default")).await;
+    let card_pixel = json(&b)["card"]["thresholds"]["pixel"].as_f64().unwrap();
     let pixel = v["pixel_threshold"].as_f64().unwrap();
-    assert!(pixel <= score * 2.0 + 1e-6 && pixel > 0.0, "{pixel}");
+    assert!(
+        (pixel - card_pixel.min(score * 2.0)).abs() < 1e-5,
+        "{pixel} {card_pixel} {score}"
+    );
+    // A request threshold under the model's pixel threshold cuts regions there.
+    let low = card_pixel / 2.0;
+    let (s, _, b) = send(
+        &h.state,
+        post(
+            &format!("/v1/inspect?threshold={low}&store_image=false"),
+            "image/png",
+            png(32, 32, true),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!((json(&b)["pixel_threshold"].as_f64().unwrap() - low).abs() < 1e-5);
     // Not stored: its heatmap cannot be rendered.
     let id = v["id"].as_str().unwrap();
     let (s, _, b) = send(
@@ -1286,9 +1304,26 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
     let one = good_folder(&h._dir.path().join("one"), 1);
     let fake = good_folder(&h._dir.path().join("fake"), 2);
     std::fs::write(fake.join("1.png"), b"not an image").unwrap();
+    // Another job's uploads (a cancel would remove them as this job's own).
+    let others = good_folder(&h.state.blobs.root().join("training-uploads/other-job"), 2);
+    let dotted = h
+        .state
+        .blobs
+        .root()
+        .join("training-uploads/../training-uploads/other-job");
     let cases = [
         (
             serde_json::json!({"model": "x", "folder": "/no/such/folder"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_training_data",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": others}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_training_data",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": dotted}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "bad_training_data",
         ),
@@ -1483,7 +1518,14 @@ async fn a_queued_job_cancelled_leaves_no_uploaded_images_behind() {
 async fn uploads_of_ended_jobs_are_removed_at_start_and_live_ones_kept() {
     let h = harness(None, 8).await;
     let uploads = h.state.blobs.root().join("training-uploads");
-    for (id, status) in [("ended", Some("failed")), ("live", Some("running")), ("arriving", None)] {
+    let cases = [
+        ("ended", Some("failed")),
+        ("live", Some("running")),
+        ("waiting", Some("queued")),
+        ("arriving", None),
+        ("forgotten", None),
+    ];
+    for (id, status) in cases {
         std::fs::create_dir_all(uploads.join(id)).unwrap();
         std::fs::write(uploads.join(id).join("0.png"), png(8, 8, false)).unwrap();
         if let Some(status) = status {
@@ -1500,10 +1542,18 @@ async fn uploads_of_ended_jobs_are_removed_at_start_and_live_ones_kept() {
             h.state.store.insert_job(&row).await.unwrap();
         }
     }
-    assert_eq!(vigil::api::training::remove_stale_uploads(&h.state).await, 1);
-    assert!(!uploads.join("ended").exists());
-    // Another replica's running job, and a request still arriving (not on record, fresh).
-    assert!(uploads.join("live").is_dir() && uploads.join("arriving").is_dir());
+    // Not on record and two hours old: no request is still arriving with it.
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::open(uploads.join("forgotten"))
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    assert_eq!(vigil::api::training::remove_stale_uploads(&h.state).await, 2);
+    assert!(!uploads.join("ended").exists() && !uploads.join("forgotten").exists());
+    // Another replica's running and queued jobs, and a request still arriving (fresh).
+    for kept in ["live", "waiting", "arriving"] {
+        assert!(uploads.join(kept).is_dir(), "{kept}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,13 +40,16 @@ async fn exercise(store: &Store, prefix: &str) {
     assert!(store.get("missing").await.unwrap().is_none());
     // A request's map mix (usad's `?alpha=`) is kept with the row (another model, so
     // the listings below are unchanged; pruned with the old rows).
-    let mixed = Record {
-        alpha: Some(0.25),
-        pixel_threshold: None,
-        ..record(&id(9), &format!("{model}-mix"), 900, false, 0.5)
-    };
-    store.insert(&mixed).await.unwrap();
-    assert_eq!(store.get(&id(9)).await.unwrap().unwrap(), mixed);
+    // Each optional value present or absent (written as bound values or literal NULLs).
+    for (i, alpha, pixel) in [(9, Some(0.25), None), (10, Some(0.5), Some(0.3)), (11, None, None)] {
+        let mixed = Record {
+            alpha,
+            pixel_threshold: pixel,
+            ..record(&id(i), &format!("{model}-mix"), 900, false, 0.5)
+        };
+        store.insert(&mixed).await.unwrap();
+        assert_eq!(store.get(&id(i)).await.unwrap().unwrap(), mixed);
+    }
     // Duplicate ids are refused (the primary key holds).
     assert!(store.insert(&record(&id(3), &model, 1, false, 0.0)).await.is_err());
 

@@ -178,10 +178,13 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
             .await;
             match swept {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!(
-                    jobs = n,
-                    "training jobs of a server that went quiet were interrupted; marked failed"
-                ),
+                Ok(n) => {
+                    tracing::warn!(
+                        jobs = n,
+                        "training jobs of a server that went quiet were interrupted; marked failed"
+                    );
+                    remove_stale_uploads(&state).await;
+                }
                 Err(e) => tracing::warn!(error = %e, "could not record that this server's training jobs are alive"),
             }
         }
@@ -255,7 +258,7 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
         )));
     }
     let (request, uploaded) = if is_multipart {
-        let upload_dir = uploads_dir(&state).join(&id);
+        let upload_dir = upload_dir_of(&state, &id);
         let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -286,6 +289,12 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
 /// Where uploaded training images wait, one folder per job, until their job ends.
 fn uploads_dir(state: &AppState) -> PathBuf {
     state.blobs.root().join("training-uploads")
+}
+
+/// The folder job `id`'s uploaded images are kept in (a job's own uploads are the only
+/// ones it may remove).
+fn upload_dir_of(state: &AppState, id: &str) -> PathBuf {
+    uploads_dir(state).join(id)
 }
 
 /// Removes the uploaded images of jobs that have ended: a server stopped during a job (or
@@ -413,10 +422,20 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     let folder = PathBuf::from(r.folder.clone().ok_or_else(|| {
         ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
     })?);
-    // Uploads live in a folder of the server's own; errors name it as the upload.
-    let shown = if folder.starts_with(uploads_dir(state)) {
+    // Uploads live in a folder of the server's own; errors name it as the upload. Another
+    // job's uploads are not a folder to name: they go when that job ends.
+    let uploaded = folder == upload_dir_of(state, &id);
+    let shown = if uploaded {
         "the uploaded images".to_string()
     } else {
+        let inside = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        if let (Some(f), Some(u)) = (inside(&folder), inside(&uploads_dir(state))) {
+            if f.starts_with(u) {
+                return Err(ApiError::BadTrainingData(
+                    "the server's folder of uploaded training images is not a folder to name; upload the images".into(),
+                ));
+            }
+        }
         folder.display().to_string()
     };
     let flags = jobs::flags(&r.options).map_err(ApiError::BadRequest)?;
@@ -514,7 +533,7 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
         (j.cancel.clone(), j.by_request.clone(), started)
     };
     let data = PathBuf::from(&view.data);
-    let uploaded = data.starts_with(uploads_dir(state));
+    let uploaded = data == upload_dir_of(state, id);
     let outcome = if started {
         if let Err(e) = state.store.set_job_status(id, "running", None, None).await {
             tracing::warn!(job = id, error = %e, "could not record the job as running");
@@ -733,15 +752,15 @@ pub async fn cancel(
         )));
     };
     if was_queued {
+        // It will never read its uploads (the trainer decides under the same lock): gone
+        // whether or not the database takes the new status.
+        if std::path::Path::new(&view.data) == upload_dir_of(&state, &id) {
+            let _ = tokio::fs::remove_dir_all(&view.data).await;
+        }
         state
             .store
             .set_job_status(&id, "cancelled", Some(message), Some(finished))
             .await?;
-        // It will never read its uploads (the trainer decides under the same lock).
-        let data = PathBuf::from(&view.data);
-        if data.starts_with(uploads_dir(&state)) {
-            let _ = tokio::fs::remove_dir_all(&data).await;
-        }
     }
     tracing::info!(job = id, "training job cancelled");
     Ok((StatusCode::ACCEPTED, Json(find(&state, &id).await?)))

@@ -68,7 +68,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         .into_iter()
         .flatten()
     {
-        if dir.is_file() {
+        if dir.symlink_metadata().is_ok() && !dir.is_dir() {
             anyhow::bail!("{}: a file, not a folder to write into", dir.display());
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

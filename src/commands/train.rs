@@ -15,7 +15,7 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let cfg = config(args, threads)?;
     let training_images = train::dataset::training_files(&args.data)?.len();
     train::check_output(&args.out)?;
-    if args.out.join("model.json").is_file() {
+    if args.out.join(crate::model::artifact::CARD_FILE).is_file() {
         tracing::info!(
             "{} holds a model: it is replaced when this training ends",
             args.out.display()

@@ -54,6 +54,9 @@ impl TestImage {
 
 /// Lists the test images of an MVTec AD category folder.
 pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
+    if dir.is_file() {
+        return Err(DatasetError::NotAFolder(dir.to_path_buf()).into());
+    }
     if !dir.is_dir() {
         return Err(DatasetError::NotFound(dir.to_path_buf()).into());
     }

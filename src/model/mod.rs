@@ -16,7 +16,7 @@ pub(crate) mod layers;
 pub mod usad;
 pub mod vae;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -170,7 +170,13 @@ impl Network {
 
     /// Writes `dir/weights.safetensors` atomically.
     pub fn save_weights(&self, dir: &Path) -> Result<(), ArtifactError> {
-        let path = dir.join(artifact::WEIGHTS_FILE);
+        let staged = self.stage_weights(dir)?;
+        place_weights(&staged, dir)
+    }
+
+    /// Writes the weights beside their final place in `dir`, under a temporary name;
+    /// [`place_weights`] moves them there (one rename).
+    pub fn stage_weights(&self, dir: &Path) -> Result<PathBuf, ArtifactError> {
         let tmp = dir.join(format!(".{}.tmp", artifact::WEIGHTS_FILE));
         self.varmap.save(&tmp).map_err(|e| ArtifactError::BadWeights {
             path: tmp.clone(),
@@ -183,7 +189,7 @@ impl Network {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
         }
-        std::fs::rename(&tmp, &path).map_err(|source| ArtifactError::Write { path, source })
+        Ok(tmp)
     }
 
     /// Number of trainable values.
@@ -265,6 +271,12 @@ fn is_bias_of_linear_or_conv(name: &str, data: &std::collections::HashMap<String
     name.strip_suffix(".bias")
         .and_then(|p| data.get(&format!("{p}.weight")))
         .is_some_and(|w| w.rank() > 1)
+}
+
+/// Moves weights written by [`Network::stage_weights`] to their place in `dir`.
+pub fn place_weights(staged: &Path, dir: &Path) -> Result<(), ArtifactError> {
+    let path = dir.join(artifact::WEIGHTS_FILE);
+    std::fs::rename(staged, &path).map_err(|source| ArtifactError::Write { path, source })
 }
 
 #[cfg(test)]

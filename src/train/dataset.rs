@@ -13,20 +13,21 @@ pub enum DatasetError {
     #[error("{0}: a file, not a folder of images")]
     NotAFolder(PathBuf),
     #[error(
-        "{0}: has test/ or ground_truth/ like an MVTec AD category, but no train/good; \
+        "{0}: has defect folders under test/ or a ground_truth/ like an MVTec AD category, but no train/good; \
          give a folder of good images only (its train/good)"
     )]
     NoTrainGood(PathBuf),
     #[error("{0}: no images found (looked for {exts} files, recursively)", exts = EXTENSIONS.join(", "))]
     Empty(PathBuf),
-    /// Every unreadable image of the set, so that one run names them all.
+    /// Every unreadable image of the set (what went wrong with each), so that one run
+    /// names them all.
     #[error("{}", unreadable_list(.0))]
-    BadImages(Vec<(PathBuf, image_io::ImageError)>),
+    BadImages(Vec<(PathBuf, String)>),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
-fn unreadable_list(bad: &[(PathBuf, image_io::ImageError)]) -> String {
+fn unreadable_list(bad: &[(PathBuf, String)]) -> String {
     const SHOWN: usize = 5;
     let mut text: Vec<String> = bad
         .iter()
@@ -57,9 +58,14 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         return Err(DatasetError::NotFound(dir.to_path_buf()));
     }
     let mvtec = dir.join("train").join("good");
+    // A test folder of good images alone may be a user's own split; defect folders or
+    // masks say it is a labelled set.
+    let labelled = dir.join("ground_truth").is_dir()
+        || std::fs::read_dir(dir.join("test"))
+            .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"));
     let root = if mvtec.is_dir() {
         mvtec
-    } else if dir.join("test").is_dir() || dir.join("ground_truth").is_dir() {
+    } else if labelled {
         return Err(DatasetError::NoTrainGood(dir.to_path_buf()));
     } else {
         dir.to_path_buf()
@@ -71,9 +77,10 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(files)
 }
 
-/// Image files under `root`, recursively, sorted; hidden files and folders skipped. An
-/// entry that cannot be followed (a dangling link, a link back to a parent) is skipped with
-/// a warning rather than failing the whole folder; an unreadable `root` is an error.
+/// Image files under `root`, recursively, sorted; hidden files and folders skipped. A link
+/// that cannot be followed (to nothing, or back to a folder above it) is skipped with a
+/// warning rather than failing the whole folder; any other error (an unreadable folder)
+/// fails it, so that nothing is silently left out.
 pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let mut files = Vec::new();
     let walk = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
@@ -81,7 +88,7 @@ pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     for entry in walk.into_iter().filter_entry(visible) {
         let entry = match entry {
             Ok(entry) => entry,
-            Err(e) if e.depth() > 0 => {
+            Err(e) if e.depth() > 0 && unfollowable_link(&e) => {
                 tracing::warn!("skipped: {e}");
                 continue;
             }
@@ -92,6 +99,12 @@ pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         }
     }
     Ok(files)
+}
+
+fn unfollowable_link(e: &walkdir::Error) -> bool {
+    e.loop_ancestor().is_some()
+        || (e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            && e.path().is_some_and(|p| p.is_symlink()))
 }
 
 /// Loaded images at working resolution with what the artifact records about them.
@@ -116,14 +129,20 @@ pub fn load_set(
     let mut decoded = Vec::with_capacity(files.len());
     let mut bad = Vec::new();
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+        let bytes = match std::fs::read(f) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                bad.push((f.clone(), e.to_string()));
+                continue;
+            }
+        };
         let rel = f.strip_prefix(root).unwrap_or(f);
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update([0]);
         hasher.update(Sha256::digest(&bytes));
         match image_io::decode(&bytes, image_io::DEFAULT_MAX_PIXELS) {
             Ok(img) => decoded.push(img),
-            Err(e) => bad.push((f.clone(), e)),
+            Err(e) => bad.push((f.clone(), e.to_string())),
         }
     }
     if !bad.is_empty() {
@@ -183,6 +202,12 @@ mod tests {
             training_files(dir.path()).unwrap(),
             vec![dir.path().join("train/good/000.png")]
         );
+        // A user's own split of good images into train/ and test/ is just a folder.
+        let split = tempfile::tempdir().unwrap();
+        png(&split.path().join("train/000.png"));
+        png(&split.path().join("test/000.png"));
+        png(&split.path().join("test/good/001.png"));
+        assert_eq!(training_files(split.path()).unwrap().len(), 3);
     }
 
     #[test]

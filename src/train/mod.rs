@@ -266,9 +266,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         time_budget: budget_record,
         ..summary
     };
-    // Below about one grey level of contrast there is no structure to learn, and the
-    // collapse check's ratio (reconstruction over input contrast) means nothing.
-    if card.training.collapse.input_std < 0.004 {
+    // On nearly flat images there is no structure to learn, and the collapse check's
+    // ratio (reconstruction over input contrast) means nothing.
+    if card.training.collapse.input_std < FLAT_CONTRAST {
         tracing::warn!(
             contrast = card.training.collapse.input_std,
             "the training images are nearly flat: there is little for a model to learn, and the contrast check does not apply"
@@ -296,9 +296,11 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         path: cfg.out.clone(),
         source,
     })?;
-    // Replacing a model: its card goes first, so that a crash between the two writes leaves
-    // a folder that does not load ("no model.json") rather than new weights under the old
-    // card and thresholds.
+    // Replacing a model: the new weights are written aside first, then the old card goes,
+    // so that a failure before leaves the old model whole and a crash between the last
+    // steps leaves a folder that does not load ("no model.json") rather than new weights
+    // under the old card and thresholds.
+    let staged = net.stage_weights(&cfg.out)?;
     let old_card = cfg.out.join(crate::model::artifact::CARD_FILE);
     match std::fs::remove_file(&old_card) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -310,7 +312,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         }
         _ => {}
     }
-    net.save_weights(&cfg.out)?;
+    crate::model::place_weights(&staged, &cfg.out)?;
     detector.card.save(&cfg.out)?;
     Ok(detector.card)
 }
@@ -509,6 +511,9 @@ pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f64 {
 }
 
 /// Compares the contrast (standard deviation) of centre crops and their reconstructions.
+/// Below about one grey level of contrast (in [0, 1] units) images are nearly flat.
+const FLAT_CONTRAST: f32 = 0.004;
+
 fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<CollapseCheck, TrainError> {
     use crate::model::AnomalyModel;
     let crops: Vec<Planar> = images
@@ -536,7 +541,8 @@ fn collapse_check(net: &Network, images: &[Planar], patch: usize) -> Result<Coll
         input_std,
         reconstruction_std,
         contrast_ratio,
-        collapsed: contrast_ratio < 0.2,
+        // On nearly flat images there is no contrast to lose (see FLAT_CONTRAST).
+        collapsed: input_std >= FLAT_CONTRAST && contrast_ratio < 0.2,
     })
 }
 
