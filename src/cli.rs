@@ -212,9 +212,8 @@ pub struct TrainArgs {
     /// (candle's own operations, several times slower; for comparison).
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
-    /// Augmentations: any of flips, rot90, brightness, lighting (contrast ×0.8–1.25 and a
-    /// brightness ramp across the crop), inpaint, anomalies (synthetic anomalies on half
-    /// the crops); or none. Default: flips,brightness,anomalies for
+    /// Augmentations: any of flips, rot90, brightness, inpaint, anomalies (synthetic
+    /// anomalies on half the crops); or none. Default: flips,brightness,anomalies for
     /// --arch draem (no quarter turns: what is turned out of place is a defect);
     /// flips,rot90,brightness,inpaint for the others.
     #[arg(long, value_delimiter = ',')]

@@ -122,7 +122,6 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         flips: false,
         rotations: false,
         brightness: 0.0,
-        lighting: false,
         inpaint_fraction: 0.0,
         anomaly_fraction: 0.0,
     };
@@ -140,14 +139,13 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             "flips" => augment.flips = true,
             "rot90" => augment.rotations = true,
             "brightness" => augment.brightness = 0.05,
-            "lighting" => augment.lighting = true,
             "inpaint" => augment.inpaint_fraction = 0.8,
             // Half the crops stay clean, as DRAEM trains: the segmenter must also learn
             // to say "nothing here".
             "anomalies" => augment.anomaly_fraction = 0.5,
             "none" => {}
             other => {
-                bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, lighting, inpaint, anomalies, none)")
+                bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, none)")
             }
         }
     }

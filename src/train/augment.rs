@@ -15,11 +15,6 @@ pub struct Augment {
     pub rotations: bool,
     /// Maximum absolute brightness offset, in [0, 1] units.
     pub brightness: f32,
-    /// Lighting changes over the whole crop: contrast scaled by 0.8–1.25 about its mean
-    /// and a linear brightness ramp of up to ±0.05 across it, as another part of a
-    /// surface or another hour's light would show it (not an anomaly).
-    #[serde(default)]
-    pub lighting: bool,
     /// Fraction of samples with 1–3 corrupted rectangles (denoising/inpainting).
     pub inpaint_fraction: f32,
     /// Fraction of samples with a synthetic anomaly blended in (the rest stay clean, or
@@ -39,9 +34,6 @@ impl Augment {
         }
         if self.brightness > 0.0 {
             v.push(format!("brightness±{}", self.brightness));
-        }
-        if self.lighting {
-            v.push("lighting".into());
         }
         if self.inpaint_fraction > 0.0 {
             v.push(format!("inpaint {}", self.inpaint_fraction));
@@ -83,9 +75,6 @@ pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut 
     if aug.brightness > 0.0 {
         let d = rng.random_range(-aug.brightness..=aug.brightness);
         clean.data.iter_mut().for_each(|v| *v = (*v + d).clamp(0.0, 1.0));
-    }
-    if aug.lighting {
-        relight(&mut clean, rng);
     }
     let draw: f32 = rng.random();
     if draw < aug.anomaly_fraction {
@@ -140,22 +129,6 @@ fn corrupt<R: Rng>(p: &mut Planar, mask: &mut [f32], images: &[Planar], rng: &mu
                     };
                 }
             }
-        }
-    }
-}
-
-/// Scales the crop's contrast about its mean and adds a linear ramp in a random direction.
-fn relight<R: Rng>(p: &mut Planar, rng: &mut R) {
-    let gain = (rng.random_range(-1.0f32..=1.0) * 1.25f32.ln()).exp();
-    let angle = rng.random_range(0.0..std::f32::consts::TAU);
-    let slope = rng.random_range(0.0..=0.05f32);
-    let (w, h) = (p.width, p.height);
-    let mean = p.data.iter().sum::<f32>() / p.data.len() as f32;
-    let (dx, dy) = (angle.cos() * slope, angle.sin() * slope);
-    for plane in p.data.chunks_exact_mut(w * h) {
-        for (i, v) in plane.iter_mut().enumerate() {
-            let (x, y) = ((i % w) as f32 / w as f32 - 0.5, (i / w) as f32 / h as f32 - 0.5);
-            *v = (mean + (*v - mean) * gain + 2.0 * (dx * x + dy * y)).clamp(0.0, 1.0);
         }
     }
 }
@@ -225,7 +198,6 @@ mod tests {
             flips: false,
             rotations: false,
             brightness: 0.0,
-            lighting: false,
             inpaint_fraction: 1.0,
             anomaly_fraction: 0.0,
         };
