@@ -1014,6 +1014,10 @@ async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
     assert!(String::from_utf8_lossy(&b).contains(&format!("inspection {id} was made by model version v1")));
 }
 
+fn delete(uri: &str) -> Request<Body> {
+    Request::delete(uri).body(Body::empty()).unwrap()
+}
+
 fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
 }
@@ -1490,26 +1494,14 @@ async fn a_queued_job_cancelled_leaves_no_uploaded_images_behind() {
     let upload_dir = std::path::PathBuf::from(job["data"].as_str().unwrap());
     assert!(upload_dir.is_dir());
     let id = job["id"].as_str().unwrap();
-    let (s, _, b) = send(
-        &h.state,
-        Request::delete(format!("/v1/training-jobs/{id}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, delete(&format!("/v1/training-jobs/{id}"))).await;
     assert_eq!(
         (s, json(&b)["status"].as_str()),
         (StatusCode::ACCEPTED, Some("cancelled"))
     );
     assert!(!upload_dir.exists(), "a cancelled job's uploads stayed");
     for id in [&queued, &running] {
-        let (s, _, _) = send(
-            &h.state,
-            Request::delete(format!("/v1/training-jobs/{id}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (s, _, _) = send(&h.state, delete(&format!("/v1/training-jobs/{id}"))).await;
         assert_eq!(s, StatusCode::ACCEPTED);
     }
 }
@@ -1562,22 +1554,10 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
     let (running, queued, mut body, mut seen) = a_running_and_a_queued_job(&h).await;
 
     // The queued one is dropped at once; the running one ends as cancelled.
-    let (s, _, b) = send(
-        &h.state,
-        Request::delete(format!("/v1/training-jobs/{queued}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, delete(&format!("/v1/training-jobs/{queued}"))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     assert_eq!(json(&b)["status"], "cancelled");
-    let (s, _, _) = send(
-        &h.state,
-        Request::delete(format!("/v1/training-jobs/{running}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, _) = send(&h.state, delete(&format!("/v1/training-jobs/{running}"))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
     while !seen.contains("\"status\":\"cancelled\"") {
         let Some(frame) = body.frame().await else { break };
@@ -1592,13 +1572,7 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
     let written: Vec<_> = std::fs::read_dir(&h.state.models_dir).unwrap().collect();
     assert!(written.is_empty(), "a cancelled job wrote {written:?}");
     // Cancelling again is a conflict, not a second cancellation.
-    let (s, _, b) = send(
-        &h.state,
-        Request::delete(format!("/v1/training-jobs/{running}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, delete(&format!("/v1/training-jobs/{running}"))).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "job_finished"));
 }
 
