@@ -307,7 +307,7 @@ fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
 }
 
 #[test]
-fn eval_says_which_defective_images_have_no_mask() {
+fn eval_names_missing_masks_and_every_unreadable_test_image() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     for entry in walk(dataset()) {
@@ -318,19 +318,30 @@ fn eval_says_which_defective_images_have_no_mask() {
     let masks = data.join("ground_truth");
     let first_mask = walk(&masks).into_iter().next().unwrap();
     std::fs::remove_file(&first_mask).unwrap();
-    let o = run(&[
-        "eval",
-        "--model",
-        tiny_model().to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let eval = || {
+        run(&[
+            "eval",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+    };
+    let o = eval();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("1 of 8 defective images have no mask"),
         "{}",
         stderr(&o)
     );
+    // Unreadable test images are all named at once, before any is scored.
+    let tests = walk(&data.join("test"));
+    for f in &tests[..2] {
+        std::fs::write(f, b"not an image").unwrap();
+    }
+    let o = eval();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("2 unreadable image(s)"), "{}", stderr(&o));
 }
 
 #[test]

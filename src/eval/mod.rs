@@ -133,6 +133,7 @@ pub struct EvalReport {
 pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: bool) -> Result<EvalReport, EvalError> {
     let started = std::time::Instant::now();
     let set = test_set(dir)?;
+    check_readable(&set)?;
     check_mask_sizes(&set)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(set.len() as u64);
@@ -231,6 +232,23 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
 
 /// Every mask has its image's size, read from the headers: a mismatch is found before
 /// minutes of inference, not after.
+/// Every test image whose header cannot be read, named in one error before any is scored
+/// (a body broken further in is still found when it is decoded).
+fn check_readable(set: &[TestImage]) -> Result<(), EvalError> {
+    let bad: Vec<(PathBuf, String)> = set
+        .iter()
+        .filter_map(|t| {
+            let probed = image_io::probe(&t.path, image_io::DEFAULT_MAX_PIXELS);
+            probed.err().map(|e| (t.path.clone(), e.to_string()))
+        })
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(DatasetError::BadImages(bad).into())
+    }
+}
+
 fn check_mask_sizes(set: &[TestImage]) -> Result<(), EvalError> {
     let size = |path: &Path| {
         image::image_dimensions(path).map_err(|e| EvalError::Image {
