@@ -252,13 +252,7 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
     assert_eq!(rec.request_id.as_deref(), Some("req-1"));
     assert!((rec.score - v["score"].as_f64().unwrap()).abs() < 1e-9);
     // GET it back, fetch its heatmap, map and reconstruction.
-    let (s, _, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections/{id}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["id"], id);
     // The stored record answers with the pixel threshold the live answer gave.
@@ -267,24 +261,12 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
     // An id written another way (upper case, braced) finds the same record.
     let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{{{}}}", id.to_uppercase()))).await;
     assert_eq!((s, json(&b)["id"].as_str()), (StatusCode::OK, Some(id)));
-    let (s, hd, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, hd, b) = send(&h.state, get(&format!("/v1/inspections/{id}/heatmap.png"))).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(hd["content-type"], "image/png");
     let img = image::load_from_memory(&b).unwrap();
     assert_eq!((img.width(), img.height()), (40, 30));
-    let (s, _, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections/{id}/anomaly_map.npy"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/anomaly_map.npy"))).await;
     assert_eq!(s, StatusCode::OK);
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), &b).unwrap();
@@ -298,13 +280,7 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
         peak <= score * 1.001 && peak >= 0.5 * score,
         "map peak {peak}, score {score}"
     );
-    let (s, _, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections/{id}/reconstruction.png"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/reconstruction.png"))).await;
     assert_eq!(s, StatusCode::OK);
     assert!(image::load_from_memory(&b).is_ok());
 }
@@ -357,13 +333,7 @@ async fn multipart_octet_stream_and_threshold_override() {
     assert!((json(&b)["pixel_threshold"].as_f64().unwrap() - low).abs() < 1e-5);
     // Not stored: its heatmap cannot be rendered.
     let id = v["id"].as_str().unwrap();
-    let (s, _, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}/heatmap.png"))).await;
     assert_eq!(
         (s, error_code(&b).as_str()),
         (StatusCode::NOT_FOUND, "image_not_stored")
@@ -413,34 +383,22 @@ async fn bad_inputs_get_the_right_status_and_code() {
             "unknown_model",
         ),
         (
-            Request::get("/v1/inspections/0190d6c2-0000-7000-8000-000000000000")
-                .body(Body::empty())
-                .unwrap(),
+            get("/v1/inspections/0190d6c2-0000-7000-8000-000000000000"),
             StatusCode::NOT_FOUND,
             "unknown_inspection",
         ),
         (
-            Request::get("/v1/inspections?verdict=maybe")
-                .body(Body::empty())
-                .unwrap(),
+            get("/v1/inspections?verdict=maybe"),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
-        (
-            Request::get("/v1/inspections?limit=0").body(Body::empty()).unwrap(),
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-        ),
+        (get("/v1/inspections?limit=0"), StatusCode::BAD_REQUEST, "bad_request"),
         (
             post("/v1/inspect?threshold=abc", "image/png", png(8, 8, false)),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
-        (
-            Request::get("/v2/nothing").body(Body::empty()).unwrap(),
-            StatusCode::NOT_FOUND,
-            "not_found",
-        ),
+        (get("/v2/nothing"), StatusCode::NOT_FOUND, "not_found"),
         (
             post(
                 &format!("/v1/inspections/{MISSING}/feedback"),
@@ -469,11 +427,7 @@ async fn bad_inputs_get_the_right_status_and_code() {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
         ),
-        (
-            Request::get("/v1/inspect").body(Body::empty()).unwrap(),
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-        ),
+        (get("/v1/inspect"), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         (
             Request::delete("/v1/models").body(Body::empty()).unwrap(),
             StatusCode::METHOD_NOT_ALLOWED,
@@ -546,11 +500,7 @@ async fn listing_filters_and_paginates_newest_first() {
         assert_eq!(s, StatusCode::OK);
         ids.push(json(&b)["id"].as_str().unwrap().to_string());
     }
-    let (_, _, b) = send(
-        &h.state,
-        Request::get("/v1/inspections?limit=2").body(Body::empty()).unwrap(),
-    )
-    .await;
+    let (_, _, b) = send(&h.state, get("/v1/inspections?limit=2")).await;
     let page = json(&b);
     let got: Vec<&str> = page["items"]
         .as_array()
@@ -560,13 +510,7 @@ async fn listing_filters_and_paginates_newest_first() {
         .collect();
     assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
     let cursor = page["next_cursor"].as_str().unwrap();
-    let (_, _, b) = send(
-        &h.state,
-        Request::get(format!("/v1/inspections?limit=2&cursor={cursor}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (_, _, b) = send(&h.state, get(&format!("/v1/inspections?limit=2&cursor={cursor}"))).await;
     let got: Vec<String> = json(&b)["items"]
         .as_array()
         .unwrap()
@@ -574,23 +518,11 @@ async fn listing_filters_and_paginates_newest_first() {
         .map(|i| i["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(got, vec![ids[2].clone(), ids[1].clone()]);
-    let (_, _, b) = send(
-        &h.state,
-        Request::get("/v1/inspections?verdict=anomalous&limit=10")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (_, _, b) = send(&h.state, get("/v1/inspections?verdict=anomalous&limit=10")).await;
     let items = json(&b)["items"].as_array().unwrap().clone();
     assert_eq!(items.len(), 3, "squares on images 0, 2, 4");
     assert!(items.iter().all(|i| i["is_anomalous"] == true));
-    let (_, _, b) = send(
-        &h.state,
-        Request::get("/v1/inspections?since=2999-01-01T00:00:00Z")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (_, _, b) = send(&h.state, get("/v1/inspections?since=2999-01-01T00:00:00Z")).await;
     assert!(json(&b)["items"].as_array().unwrap().is_empty());
 }
 
@@ -639,11 +571,7 @@ async fn feedback_counts_false_positives_and_suggests_a_threshold() {
         assert_eq!(json(&b)["feedback"], label);
         assert!(json(&b).get("feedback_note").is_none(), "{label}");
     }
-    let (s, _, b) = send(
-        &h.state,
-        Request::get("/v1/models/default").body(Body::empty()).unwrap(),
-    )
-    .await;
+    let (s, _, b) = send(&h.state, get("/v1/models/default")).await;
     assert_eq!(s, StatusCode::OK);
     let v = json(&b);
     assert_eq!(v["feedback"]["labelled"], 2);
@@ -697,29 +625,19 @@ async fn api_keys_guard_v1_routes_and_admin_actions() {
     let (s, _, b) = send(&h.state, req).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::FORBIDDEN, "forbidden"));
     // Health and metrics stay open.
-    assert_eq!(
-        send(&h.state, Request::get("/health/live").body(Body::empty()).unwrap())
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap())
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(send(&h.state, get("/health/live")).await.0, StatusCode::OK);
+    assert_eq!(send(&h.state, get("/metrics")).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn health_metrics_openapi_and_models() {
     let h = harness_named(None, 8, "metrics-probe").await;
-    let (s, _, b) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
+    let (s, _, b) = send(&h.state, get("/health/ready")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&b)["database"], true);
     let (s, _, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, b) = send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let (s, _, b) = send(&h.state, get("/metrics")).await;
     assert_eq!(s, StatusCode::OK);
     let text = String::from_utf8(b).unwrap();
     // Series labelled with this test's model: only this one inspection can have made them.
@@ -745,7 +663,7 @@ async fn health_metrics_openapi_and_models() {
     assert!(verdicts[0].ends_with(" 1"), "{verdicts:?}");
     // Requests are labelled by route, which other tests share: presence only.
     assert!(text.contains(r#"vigil_http_requests_total{route="/v1/inspect",method="POST",status="200"}"#));
-    let (s, _, b) = send(&h.state, Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
+    let (s, _, b) = send(&h.state, get("/openapi.json")).await;
     assert_eq!(s, StatusCode::OK);
     let doc = json(&b);
     assert!(doc["paths"]["/v1/inspect"]["post"].is_object());
@@ -784,18 +702,16 @@ async fn health_metrics_openapi_and_models() {
             }
         }
     }
-    let (s, _, b) = send(&h.state, Request::get("/docs").body(Body::empty()).unwrap()).await;
+    let (s, _, b) = send(&h.state, get("/docs")).await;
     assert_eq!(s, StatusCode::OK);
     assert!(String::from_utf8(b).unwrap().contains("/openapi.json"));
-    let (_, _, b) = send(&h.state, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    let (_, _, b) = send(&h.state, get("/v1/models")).await;
     assert_eq!(json(&b)[0]["name"], "metrics-probe");
     assert_eq!(json(&b)[0]["is_default"], true);
     // Not ready while shutting down.
     h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
-        send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap())
-            .await
-            .0,
+        send(&h.state, get("/health/ready")).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
@@ -811,13 +727,13 @@ async fn a_database_that_cannot_take_the_row_gives_503_not_a_verdict() {
     );
     assert_eq!(headers["retry-after"], "1");
     // The error middleware counted it (no other test closes its database).
-    let (_, _, b) = send(&h.state, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
     let text = String::from_utf8(b).unwrap();
     assert!(
         text.contains(r#"vigil_database_errors_total{code="database_unavailable"}"#),
         "{text}"
     );
-    let (s, _, _) = send(&h.state, Request::get("/health/ready").body(Body::empty()).unwrap()).await;
+    let (s, _, _) = send(&h.state, get("/health/ready")).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
 }
 
@@ -963,7 +879,7 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     // A's maps would need the old model: 409, stable code. B's render.
     let id_a = json(&body_a)["id"].as_str().unwrap().to_string();
     let id_b = json(&body_b)["id"].as_str().unwrap().to_string();
-    let get = |uri: String| Request::get(uri).body(Body::empty()).unwrap();
+    let get = |uri: String| get(&uri);
     let (s, _, b) = send(&h.state, get(format!("/v1/inspections/{id_a}/heatmap.png"))).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "model_changed"));
     let (s, headers, _) = send(&h.state, get(format!("/v1/inspections/{id_b}/heatmap.png"))).await;
@@ -992,11 +908,7 @@ async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
     .await;
     assert_eq!(s, StatusCode::OK);
     let id = json(&b)["id"].as_str().unwrap().to_string();
-    let heatmap = || {
-        Request::get(format!("/v1/inspections/{id}/heatmap.png"))
-            .body(Body::empty())
-            .unwrap()
-    };
+    let heatmap = || get(&format!("/v1/inspections/{id}/heatmap.png"));
     // Same model: the image was not stored.
     let (s, _, b) = send(&h.state, heatmap()).await;
     assert_eq!(

@@ -152,9 +152,11 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
     if discriminative && augment.anomaly_fraction == 0.0 {
         bail!("--arch draem learns from synthetic anomalies: include `anomalies` in --augment");
     }
-    let training_images = train::dataset::training_files(&args.data)?.len();
     let steps = match args.epochs {
-        Some(e) => (e * training_images).div_ceil(args.batch_size).max(1),
+        // Only epochs need the images counted here; training lists them again itself.
+        Some(e) => (e * train::dataset::training_files(&args.data)?.len())
+            .div_ceil(args.batch_size)
+            .max(1),
         // Others: about 10 minutes each for 70–80 images of 256² on 2 cores; usad's step
         // runs the autoencoder about three times. draem: twice its first default of 1200
         // raised the mean image AUROC on six real surfaces from 0.893 to 0.918 (three

@@ -133,8 +133,7 @@ pub struct EvalReport {
 pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: bool) -> Result<EvalReport, EvalError> {
     let started = std::time::Instant::now();
     let set = test_set(dir)?;
-    check_readable(&set)?;
-    check_mask_sizes(&set)?;
+    check_headers(&set)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(set.len() as u64);
         b.set_style(
@@ -230,35 +229,27 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
     }
 }
 
-/// Every mask has its image's size, read from the headers: a mismatch is found before
-/// minutes of inference, not after.
-/// Every test image whose header cannot be read, named in one error before any is scored
-/// (a body broken further in is still found when it is decoded).
-fn check_readable(set: &[TestImage]) -> Result<(), EvalError> {
-    let bad: Vec<(PathBuf, String)> = set
-        .iter()
-        .filter_map(|t| {
-            let probed = image_io::probe(&t.path, image_io::DEFAULT_MAX_PIXELS);
-            probed.err().map(|e| (t.path.clone(), e.to_string()))
-        })
-        .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(DatasetError::BadImages(bad).into())
-    }
-}
-
-fn check_mask_sizes(set: &[TestImage]) -> Result<(), EvalError> {
-    let size = |path: &Path| {
-        image::image_dimensions(path).map_err(|e| EvalError::Image {
-            path: path.to_path_buf(),
-            source: image_io::ImageError::Corrupt(e.to_string()),
-        })
-    };
+/// Reads every test image's header once, before minutes of inference: the images whose
+/// header cannot be read are named in one error (a body broken further in is still found
+/// when it is decoded), and every mask must have its image's size.
+fn check_headers(set: &[TestImage]) -> Result<(), EvalError> {
+    let mut sizes = Vec::with_capacity(set.len());
+    let mut bad = Vec::new();
     for t in set {
+        match image_io::probe(&t.path, image_io::DEFAULT_MAX_PIXELS) {
+            Ok(size) => sizes.push(size),
+            Err(e) => bad.push((t.path.clone(), e.to_string())),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(DatasetError::BadImages(bad).into());
+    }
+    for (t, &image) in set.iter().zip(&sizes) {
         if let Some(mask_path) = &t.mask {
-            let (mask, image) = (size(mask_path)?, size(&t.path)?);
+            let mask = image::image_dimensions(mask_path).map_err(|e| EvalError::Image {
+                path: mask_path.clone(),
+                source: image_io::ImageError::Corrupt(e.to_string()),
+            })?;
             if mask != image {
                 return Err(EvalError::MaskSize {
                     path: mask_path.clone(),

@@ -148,20 +148,14 @@ pub fn load_set(
     if !bad.is_empty() {
         return Err(DatasetError::BadImages(bad));
     }
-    if let Some((first, other)) = decoded.iter().zip(files).find_map(|(img, f)| {
-        let size = (img.width(), img.height());
-        let first = (decoded[0].width(), decoded[0].height());
-        (size != first).then_some((first, (f, size)))
-    }) {
+    let dims = |img: &image::DynamicImage| (img.width(), img.height());
+    if let Some(i) = decoded.iter().position(|img| dims(img) != dims(&decoded[0])) {
+        let ((w0, h0), (w, h)) = (dims(&decoded[0]), dims(&decoded[i]));
         tracing::warn!(
-            "the images differ in size ({} is {}×{}, {} is {}×{}): each is resized to {size}×{size}, \
+            "the images differ in size ({} is {w0}×{h0}, {} is {w}×{h}): each is resized to {size}×{size}, \
              which stretches those of another shape",
             files[0].display(),
-            first.0,
-            first.1,
-            other.0.display(),
-            other.1 .0,
-            other.1 .1
+            files[i].display()
         );
     }
     let any_colour = decoded.iter().any(image_io::has_colour);
