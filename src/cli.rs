@@ -413,6 +413,10 @@ pub struct ServeArgs {
     /// upload would otherwise hold its connection open).
     #[arg(long, env = "VIGIL_BODY_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
     pub body_timeout: f64,
+    /// Seconds a connection may take to send a request's headers, counted from when it is
+    /// ready for the next request; a keep-alive connection idle this long is closed too.
+    #[arg(long, env = "VIGIL_HEADER_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    pub header_timeout: f64,
     /// Pixels judged at full resolution at once, across requests: a request waits until its
     /// image fits (an image takes about 13 bytes a pixel while judged, so the default of
     /// 80 megapixels, two of the largest images, is about 1 GB). At least --max-pixels.

@@ -81,6 +81,7 @@ pub async fn build_state(
             max_pixels: args.max_pixels,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
             body_timeout: Duration::from_secs_f64(args.body_timeout),
+            header_timeout: Duration::from_secs_f64(args.header_timeout),
             // Never below one image of the largest size accepted, which would wait for good.
             pixel_budget: crate::api::budget::PixelBudget::new(args.max_inflight_pixels.max(args.max_pixels)),
             store_images: args.store_images,
@@ -109,25 +110,70 @@ pub async fn build_state(
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains.
+///
+/// An accept loop of its own rather than `axum::serve`, which sets hyper no timer, so no
+/// header read timeout applies under it: a client sending its headers a byte at a time (or
+/// nothing at all) held a connection for good. Here each connection must deliver a
+/// request's headers within `limits.header_timeout` of starting to wait for them, which
+/// also closes keep-alive connections left idle that long.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
     let app = api::app(state.clone());
-    let s = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            s.ready.store(false, Ordering::SeqCst);
-            // Before the drain: a client watching a job's events keeps its connection open
-            // until the job ends, so the jobs must end first. A running one stops after its
-            // step and writes nothing; it would otherwise run to its end (the runtime waits
-            // for blocking work) and leave a model its record calls unfinished.
-            s.training.stop_all();
-            tracing::info!("shutting down: draining requests in flight");
-        })
-        .await
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.limits.header_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .map_request(|r: axum::extract::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
+        );
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    state.ready.store(false, Ordering::SeqCst);
+    // Before the drain: a client watching a job's events keeps its connection open
+    // until the job ends, so the jobs must end first. A running one stops after its
+    // step and writes nothing; it would otherwise run to its end (the runtime waits
+    // for blocking work) and leave a model its record calls unfinished.
+    state.training.stop_all();
+    tracing::info!("shutting down: draining requests in flight");
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// A failed accept: a connection reset before it was taken is the client's business; any
+/// other error (out of file descriptors, most often) is logged and the loop waits a second
+/// rather than spinning on it.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Runs [`retention_pass`] hourly.

@@ -84,6 +84,9 @@ async fn harness_with(
             max_pixels: 1_000_000,
             request_timeout,
             body_timeout: request_timeout,
+            // Short, so that the header-timeout test ends soon; the tests' own requests
+            // send their headers at once.
+            header_timeout: Duration::from_secs(1),
             pixel_budget: api::budget::PixelBudget::new(1_000_000),
             store_images: true,
             max_batch: 4,
@@ -1546,6 +1549,70 @@ async fn a_server_told_to_stop_ends_its_jobs_before_draining_a_watching_client()
         assert_eq!(row.status, "failed", "{id}");
         assert!(row.message.unwrap().starts_with("interrupted"), "{id}");
     }
+}
+
+/// Reads until the server closes the connection; returns what came, or None when it stayed
+/// open for `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_finish_its_headers_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let h = harness(None, 8).await; // header timeout: 1 s
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vigil::server::run(listener, h.state.clone(), async move {
+        let _ = stopped.await;
+    }));
+    // Half a request line, then nothing: closed after the header timeout, with no answer.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health/live HTT").await.unwrap();
+    let answer = read_until_closed(&mut slow, Duration::from_secs(20)).await;
+    assert_eq!(
+        answer.as_deref().map(String::from_utf8_lossy),
+        Some("".into()),
+        "still open after 20 s"
+    );
+    // A connection that sends nothing is closed the same way.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(read_until_closed(&mut silent, Duration::from_secs(20)).await.is_some());
+    // A whole request on a fresh connection is answered; then, kept alive and idle, the
+    // connection is closed as well.
+    let mut prompt = tokio::net::TcpStream::connect(addr).await.unwrap();
+    prompt
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: vigil\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut prompt, Duration::from_secs(20))
+        .await
+        .expect("idle keep-alive stayed open");
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

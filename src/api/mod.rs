@@ -44,6 +44,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// The longest pause while a request body arrives.
     pub body_timeout: Duration,
+    /// The longest wait for a request's headers, from the moment the connection is ready
+    /// for them (so also how long a keep-alive connection may stay idle).
+    pub header_timeout: Duration,
     pub store_images: bool,
     /// Pixels held at full resolution at once, across requests (see [`budget`]).
     pub pixel_budget: budget::PixelBudget,
