@@ -417,6 +417,15 @@ pub struct ServeArgs {
     /// ready for the next request; a keep-alive connection idle this long is closed too.
     #[arg(long, env = "VIGIL_HEADER_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
     pub header_timeout: f64,
+    /// Seconds, after SIGTERM, that the server goes on accepting and answering requests
+    /// while /health/ready already answers 503, so that a load balancer stops sending
+    /// before the port closes (Kubernetes: a few seconds; 0 closes at once).
+    #[arg(long, env = "VIGIL_SHUTDOWN_DELAY", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub shutdown_delay: f64,
+    /// Seconds the requests in flight get to finish once the port has closed; connections
+    /// still open then are dropped.
+    #[arg(long, env = "VIGIL_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    pub drain_timeout: f64,
     /// Pixels judged at full resolution at once, across requests: a request waits until its
     /// image fits (an image takes about 13 bytes a pixel while judged, so the default of
     /// 80 megapixels, two of the largest images, is about 1 GB). At least --max-pixels.
@@ -471,6 +480,14 @@ fn non_negative_f32(text: &str) -> Result<f32, String> {
     bounded(
         text,
         |v: &f32| v.is_finite() && *v >= 0.0,
+        "a finite number of 0 or more",
+    )
+}
+
+fn non_negative_f64(text: &str) -> Result<f64, String> {
+    bounded(
+        text,
+        |v: &f64| v.is_finite() && *v >= 0.0,
         "a finite number of 0 or more",
     )
 }

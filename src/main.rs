@@ -44,7 +44,8 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            ExitCode::from(2)
+            // A container health check reads 1 as unhealthy; 2 is reserved there.
+            ExitCode::from(if matches!(cli.command, Command::Probe(_)) { 1 } else { 2 })
         }
     }
 }

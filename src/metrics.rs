@@ -24,8 +24,9 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Up to the longest a request may wait (--request-timeout, 30 s by default).
             let latency = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
@@ -37,7 +38,14 @@ pub fn install() -> PrometheusHandle {
                 .expect("buckets")
                 .set_buckets_for_metric(
                     Matcher::Full(SCORES.into()),
-                    &[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0],
+                    // Scores differ in scale between families: draem's lie in 0–1 (a
+                    // probability), the reconstruction families' in units of the good
+                    // images' mean error (thresholds of 1.5–20). Fine steps below 1, then
+                    // roughly doubling.
+                    &[
+                        0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0,
+                        100.0,
+                    ],
                 )
                 .expect("buckets");
             let recorder = builder.build_recorder();
@@ -48,6 +56,15 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Marks `version` of `model` as the one served (1) and, after a reload, the version it
+/// replaced as no longer served (0): a query joining on the served version must find one.
+pub fn model_served(model: &str, version: &str, replaced: Option<&str>, device: &str) {
+    if let Some(old) = replaced.filter(|old| *old != version) {
+        metrics::gauge!(MODEL_INFO, "model" => model.to_string(), "version" => old.to_string(), "device" => device.to_string()).set(0.0);
+    }
+    metrics::gauge!(MODEL_INFO, "model" => model.to_string(), "version" => version.to_string(), "device" => device.to_string()).set(1.0);
 }
 
 /// Help text for every metric (Prometheus lints metrics without it).
@@ -71,7 +88,10 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Inspections admitted and not yet answered, per model");
     describe_counter!(VERDICTS, "Verdicts by model and verdict");
     describe_histogram!(SCORES, "Anomaly scores by model");
-    describe_gauge!(MODEL_INFO, "Served models: 1 per model, version and device");
+    describe_gauge!(
+        MODEL_INFO,
+        "Served models: 1 for the version served, 0 for one a reload replaced"
+    );
     describe_counter!(DATABASE_ERRORS, "Failed database or image-store writes and reads");
     describe_gauge!(
         SCORE_DRIFT,

@@ -53,7 +53,7 @@ pub async fn build_state(
     let loaded = tokio::task::spawn_blocking(move || load_models(&dir, &dev)).await??;
     let mut models = BTreeMap::new();
     for (name, dir, detector, version) in loaded {
-        metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.clone(), "version" => version.clone(), "device" => device::name(&device)).set(1.0);
+        crate::metrics::model_served(&name, &version, None, device::name(&device));
         let engine = Engine::start(&name, detector, &version, args.max_batch, args.queue_capacity);
         models.insert(
             name,
@@ -82,6 +82,8 @@ pub async fn build_state(
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(0.001)),
             body_timeout: Duration::from_secs_f64(args.body_timeout),
             header_timeout: Duration::from_secs_f64(args.header_timeout),
+            shutdown_delay: Duration::from_secs_f64(args.shutdown_delay),
+            drain_timeout: Duration::from_secs_f64(args.drain_timeout),
             // Never below one image of the largest size accepted, which would wait for good.
             pixel_budget: crate::api::budget::PixelBudget::new(args.max_inflight_pixels.max(args.max_pixels)),
             store_images: args.store_images,
@@ -109,7 +111,11 @@ pub async fn build_state(
     Ok(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then drains.
+/// Serves `state` on `listener` until `shutdown` resolves, then stops: readiness turns
+/// 503 at once, the listener keeps accepting for `limits.shutdown_delay` (so that a load
+/// balancer still routing here while it notices is answered, not refused), then closes,
+/// and the requests in flight get `limits.drain_timeout` to finish before their
+/// connections are dropped.
 ///
 /// An accept loop of its own rather than `axum::serve`, which sets hyper no timer, so no
 /// header read timeout applies under it: a client sending its headers a byte at a time (or
@@ -121,47 +127,82 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use tower::ServiceExt;
-
-    let app = api::app(state.clone());
-    let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(state.limits.header_timeout);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone()
-                .map_request(|r: axum::extract::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
-        );
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
+    let server = Connections::new(&state);
+    server.accept_until(&listener, shutdown).await;
     state.ready.store(false, Ordering::SeqCst);
     // Before the drain: a client watching a job's events keeps its connection open
     // until the job ends, so the jobs must end first. A running one stops after its
     // step and writes nothing; it would otherwise run to its end (the runtime waits
     // for blocking work) and leave a model its record calls unfinished.
     state.training.stop_all();
+    let delay = state.limits.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(
+            seconds = delay.as_secs_f64(),
+            "shutting down: not ready, still accepting connections for a while"
+        );
+        server.accept_until(&listener, tokio::time::sleep(delay)).await;
+    }
+    drop(listener);
     tracing::info!("shutting down: draining requests in flight");
-    connections.shutdown().await;
+    let drain = state.limits.drain_timeout;
+    if tokio::time::timeout(drain, server.graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            seconds = drain.as_secs_f64(),
+            "requests still in flight after the drain timeout; closing their connections"
+        );
+    }
     Ok(())
+}
+
+/// The connections the server has accepted, each served by hyper with vigil's settings.
+struct Connections {
+    app: axum::Router,
+    http: hyper::server::conn::http1::Builder,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+}
+
+impl Connections {
+    fn new(state: &Arc<AppState>) -> Self {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(state.limits.header_timeout);
+        Self {
+            app: api::app(state.clone()),
+            http,
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        }
+    }
+
+    /// Accepts and serves connections until `stop` resolves.
+    async fn accept_until(&self, listener: &TcpListener, stop: impl Future<Output = ()>) {
+        use tower::ServiceExt;
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                },
+                () = &mut stop => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(
+                self.app
+                    .clone()
+                    .map_request(|r: axum::extract::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
+            );
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection = self.graceful.watch(self.http.serve_connection(io, service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
 }
 
 /// A failed accept: a connection reset before it was taken is the client's business; any
@@ -245,6 +286,9 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         tracing::info!(models = ?state.model_list().into_iter().map(|m| m.0).collect::<Vec<_>>(), "listening on http://{addr}");
         run(listener, state.clone(), shutdown).await?;
         state.training.finish_stopping(&state.store, Duration::from_secs(60)).await;
+        // Closing the pool ends SQLite's write-ahead log: the database file alone then
+        // holds everything (a copy of it is a backup).
+        state.store.close().await;
         Ok(())
     });
     // Not the default wait for blocking work: a training job that did not stop in time

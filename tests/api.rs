@@ -87,6 +87,8 @@ async fn harness_with(
             // Short, so that the header-timeout test ends soon; the tests' own requests
             // send their headers at once.
             header_timeout: Duration::from_secs(1),
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(60),
             pixel_budget: api::budget::PixelBudget::new(1_000_000),
             store_images: true,
             max_batch: 4,
@@ -658,6 +660,23 @@ async fn health_metrics_openapi_and_models() {
     one("vigil_batch_size_count");
     one("vigil_anomaly_score_count");
     one("vigil_inspection_duration_seconds_count");
+    // A method a client invents is counted as `other`: it must not become a label value
+    // of its own (each would be a new series).
+    let invented = Request::builder()
+        .method("FROBNICATE")
+        .uri("/metrics-probe-invented")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&h.state, invented).await.0, StatusCode::NOT_FOUND);
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(!text.contains("FROBNICATE"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("vigil_http_requests_total")
+            && l.contains(r#"method="other""#)
+            && l.contains(r#"status="404""#)),
+        "{text}"
+    );
     let verdicts: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("vigil_verdicts_total") && l.contains(r#"model="metrics-probe""#))
@@ -864,6 +883,17 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     let new_version = json(&b)["version"].as_str().unwrap().to_string();
     assert_ne!(new_version, "v1");
+    // The info metric names one served version: the new one 1, the one it replaced 0.
+    let (_, _, m) = send(&h.state, get("/metrics")).await;
+    let m = String::from_utf8(m).unwrap();
+    let info = |version: &str| {
+        m.lines()
+            .find(|l| l.starts_with("vigil_model_info") && l.contains(&format!(r#"version="{version}""#)))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    assert_eq!(info("v1").as_deref(), Some("0"), "{m}");
+    assert_eq!(info(&new_version).as_deref(), Some("1"), "{m}");
     // B, sent after the reload, is judged by the new model (it waits behind A for the
     // model thread, then runs in a batch of its own).
     let st = h.state.clone();
@@ -1097,6 +1127,7 @@ async fn job_events(state: &Arc<AppState>, id: &str) -> Vec<Value> {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(body.to_vec())
         .unwrap()

@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -167,10 +168,21 @@ fn bundled_samples_over_http() {
     let probe = common::run(&["probe", &format!("http://{}/health/ready", server.addr)]);
     assert!(probe.status.success(), "{}", common::stderr(&probe));
     let probe = common::run(&["probe", &format!("http://{}/v1/models/nope", server.addr)]);
-    assert!(!probe.status.success());
+    // 1 is what a container runtime reads as unhealthy (it reserves 2).
+    assert_eq!(probe.status.code(), Some(1), "{}", common::stderr(&probe));
     let (s, b) = http(&server.addr, "GET", "/metrics", "text/plain", b"");
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&b).contains("vigil_model_info"));
+    // Each request is logged once at info, with its request id, status and latency.
+    let log = server.log_tail();
+    assert!(
+        log.lines().any(|l| l.contains("answered")
+            && l.contains("request_id=")
+            && l.contains("path=/v1/inspect")
+            && l.contains("status=200")
+            && l.contains("latency_ms=")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -299,6 +311,89 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     assert!(
         status.success(),
         "vigil serve exited with {status} after SIGTERM; its log:\n{}",
+        server.log_tail()
+    );
+    // Stopped cleanly, SQLite's write-ahead log is folded into the database file, so a
+    // copy of that file alone holds every record.
+    let wal = data.path().join("vigil.db-wal");
+    assert!(
+        std::fs::metadata(&wal).map_or(true, |m| m.len() == 0),
+        "{} left behind",
+        wal.display()
+    );
+}
+
+/// Waits, up to a minute, until the server's log has a line containing `text`.
+fn wait_for_log(server: &Server, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !server.log_tail().contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in the log:\n{}",
+            server.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits, up to `limit`, for the server to exit.
+fn exit_within(server: &mut Server, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn after_sigterm_it_answers_not_ready_for_the_shutdown_delay_and_still_serves() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = start_with(data.path(), &["--shutdown-delay", "5"]);
+    server.sigterm();
+    wait_for_log(&server, "still accepting connections");
+    let (s, _) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
+    assert_eq!(s, 503, "readiness during the shutdown delay");
+    let (s, _) = http(&server.addr, "GET", "/health/live", "text/plain", b"");
+    assert_eq!(s, 200);
+    let image = std::fs::read(&samples()[0]).unwrap();
+    let (s, b) = http(&server.addr, "POST", "/v1/inspect", "image/png", &image);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let status = exit_within(&mut server, Duration::from_secs(60)).expect("still running a minute after SIGTERM");
+    assert!(
+        status.success(),
+        "exited with {status}; its log:\n{}",
+        server.log_tail()
+    );
+}
+
+#[test]
+fn a_client_stalling_its_body_holds_the_drain_no_longer_than_the_drain_timeout() {
+    let data = tempfile::tempdir().unwrap();
+    // The body timeout (30 s) would end the stalled request too; the drain must not wait for it.
+    let mut server = start_with(data.path(), &["--drain-timeout", "1"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(b"POST /v1/inspect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    // "100 Continue" comes once the handler reads the body: the request is in flight.
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    s.write_all(&[0u8; 10]).unwrap();
+    server.sigterm();
+    let status = exit_within(&mut server, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("still draining 20 s after SIGTERM; its log:\n{}", server.log_tail()));
+    assert!(
+        status.success(),
+        "exited with {status}; its log:\n{}",
+        server.log_tail()
+    );
+    assert!(
+        server.log_tail().contains("after the drain timeout"),
+        "{}",
         server.log_tail()
     );
 }

@@ -47,6 +47,11 @@ pub struct Limits {
     /// The longest wait for a request's headers, from the moment the connection is ready
     /// for them (so also how long a keep-alive connection may stay idle).
     pub header_timeout: Duration,
+    /// After SIGTERM: how long the server stays reachable, answering, while readiness is
+    /// already 503 (for load balancers to notice).
+    pub shutdown_delay: Duration,
+    /// After that: how long requests in flight may take before their connections close.
+    pub drain_timeout: Duration,
     pub store_images: bool,
     /// Pixels held at full resolution at once, across requests (see [`budget`]).
     pub pixel_budget: budget::PixelBudget,
@@ -170,14 +175,20 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(axum::middleware::from_fn(error::report_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                // record_metrics logs every answer once, at info; tower-http's own line for a 5xx
+                // would repeat it at error (a 503 under overload is not an error of the server's).
+                .on_failure(()),
+        )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(axum::middleware::from_fn(drop_unusable_request_id))
         .with_state(state)
@@ -198,21 +209,46 @@ async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Requests by route and status; latency by route. Routes are the matched patterns, so
-/// ids never become labels.
+/// Requests by route, method and status; latency by route. Routes are the matched
+/// patterns and methods the standard ones (any other is `other`), so neither ids nor a
+/// client's invented methods become labels. Each request is also logged at info (probes
+/// and scrapes at debug, so they do not drown the log), inside the request's span, which
+/// carries its request id.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    let method = standard_method(req.method());
+    let path = req.uri().path().to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(crate::metrics::REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    metrics::counter!(crate::metrics::REQUESTS, "route" => route.clone(), "method" => method, "status" => status.to_string())
         .increment(1);
-    metrics::histogram!(crate::metrics::REQUEST_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::metrics::REQUEST_SECONDS, "route" => route.clone()).record(elapsed.as_secs_f64());
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
+    if route.starts_with("/health/") || route == "/metrics" {
+        tracing::debug!(method, path, status, latency_ms, "answered");
+    } else {
+        tracing::info!(method, path, status, latency_ms, "answered");
+    }
     resp
+}
+
+fn standard_method(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Unix time in microseconds.

@@ -87,9 +87,15 @@ pub async fn reload(
     })?;
     let threshold = detector.card.thresholds.image as f64;
     let architecture = detector.card.architecture.name().to_string();
+    let (_, replaced) = served.engine.current();
     served.engine.replace(detector, version.clone());
     state.live.reset_drift(&model);
-    metrics::gauge!(crate::metrics::MODEL_INFO, "model" => model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
+    crate::metrics::model_served(
+        &model,
+        &version,
+        Some(&replaced),
+        crate::model::device::name(&state.device),
+    );
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {
         is_default: state.default_model_name().as_deref() == Some(model.as_str()),

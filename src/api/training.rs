@@ -15,7 +15,6 @@ use axum::extract::{Multipart, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
-use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use utoipa::ToSchema;
@@ -571,13 +570,23 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
         v.finished_at = Some(rfc3339(finished));
         v.eta_s = None;
     });
-    tracing::info!(
-        job = id,
-        model = view.model,
-        status = status.as_str(),
-        message,
-        "training job ended"
-    );
+    if status == JobStatus::Failed {
+        tracing::warn!(
+            job = id,
+            model = view.model,
+            status = status.as_str(),
+            message,
+            "training job ended"
+        );
+    } else {
+        tracing::info!(
+            job = id,
+            model = view.model,
+            status = status.as_str(),
+            message,
+            "training job ended"
+        );
+    }
 }
 
 /// Trains, then loads, warms and serves the model. Ok: what happened, for the job's message.
@@ -628,7 +637,7 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     ) {
         return Err(format!("a model named {:?} is already served", view.model));
     }
-    metrics::gauge!(crate::metrics::MODEL_INFO, "model" => view.model.clone(), "version" => version.clone(), "device" => crate::model::device::name(&state.device)).set(1.0);
+    crate::metrics::model_served(&view.model, &version, None, crate::model::device::name(&state.device));
     Ok(format!(
         "written to {} and served as {:?} (version {version}, image threshold {threshold:.4})",
         dir.display(),
@@ -682,7 +691,7 @@ pub async fn get_one(State(state): State<Arc<AppState>>, Path(id): Path<String>)
 pub async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<impl axum::response::IntoResponse, ApiError> {
     let rx = state
         .training
         .live
@@ -700,15 +709,20 @@ pub async fn events(
         }
         if let Some(v) = pending {
             let finished = v.status.finished() || rx.is_none();
-            return Some((Ok(event(&v)), (rx, None, finished)));
+            return Some((Ok::<_, Infallible>(event(&v)), (rx, None, finished)));
         }
         let r = rx.as_mut()?;
         r.changed().await.ok()?;
         let v = r.borrow_and_update().clone();
         let finished = v.status.finished();
-        Some((Ok(event(&v)), (rx, None, finished)))
+        Some((Ok::<_, Infallible>(event(&v)), (rx, None, finished)))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    // Tells a proxy (nginx reads this header) to pass each event on as it comes rather
+    // than hold it in a buffer.
+    Ok((
+        [("x-accel-buffering", "no")],
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    ))
 }
 
 /// Cancel a job (admin): a queued job never starts; a running one stops after its current
