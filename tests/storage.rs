@@ -197,3 +197,16 @@ async fn postgres_store() {
     );
     exercise(&store, &prefix).await;
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_reported_with_its_cause() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let err = Store::connect("postgres://vigil:secret@127.0.0.1:1/vigil")
+        .await
+        .err()
+        .expect("no server listens on port 1")
+        .to_string();
+    assert!(!err.contains("pool timed out"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("secret"), "the password was shown: {err}");
+}

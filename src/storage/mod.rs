@@ -114,6 +114,9 @@ impl Store {
                 })
             });
         }
+        // A pool reports a failed first connection only as "pool timed out"; one made
+        // directly says why (refused, wrong password, no such database).
+        sqlx::Connection::close(<sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts).await?).await?;
         let pool = pool
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect_with(opts)
