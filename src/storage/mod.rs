@@ -330,21 +330,41 @@ impl Store {
 
     /// Deletes records created before `cutoff_us`; returns their stored image paths.
     pub async fn prune(&self, cutoff_us: i64) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query("SELECT image_path FROM inspections WHERE created_at < $1 AND image_path IS NOT NULL")
+        self.prune_in_batches(cutoff_us, 500).await
+    }
+
+    /// [`Store::prune`], `batch` records (the oldest first) per transaction: retention
+    /// turned on over a long backlog must not hold SQLite's write lock for longer than an
+    /// inspection waits for it (5 s), which one transaction over every old row could.
+    pub async fn prune_in_batches(&self, cutoff_us: i64, batch: i64) -> Result<Vec<String>, StoreError> {
+        const OLDEST: &str = "SELECT id FROM inspections WHERE created_at < $1 ORDER BY created_at, id LIMIT $2";
+        let mut paths = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows = sqlx::query(&format!(
+                "SELECT image_path FROM inspections WHERE id IN ({OLDEST}) AND image_path IS NOT NULL"
+            ))
             .bind(cutoff_us)
+            .bind(batch)
             .fetch_all(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM feedback WHERE inspection_id IN (SELECT id FROM inspections WHERE created_at < $1)")
-            .bind(cutoff_us)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM inspections WHERE created_at < $1")
-            .bind(cutoff_us)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+            sqlx::query(&format!("DELETE FROM feedback WHERE inspection_id IN ({OLDEST})"))
+                .bind(cutoff_us)
+                .bind(batch)
+                .execute(&mut *tx)
+                .await?;
+            let deleted = sqlx::query(&format!("DELETE FROM inspections WHERE id IN ({OLDEST})"))
+                .bind(cutoff_us)
+                .bind(batch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            paths.extend(rows.iter().map(|r| r.get::<String, _>(0)));
+            if deleted < batch as u64 {
+                return Ok(paths);
+            }
+        }
     }
 
     /// Closes every connection; later queries fail (used to test the database-down path).
