@@ -308,6 +308,20 @@ async fn multipart_octet_stream_and_threshold_override() {
     .await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     let score = json(&b)["score"].as_f64().unwrap();
+    // Two images in one request: refused, not one of them judged.
+    let mut two = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n").into_bytes();
+    two.extend(png(32, 32, true));
+    two.extend(format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n").into_bytes());
+    two.extend(png(32, 32, false));
+    two.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let multipart = format!("multipart/form-data; boundary={boundary}");
+    let (s, _, b) = send(&h.state, post("/v1/inspect", &multipart, two)).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    assert!(
+        String::from_utf8_lossy(&b).contains("more than one"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     let uri = format!("/v1/inspect?threshold={}&store_image=false", score * 2.0);
     let (s, _, b) = send(&h.state, post(&uri, "application/octet-stream", png(32, 32, true))).await;
     assert_eq!(s, StatusCode::OK);

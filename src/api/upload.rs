@@ -33,8 +33,13 @@ pub async fn read_image_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiE
         let mut found = None;
         while let Some(field) = mp.next_field().await.map_err(|e| multipart_error(e, limit))? {
             if field.name() == Some("image") {
+                if found.is_some() {
+                    // Judging one of them would answer for an image the client cannot tell.
+                    return Err(ApiError::BadRequest(
+                        "more than one field named `image`: send one image per request".into(),
+                    ));
+                }
                 found = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?.to_vec());
-                break;
             }
         }
         found.ok_or_else(|| ApiError::BadRequest("multipart body has no field named `image`".into()))?
