@@ -407,24 +407,27 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_TRAINING_THREADS")]
     pub training_threads: Option<usize>,
     /// Seconds an inspection may wait for the model before a 503.
-    #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0)]
+    #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub request_timeout: f64,
     /// Seconds a request body may pause mid-way before a 408 (a client that stalls an
     /// upload would otherwise hold its connection open).
-    #[arg(long, env = "VIGIL_BODY_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    #[arg(long, env = "VIGIL_BODY_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub body_timeout: f64,
     /// Seconds a connection may take to send a request's headers, counted from when it is
     /// ready for the next request; a keep-alive connection idle this long is closed too.
-    #[arg(long, env = "VIGIL_HEADER_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    /// Keep it above the idle timeout of any proxy in front (60 s for most load
+    /// balancers): the proxy must close an idle connection first, or a request it sends
+    /// as vigil closes is lost.
+    #[arg(long, env = "VIGIL_HEADER_TIMEOUT", default_value_t = 75.0, value_parser = seconds)]
     pub header_timeout: f64,
     /// Seconds, after SIGTERM, that the server goes on accepting and answering requests
     /// while /health/ready already answers 503, so that a load balancer stops sending
     /// before the port closes (Kubernetes: a few seconds; 0 closes at once).
-    #[arg(long, env = "VIGIL_SHUTDOWN_DELAY", default_value_t = 0.0, value_parser = non_negative_f64)]
+    #[arg(long, env = "VIGIL_SHUTDOWN_DELAY", default_value_t = 0.0, value_parser = seconds_or_zero)]
     pub shutdown_delay: f64,
     /// Seconds the requests in flight get to finish once the port has closed; connections
     /// still open then are dropped.
-    #[arg(long, env = "VIGIL_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = positive_f64)]
+    #[arg(long, env = "VIGIL_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub drain_timeout: f64,
     /// Pixels judged at full resolution at once, across requests: a request waits until its
     /// image fits (an image takes about 13 bytes a pixel while judged, so the default of
@@ -484,11 +487,21 @@ fn non_negative_f32(text: &str) -> Result<f32, String> {
     )
 }
 
-fn non_negative_f64(text: &str) -> Result<f64, String> {
+/// A number of seconds above 0 and at most a day (a timer that far ahead is a mistake,
+/// and one past what the clock can add would panic).
+fn seconds(text: &str) -> Result<f64, String> {
     bounded(
         text,
-        |v: &f64| v.is_finite() && *v >= 0.0,
-        "a finite number of 0 or more",
+        |v: &f64| *v > 0.0 && *v <= 86_400.0,
+        "a number of seconds above 0, at most 86400",
+    )
+}
+
+fn seconds_or_zero(text: &str) -> Result<f64, String> {
+    bounded(
+        text,
+        |v: &f64| (0.0..=86_400.0).contains(v),
+        "a number of seconds from 0 to 86400",
     )
 }
 

@@ -146,11 +146,15 @@ pub async fn run(
     drop(listener);
     tracing::info!("shutting down: draining requests in flight");
     let drain = state.limits.drain_timeout;
-    if tokio::time::timeout(drain, server.graceful.shutdown()).await.is_err() {
+    let Connections { graceful, abort, .. } = server;
+    let mut drained = std::pin::pin!(graceful.shutdown());
+    if tokio::time::timeout(drain, &mut drained).await.is_err() {
         tracing::warn!(
             seconds = drain.as_secs_f64(),
             "requests still in flight after the drain timeout; closing their connections"
         );
+        abort.send_replace(true);
+        drained.await;
     }
     Ok(())
 }
@@ -160,6 +164,8 @@ struct Connections {
     app: axum::Router,
     http: hyper::server::conn::http1::Builder,
     graceful: hyper_util::server::graceful::GracefulShutdown,
+    /// Set when the drain times out: every connection still open is dropped.
+    abort: tokio::sync::watch::Sender<bool>,
 }
 
 impl Connections {
@@ -171,6 +177,7 @@ impl Connections {
             app: api::app(state.clone()),
             http,
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            abort: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -196,9 +203,14 @@ impl Connections {
             );
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection = self.graceful.watch(self.http.serve_connection(io, service));
+            let mut abort = self.abort.subscribe();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                tokio::select! {
+                    ended = connection => if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    },
+                    // Dropping the connection closes it, with whatever request it held.
+                    _ = abort.wait_for(|abort| *abort) => {}
                 }
             });
         }
@@ -224,26 +236,43 @@ fn spawn_retention(state: Arc<AppState>, days: u64) {
         loop {
             tick.tick().await;
             match retention_pass(&state, api::now_us(), days).await {
-                Ok(n) => tracing::info!(pruned_images = n, days, "retention pass"),
+                Ok(p) => tracing::info!(records = p.records, images = p.images.len(), days, "retention pass"),
                 Err(e) => tracing::error!(error = %e, "retention pass failed"),
             }
         }
     });
 }
 
-/// Deletes the records made more than `days` before `now_us`, and their stored images.
-/// Rows go first: an image whose row is gone is unreachable, the reverse would be a
-/// record pointing at nothing. Returns how many stored images went with them.
-pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<usize, crate::storage::StoreError> {
+/// Records deleted per transaction by a retention pass.
+const PRUNE_BATCH: i64 = 500;
+
+/// Deletes the records made more than `days` before `now_us`, and their stored images,
+/// a batch at a time. Rows go first: an image whose row is gone is unreachable, the
+/// reverse would be a record pointing at nothing. Each batch's images are removed before
+/// the next batch, so a pass that fails part-way leaves no image without its row behind.
+/// Returns what it deleted.
+pub async fn retention_pass(
+    state: &AppState,
+    now_us: i64,
+    days: u64,
+) -> Result<crate::storage::Pruned, crate::storage::StoreError> {
     let cutoff = now_us - (days as i64) * 86_400_000_000;
-    let pruned = state.store.prune(cutoff).await?;
-    let n = pruned.len();
-    let blobs = state.blobs.clone();
-    let removed = tokio::task::spawn_blocking(move || pruned.iter().filter(|p| blobs.remove(p).is_ok()).count()).await;
-    if removed.is_ok_and(|r| r < n) {
-        tracing::warn!(images = n, "some pruned images could not be removed");
+    let mut total = crate::storage::Pruned::default();
+    loop {
+        let pruned = state.store.prune_batch(cutoff, PRUNE_BATCH).await?;
+        let blobs = state.blobs.clone();
+        let images = pruned.images.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || images.iter().filter(|p| blobs.remove(p).is_ok()).count()).await;
+        if removed.is_ok_and(|r| r < pruned.images.len()) {
+            tracing::warn!(images = pruned.images.len(), "some pruned images could not be removed");
+        }
+        total.records += pruned.records;
+        total.images.extend(pruned.images);
+        if (pruned.records as i64) < PRUNE_BATCH {
+            return Ok(total);
+        }
     }
-    Ok(n)
 }
 
 /// Listens for SIGINT and SIGTERM from the moment it is called, not from the first poll.

@@ -856,7 +856,7 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
     let now = records[1].created_at + 10 * day;
     let pruned = vigil::server::retention_pass(&h.state, now, 10).await.unwrap();
     // Records strictly older than the cutoff go: the first; the second sits on it.
-    assert_eq!(pruned, 1);
+    assert_eq!((pruned.records, pruned.images.len()), (1, 1));
     assert!(h.state.store.get(&ids[0]).await.unwrap().is_none());
     assert!(!image_of(&records[0]).exists(), "the image outlived its record");
     for r in &records[1..] {
@@ -864,7 +864,8 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
         assert!(image_of(r).is_file());
     }
     // A day later the other two (made within the same second) go as well.
-    assert_eq!(vigil::server::retention_pass(&h.state, now + day, 10).await.unwrap(), 2);
+    let pruned = vigil::server::retention_pass(&h.state, now + day, 10).await.unwrap();
+    assert_eq!((pruned.records, pruned.images.len()), (2, 2));
     assert_eq!(h.state.store.count().await.unwrap(), 0);
     assert!(records.iter().all(|r| !image_of(r).exists()));
 }
@@ -902,7 +903,11 @@ async fn reload_under_load_old_requests_finish_on_the_old_model_new_ones_use_the
     let m = String::from_utf8(m).unwrap();
     let info = |version: &str| {
         m.lines()
-            .find(|l| l.starts_with("vigil_model_info") && l.contains(&format!(r#"version="{version}""#)))
+            .find(|l| {
+                l.starts_with("vigil_model_info")
+                    && l.contains(r#"model="default""#)
+                    && l.contains(&format!(r#"version="{version}""#))
+            })
             .and_then(|l| l.rsplit(' ').next())
             .map(str::to_string)
     };
@@ -1821,4 +1826,34 @@ async fn without_a_model_named_default_post_inspect_refuses_rather_than_guess() 
     let (s, _, b) = send(&state, post("/v1/inspect", "image/png", png(8, 8, false))).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["model"], "default");
+}
+
+#[tokio::test]
+async fn a_stopping_server_says_connection_close_and_starts_no_training_job() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 3);
+    let (s, headers, _) = send(&h.state, get("/health/live")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers.get("connection").is_none());
+    // What `server::run` does on SIGTERM, before its shutdown delay.
+    h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.state.training.stop_all();
+    let (s, headers, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK, "inspections are still answered");
+    assert_eq!(headers["connection"], "close");
+    let request = serde_json::json!({"model": "late", "folder": folder, "options": {"steps": 2}});
+    let (s, headers, b) = send(&h.state, post_json("/v1/training-jobs", request)).await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+    );
+    assert_eq!(headers["connection"], "close");
+    let (_, _, b) = send(&h.state, get("/v1/training-jobs")).await;
+    assert_eq!(
+        json(&b).as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
 }

@@ -149,9 +149,23 @@ async fn exercise(store: &Store, prefix: &str) {
         .await
         .expect("the name is free once its job ended");
 
-    // One record per transaction: the pass goes on until none is left before the cut-off.
-    let pruned = store.prune_in_batches(1_002, 1).await.unwrap();
-    assert!(pruned.contains(&format!("images/x/{}.png", id(0))));
+    // A batch takes the oldest records before the cut-off and names exactly their
+    // images: the three mixed rows (900) first, then id(0) (1000), then id(1) (1001).
+    let pruned = store.prune_batch(1_002, 3).await.unwrap();
+    assert_eq!(pruned.records, 3);
+    let mut want: Vec<String> = [9, 10, 11].iter().map(|&i| format!("images/x/{}.png", id(i))).collect();
+    let mut got = pruned.images.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(store.get(&id(0)).await.unwrap().is_some(), "newer than the batch");
+    let mut pruned = store.prune_batch(1_002, 3).await.unwrap();
+    pruned.images.sort();
+    assert_eq!(
+        pruned.images,
+        vec![format!("images/x/{}.png", id(0)), format!("images/x/{}.png", id(1))]
+    );
+    assert_eq!(pruned.records, 2);
     assert!(store.get(&id(0)).await.unwrap().is_none());
     assert!(store.get(&id(1)).await.unwrap().is_none());
     assert!(store.get(&id(2)).await.unwrap().is_some());

@@ -43,6 +43,8 @@ pub enum ApiError {
     Overloaded(String),
     #[error("the inspection did not finish within the request timeout")]
     Timeout,
+    #[error("the server is shutting down: send this to another replica, or retry after it restarts")]
+    ShuttingDown,
     /// The detail goes to the log, not to the client.
     #[error("the database is unavailable")]
     DatabaseUnavailable(String),
@@ -102,6 +104,7 @@ impl ApiError {
             ModelChanged(_) => (StatusCode::CONFLICT, "model_changed"),
             Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             DatabaseUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),

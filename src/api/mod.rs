@@ -173,6 +173,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         // open for good.
         .layer(RequestBodyTimeoutLayer::new(state.limits.body_timeout))
         .layer(axum::middleware::from_fn(record_metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), close_when_stopping))
         .layer(axum::middleware::from_fn(error::report_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -233,6 +234,20 @@ async fn record_metrics(req: Request, next: Next) -> Response {
         tracing::debug!(method, path, status, latency_ms, "answered");
     } else {
         tracing::info!(method, path, status, latency_ms, "answered");
+    }
+    resp
+}
+
+/// While the server is stopping (readiness already 503), every answer says `Connection:
+/// close`, so a keep-alive client reconnects, through its load balancer, to a replica
+/// that stays, rather than meet the close of an idle connection at the drain.
+async fn close_when_stopping(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
     }
     resp
 }

@@ -44,6 +44,8 @@ pub struct JobBoard {
     waiting: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     /// Threads a training takes (the rest stay with inspection).
     pub threads: usize,
+    /// Set by [`JobBoard::stop_all`] (under the `live` lock): no job starts after it.
+    stopping: AtomicBool,
 }
 
 impl JobBoard {
@@ -55,6 +57,7 @@ impl JobBoard {
             queue,
             waiting: Mutex::new(Some(rx)),
             threads: threads.max(1),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -76,6 +79,9 @@ impl JobBoard {
     /// queued or running for it, or another request holds it. Released on drop.
     fn reserve(&self, model: &str) -> Result<NameReservation<'_>, ApiError> {
         let live = self.live.lock().expect("jobs lock");
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::ShuttingDown);
+        }
         let mut reserved = self.reserved.lock().expect("jobs lock");
         let training = live.values().any(|j| {
             let v = j.view.borrow();
@@ -93,7 +99,11 @@ impl JobBoard {
     /// The server is stopping: every queued or running job is cancelled (a running one
     /// after its current step) and ends as interrupted, leaving no model behind.
     pub fn stop_all(&self) {
-        for job in self.live.lock().expect("jobs lock").values() {
+        let live = self.live.lock().expect("jobs lock");
+        // A request that got past its checks before this adds its job cancelled (see
+        // `enqueue`): the server keeps answering during --shutdown-delay.
+        self.stopping.store(true, Ordering::SeqCst);
+        for job in live.values() {
             job.cancel.store(true, Ordering::SeqCst);
         }
     }
@@ -479,14 +489,20 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     state.store.insert_job(&row).await?;
     let view = from_row(row);
     let (tx, _) = watch::channel(view.clone());
-    state.training.live.lock().expect("jobs lock").insert(
-        id.clone(),
-        LiveJob {
-            view: tx,
-            cancel: Arc::new(AtomicBool::new(false)),
-            by_request: Arc::new(AtomicBool::new(false)),
-        },
-    );
+    {
+        let mut live = state.training.live.lock().expect("jobs lock");
+        // Stopping already: on record and answered like a job queued just before the
+        // signal (it ends interrupted), so its client sees why.
+        let stopping = state.training.stopping.load(Ordering::SeqCst);
+        live.insert(
+            id.clone(),
+            LiveJob {
+                view: tx,
+                cancel: Arc::new(AtomicBool::new(stopping)),
+                by_request: Arc::new(AtomicBool::new(false)),
+            },
+        );
+    }
     start_worker(state);
     state
         .training

@@ -114,13 +114,21 @@ impl Store {
                 })
             });
         }
-        // A pool reports a failed first connection only as "pool timed out"; one made
-        // directly says why (refused, wrong password, no such database).
-        sqlx::Connection::close(<sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts).await?).await?;
-        let pool = pool
+        // The pool retries a server that refuses (one still starting) until the timeout,
+        // then says only "pool timed out": one connection made directly then says why.
+        let pool = match pool
             .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_with(opts)
-            .await?;
+            .connect_with(opts.clone())
+            .await
+        {
+            Err(sqlx::Error::PoolTimedOut) => {
+                let cause = <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts)
+                    .await
+                    .err();
+                return Err(cause.unwrap_or(sqlx::Error::PoolTimedOut).into());
+            }
+            pool => pool?,
+        };
         MIGRATOR.run(&pool).await?;
         Ok(Self {
             pool,
@@ -328,43 +336,31 @@ impl Store {
         Ok(s)
     }
 
-    /// Deletes records created before `cutoff_us`; returns their stored image paths.
-    pub async fn prune(&self, cutoff_us: i64) -> Result<Vec<String>, StoreError> {
-        self.prune_in_batches(cutoff_us, 500).await
-    }
-
-    /// [`Store::prune`], `batch` records (the oldest first) per transaction: retention
-    /// turned on over a long backlog must not hold SQLite's write lock for longer than an
-    /// inspection waits for it (5 s), which one transaction over every old row could.
-    pub async fn prune_in_batches(&self, cutoff_us: i64, batch: i64) -> Result<Vec<String>, StoreError> {
-        const OLDEST: &str = "SELECT id FROM inspections WHERE created_at < $1 ORDER BY created_at, id LIMIT $2";
-        let mut paths = Vec::new();
-        loop {
-            let mut tx = self.pool.begin().await?;
-            let rows = sqlx::query(&format!(
-                "SELECT image_path FROM inspections WHERE id IN ({OLDEST}) AND image_path IS NOT NULL"
-            ))
-            .bind(cutoff_us)
-            .bind(batch)
-            .fetch_all(&mut *tx)
-            .await?;
-            sqlx::query(&format!("DELETE FROM feedback WHERE inspection_id IN ({OLDEST})"))
-                .bind(cutoff_us)
-                .bind(batch)
-                .execute(&mut *tx)
-                .await?;
-            let deleted = sqlx::query(&format!("DELETE FROM inspections WHERE id IN ({OLDEST})"))
-                .bind(cutoff_us)
-                .bind(batch)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            tx.commit().await?;
-            paths.extend(rows.iter().map(|r| r.get::<String, _>(0)));
-            if deleted < batch as u64 {
-                return Ok(paths);
-            }
-        }
+    /// Deletes the `batch` oldest records created before `cutoff_us`, in one statement
+    /// (their feedback goes with them, by the foreign key's cascade). Returns how many
+    /// were deleted and the stored image paths of exactly those. In batches because
+    /// retention turned on over a long backlog must not hold SQLite's write lock for
+    /// longer than an inspection waits for it (5 s).
+    pub async fn prune_batch(&self, cutoff_us: i64, batch: i64) -> Result<Pruned, StoreError> {
+        let rows = sqlx::query(
+            "DELETE FROM inspections WHERE id IN \
+             (SELECT id FROM inspections WHERE created_at < $1 ORDER BY created_at, id LIMIT $2) \
+             RETURNING image_path",
+        )
+        .bind(cutoff_us)
+        .bind(batch.max(1))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Pruned {
+            records: rows.len(),
+            images: rows
+                .iter()
+                .map(|r| r.try_get::<Option<String>, _>(0))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+        })
     }
 
     /// Closes every connection; later queries fail (used to test the database-down path).
@@ -378,6 +374,14 @@ impl Store {
             .await?
             .get::<i64, _>(0))
     }
+}
+
+/// What one [`Store::prune_batch`] deleted.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    pub records: usize,
+    /// The stored image paths of those records (records kept without one have none).
+    pub images: Vec<String>,
 }
 
 const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
