@@ -42,6 +42,11 @@ fn main() -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(130)
         }
+        Err(e) if cli.json_logs => {
+            // A log collector reading JSON lines gets the cause as one too.
+            tracing::error!(error = error_chain(&e), "vigil stopped");
+            ExitCode::from(if matches!(cli.command, Command::Probe(_)) { 1 } else { 2 })
+        }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             // A container health check reads 1 as unhealthy; 2 is reserved there.

@@ -18,6 +18,7 @@ pub const MODEL_INFO: &str = "vigil_model_info";
 pub const DATABASE_ERRORS: &str = "vigil_database_errors_total";
 pub const SCORE_DRIFT: &str = "vigil_score_drift";
 pub const SCORE_DRIFT_CRITICAL: &str = "vigil_score_drift_critical";
+pub const BUILD_INFO: &str = "vigil_build_info";
 
 /// Installs the global recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -53,6 +54,7 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (tests in one process): keep ours for rendering.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -88,6 +90,7 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Inspections admitted and not yet answered, per model");
     describe_counter!(VERDICTS, "Verdicts by model and verdict");
     describe_histogram!(SCORES, "Anomaly scores by model");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label is vigil's");
     describe_gauge!(
         MODEL_INFO,
         "Served models: 1 for the version served, 0 for one a reload replaced"

@@ -23,6 +23,13 @@ pub async fn build_state(
     args: &ServeArgs,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<Arc<AppState>> {
+    // Before the database is opened (and, for SQLite, created): a mistyped models folder
+    // should leave nothing behind.
+    anyhow::ensure!(
+        args.models_dir.is_dir(),
+        "the models folder {} does not exist (--models-dir)",
+        args.models_dir.display()
+    );
     let device = device::select(args.device)?;
     let keys = match &args.api_keys_file {
         Some(p) => Some(api::auth::ApiKeys::load(p).map_err(|e| anyhow::anyhow!("API keys file {e}"))?),

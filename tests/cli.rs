@@ -687,3 +687,37 @@ fn bench_json_reports_peak_forward_and_training_step() {
         .iter()
         .any(|f| f["arch"] == "draem" && f["size"] == 256 && f["batch"] == 16));
 }
+
+#[test]
+fn serve_with_a_missing_models_folder_fails_before_creating_a_database() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let args = |json: bool| {
+        let mut a = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--models-dir",
+            "/nonexistent/models",
+        ];
+        a.extend(["--data-dir", data.to_str().unwrap()]);
+        if json {
+            a.push("--json-logs");
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let o = vigil().args(args(false)).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/models does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!data.join("vigil.db").exists(), "a database was created");
+    // With JSON logs the cause is a JSON line too, for the log collector.
+    let o = vigil().args(args(true)).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let line = stderr(&o).lines().last().unwrap_or_default().to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(v.to_string().contains("does not exist"), "{v}");
+}
