@@ -1562,17 +1562,29 @@ async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
     assert!(!json(&b).as_array().unwrap().iter().any(|m| m["name"] == "long"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_told_to_stop_ends_its_jobs_before_draining_a_watching_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = harness(None, 8).await;
-    let (running, queued, _events, _) = a_running_and_a_queued_job(&h).await;
+/// `server::run` on a loopback port: its address, the sender that stops it, its task.
+async fn serve_on_a_port(
+    h: &Harness,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vigil::server::run(listener, h.state.clone(), async move {
         let _ = stopped.await;
     }));
+    (addr, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_told_to_stop_ends_its_jobs_before_draining_a_watching_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(None, 8).await;
+    let (running, queued, _events, _) = a_running_and_a_queued_job(&h).await;
+    let (addr, stop, server) = serve_on_a_port(&h).await;
     // An operator's page watching the job over a real connection: the drain waits for it.
     let mut watcher = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET /v1/training-jobs/{running}/events HTTP/1.1\r\nHost: vigil\r\n\r\n");
@@ -1624,12 +1636,7 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
 async fn a_connection_that_does_not_finish_its_headers_is_closed() {
     use tokio::io::AsyncWriteExt;
     let h = harness(None, 8).await; // header timeout: 1 s
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(vigil::server::run(listener, h.state.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let (addr, stop, server) = serve_on_a_port(&h).await;
     // Half a request line, then nothing: closed after the header timeout, with no answer.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"GET /health/live HTT").await.unwrap();
