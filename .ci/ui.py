@@ -175,6 +175,10 @@ try:
          " s.dispatchEvent(new Event('input')); })()")
     check("threshold 0 re-judges both as anomalous",
           b.js("[...document.querySelectorAll('#results .verdict')].every(v => v.textContent === 'anomalous')"))
+    check("a verdict at the slider's threshold says it is a preview",
+          b.js("[...document.querySelectorAll('#results .score')].every(s => s.textContent.includes('preview at 0.000'))"))
+    check("each heatmap has its legend with the pixel threshold",
+          b.js("[...document.querySelectorAll('#results .legend')].filter(l => l.textContent.includes('pixel threshold 0.')).length") == 2)
     not_blank(b, "inspect")
 
     # Review: the list, an inspection, feedback by keyboard, moving with the arrows.
@@ -193,6 +197,17 @@ try:
     b.wait("d labels it defective", "!!document.querySelector('#label .label.defective')")
     check("the note is stored with the label",
           api(OPEN_BASE, f"/v1/inspections/{ids[0]}").get("feedback_note") == "scratch near the edge")
+    # A note edited after labelling is saved when the field changes.
+    def note_becomes(text):
+        # The label's text is cleared first, so "note saved" can only come from this save.
+        b.js("(() => { document.getElementById('label').textContent = '';"
+             " const n = document.getElementById('note'); n.value = " + json.dumps(text) + ";"
+             " n.dispatchEvent(new Event('change')); })()")
+        b.wait("the page says the note is saved", "document.querySelector('#label').textContent.includes('note saved')")
+        check(f"the edited note {text!r} is stored",
+              api(OPEN_BASE, f"/v1/inspections/{ids[0]}").get("feedback_note") == text)
+    note_becomes("scratch, 2 mm")
+    note_becomes("scratch near the edge")
     b.key("ArrowRight")
     b.wait("→ moves to the older one", f"document.getElementById('view').dataset.inspection === '{ids[1]}'")
     b.key("g", "KeyG", "g")
@@ -236,10 +251,11 @@ try:
            seconds=600)
     not_blank(b, "train")
     check("the new model is served", any(m["name"] == "from-samples" for m in api(OPEN_BASE, "/v1/models")))
-    b.goto(OPEN_BASE + "/#/inspect")
-    b.wait("the new model is offered", "[...document.querySelectorAll('#model-select option')].some(o => o.value === 'from-samples')")
-    b.js("(() => { const s = document.getElementById('model-select'); s.value = 'from-samples';"
-         " s.dispatchEvent(new Event('change')); })()")
+    link = b.js("(document.querySelector('#jobs a.inspect-with') || {}).hash || ''")
+    check(f"'inspect with it' names the new model: {link!r}", link == "#/inspect/from-samples")
+    b.goto(OPEN_BASE + "/" + link)
+    b.wait("the new model is offered and chosen",
+           "document.getElementById('model-select') && document.getElementById('model-select').value === 'from-samples'")
     root = b.call("DOM.getDocument")["root"]["nodeId"]
     node = b.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
     b.call("DOM.setFileInputFiles", files=samples[:1], nodeId=node)

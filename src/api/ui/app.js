@@ -48,7 +48,7 @@ function authHeaders() {
 async function api(path, options = {}) {
   const res = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
   if (res.status === 401) {
-    await askForKey("The key was refused.");
+    await askForKey(sessionStorage.getItem(KEY_STORE) ? "The key was refused." : "This server needs an API key.");
     return api(path, options);
   }
   if (!res.ok) {
@@ -97,6 +97,9 @@ function askForKey(message) {
       blobUrls.clear();
       resolve();
     };
+    // Esc would close the dialog and leave the page waiting for a key for good: the page
+    // can show nothing without one.
+    dialog.oncancel = (e) => e.preventDefault();
     if (!dialog.open) dialog.showModal();
   });
 }
@@ -152,6 +155,7 @@ function inspectionFigure(insp, source) {
         `width:${(100 * r.width) / insp.width}%;height:${(100 * r.height) / insp.height}%`,
     }));
   }
+  const legend = heat ? heatLegend(insp.pixel_threshold) : null;
   const slider = heat
     ? h("label", { class: "opacity" }, "heatmap ",
         h("input", { type: "range", min: 0, max: 1, step: 0.05, value: 0.5,
@@ -161,7 +165,19 @@ function inspectionFigure(insp, source) {
     ? h("figure", {}, authedImg(insp.links.reconstruction, { class: "recon", alt: "reconstruction" }),
         h("figcaption", {}, "reconstruction"))
     : null;
-  return h("div", { class: "figure" }, h("figure", {}, stack, slider), recon);
+  return h("div", { class: "figure" }, h("figure", {}, stack, slider, legend), recon);
+}
+
+// What the heatmap's colours, outlines and boxes mean (the colour scale is fixed per
+// model: 0 at blue, the pixel threshold in the middle, twice it at red).
+function heatLegend(pixelThreshold) {
+  const known = pixelThreshold !== undefined && pixelThreshold !== null;
+  const tick = (label, x) => h("span", {}, known ? `${label} ${fmt(x)}` : label);
+  return h("div", { class: "legend" },
+    h("div", { class: "scale" }),
+    h("div", { class: "ticks" }, h("span", {}, "0"), tick("pixel threshold", pixelThreshold), tick("2×", 2 * pixelThreshold)),
+    h("p", { class: "muted" }, "white outlines: pixels over the pixel threshold · " +
+      "boxes: the defect regions of an anomalous verdict"));
 }
 
 function verdictBadge(anomalous) {
@@ -178,11 +194,13 @@ function scoreBar(score, threshold) {
 
 // ---- Inspect -------------------------------------------------------------------
 
-async function showInspect() {
+// `preferred`: the model to select (the one a training job just made), else the default.
+async function showInspect(preferred) {
   const models = await getJson("/v1/models");
   state.models = models;
+  const chosen = models.some((m) => m.name === preferred) ? preferred : (models.find((m) => m.is_default) || {}).name;
   const select = h("select", { id: "model-select" },
-    models.map((m) => h("option", { value: m.name, selected: m.is_default }, `${m.name} (${m.architecture})`)));
+    models.map((m) => h("option", { value: m.name, selected: m.name === chosen }, `${m.name} (${m.architecture})`)));
   const thresholdOf = () => models.find((m) => m.name === select.value).image_threshold;
   const slider = h("input", { id: "threshold", type: "range", min: 0, step: "any" });
   const sliderValue = h("output", {});
@@ -192,17 +210,26 @@ async function showInspect() {
     slider.value = t;
     sliderValue.textContent = fmt(t);
   };
-  resetSlider();
-  select.onchange = resetSlider;
   const results = h("div", { id: "results" });
-  // Re-judge every shown result against the slider's threshold, without re-uploading.
+  // Re-judge the shown results of the selected model against the slider's threshold,
+  // without re-uploading; the others keep their own model's threshold.
+  const rejudgeAll = () => {
+    for (const card of results.children) {
+      if (card.rejudge) card.rejudge(card.model === select.value ? Number(slider.value) : card.threshold);
+    }
+  };
+  resetSlider();
+  select.onchange = () => { resetSlider(); rejudgeAll(); };
   slider.oninput = () => {
     sliderValue.textContent = fmt(slider.value);
-    for (const card of results.children) card.rejudge && card.rejudge(Number(slider.value));
+    rejudgeAll();
   };
   const files = h("input", { id: "files", type: "file", accept: "image/*", multiple: true,
     onchange: () => inspectFiles([...files.files], select.value, results, () => Number(slider.value)) });
-  const drop = h("div", { class: "drop", id: "drop" }, "Drop images here, or ", h("label", { class: "link" }, "pick files", files));
+  // A label is not reachable with Tab: this one takes focus and opens the picker on Enter or Space.
+  const pick = h("label", { class: "link", tabindex: 0, role: "button",
+    onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); files.click(); } } }, "pick files", files);
+  const drop = h("div", { class: "drop", id: "drop" }, "Drop images here, or ", pick);
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
@@ -231,16 +258,21 @@ async function inspectFiles(list, model, results, threshold) {
       const insp = await res.json();
       const verdict = h("span", {});
       const bar = h("div", {});
+      const judged = h("span", { class: "score" });
+      card.model = model;
+      card.threshold = insp.threshold;
       card.rejudge = (t) => {
         verdict.replaceChildren(verdictBadge(insp.score > t));
         bar.replaceChildren(scoreBar(insp.score, t));
+        // A verdict at the slider's threshold is a preview: the record keeps the model's.
+        judged.textContent = `${model} · score ${fmt(insp.score)} · model threshold ${fmt(insp.threshold)}` +
+          (Math.abs(t - insp.threshold) > 1e-9 ? ` · preview at ${fmt(t)}` : "");
       };
       card.rejudge(threshold());
       const t = insp.timings_ms;
       card.className = "result";
       card.replaceChildren(
-        h("header", {}, verdict, h("b", {}, file.name),
-          h("span", { class: "score" }, `score ${fmt(insp.score)} · model threshold ${fmt(insp.threshold)}`),
+        h("header", {}, verdict, h("b", {}, file.name), judged,
           h("a", { href: `#/inspections/${insp.id}` }, "review")),
         bar,
         inspectionFigure(insp, URL.createObjectURL(file)),
@@ -328,6 +360,9 @@ async function showInspection(id) {
   // The stored note is shown and sent again with a new label (a label without one
   // would clear it).
   const note = h("input", { id: "note", placeholder: "note (optional)", size: 30, value: insp.feedback_note });
+  let current = insp.feedback;
+  // A note edited after labelling is saved with the label again (on Enter or leaving the field).
+  note.onchange = () => { if (current) label(current); };
   const label = async (which) => {
     try {
       const res = await api(`/v1/inspections/${encodeURIComponent(id)}/feedback`, {
@@ -336,7 +371,9 @@ async function showInspection(id) {
         body: JSON.stringify({ label: which, note: note.value || null }),
       });
       const updated = await res.json();
-      labelText.replaceChildren(h("span", { class: `label ${updated.feedback}` }, updated.feedback));
+      current = updated.feedback;
+      labelText.replaceChildren(h("span", { class: `label ${updated.feedback}` }, updated.feedback),
+        updated.feedback_note ? h("span", { class: "muted" }, " · note saved") : null);
     } catch (e) {
       labelText.replaceChildren(errorBox(e));
     }
@@ -493,27 +530,31 @@ const finished = (status) => ["succeeded", "failed", "cancelled"].includes(statu
 
 function jobRow(job) {
   const row = h("tr", { "data-job": job.id });
+  const problem = h("span", {});
   const render = (v) => {
     const pct = v.steps ? Math.round((100 * v.step) / v.steps) : 0;
     const cancel = finished(v.status) ? null : h("button", { onclick: async () => {
-      try { await api(`/v1/training-jobs/${encodeURIComponent(v.id)}`, { method: "DELETE" }); } catch (e) { row.append(errorBox(e)); }
+      try { await api(`/v1/training-jobs/${encodeURIComponent(v.id)}`, { method: "DELETE" }); } catch (e) { problem.replaceChildren(errorBox(e)); }
     } }, "Cancel");
     row.dataset.status = v.status;
+    // A job read back from the record (another server process ran it) has no step count.
+    const progress = v.steps ? [h("progress", { max: 100, value: pct }), ` ${v.step}/${v.steps}`] : "–";
     row.replaceChildren(
       h("td", {}, v.model),
       h("td", { class: `status ${v.status}` }, v.status),
-      h("td", {}, h("progress", { max: 100, value: pct }), ` ${v.step}/${v.steps || "?"}`),
+      h("td", {}, progress),
       h("td", {}, v.loss === undefined ? "–" : fmt(v.loss, 4)),
       h("td", {}, v.eta_s === undefined ? "–" : `${Math.round(v.eta_s)} s`),
       h("td", { class: "muted" }, v.message || `${when(v.created_at)} · ${v.data}`),
-      h("td", {}, cancel, v.status === "succeeded" ? h("a", { href: "#/inspect" }, "inspect with it") : null));
+      h("td", {}, cancel, problem,
+        v.status === "succeeded" ? h("a", { class: "inspect-with", href: `#/inspect/${encodeURIComponent(v.model)}` }, "inspect with it") : null));
   };
   render(job);
   if (!finished(job.status)) {
     followJob(job.id, (v) => {
       render(v);
       if (v.status === "succeeded") state.models = [];
-    }).catch((e) => row.append(errorBox(e)));
+    }).catch((e) => problem.replaceChildren(errorBox(e instanceof ApiError ? e : "lost the connection to the server: reload to see how the job ended")));
   }
   return row;
 }
@@ -608,7 +649,7 @@ async function route() {
     a.classList.toggle("active", a.dataset.view === name || (name === "inspections" && a.dataset.view === "review"));
   }
   try {
-    if (name === "inspect") await showInspect();
+    if (name === "inspect") await showInspect(arg && decodeURIComponent(arg));
     else if (name === "review") await showReview();
     else if (name === "inspections" && arg) await showInspection(decodeURIComponent(arg));
     else if (name === "models") await showModels();
@@ -629,6 +670,7 @@ window.addEventListener("hashchange", route);
     return;
   }
   await route();
-  setInterval(refreshLive, 5000);
+  // The header's numbers every 5 s, and the home page's table with them.
+  setInterval(() => (["", "#/", "#"].includes(location.hash) ? showHome() : refreshLive()), 5000);
   refreshLive();
 })();
