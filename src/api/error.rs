@@ -23,7 +23,7 @@ pub enum ApiError {
     CorruptImage(String),
     #[error("{0}")]
     TooManyPixels(String),
-    #[error("the request body is larger than {0} bytes")]
+    #[error("the request body is larger than {0} bytes ({mib:.1} MiB)", mib = *.0 as f64 / 1048576.0)]
     BodyTooLarge(usize),
     #[error("the request body stopped arriving before it was complete")]
     BodyTimeout,

@@ -81,7 +81,11 @@ function authedImg(path, attrs = {}) {
 }
 
 function errorBox(e) {
-  return h("p", { class: "error" }, e instanceof ApiError ? `${e.message} (${e.code})` : String(e));
+  // fetch() fails with a TypeError when the server cannot be reached at all.
+  const text = e instanceof ApiError ? `${e.message} (${e.code})`
+    : e instanceof TypeError ? "cannot reach the server: is it running? (reload to retry)"
+    : String(e);
+  return h("p", { class: "error" }, text);
 }
 
 // ---- API key -------------------------------------------------------------------
@@ -202,7 +206,7 @@ async function showInspect(preferred) {
   const select = h("select", { id: "model-select" },
     models.map((m) => h("option", { value: m.name, selected: m.name === chosen }, `${m.name} (${m.architecture})`)));
   const thresholdOf = () => models.find((m) => m.name === select.value).image_threshold;
-  const slider = h("input", { id: "threshold", type: "range", min: 0, step: "any" });
+  const slider = h("input", { id: "threshold", type: "range", min: 0, step: "any", "aria-label": "threshold" });
   const sliderValue = h("output", {});
   const resetSlider = () => {
     const t = thresholdOf();
@@ -222,6 +226,7 @@ async function showInspect(preferred) {
   select.onchange = () => { resetSlider(); rejudgeAll(); };
   slider.oninput = () => {
     sliderValue.textContent = fmt(slider.value);
+    slider.setAttribute("aria-valuetext", fmt(slider.value));
     rejudgeAll();
   };
   const files = h("input", { id: "files", type: "file", accept: "image/*", multiple: true,
@@ -276,6 +281,12 @@ async function inspectFiles(list, model, results, threshold) {
           h("a", { href: `#/inspections/${insp.id}` }, "review")),
         bar,
         inspectionFigure(insp, URL.createObjectURL(file)),
+        // Defect regions over most of the image: more likely another surface, or another
+        // light, than one large defect.
+        insp.regions.reduce((a, r) => a + r.width * r.height, 0) > 0.5 * insp.width * insp.height
+          ? h("p", { class: "error" }, "Most of the image scores as anomalous: is this the surface and the lighting " +
+            `this model was trained on (${model})? Try another model, or train one on good images of it.`)
+          : null,
         h("p", { class: "muted" },
           `${insp.regions.length} region(s) · decode ${fmt(t.decode, 1)} · queue ${fmt(t.queue, 1)} · ` +
           `model ${fmt(t.inference, 1)} · scoring ${fmt(t.scoring, 1)} · total ${fmt(t.total, 1)} ms`));
@@ -397,13 +408,14 @@ async function showInspection(id) {
       h("button", { onclick: () => go(1), disabled: !(at >= 0 && at + 1 < state.list.length) }, "older →"),
       h("a", { href: "#/review" }, "back to the list")),
     scoreBar(insp.score, insp.threshold),
-    figure,
-    h("table", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
+    // Above the figure, so that the buttons are on screen at 1366×768.
     h("div", { class: "controls feedback" },
       h("b", {}, "Feedback: "), labelText,
       h("button", { id: "label-good", onclick: () => label("good") }, "Good (g)"),
       h("button", { id: "label-defective", onclick: () => label("defective") }, "Defective (d)"),
       note),
+    figure,
+    h("table", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
     h("p", { class: "muted" }, "Keys: ← → move through the list, g good, d defective."));
   view().dataset.inspection = id;
   keyHandler = (e) => {
@@ -490,7 +502,7 @@ async function showModels() {
       h("h3", {}, "Thresholds"),
       h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method}` +
         (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} held-out good images` +
-        (t.margin !== undefined ? `, margin ${fmt(t.margin, 2)}` : "")),
+        (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "")),
       validationChart(c.validation_scores, t.image),
       h("h3", {}, "Training"),
       h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
@@ -588,6 +600,15 @@ async function showTrain() {
     options.arch = d.get("arch");
     if (d.get("steps")) options.steps = Number(d.get("steps"));
     const files = form.querySelector("input[type=file]").files;
+    const folder = (d.get("folder") || "").trim();
+    if (!folder && !files.length) {
+      message.replaceChildren(errorBox("name a folder of good images on the server, or upload images"));
+      return;
+    }
+    if (folder && files.length) {
+      message.replaceChildren(errorBox("either a folder on the server or uploaded images, not both"));
+      return;
+    }
     let init;
     if (files.length) {
       const body = new FormData();
@@ -597,7 +618,7 @@ async function showTrain() {
       init = { method: "POST", body };
     } else {
       init = { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ model: d.get("model"), folder: d.get("folder"), options }) };
+        body: JSON.stringify({ model: d.get("model"), folder, options }) };
     }
     try {
       const job = await (await api("/v1/training-jobs", init)).json();
