@@ -259,7 +259,12 @@ try:
     root = b.call("DOM.getDocument")["root"]["nodeId"]
     node = b.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
     b.call("DOM.setFileInputFiles", files=samples[:1], nodeId=node)
-    b.wait("the new model answers", "document.querySelectorAll('#results .result:not(.pending) .verdict').length === 1")
+    # The first two results are still shown (kept across views), the new one on top.
+    b.wait("the new model answers", "document.querySelectorAll('#results .result:not(.pending) .verdict').length === 3")
+    check("the newest result names the new model",
+          b.js("document.querySelector('#results .result .score').textContent.startsWith('from-samples')"))
+    check("the earlier results keep their own model's verdicts",
+          b.js("[...document.querySelectorAll('#results .result .score')].slice(1).every(s => s.textContent.startsWith('default') && !s.textContent.includes('preview'))"))
     check("no error inspecting with the new model", b.js("document.querySelectorAll('#results .error').length") == 0)
 
     # A server with keys: the page asks once, and an inspect-role key sees no admin action.

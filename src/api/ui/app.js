@@ -214,7 +214,8 @@ async function showInspect(preferred) {
     slider.value = t;
     sliderValue.textContent = fmt(t);
   };
-  const results = h("div", { id: "results" });
+  // Kept across views: going to an inspection's page and back shows them again.
+  const results = state.inspectResults || (state.inspectResults = h("div", { id: "results" }));
   // Re-judge the shown results of the selected model against the slider's threshold,
   // without re-uploading; the others keep their own model's threshold.
   const rejudgeAll = () => {
@@ -223,6 +224,7 @@ async function showInspect(preferred) {
     }
   };
   resetSlider();
+  rejudgeAll();
   select.onchange = () => { resetSlider(); rejudgeAll(); };
   slider.oninput = () => {
     sliderValue.textContent = fmt(slider.value);
@@ -266,6 +268,7 @@ async function inspectFiles(list, model, results, threshold) {
       const judged = h("span", { class: "score" });
       card.model = model;
       card.threshold = insp.threshold;
+      card.dataset.id = insp.id;
       card.rejudge = (t) => {
         verdict.replaceChildren(verdictBadge(insp.score > t));
         bar.replaceChildren(scoreBar(insp.score, t));
@@ -278,7 +281,10 @@ async function inspectFiles(list, model, results, threshold) {
       card.className = "result";
       card.replaceChildren(
         h("header", {}, verdict, h("b", {}, file.name), judged,
-          h("a", { href: `#/inspections/${insp.id}` }, "review")),
+          // The inspection's page moves through these results with ← →, newest first.
+          h("a", { href: `#/inspections/${insp.id}`, onclick: () => {
+            state.list = [...results.children].map((c) => c.dataset.id).filter(Boolean);
+          } }, "review")),
         bar,
         inspectionFigure(insp, URL.createObjectURL(file)),
         // Defect regions over most of the image: more likely another surface, or another
