@@ -222,6 +222,16 @@ try:
     b.wait("the list shows the labels",
            "document.querySelectorAll('#inspections .label.defective').length === 1 && "
            "document.querySelectorAll('#inspections .label.good').length === 1")
+    # Filters live in the address: the address alone shows the same filtered list.
+    b.js("(() => { const f = document.getElementById('filters'); f.verdict.value = 'anomalous'; f.requestSubmit(); })()")
+    b.wait("the filter is in the address", "location.hash === '#/review?verdict=anomalous'")
+    b.wait("the anomalous one is listed", "document.querySelectorAll('#inspections .item').length === 1")
+    b.goto(OPEN_BASE + "/#/review")
+    b.wait("without filters in the address, both", "document.querySelectorAll('#inspections .item').length === 2")
+    b.goto(OPEN_BASE + "/#/review?verdict=anomalous")
+    b.wait("the address alone sets the filter",
+           "document.getElementById('filters') && document.getElementById('filters').verdict.value === 'anomalous' && "
+           "document.querySelectorAll('#inspections .item').length === 1")
 
     # Models: the card with its loss curve and calibration; admin actions for an open server.
     b.goto(OPEN_BASE + "/#/models")

@@ -334,10 +334,11 @@ async function showReview() {
     e.preventDefault();
     const d = new FormData(form);
     const iso = (v) => (v ? new Date(v).toISOString() : "");
-    state.filters = { model: d.get("model"), verdict: d.get("verdict"), part_id: d.get("part_id").trim(),
+    const filters = { model: d.get("model"), verdict: d.get("verdict"), part_id: d.get("part_id").trim(),
       since: iso(d.get("since")), until: iso(d.get("until")) };
-    state.cursors = [];
-    showReview();
+    // The filters live in the address, so a reload or a shared link shows the same list.
+    const query = new URLSearchParams(Object.entries(filters).filter(([, v]) => v)).toString();
+    location.hash = query ? `#/review?${query}` : "#/review";
   };
   const grid = h("div", { class: "grid", id: "inspections" });
   const pager = h("div", { class: "pager" });
@@ -412,7 +413,7 @@ async function showInspection(id) {
     h("div", { class: "controls" },
       h("button", { onclick: () => go(-1), disabled: !(at > 0) }, "← newer"),
       h("button", { onclick: () => go(1), disabled: !(at >= 0 && at + 1 < state.list.length) }, "older →"),
-      h("a", { href: "#/review" }, "back to the list")),
+      h("a", { href: state.reviewHash || "#/review" }, "back to the list")),
     scoreBar(insp.score, insp.threshold),
     // Above the figure, so that the buttons are on screen at 1366×768.
     h("div", { class: "controls feedback" },
@@ -671,7 +672,14 @@ document.addEventListener("keydown", (e) => keyHandler && keyHandler(e));
 async function route() {
   keyHandler = null;
   delete view().dataset.inspection;
-  const [, name, arg] = location.hash.split("/");
+  const [path, query] = location.hash.split("?");
+  const [, name, arg] = path.split("/");
+  if (name === "review") {
+    const filters = Object.fromEntries(new URLSearchParams(query || ""));
+    if (JSON.stringify(filters) !== JSON.stringify(state.filters)) state.cursors = [];
+    state.filters = filters;
+    state.reviewHash = location.hash;
+  }
   for (const a of document.querySelectorAll("nav a[data-view]")) {
     a.classList.toggle("active", a.dataset.view === name || (name === "inspections" && a.dataset.view === "review"));
   }
