@@ -413,6 +413,11 @@ async fn bad_inputs_get_the_right_status_and_code() {
         ),
         (get("/v1/inspections?limit=0"), StatusCode::BAD_REQUEST, "bad_request"),
         (
+            get("/v1/inspections?feedback=maybe"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             post("/v1/inspect?threshold=abc", "image/png", png(8, 8, false)),
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -542,6 +547,11 @@ async fn listing_filters_and_paginates_newest_first() {
     assert_eq!(items.len(), 3, "squares on images 0, 2, 4");
     assert!(items.iter().all(|i| i["is_anomalous"] == true));
     let (_, _, b) = send(&h.state, get("/v1/inspections?since=2999-01-01T00:00:00Z")).await;
+    assert!(json(&b)["items"].as_array().unwrap().is_empty());
+    // None is labelled yet: `feedback=none` lists all five, `feedback=good` none.
+    let (_, _, b) = send(&h.state, get("/v1/inspections?feedback=none&limit=10")).await;
+    assert_eq!(json(&b)["items"].as_array().unwrap().len(), 5);
+    let (_, _, b) = send(&h.state, get("/v1/inspections?feedback=good")).await;
     assert!(json(&b)["items"].as_array().unwrap().is_empty());
 }
 

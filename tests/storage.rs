@@ -108,6 +108,65 @@ async fn exercise(store: &Store, prefix: &str) {
             note: Some("again".into())
         })
     );
+    // Filtered by label: id(0) good, id(1) defective, the other three not labelled.
+    let by_label = |feedback| {
+        let q = ListQuery {
+            model: Some(model.clone()),
+            limit: 10,
+            feedback: Some(feedback),
+            ..Default::default()
+        };
+        let store = &store;
+        async move {
+            let mut ids: Vec<String> = store.list(&q).await.unwrap().into_iter().map(|r| r.id).collect();
+            ids.sort();
+            ids
+        }
+    };
+    use vigil::storage::FeedbackFilter;
+    assert_eq!(by_label(FeedbackFilter::Good).await, vec![id(0)]);
+    assert_eq!(by_label(FeedbackFilter::Defective).await, vec![id(1)]);
+    assert_eq!(by_label(FeedbackFilter::Unlabelled).await, vec![id(2), id(3), id(4)]);
+
+    // Part ids by prefix, case-sensitive, with no wildcard ('%', '_') meaning anything.
+    let parts = format!("{model}-parts");
+    for (i, part) in [
+        (20, "LOT7-001"),
+        (21, "lot7-002"),
+        (22, "LOT8-001"),
+        (23, "LOT7%x"),
+        (24, "LOTX_1"),
+    ] {
+        let r = Record {
+            part_id: Some(part.into()),
+            ..record(&id(i), &parts, 2_000, false, 0.1)
+        };
+        store.insert(&r).await.unwrap();
+    }
+    let with_prefix = |prefix: &str| {
+        let q = ListQuery {
+            model: Some(parts.clone()),
+            limit: 10,
+            part_prefix: Some(prefix.into()),
+            ..Default::default()
+        };
+        let store = &store;
+        async move {
+            let mut got: Vec<String> = store
+                .list(&q)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| r.part_id)
+                .collect();
+            got.sort();
+            got
+        }
+    };
+    assert_eq!(with_prefix("LOT7").await, vec!["LOT7%x", "LOT7-001"]);
+    assert_eq!(with_prefix("LOT7%").await, vec!["LOT7%x"]);
+    assert_eq!(with_prefix("LOT_").await, Vec::<String>::new());
+    assert_eq!(with_prefix("lot").await, vec!["lot7-002"]);
 
     // Jobs of a server that went quiet are interrupted; a live one's are not, whatever
     // their age (replicas share a PostgreSQL database).

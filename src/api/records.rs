@@ -17,7 +17,7 @@ use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResp
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::detector::Overrides;
-use crate::storage::{Feedback, ListQuery, Record};
+use crate::storage::{Feedback, FeedbackFilter, ListQuery, Record};
 
 pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse {
     let timings: Timings = serde_json::from_value(r.timings).unwrap_or(Timings {
@@ -78,6 +78,17 @@ pub async fn list(
             )))
         }
     };
+    let feedback = match p.feedback.as_deref() {
+        None => None,
+        Some("good") => Some(FeedbackFilter::Good),
+        Some("defective") => Some(FeedbackFilter::Defective),
+        Some("none") => Some(FeedbackFilter::Unlabelled),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "feedback must be `good`, `defective` or `none`, not {other:?}"
+            )))
+        }
+    };
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
@@ -93,6 +104,8 @@ pub async fn list(
         model: p.model.clone(),
         anomalous,
         part_id: p.part_id.clone(),
+        part_prefix: p.part_prefix.clone().filter(|p| !p.is_empty()),
+        feedback,
         since_us: parse_time(&p.since, "since")?,
         until_us: parse_time(&p.until, "until")?,
         before_id: cursor,

@@ -99,6 +99,10 @@ pub struct ListParams {
     pub verdict: Option<String>,
     /// Only this part (the `X-Part-Id` the image was sent with).
     pub part_id: Option<String>,
+    /// Only parts whose id starts with this (case-sensitive), e.g. a lot number.
+    pub part_prefix: Option<String>,
+    /// `good` or `defective` (records labelled so), or `none` (not labelled yet).
+    pub feedback: Option<String>,
     /// RFC 3339 time; records at or after it.
     pub since: Option<String>,
     /// RFC 3339 time; records before it.

@@ -65,11 +65,23 @@ pub struct ListQuery {
     pub model: Option<String>,
     pub anomalous: Option<bool>,
     pub part_id: Option<String>,
+    /// Part ids that start with this (case-sensitive): a lot, a line, a day's prefix.
+    pub part_prefix: Option<String>,
+    /// Only records with this feedback label (`good`, `defective`), or with none (`none`).
+    pub feedback: Option<FeedbackFilter>,
     pub since_us: Option<i64>,
     pub until_us: Option<i64>,
     /// Return records with ids below this one (the previous page's last id).
     pub before_id: Option<String>,
     pub limit: i64,
+}
+
+/// Which records [`ListQuery::feedback`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackFilter {
+    Good,
+    Defective,
+    Unlabelled,
 }
 
 /// Feedback counts for one model.
@@ -215,6 +227,26 @@ impl Store {
         if q.part_id.is_some() {
             sql += &format!(" AND part_id = {}", next());
         }
+        if q.part_prefix.is_some() {
+            // A position rather than LIKE: no wildcards to escape, and case-sensitive on
+            // both databases (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
+            let position = if self.backend == "sqlite" {
+                "instr(part_id, {})"
+            } else {
+                "strpos(part_id, {})"
+            };
+            sql += &format!(" AND {} = 1", position.replace("{}", &next()));
+        }
+        match q.feedback {
+            Some(FeedbackFilter::Good) | Some(FeedbackFilter::Defective) => {
+                sql += &format!(
+                    " AND id IN (SELECT inspection_id FROM feedback WHERE label = {})",
+                    next()
+                );
+            }
+            Some(FeedbackFilter::Unlabelled) => sql += " AND id NOT IN (SELECT inspection_id FROM feedback)",
+            None => {}
+        }
         if q.since_us.is_some() {
             sql += &format!(" AND created_at >= {}", next());
         }
@@ -234,6 +266,14 @@ impl Store {
         }
         if let Some(p) = &q.part_id {
             query = query.bind(p.clone());
+        }
+        if let Some(p) = &q.part_prefix {
+            query = query.bind(p.clone());
+        }
+        match q.feedback {
+            Some(FeedbackFilter::Good) => query = query.bind("good"),
+            Some(FeedbackFilter::Defective) => query = query.bind("defective"),
+            _ => {}
         }
         if let Some(s) = q.since_us {
             query = query.bind(s);

@@ -326,7 +326,10 @@ async function showReview() {
       state.models.map((m) => h("option", { value: m.name, selected: f.model === m.name }, m.name)))),
     h("label", {}, "verdict ", h("select", { name: "verdict" }, h("option", { value: "" }, "any"),
       ["anomalous", "normal"].map((v) => h("option", { value: v, selected: f.verdict === v }, v)))),
-    h("label", {}, "part ", h("input", { name: "part_id", value: f.part_id || "", size: 10 })),
+    h("label", {}, "label ", h("select", { name: "feedback" }, h("option", { value: "" }, "any"),
+      [["good", "good"], ["defective", "defective"], ["none", "not labelled"]].map(([v, t]) =>
+        h("option", { value: v, selected: f.feedback === v }, t)))),
+    h("label", {}, "part id starts with ", h("input", { name: "part_prefix", value: f.part_prefix || "", size: 10 })),
     h("label", {}, "since ", h("input", { name: "since", type: "datetime-local", value: localTime(f.since) })),
     h("label", {}, "until ", h("input", { name: "until", type: "datetime-local", value: localTime(f.until) })),
     h("button", { type: "submit" }, "Filter"));
@@ -334,7 +337,8 @@ async function showReview() {
     e.preventDefault();
     const d = new FormData(form);
     const iso = (v) => (v ? new Date(v).toISOString() : "");
-    const filters = { model: d.get("model"), verdict: d.get("verdict"), part_id: d.get("part_id").trim(),
+    const filters = { model: d.get("model"), verdict: d.get("verdict"), feedback: d.get("feedback"),
+      part_prefix: d.get("part_prefix").trim(),
       since: iso(d.get("since")), until: iso(d.get("until")) };
     // The filters live in the address, so a reload or a shared link shows the same list.
     const query = new URLSearchParams(Object.entries(filters).filter(([, v]) => v)).toString();
