@@ -1190,6 +1190,15 @@ async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once(
     assert_eq!((last["step"].as_u64(), last["steps"].as_u64()), (Some(3), Some(3)));
     assert!(last["loss"].as_f64().unwrap().is_finite());
     assert!(last["message"].as_str().unwrap().contains("served as"));
+    // Five images hold out one to calibrate on: the message says the threshold is rough.
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("calibrated on 1 held-out good image:"),
+        "{}",
+        last["message"]
+    );
 
     // Written into the models folder (and nothing half-written beside it), served at once.
     assert!(h.state.models_dir.join("line-2/model.json").is_file());

@@ -636,6 +636,7 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     .await
     .map_err(|e| format!("the training task failed: {e}"))??;
     let threshold = detector.card.thresholds.image;
+    let few = crate::train::calibrate::few_images_note(detector.card.thresholds.validation_images);
     let engine = crate::engine::Engine::start(
         &view.model,
         detector,
@@ -655,9 +656,10 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     }
     crate::metrics::model_served(&view.model, &version, None, crate::model::device::name(&state.device));
     Ok(format!(
-        "written to {} and served as {:?} (version {version}, image threshold {threshold:.4})",
+        "written to {} and served as {:?} (version {version}, image threshold {threshold:.4}){}",
         dir.display(),
-        view.model
+        view.model,
+        few.map(|n| format!("; {n}")).unwrap_or_default()
     ))
 }
 

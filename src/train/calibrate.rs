@@ -176,6 +176,21 @@ pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u3
     hi
 }
 
+/// A threshold set on fewer held-out good images than this rests on little: a quantile
+/// of three scores is nearly their maximum, and one unusual image moves it.
+pub const FEW_CALIBRATION_IMAGES: usize = 5;
+
+/// What to tell the user when `n` held-out images set the thresholds, if that is few.
+pub fn few_images_note(n: usize) -> Option<String> {
+    (n > 0 && n < FEW_CALIBRATION_IMAGES).then(|| {
+        format!(
+            "the thresholds were calibrated on {n} held-out good image{}: recalibrate on 20 or more \
+             good images (vigil calibrate) before trusting them",
+            if n == 1 { "" } else { "s" }
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +228,13 @@ mod tests {
         assert!((t - 5.0).abs() < 1e-3, "{t}");
         // min_area 4: nothing is that large even at the bottom.
         assert_eq!(min_area_threshold(&m, 5, 5, 4), 0.0);
+    }
+
+    #[test]
+    fn fewer_than_five_held_out_images_are_called_few() {
+        assert_eq!(few_images_note(0), None, "none held out is warned about elsewhere");
+        assert!(few_images_note(1).unwrap().contains("on 1 held-out good image:"));
+        assert!(few_images_note(4).unwrap().contains("on 4 held-out good images:"));
+        assert_eq!(few_images_note(FEW_CALIBRATION_IMAGES), None);
     }
 }

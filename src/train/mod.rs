@@ -291,6 +291,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         &validation
     };
     calibrate::calibrate(&mut detector, calibration_images, &cfg.calibration)?;
+    if let Some(note) = calibrate::few_images_note(validation.len()) {
+        tracing::warn!("{note}");
+    }
     detector.card.training.seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&cfg.out).map_err(|source| ArtifactError::Write {
         path: cfg.out.clone(),

@@ -557,6 +557,7 @@ function jobRow(job) {
   const render = (v) => {
     const pct = v.steps ? Math.round((100 * v.step) / v.steps) : 0;
     const cancel = finished(v.status) ? null : h("button", { onclick: async () => {
+      if (!confirm(`Cancel training ${v.model}? What it has learned so far is not kept.`)) return;
       try { await api(`/v1/training-jobs/${encodeURIComponent(v.id)}`, { method: "DELETE" }); } catch (e) { problem.replaceChildren(errorBox(e)); }
     } }, "Cancel");
     row.dataset.status = v.status;
