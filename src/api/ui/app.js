@@ -166,7 +166,9 @@ function inspectionFigure(insp, source) {
           oninput: (e) => { heat.style.opacity = e.target.value; } }))
     : h("p", { class: "muted" }, "image not stored: no heatmap");
   const recon = insp.image_stored
-    ? h("figure", {}, authedImg(insp.links.reconstruction, { class: "recon", alt: "reconstruction" }),
+    // Rebuilt at the model's square working size: shown at the image's own proportions.
+    ? h("figure", {}, authedImg(insp.links.reconstruction, { class: "recon", alt: "reconstruction",
+        style: `aspect-ratio: ${insp.width} / ${insp.height}` }),
         h("figcaption", {}, "reconstruction"))
     : null;
   return h("div", { class: "figure" }, h("figure", {}, stack, slider, legend), recon);
@@ -486,8 +488,10 @@ function validationChart(v, threshold) {
   return svg;
 }
 
-function driftText(d) {
-  if (!d) return `not enough recent good parts yet (30 needed), or no calibration scores in this model`;
+// `calibrated`: whether the model has the calibration scores drift is measured against.
+function driftText(d, calibrated = true) {
+  if (!d && !calibrated) return "no calibration scores in this model: `vigil calibrate` on good images adds them";
+  if (!d) return "not enough recent good parts yet (30 needed)";
   return `${d.drifted ? "DRIFTED: " : ""}distance ${fmt(d.statistic, 2)} (significant above ${fmt(d.critical, 2)}) ` +
     `between ${d.recent} recent good parts and ${d.reference} calibration images`;
 }
@@ -514,12 +518,18 @@ async function showModels() {
       h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method}` +
         (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} held-out good images` +
         (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "")),
-      validationChart(c.validation_scores, t.image),
+      h("figure", {}, validationChart(c.validation_scores, t.image),
+        h("figcaption", {}, c.validation_scores
+          ? `the held-out good images' scores, from 0 (left) to ${fmt(Math.max(c.validation_scores.max, t.image) * 1.1)} (right); red: the image threshold`
+          : "no calibration scores in this model")),
       h("h3", {}, "Training"),
       h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
-      lossCurve(tr.loss_curve),
+      h("figure", {}, lossCurve(tr.loss_curve),
+        h("figcaption", {}, tr.loss_curve && tr.loss_curve.length > 1
+          ? `training loss by step, ${fmt(tr.loss_curve[0][1], 4)} at step ${tr.loss_curve[0][0]} to ${fmt(tr.loss_curve[tr.loss_curve.length - 1][1], 4)} at ${tr.loss_curve[tr.loss_curve.length - 1][0]}`
+          : "no loss curve recorded")),
       h("h3", {}, "Score drift"),
-      h("p", { class: live.drift[m.name] && live.drift[m.name].drifted ? "error drift" : "drift" }, driftText(live.drift[m.name])),
+      h("p", { class: live.drift[m.name] && live.drift[m.name].drifted ? "error drift" : "drift" }, driftText(live.drift[m.name], !!(c.validation_scores && (c.validation_scores.values || []).length))),
       h("h3", {}, "Feedback"),
       h("p", {}, `${fb.labelled} labelled: ${fb.false_positives} false alarm(s), ${fb.false_negatives} miss(es)` +
         (fb.suggested_threshold !== null && fb.suggested_threshold !== undefined
