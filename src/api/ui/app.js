@@ -45,8 +45,15 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+class NetworkError extends Error {}
+
 async function api(path, options = {}) {
-  const res = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  let res;
+  try {
+    res = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  } catch (e) {
+    throw new NetworkError(String(e));
+  }
   if (res.status === 401) {
     await askForKey(sessionStorage.getItem(KEY_STORE) ? "The key was refused." : "This server needs an API key.");
     return api(path, options);
@@ -83,7 +90,7 @@ function authedImg(path, attrs = {}) {
 function errorBox(e) {
   // fetch() fails with a TypeError when the server cannot be reached at all.
   const text = e instanceof ApiError ? `${e.message} (${e.code})`
-    : e instanceof TypeError ? "cannot reach the server: is it running? (reload to retry)"
+    : e instanceof NetworkError ? "cannot reach the server: is it running? (reload to retry)"
     : String(e);
   return h("p", { class: "error" }, text);
 }
@@ -104,6 +111,8 @@ function askForKey(message) {
     // Esc would close the dialog and leave the page waiting for a key for good: the page
     // can show nothing without one.
     dialog.oncancel = (e) => e.preventDefault();
+    // Some browsers let a second Esc close it anyway: open it again.
+    dialog.onclose = () => { if (!sessionStorage.getItem(KEY_STORE)) dialog.showModal(); };
     if (!dialog.open) dialog.showModal();
   });
 }
@@ -215,14 +224,18 @@ async function showInspect(preferred) {
     slider.max = 2 * t;
     slider.value = t;
     sliderValue.textContent = fmt(t);
+    slider.setAttribute("aria-valuetext", fmt(t));
   };
   // Kept across views: going to an inspection's page and back shows them again.
   const results = state.inspectResults || (state.inspectResults = h("div", { id: "results" }));
   // Re-judge the shown results of the selected model against the slider's threshold,
   // without re-uploading; the others keep their own model's threshold.
+  // Through `state`, so that results still arriving for an earlier visit of this page
+  // are judged by the controls on screen now.
+  state.thresholdFor = (card) => (card.model === select.value ? Number(slider.value) : card.threshold);
   const rejudgeAll = () => {
     for (const card of results.children) {
-      if (card.rejudge) card.rejudge(card.model === select.value ? Number(slider.value) : card.threshold);
+      if (card.rejudge) card.rejudge(state.thresholdFor(card));
     }
   };
   resetSlider();
@@ -234,7 +247,10 @@ async function showInspect(preferred) {
     rejudgeAll();
   };
   const files = h("input", { id: "files", type: "file", accept: "image/*", multiple: true,
-    onchange: () => inspectFiles([...files.files], select.value, results, () => Number(slider.value)) });
+    onchange: () => {
+      inspectFiles([...files.files], select.value, results);
+      files.value = ""; // so that picking the same file again inspects it again
+    } });
   // A label is not reachable with Tab: this one takes focus and opens the picker on Enter or Space.
   const pick = h("label", { class: "link", tabindex: 0, role: "button",
     onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); files.click(); } } }, "pick files", files);
@@ -244,7 +260,7 @@ async function showInspect(preferred) {
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
-    inspectFiles([...e.dataTransfer.files], select.value, results, () => Number(slider.value));
+    inspectFiles([...e.dataTransfer.files], select.value, results);
   });
   view().replaceChildren(
     h("h1", {}, "Inspect"),
@@ -254,10 +270,18 @@ async function showInspect(preferred) {
     drop, results);
 }
 
-async function inspectFiles(list, model, results, threshold) {
+// Results kept on the page (each holds its image, heatmap and reconstruction).
+const KEPT_RESULTS = 50;
+
+async function inspectFiles(list, model, results) {
   for (const file of list) {
     const card = h("article", { class: "result pending" }, h("p", {}, `${file.name}: inspecting…`));
     results.prepend(card);
+    while (results.children.length > KEPT_RESULTS) {
+      const old = results.lastElementChild;
+      if (old.sourceUrl) URL.revokeObjectURL(old.sourceUrl);
+      old.remove();
+    }
     try {
       const res = await api(`/v1/models/${encodeURIComponent(model)}/inspect?store_image=true`, {
         method: "POST",
@@ -278,7 +302,7 @@ async function inspectFiles(list, model, results, threshold) {
         judged.textContent = `${model} · score ${fmt(insp.score)} · model threshold ${fmt(insp.threshold)}` +
           (Math.abs(t - insp.threshold) > 1e-9 ? ` · preview at ${fmt(t)}` : "");
       };
-      card.rejudge(threshold());
+      card.rejudge(state.thresholdFor(card));
       const t = insp.timings_ms;
       card.className = "result";
       card.replaceChildren(
@@ -288,10 +312,10 @@ async function inspectFiles(list, model, results, threshold) {
             state.list = [...results.children].map((c) => c.dataset.id).filter(Boolean);
           } }, "review")),
         bar,
-        inspectionFigure(insp, URL.createObjectURL(file)),
+        inspectionFigure(insp, (card.sourceUrl = URL.createObjectURL(file))),
         // Defect regions over most of the image: more likely another surface, or another
         // light, than one large defect.
-        insp.regions.reduce((a, r) => a + r.width * r.height, 0) > 0.5 * insp.width * insp.height
+        insp.regions.reduce((a, r) => a + r.area_px, 0) > 0.5 * insp.width * insp.height
           ? h("p", { class: "error" }, "Most of the image scores as anomalous: is this the surface and the lighting " +
             `this model was trained on (${model})? Try another model, or train one on good images of it.`)
           : null,
@@ -344,7 +368,14 @@ async function showReview() {
       since: iso(d.get("since")), until: iso(d.get("until")) };
     // The filters live in the address, so a reload or a shared link shows the same list.
     const query = new URLSearchParams(Object.entries(filters).filter(([, v]) => v)).toString();
-    location.hash = query ? `#/review?${query}` : "#/review";
+    const target = query ? `#/review?${query}` : "#/review";
+    if (location.hash === target) {
+      // The same filters: no hashchange comes, so start from the first page here.
+      state.cursors = [];
+      showReview();
+    } else {
+      location.hash = target;
+    }
   };
   const grid = h("div", { class: "grid", id: "inspections" });
   const pager = h("div", { class: "pager" });
@@ -387,7 +418,11 @@ async function showInspection(id) {
   let current = insp.feedback;
   // A note edited after labelling is saved with the label again (on Enter or leaving the field).
   note.onchange = () => { if (current) label(current); };
-  const label = async (which) => {
+  // Saves go one after another, so the last label asked for is the one stored (leaving
+  // the note field saves before a label button's click does).
+  let saving = Promise.resolve();
+  const label = (which) => (saving = saving.then(() => saveLabel(which)));
+  const saveLabel = async (which) => {
     try {
       const res = await api(`/v1/inspections/${encodeURIComponent(id)}/feedback`, {
         method: "POST",
@@ -588,6 +623,9 @@ function jobRow(job) {
     followJob(job.id, (v) => {
       render(v);
       if (v.status === "succeeded") state.models = [];
+    }).then(() => {
+      // The stream ended: after the job did, or (another replica's job) after one event.
+      if (!finished(row.dataset.status)) problem.replaceChildren(h("span", { class: "muted" }, "no live progress here: reload to see how the job ended"));
     }).catch((e) => problem.replaceChildren(errorBox(e instanceof ApiError ? e : "lost the connection to the server: reload to see how the job ended")));
   }
   return row;
@@ -663,7 +701,10 @@ async function showTrain() {
 // ---- Home ----------------------------------------------------------------------
 
 async function showHome() {
+  const drawn = state.viewCount;
   const st = await refreshLive();
+  // The page may have changed while the numbers were on their way.
+  if (drawn !== state.viewCount) return;
   const models = st ? Object.entries(st.models) : [];
   view().replaceChildren(
     h("h1", {}, "vigil"),
@@ -685,6 +726,7 @@ let keyHandler = null;
 document.addEventListener("keydown", (e) => keyHandler && keyHandler(e));
 
 async function route() {
+  state.viewCount = (state.viewCount || 0) + 1;
   keyHandler = null;
   delete view().dataset.inspection;
   const [path, query] = location.hash.split("?");
@@ -721,6 +763,6 @@ window.addEventListener("hashchange", route);
   }
   await route();
   // The header's numbers every 5 s, and the home page's table with them.
-  setInterval(() => (["", "#/", "#"].includes(location.hash) ? showHome() : refreshLive()), 5000);
+  setInterval(() => (["", "#/", "#"].includes(location.hash) && document.getElementById("live-table") ? showHome() : refreshLive()), 5000);
   refreshLive();
 })();
