@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         Command::Synth(a) => commands::synth(a),
         Command::Probe(a) => commands::probe(a),
     };
+    // A container health check reads 1 as unhealthy; 2 is reserved there.
+    let failed = ExitCode::from(if matches!(cli.command, Command::Probe(_)) { 1 } else { 2 });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e)
@@ -45,12 +47,11 @@ fn main() -> ExitCode {
         Err(e) if cli.json_logs => {
             // A log collector reading JSON lines gets the cause as one too.
             tracing::error!(error = error_chain(&e), "vigil stopped");
-            ExitCode::from(if matches!(cli.command, Command::Probe(_)) { 1 } else { 2 })
+            failed
         }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            // A container health check reads 1 as unhealthy; 2 is reserved there.
-            ExitCode::from(if matches!(cli.command, Command::Probe(_)) { 1 } else { 2 })
+            failed
         }
     }
 }

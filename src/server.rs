@@ -243,7 +243,7 @@ fn spawn_retention(state: Arc<AppState>, days: u64) {
         loop {
             tick.tick().await;
             match retention_pass(&state, api::now_us(), days).await {
-                Ok(p) => tracing::info!(records = p.records, images = p.images.len(), days, "retention pass"),
+                Ok(p) => tracing::info!(records = p.records, images = p.images, days, "retention pass"),
                 Err(e) => tracing::error!(error = %e, "retention pass failed"),
             }
         }
@@ -253,30 +253,34 @@ fn spawn_retention(state: Arc<AppState>, days: u64) {
 /// Records deleted per transaction by a retention pass.
 const PRUNE_BATCH: i64 = 500;
 
+/// What a retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    pub records: usize,
+    /// Stored images that went with them.
+    pub images: usize,
+}
+
 /// Deletes the records made more than `days` before `now_us`, and their stored images,
 /// a batch at a time. Rows go first: an image whose row is gone is unreachable, the
 /// reverse would be a record pointing at nothing. Each batch's images are removed before
 /// the next batch, so a pass that fails part-way leaves no image without its row behind.
-/// Returns what it deleted.
-pub async fn retention_pass(
-    state: &AppState,
-    now_us: i64,
-    days: u64,
-) -> Result<crate::storage::Pruned, crate::storage::StoreError> {
+/// Returns how many of each it deleted (counts: a long backlog's paths are not kept).
+pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<Retained, crate::storage::StoreError> {
     let cutoff = now_us - (days as i64) * 86_400_000_000;
-    let mut total = crate::storage::Pruned::default();
+    let mut total = Retained::default();
     loop {
         let pruned = state.store.prune_batch(cutoff, PRUNE_BATCH).await?;
+        let (records, images) = (pruned.records, pruned.images.len());
         let blobs = state.blobs.clone();
-        let images = pruned.images.clone();
         let removed =
-            tokio::task::spawn_blocking(move || images.iter().filter(|p| blobs.remove(p).is_ok()).count()).await;
-        if removed.is_ok_and(|r| r < pruned.images.len()) {
-            tracing::warn!(images = pruned.images.len(), "some pruned images could not be removed");
+            tokio::task::spawn_blocking(move || pruned.images.iter().filter(|p| blobs.remove(p).is_ok()).count()).await;
+        if removed.is_ok_and(|r| r < images) {
+            tracing::warn!(images, "some pruned images could not be removed");
         }
-        total.records += pruned.records;
-        total.images.extend(pruned.images);
-        if (pruned.records as i64) < PRUNE_BATCH {
+        total.records += records;
+        total.images += images;
+        if (records as i64) < PRUNE_BATCH {
             return Ok(total);
         }
     }

@@ -866,7 +866,7 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
     let now = records[1].created_at + 10 * day;
     let pruned = vigil::server::retention_pass(&h.state, now, 10).await.unwrap();
     // Records strictly older than the cutoff go: the first; the second sits on it.
-    assert_eq!((pruned.records, pruned.images.len()), (1, 1));
+    assert_eq!((pruned.records, pruned.images), (1, 1));
     assert!(h.state.store.get(&ids[0]).await.unwrap().is_none());
     assert!(!image_of(&records[0]).exists(), "the image outlived its record");
     for r in &records[1..] {
@@ -875,7 +875,7 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
     }
     // A day later the other two (made within the same second) go as well.
     let pruned = vigil::server::retention_pass(&h.state, now + day, 10).await.unwrap();
-    assert_eq!((pruned.records, pruned.images.len()), (2, 2));
+    assert_eq!((pruned.records, pruned.images), (2, 2));
     assert_eq!(h.state.store.count().await.unwrap(), 0);
     assert!(records.iter().all(|r| !image_of(r).exists()));
 }

@@ -230,12 +230,8 @@ impl Store {
         if q.part_prefix.is_some() {
             // A position rather than LIKE: no wildcards to escape, and case-sensitive on
             // both databases (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
-            let position = if self.backend == "sqlite" {
-                "instr(part_id, {})"
-            } else {
-                "strpos(part_id, {})"
-            };
-            sql += &format!(" AND {} = 1", position.replace("{}", &next()));
+            let position = if self.backend == "sqlite" { "instr" } else { "strpos" };
+            sql += &format!(" AND {position}(part_id, {}) = 1", next());
         }
         match q.feedback {
             Some(FeedbackFilter::Good) | Some(FeedbackFilter::Defective) => {
