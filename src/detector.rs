@@ -58,9 +58,22 @@ pub struct Inspection {
     /// The weight of the first of two learned maps this verdict used (usad models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f32>,
-    /// The smoothed anomaly map at the image's own resolution, row-major.
+    /// The smoothed anomaly map at working resolution (`working_size²`), row-major;
+    /// [`Inspection::map`] resizes it to the image's own.
     #[serde(skip)]
-    pub map: Vec<f32>,
+    pub working_map: Vec<f32>,
+    #[serde(skip)]
+    pub working_size: usize,
+}
+
+impl Inspection {
+    /// The smoothed anomaly map at the image's own resolution, row-major. Built on demand
+    /// (heatmaps, `.npy` maps, pixel metrics): a verdict does not need it, and at a
+    /// camera's 12 MP it is 48 MB and most of the time spent scoring.
+    pub fn map(&self) -> Vec<f32> {
+        let s = self.working_size;
+        resize_plane(&self.working_map, s, s, self.width, self.height)
+    }
 }
 
 /// What one request may change about how its image is judged.
@@ -247,33 +260,36 @@ impl Detector {
         scoring::map_and_score(&raw, &self.card.scoring)
     }
 
-    /// Scores a reconstruction: verdict, regions and the map at the original resolution.
+    /// Scores a reconstruction: verdict and regions (in the original image's pixels).
     pub fn score(&self, prepared: &Prepared, recon: &Reconstruction, overrides: Overrides) -> Inspection {
         let t = &self.card.thresholds;
         let image_threshold = overrides.threshold.unwrap_or(t.image);
         let pixel_threshold = t.pixel.min(image_threshold);
-        let (map, score) = self.working_map(&recon.raw, overrides.alpha);
+        let (working_map, score) = self.working_map(&recon.raw, overrides.alpha);
         let s = self.card.input.working_size;
         let (w, h) = (prepared.original_width, prepared.original_height);
-        let map = resize_plane(&map, s, s, w, h);
-        let area_scale = (w * h) as f32 / (s * s) as f32;
-        let min_area = (t.min_defect_area as f32 * area_scale).round() as u32;
         // Regions reach the image threshold, and an anomalous image always has the one
         // around its map's peak: the score may be read off another smoothing than the map
-        // returned (draem's), and resizing lowers sharp peaks. A normal image has none.
+        // returned (draem's), and resizing lowers sharp peaks. A normal image has none, so
+        // its map is never resized to full resolution here.
         let is_anomalous = score > image_threshold;
-        let seed = if is_anomalous {
-            image_threshold.min(map.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        let regions = if is_anomalous {
+            let map = resize_plane(&working_map, s, s, w, h);
+            let area_scale = (w * h) as f32 / (s * s) as f32;
+            let min_area = (t.min_defect_area as f32 * area_scale).round() as u32;
+            let seed = image_threshold.min(map.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let found = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
+            if found.is_empty() {
+                // Nothing over the pixel threshold reached the minimum area (the peak may sit
+                // below that threshold when the image threshold was overridden, or the area be
+                // set high): the verdict still points at the peak.
+                regions::peak_region(&map, w, h, pixel_threshold).into_iter().collect()
+            } else {
+                found
+            }
         } else {
-            f32::INFINITY
+            Vec::new()
         };
-        let mut regions = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
-        if is_anomalous && regions.is_empty() {
-            // Nothing over the pixel threshold reached the minimum area (the peak may sit
-            // below that threshold when the image threshold was overridden, or the area be
-            // set high): the verdict still points at the peak.
-            regions = regions::peak_region(&map, w, h, pixel_threshold).into_iter().collect();
-        }
         Inspection {
             score,
             threshold: image_threshold,
@@ -283,7 +299,8 @@ impl Detector {
             width: w,
             height: h,
             alpha: self.alpha(overrides.alpha),
-            map,
+            working_map,
+            working_size: s,
         }
     }
 

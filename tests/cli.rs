@@ -114,7 +114,7 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         let inspection = detector.score(&prepared, &recon[0], Default::default());
         let score = r["score"].as_f64().unwrap();
         assert!((score - inspection.score as f64).abs() <= 1e-6 * score.abs().max(1.0));
-        assert_eq!(m, inspection.map);
+        assert_eq!(m, inspection.map());
         let heatmap = image::open(r["heatmap_path"].as_str().unwrap()).unwrap();
         assert_eq!((heatmap.width(), heatmap.height()), (64, 64));
         map_paths.push(r["map_path"].as_str().unwrap().to_string());

@@ -60,7 +60,7 @@ fn maps_come_back_at_the_images_own_resolution() {
     );
     let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(90, 50, Luma([10])));
     let r = d.inspect_batch(&[&img], Overrides::default()).unwrap();
-    assert_eq!((r[0].width, r[0].height, r[0].map.len()), (90, 50, 4500));
+    assert_eq!((r[0].width, r[0].height, r[0].map().len()), (90, 50, 4500));
 }
 
 #[test]

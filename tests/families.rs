@@ -266,7 +266,7 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
         let one = &d.inspect_batch(&[img], Overrides::default()).unwrap()[0];
         assert!((one.score - b.score).abs() <= 1e-5, "{} vs {}", one.score, b.score);
         // The map is the segmenter's probability, smoothed: within [0, 1].
-        assert!(b.map.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert!(b.map().iter().all(|v| (0.0..=1.0).contains(v)));
     }
     // Scoring the learned map needs no SSIM/L2 maps: they are skipped, and the score is
     // the same as with them (calibration still computes them, for their scales).

@@ -52,8 +52,9 @@ pub async fn judge(
 
     let decode_started = Instant::now();
     let max_pixels = state.limits.max_pixels;
-    // Held until the answer is built: the decoded image and its full-size map are the
-    // memory a request takes, and its size is known from the header before decoding.
+    // Held until the answer is built: the decoded image (and, for an anomalous verdict,
+    // its map at full size while regions are found) is the memory a request takes, and its
+    // size is known from the header before decoding.
     let (width, height) = crate::image_io::dimensions(&bytes, max_pixels)?;
     // One deadline for both waits (for room and for the model), as the timeout promises.
     let deadline = tokio::time::Instant::now() + state.limits.request_timeout;

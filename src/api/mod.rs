@@ -229,7 +229,8 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     metrics::counter!(crate::metrics::REQUESTS, "route" => route.clone(), "method" => method, "status" => status.to_string())
         .increment(1);
     metrics::histogram!(crate::metrics::REQUEST_SECONDS, "route" => route.clone()).record(elapsed.as_secs_f64());
-    let latency_ms = elapsed.as_secs_f64() * 1e3;
+    // Rounded to 10 µs: the full float (`32.290507000000005`) is noise in a log line.
+    let latency_ms = (elapsed.as_secs_f64() * 1e5).round() / 100.0;
     if route.starts_with("/health/") || route == "/metrics" {
         tracing::debug!(method, path, status, latency_ms, "answered");
     } else {

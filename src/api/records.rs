@@ -275,7 +275,7 @@ pub async fn heatmap(
     let out = blocking(move || {
         let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
-        crate::scoring::heatmap::render_heatmap(&base, &insp.map, insp.pixel_threshold, opacity)
+        crate::scoring::heatmap::render_heatmap(&base, &insp.map(), insp.pixel_threshold, opacity)
     })
     .await?;
     png(out)
@@ -315,7 +315,7 @@ pub async fn anomaly_map(
     InspectionId(id): InspectionId,
 ) -> Result<axum::response::Response, ApiError> {
     let insp = rerun(&state, &id).await?.1.inspection;
-    let bytes = crate::npy::encode_f32_2d(&insp.map, insp.height, insp.width);
+    let bytes = blocking(move || crate::npy::encode_f32_2d(&insp.map(), insp.height, insp.width)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 

@@ -129,7 +129,7 @@ fn write_outputs<'a>(
     let map_path = match &args.maps_dir {
         Some(dir) => {
             let p = dir.join(format!("{name}.npy"));
-            crate::npy::write_f32_2d(&p, &insp.map, insp.height, insp.width)
+            crate::npy::write_f32_2d(&p, &insp.map(), insp.height, insp.width)
                 .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())
         }
@@ -139,7 +139,7 @@ fn write_outputs<'a>(
         Some(dir) => {
             let p = dir.join(format!("{name}.png"));
             let base = image_io::Planar::from_image(img, detector.card.input.channels).to_rgb8();
-            render_heatmap(&base, &insp.map, insp.pixel_threshold, 0.5)
+            render_heatmap(&base, &insp.map(), insp.pixel_threshold, 0.5)
                 .save(&p)
                 .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())

@@ -199,17 +199,19 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
     let labels: Vec<bool> = items.iter().map(|s| s.0 != "good").collect();
     let all_masks = items.iter().all(|s| s.2.is_some());
     let (pixel_auroc, aupro) = if all_masks {
-        let total: usize = items.iter().map(|s| s.1.map.len()).sum();
+        let maps: Vec<Vec<f32>> = items.iter().map(|s| s.1.map()).collect();
+        let total: usize = maps.iter().map(Vec::len).sum();
         let mut pix = Vec::with_capacity(total);
         let mut lab = Vec::with_capacity(total);
-        for s in &items {
-            pix.extend_from_slice(&s.1.map);
+        for (s, map) in items.iter().zip(&maps) {
+            pix.extend_from_slice(map);
             lab.extend_from_slice(s.2.as_ref().expect("checked"));
         }
         let masked: Vec<MaskedMap> = items
             .iter()
-            .map(|s| MaskedMap {
-                map: &s.1.map,
+            .zip(&maps)
+            .map(|(s, map)| MaskedMap {
+                map,
                 mask: s.2.as_ref().expect("checked"),
                 width: s.1.width,
                 height: s.1.height,
