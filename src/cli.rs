@@ -257,20 +257,23 @@ pub struct ScoringArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
     /// quantile: the good images' score quantile × (1 + margin); min-area: Bergmann's rule.
-    #[arg(long, value_enum, default_value_t = ThresholdMethod::Quantile)]
-    pub threshold_method: ThresholdMethod,
+    /// Default: quantile (`vigil calibrate`: the model's own).
+    #[arg(long, value_enum)]
+    pub threshold_method: Option<ThresholdMethod>,
     /// Quantile of the good images' scores the image threshold starts from (0.99: the
-    /// 99th percentile; with few images, about their maximum).
-    #[arg(long, default_value_t = 0.99, value_parser = quantile)]
-    pub quantile: f32,
+    /// 99th percentile; with few images, about their maximum). Default: 0.99 (`vigil
+    /// calibrate`: the model's own).
+    #[arg(long, value_parser = quantile)]
+    pub quantile: Option<f32>,
     /// Relative margin over the quantile. Default: 0.4 for a learned map (draem), whose
     /// good-image scores spread more from image to image and from one part of a surface to
-    /// another; 0.1 for reconstruction-error maps.
+    /// another; 0.1 for reconstruction-error maps (`vigil calibrate`: the model's own).
     #[arg(long, value_parser = non_negative_f32)]
     pub margin: Option<f32>,
-    /// Smallest defect worth reporting, in working-resolution pixels.
-    #[arg(long, default_value_t = 25)]
-    pub min_defect_area: u32,
+    /// Smallest defect worth reporting, in working-resolution pixels. Default: 25 (`vigil
+    /// calibrate`: the model's own).
+    #[arg(long)]
+    pub min_defect_area: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -474,8 +477,8 @@ fn bounded<T: std::str::FromStr>(text: &str, accept: impl Fn(&T) -> bool, what: 
 fn minutes(text: &str) -> Result<f64, String> {
     bounded(
         text,
-        |m: &f64| m.is_finite() && *m >= 0.0,
-        "a number of minutes (0 or more)",
+        |m: &f64| m.is_finite() && (0.0..=10_080.0).contains(m),
+        "a number of minutes from 0 to 10080 (a week)",
     )
 }
 

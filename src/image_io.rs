@@ -36,6 +36,14 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 /// (so a small file declaring 100000×100000 never allocates).
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
     let (format, width, height) = declared(bytes, max_pixels)?;
+    if format == ImageFormat::Jpeg && !ends_with_jpeg_eoi(bytes) {
+        // The JPEG decoder fills the rows a cut-short file lacks and succeeds: a transfer
+        // cut short would be judged as a part with a grey band (flagged, or with the
+        // spatial model, once, passed as normal). PNG, BMP and TIFF decoders refuse it.
+        return Err(ImageError::Corrupt(
+            "the JPEG does not end with its end-of-image marker (truncated, or data appended after it)".into(),
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
@@ -48,6 +56,16 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     // IDCT on a crafted JPEG; tests/upload.rs keeps that input). A panic here is a corrupt
     // image to the caller, not a crashed `vigil inspect` or a 500.
     without_panics(format, || reader.decode())
+}
+
+/// Whether a JPEG's last marker is its end of image (FF D9), allowing the padding some
+/// encoders write after it (zero, 0xFF or whitespace bytes).
+fn ends_with_jpeg_eoi(bytes: &[u8]) -> bool {
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, 0x00 | 0xFF | b'\r' | b'\n' | b' '))
+        .map_or(0, |i| i + 1);
+    end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
 }
 
 /// The size `bytes` declare, checked as [`decode`] checks them, from the header alone.
@@ -365,6 +383,33 @@ mod tests {
             decode(&bytes[..bytes.len() / 2], 1000),
             Err(ImageError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_cut_short_jpeg_is_corrupt_and_a_padded_one_is_not() {
+        let mut img = image::RgbImage::new(64, 48);
+        img.pixels_mut()
+            .enumerate()
+            .for_each(|(i, p)| *p = image::Rgb([(i * 7) as u8, (i * 13) as u8, 90]));
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(decode(&jpeg, DEFAULT_MAX_PIXELS).is_ok());
+        // The decoder alone accepts a JPEG cut at any point past its header.
+        for cut in [0.3, 0.6, 0.99] {
+            let short = &jpeg[..(jpeg.len() as f64 * cut) as usize];
+            assert!(ImageReader::with_format(Cursor::new(short), ImageFormat::Jpeg)
+                .decode()
+                .is_ok());
+            assert!(
+                matches!(decode(short, DEFAULT_MAX_PIXELS), Err(ImageError::Corrupt(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0, 0, 0xFF, b'\n']);
+        assert!(decode(&padded, DEFAULT_MAX_PIXELS).is_ok());
     }
 
     #[test]

@@ -1195,7 +1195,7 @@ async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once(
         last["message"]
             .as_str()
             .unwrap()
-            .contains("calibrated on 1 held-out good image:"),
+            .contains("calibrated on only 1 good image:"),
         "{}",
         last["message"]
     );
@@ -1363,6 +1363,33 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         ),
         (
             serde_json::json!({"model": "x", "folder": folder, "options": {"size": 32, "patch": 64}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // Sizes past what vigil trains: a width of 1,000,000 aborted the server on a failed
+        // 128 TB allocation.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "spatial", "width": 1_000_000}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"segmenter_width": 100_000}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"batch_size": 1_000_000}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"epochs": u64::MAX}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"time_budget": 1e300}}),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),

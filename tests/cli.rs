@@ -263,13 +263,43 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
         "min-area",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let read_card =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap() };
+    let card = read_card();
     assert_eq!(card["thresholds"]["method"], "min-area");
     assert_eq!(card["thresholds"]["validation_images"], 4);
+    let set_by = card["thresholds"]["set_by"].as_str().unwrap();
+    assert!(set_by.starts_with("vigil calibrate on 4 image(s) of "), "{set_by}");
+    assert!(
+        stderr(&o).contains("calibrated on only 4 good images"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(
         std::fs::read(model.join("weights.safetensors")).unwrap(),
         weights_before
     );
+    // The error maps' scales stay, so scores before and after compare.
+    let trained: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model().join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["scoring"], trained["scoring"]);
+    // Calibrating again without flags keeps the model's own settings (it took the command
+    // line's defaults, turning min-area back into quantile, margin and area included).
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dataset().join("test/good").to_str().unwrap(),
+        "--min-defect-area",
+        "7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = read_card();
+    assert_eq!(again["thresholds"]["method"], "min-area");
+    assert_eq!(again["thresholds"]["min_defect_area"], 7);
+    assert_eq!(again["thresholds"]["margin"], card["thresholds"]["margin"]);
+    assert!(stdout(&o).contains("settings changed from min-area"), "{}", stdout(&o));
 }
 
 #[test]

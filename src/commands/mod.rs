@@ -11,16 +11,38 @@ use crate::cli::CalibrationArgs;
 use crate::detector::Detector;
 use crate::model::device::{self, DeviceChoice};
 use crate::scoring::MapMethod;
-use crate::train::CalibrationConfig;
+use crate::train::{CalibrationConfig, ThresholdMethod};
 
 impl CalibrationArgs {
-    /// The calibration for a model whose anomaly map is made by `map`.
+    /// The calibration for a new model whose anomaly map is made by `map`: what is not
+    /// given takes the defaults.
     pub fn config(&self, map: MapMethod) -> CalibrationConfig {
+        let defaults = CalibrationConfig::default();
         CalibrationConfig {
-            method: self.threshold_method,
-            quantile: self.quantile,
+            method: self.threshold_method.unwrap_or(defaults.method),
+            quantile: self.quantile.unwrap_or(defaults.quantile),
             margin: self.margin.unwrap_or_else(|| CalibrationConfig::default_margin(map)),
-            min_defect_area: self.min_defect_area,
+            min_defect_area: self.min_defect_area.unwrap_or(defaults.min_defect_area),
+        }
+    }
+
+    /// The calibration for a model calibrated before: what is not given stays as `model`'s
+    /// thresholds record it (a model set by `min-area`, or with a margin chosen for its
+    /// line, keeps it). A card whose method is not one vigil knows takes the defaults.
+    pub fn config_keeping(&self, model: &crate::model::artifact::Thresholds, map: MapMethod) -> CalibrationConfig {
+        let recorded = match model.method.as_str() {
+            "quantile" => Some(ThresholdMethod::Quantile),
+            "min-area" => Some(ThresholdMethod::MinArea),
+            _ => None,
+        };
+        let Some(method) = recorded else {
+            return self.config(map);
+        };
+        CalibrationConfig {
+            method: self.threshold_method.unwrap_or(method),
+            quantile: self.quantile.unwrap_or(model.quantile),
+            margin: self.margin.unwrap_or(model.margin),
+            min_defect_area: self.min_defect_area.unwrap_or(model.min_defect_area),
         }
     }
 }
@@ -43,9 +65,20 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         detector.card.input.working_size,
     )?;
     let before = detector.card.thresholds.clone();
-    let config = args.calibration.config(detector.card.scoring.method);
-    calibrate::calibrate(&mut detector, &set.images, &config)?;
+    let config = args.calibration.config_keeping(&before, detector.card.scoring.method);
+    let set_by = format!(
+        "vigil calibrate on {} image(s) of {} at {}",
+        set.images.len(),
+        args.data.display(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    // The scales stay: scores before and after are on one scale, so the old and new
+    // thresholds compare, and so do scores already recorded.
+    calibrate::calibrate(&mut detector, &set.images, &config, calibrate::Scales::Keep, set_by)?;
     detector.card.save(&args.model)?;
+    if let Some(note) = calibrate::few_images_note(set.images.len()) {
+        tracing::warn!("{note}");
+    }
     let above = detector
         .card
         .validation_scores
@@ -63,14 +96,31 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         );
     }
     let t = &detector.card.thresholds;
+    let method = match config.method {
+        ThresholdMethod::Quantile => format!("quantile {} × (1 + margin {})", t.quantile, t.margin),
+        ThresholdMethod::MinArea => format!("min-area, {} px", t.min_defect_area),
+    };
+    let changed = if (t.method.as_str(), t.quantile, t.margin, t.min_defect_area)
+        == (
+            before.method.as_str(),
+            before.quantile,
+            before.margin,
+            before.min_defect_area,
+        ) {
+        "the model's own settings".to_string()
+    } else {
+        format!(
+            "settings changed from {} (quantile {}, margin {}, min area {})",
+            before.method, before.quantile, before.margin, before.min_defect_area
+        )
+    };
     println!(
-        "calibrated on {} good image(s): image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}), method {}",
+        "calibrated on {} good image(s): image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}); {method}, {changed}",
         set.images.len(),
         t.image,
         before.image,
         t.pixel,
         before.pixel,
-        t.method
     );
     Ok(())
 }

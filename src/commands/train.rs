@@ -154,8 +154,10 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
     }
     let steps = match args.epochs {
         // Only epochs need the images counted here; training lists them again itself.
-        Some(e) => (e * train::dataset::training_files(&args.data)?.len())
-            .div_ceil(args.batch_size)
+        // Saturating: an absurd count is refused by the steps' bound, not wrapped round.
+        Some(e) => e
+            .saturating_mul(train::dataset::training_files(&args.data)?.len())
+            .div_ceil(args.batch_size.max(1))
             .max(1),
         // Others: about 10 minutes each for 70–80 images of 256² on 2 cores; usad's step
         // runs the autoencoder about three times. draem: twice its first default of 1200

@@ -91,6 +91,10 @@ pub struct Thresholds {
     pub margin: f32,
     pub min_defect_area: u32,
     pub validation_images: usize,
+    /// Which images set these thresholds, and when if not at training (absent in cards
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<String>,
 }
 
 /// Statistics of a set of scores.

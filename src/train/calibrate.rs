@@ -89,10 +89,22 @@ pub enum CalibrationError {
 
 /// Sets the map scales and both thresholds of `detector.card` from good `images`
 /// (already at working resolution). Returns the good images' scores.
+/// Whether calibration measures the error maps' scales again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scales {
+    /// Training: each error map's mean over the good pixels sets its scale.
+    Measure,
+    /// `vigil calibrate`: the scales stay, so scores before and after are on one scale
+    /// and the old and new thresholds can be compared.
+    Keep,
+}
+
 pub fn calibrate(
     detector: &mut Detector,
     images: &[Planar],
     cfg: &CalibrationConfig,
+    scales: Scales,
+    set_by: String,
 ) -> Result<Vec<f32>, CalibrationError> {
     cfg.validate()?;
     if images.is_empty() {
@@ -103,14 +115,16 @@ pub fn calibrate(
         let refs: Vec<&Planar> = chunk.iter().collect();
         raws.extend(detector.reconstruct_with_error_maps(&refs)?.into_iter().map(|r| r.raw));
     }
-    // Scales: each error map's mean over the good pixels, so each part of a mixed map
-    // averages 1 on good images.
-    let pixels: usize = raws.iter().map(|r| r.dssim.len()).sum();
-    let mean = |f: &dyn Fn(&crate::scoring::RawMaps) -> f64| raws.iter().map(f).sum::<f64>() / pixels as f64;
-    let dssim_mean = mean(&|r| r.dssim.iter().map(|&v| v as f64).sum());
-    let l2_mean = mean(&|r| r.l2.iter().map(|&v| v as f64).sum());
-    detector.card.scoring.ssim_scale = (dssim_mean as f32).max(1e-6);
-    detector.card.scoring.l2_scale = (l2_mean as f32).max(1e-9);
+    if scales == Scales::Measure {
+        // Each error map's mean over the good pixels, so each part of a mixed map averages
+        // 1 on good images.
+        let pixels: usize = raws.iter().map(|r| r.dssim.len()).sum();
+        let mean = |f: &dyn Fn(&crate::scoring::RawMaps) -> f64| raws.iter().map(f).sum::<f64>() / pixels as f64;
+        let dssim_mean = mean(&|r| r.dssim.iter().map(|&v| v as f64).sum());
+        let l2_mean = mean(&|r| r.l2.iter().map(|&v| v as f64).sum());
+        detector.card.scoring.ssim_scale = (dssim_mean as f32).max(1e-6);
+        detector.card.scoring.l2_scale = (l2_mean as f32).max(1e-9);
+    }
 
     let s = detector.card.input.working_size;
     let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.working_map(r, None)).collect();
@@ -140,6 +154,7 @@ pub fn calibrate(
         margin: cfg.margin,
         min_defect_area: cfg.min_defect_area,
         validation_images: images.len(),
+        set_by: Some(set_by),
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
     // draem's learned map is a probability, so its score never exceeds 1.
@@ -184,7 +199,7 @@ pub const FEW_CALIBRATION_IMAGES: usize = 5;
 pub fn few_images_note(n: usize) -> Option<String> {
     (n > 0 && n < FEW_CALIBRATION_IMAGES).then(|| {
         format!(
-            "the thresholds were calibrated on {n} held-out good image{}: recalibrate on 20 or more \
+            "the thresholds were calibrated on only {n} good image{}: recalibrate on 20 or more \
              good images (vigil calibrate) before trusting them",
             if n == 1 { "" } else { "s" }
         )
@@ -233,8 +248,8 @@ mod tests {
     #[test]
     fn fewer_than_five_held_out_images_are_called_few() {
         assert_eq!(few_images_note(0), None, "none held out is warned about elsewhere");
-        assert!(few_images_note(1).unwrap().contains("on 1 held-out good image:"));
-        assert!(few_images_note(4).unwrap().contains("on 4 held-out good images:"));
+        assert!(few_images_note(1).unwrap().contains("on only 1 good image:"));
+        assert!(few_images_note(4).unwrap().contains("on only 4 good images:"));
         assert_eq!(few_images_note(FEW_CALIBRATION_IMAGES), None);
     }
 }

@@ -118,10 +118,24 @@ pub struct TrainConfig {
     pub on_step: Option<ProgressHook>,
 }
 
+/// Upper bounds on what one training may ask for: far above any setting that trains in
+/// reasonable time here (the defaults are 256 px, batches of 16, 2400 steps, widths of
+/// 16–32), they turn a typo or a hostile training job into an error before anything is
+/// allocated. A job asking for a width of 1,000,000 asked for 128 TB, and the failed
+/// allocation aborted the whole server.
+pub const MAX_WORKING_SIZE: usize = 2048;
+pub const MAX_BATCH_SIZE: usize = 256;
+pub const MAX_STEPS: usize = 1_000_000;
+/// Channels of a network's first stage (`width`, `segmenter_width`, `critic_width`).
+pub const MAX_WIDTH: usize = 256;
+/// Channels of a bottleneck or a latent vector.
+pub const MAX_CODE: usize = 4096;
+
 impl TrainConfig {
     /// Checks the settings without reading any image, so a training job can refuse bad
     /// options before it is queued. [`train`] checks them again.
     pub fn check(&self) -> Result<(), TrainError> {
+        self.check_bounds()?;
         if self.patch_size > self.working_size {
             return Err(TrainError::Config(format!(
                 "patch size {} is larger than the working size {}",
@@ -151,6 +165,56 @@ impl TrainConfig {
             normalisation: String::new(),
         };
         input.check(&self.architecture).map_err(TrainError::Config)
+    }
+
+    fn check_bounds(&self) -> Result<(), TrainError> {
+        let mut sizes = vec![
+            ("working size", self.working_size, MAX_WORKING_SIZE),
+            ("batch size", self.batch_size, MAX_BATCH_SIZE),
+            ("steps", self.steps, MAX_STEPS),
+        ];
+        match &self.architecture {
+            Architecture::Bergmann { latent } => sizes.push(("latent size", *latent, MAX_CODE)),
+            Architecture::Spatial { width, bottleneck } | Architecture::Usad { width, bottleneck, .. } => {
+                sizes.extend([("width", *width, MAX_WIDTH), ("bottleneck", *bottleneck, MAX_CODE)])
+            }
+            Architecture::Draem {
+                width,
+                bottleneck,
+                segmenter_width,
+                ..
+            } => sizes.extend([
+                ("width", *width, MAX_WIDTH),
+                ("bottleneck", *bottleneck, MAX_CODE),
+                ("segmenter width", *segmenter_width, MAX_WIDTH),
+            ]),
+            Architecture::Vae {
+                width,
+                bottleneck,
+                kl_warmup_steps,
+                ..
+            } => sizes.extend([
+                ("width", *width, MAX_WIDTH),
+                ("bottleneck", *bottleneck, MAX_CODE),
+                ("KL warm-up steps", *kl_warmup_steps, MAX_STEPS),
+            ]),
+            Architecture::Adversarial {
+                width,
+                bottleneck,
+                critic_width,
+                ..
+            } => sizes.extend([
+                ("width", *width, MAX_WIDTH),
+                ("bottleneck", *bottleneck, MAX_CODE),
+                ("critic width", *critic_width, MAX_WIDTH),
+            ]),
+        }
+        match sizes.into_iter().find(|&(_, value, max)| value > max) {
+            Some((name, value, max)) => Err(TrainError::Config(format!(
+                "{name} {value} is over the most vigil trains, {max}"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -214,6 +278,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             margin: 0.0,
             min_defect_area: cfg.calibration.min_defect_area,
             validation_images: 0,
+            set_by: None,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),
@@ -282,15 +347,21 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
 
     let net = Arc::new(net);
     let mut detector = Detector::new(card, net.clone());
-    let calibration_images = if validation.is_empty() {
+    let (calibration_images, set_by) = if validation.is_empty() {
         tracing::warn!(
             "no validation images held out: calibrating on the training images (thresholds will be optimistic)"
         );
-        &training
+        (&training, "the training images (none held out)".to_string())
     } else {
-        &validation
+        (&validation, "the images held out of training".to_string())
     };
-    calibrate::calibrate(&mut detector, calibration_images, &cfg.calibration)?;
+    calibrate::calibrate(
+        &mut detector,
+        calibration_images,
+        &cfg.calibration,
+        calibrate::Scales::Measure,
+        set_by,
+    )?;
     if let Some(note) = calibrate::few_images_note(validation.len()) {
         tracing::warn!("{note}");
     }

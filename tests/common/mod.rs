@@ -168,6 +168,7 @@ pub fn test_card(fit: vigil::model::artifact::Fit, working: usize, patch: usize)
             margin: 0.1,
             min_defect_area: 1,
             validation_images: 1,
+            set_by: None,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),

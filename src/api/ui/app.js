@@ -551,11 +551,12 @@ async function showModels() {
       h("p", {}, `${c.architecture.name} · ${c.input.channels} channel(s) · ${c.input.working_size}² · ${d.device} · version ${d.version.slice(0, 12)}`),
       h("h3", {}, "Thresholds"),
       h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method}` +
-        (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} held-out good images` +
-        (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "")),
+        (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} good images` +
+        (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "") +
+        (t.set_by ? `; set by ${t.set_by}` : "")),
       h("figure", {}, validationChart(c.validation_scores, t.image),
         h("figcaption", {}, c.validation_scores
-          ? `the held-out good images' scores, from 0 (left) to ${fmt(Math.max(c.validation_scores.max, t.image) * 1.1)} (right); red: the image threshold`
+          ? `the calibration images' scores, from 0 (left) to ${fmt(Math.max(c.validation_scores.max, t.image) * 1.1)} (right); red: the image threshold`
           : "no calibration scores in this model")),
       h("h3", {}, "Training"),
       h("p", {}, `${tr.steps ?? "?"} steps of ${tr.batch_size ?? "?"}, ${fmt(tr.seconds, 0)} s on ${tr.device ?? "?"}, final loss ${fmt(tr.final_loss, 4)}`),
