@@ -205,6 +205,130 @@ async fn client_ids_are_kept_within_bounds() {
     let (s, _, b) = send(&h.state, inspect("b", "")).await;
     assert_eq!(s, StatusCode::OK);
     assert!(json(&b).get("part_id").is_none());
+    // A space or a quote could forge fields of a text log line: replaced too.
+    let (_, headers, _) = send(&h.state, inspect("x status=200 level=ERROR", "p")).await;
+    assert!(uuid::Uuid::parse_str(headers["x-request-id"].to_str().unwrap()).is_ok());
+    // A part id in UTF-8 is kept (it was dropped without a word); bytes that are not
+    // UTF-8, or two part ids, are refused.
+    let with_part = |values: &[&[u8]]| {
+        let mut req = Request::post("/v1/inspect")
+            .header("content-type", "image/png")
+            .body(Body::from(png(16, 16, false)))
+            .unwrap();
+        for v in values {
+            req.headers_mut()
+                .append("x-part-id", axum::http::HeaderValue::from_bytes(v).unwrap());
+        }
+        req
+    };
+    let (s, _, b) = send(&h.state, with_part(&["Teil-ä€".as_bytes()])).await;
+    assert_eq!(s, StatusCode::OK);
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    assert_eq!(json(&b)["part_id"], "Teil-ä€");
+    let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
+    assert_eq!(json(&b)["part_id"], "Teil-ä€");
+    for values in [&[b"Teil-\xe4".as_slice()][..], &[b"a", b"b"]] {
+        let (s, _, b) = send(&h.state, with_part(values)).await;
+        assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    }
+}
+
+#[tokio::test]
+async fn browsers_cannot_post_from_other_sites_and_pages_are_not_framed() {
+    let h = harness(None, 8).await;
+    let reload = |headers: &[(&str, &str)]| {
+        let mut r = Request::post("/v1/models/default/reload");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    // A page on another site (no API keys here, so nothing else would stop it).
+    for headers in [
+        &[("origin", "http://evil.example"), ("host", "vigil:8080")][..],
+        &[("sec-fetch-site", "cross-site"), ("origin", "http://evil.example")],
+    ] {
+        let (s, _, b) = send(&h.state, reload(headers)).await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::FORBIDDEN, "cross_origin_request"),
+            "{headers:?}"
+        );
+    }
+    // The operator's own page, and a script (no Origin), are served.
+    for headers in [
+        &[("origin", "http://vigil:8080"), ("host", "vigil:8080")][..],
+        &[("sec-fetch-site", "same-origin")],
+        &[],
+    ] {
+        let mut req = post("/v1/inspect", "image/png", png(16, 16, false));
+        for (k, v) in headers {
+            req.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(s, StatusCode::OK, "{headers:?}: {}", String::from_utf8_lossy(&b));
+    }
+    // Reads pass (no CORS headers: another site cannot read the answer).
+    let mut r = get("/v1/models");
+    r.headers_mut().insert("origin", "http://evil.example".parse().unwrap());
+    let (s, headers, _) = send(&h.state, r).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers.get("access-control-allow-origin").is_none());
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    let (_, headers, _) = send(&h.state, get("/")).await;
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"),
+        "{csp}"
+    );
+}
+
+#[tokio::test]
+async fn a_misspelt_query_parameter_is_refused_and_named() {
+    let h = harness(None, 8).await;
+    for req in [
+        post("/v1/inspect?thresh=0.1", "image/png", png(16, 16, false)),
+        get("/v1/inspections?request_id=r-1"),
+        get("/v1/stats?window=5"),
+        get("/v1/training-jobs?lmit=5"),
+    ] {
+        let uri = req.uri().to_string();
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{uri}"
+        );
+        let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("unknown field"), "{uri}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_of_a_request_with_a_body_closes_the_connection() {
+    let h = harness(None, 8).await;
+    // Refused before the body is read: hyper closes the connection, so the client must
+    // be told not to send its next request on it.
+    for (method, uri) in [
+        ("POST", "/v1/models/nope/inspect"),
+        ("POST", "/v1/inspect?threshold=-1"),
+        ("POST", "/v1/inspect?alpha=0.5"),
+        ("PUT", "/v1/inspect"),
+    ] {
+        let body = png(64, 64, false);
+        let mut req = post(uri, "image/png", body.clone());
+        *req.method_mut() = method.parse().unwrap();
+        // As a client sends it over the wire (the in-process request has no length).
+        req.headers_mut().insert("content-length", body.len().into());
+        let (s, headers, _) = send(&h.state, req).await;
+        assert!(s.is_client_error(), "{uri}: {s}");
+        assert_eq!(headers["connection"], "close", "{uri}");
+    }
+    // A request without a body keeps its connection.
+    let (s, headers, _) = send(&h.state, get("/v1/inspections/nope")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(headers.get("connection").is_none());
 }
 
 #[tokio::test]

@@ -52,6 +52,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("this API key may not do that")]
     Forbidden,
+    #[error("refused: a browser sent this from another site (open the operator's page on this server, or send it from a script)")]
+    CrossOrigin,
     #[error("no such route")]
     NoRoute,
     #[error("this route does not take that method (see the Allow header)")]
@@ -108,6 +110,7 @@ impl ApiError {
             DatabaseUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            CrossOrigin => (StatusCode::FORBIDDEN, "cross_origin_request"),
             NoRoute => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ModelLoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed"),

@@ -61,6 +61,21 @@ pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v).map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
+/// The part id a request names: UTF-8 text (a serial with an umlaut is kept, not dropped),
+/// one header at most.
+fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("x-part-id").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest("send one X-Part-Id header, not several".into()));
+    }
+    let text = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| ApiError::BadRequest("X-Part-Id must be UTF-8 text".into()))?;
+    Ok((!text.is_empty()).then(|| text.to_string()))
+}
+
 async fn inspect(
     state: Arc<AppState>,
     model: String,
@@ -76,7 +91,7 @@ async fn inspect(
     }
     let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let request_id = header_str(req.headers(), "x-request-id");
-    let part_id = header_str(req.headers(), "x-part-id").filter(|p| !p.is_empty());
+    let part_id = part_id(req.headers())?;
     if part_id.as_ref().is_some_and(|p| p.len() > MAX_PART_ID) {
         return Err(ApiError::BadRequest(format!(
             "X-Part-Id is at most {MAX_PART_ID} bytes"

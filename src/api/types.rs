@@ -80,6 +80,9 @@ pub struct InspectionResponse {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
+// threshold, `?request_id=` listed every record.
+#[serde(deny_unknown_fields)]
 pub struct InspectQuery {
     /// Image threshold for this request only.
     pub threshold: Option<f32>,
@@ -93,6 +96,9 @@ pub struct InspectQuery {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
+// threshold, `?request_id=` listed every record.
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub model: Option<String>,
     /// `anomalous` or `normal`.
@@ -115,6 +121,9 @@ pub struct ListParams {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
+// threshold, `?request_id=` listed every record.
+#[serde(deny_unknown_fields)]
 pub struct HeatmapQuery {
     /// How much the colour covers the image: 0 (image only) to 1 (colour only, as the
     /// operator's page lays it over the image itself); default 0.5.

@@ -27,7 +27,15 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/",
+            get(|| async {
+                (
+                    [(header::CONTENT_SECURITY_POLICY, super::browser::PAGE_CSP)],
+                    asset("text/html; charset=utf-8", INDEX),
+                )
+            }),
+        )
         .route(
             "/ui/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
