@@ -1408,6 +1408,18 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
     assert_eq!(s, StatusCode::OK);
 }
 
+#[tokio::test]
+async fn an_upload_s_text_fields_are_bounded() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let (s, _, b) = send(&h.state, upload_job(&folder, "x", &" ".repeat(65 * 1024))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    assert!(String::from_utf8_lossy(&b).contains("options field is at most 64 KiB"));
+    let (s, _, b) = send(&h.state, upload_job(&folder, &"m".repeat(65 * 1024), TINY)).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_key() {
     let h = harness(None, 8).await;

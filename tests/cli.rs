@@ -154,6 +154,45 @@ fn inspect_json_lines_dash_is_standard_output() {
 }
 
 #[test]
+fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
+    let work = tempfile::tempdir().unwrap();
+    let incoming = work.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    for name in ["000.png", "001.png"] {
+        std::fs::copy(dataset().join("test/good").join(name), incoming.join(name)).unwrap();
+    }
+    let heat = incoming.join("heat");
+    let records = |o: &std::process::Output| stdout(o).lines().count();
+    let run_once = || {
+        vigil()
+            .args([
+                "inspect",
+                "--model",
+                tiny_model().to_str().unwrap(),
+                "--json-lines",
+                "-",
+                "--heatmaps-dir",
+                heat.to_str().unwrap(),
+                incoming.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = run_once();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(records(&first), 2);
+    assert_eq!(std::fs::read_dir(&heat).unwrap().count(), 2);
+    let second = run_once();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(records(&second), 2, "the heatmaps were inspected as parts");
+    assert!(
+        stderr(&second).contains("in an output folder of this run"),
+        "{}",
+        stderr(&second)
+    );
+}
+
+#[test]
 fn eval_reports_metrics_and_writes_json_and_figure() {
     let model = tiny_model();
     let work = tempfile::tempdir().unwrap();

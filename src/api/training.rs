@@ -338,6 +338,29 @@ pub async fn remove_stale_uploads(state: &AppState) -> usize {
     removed
 }
 
+/// Longest `model` or `options` field of an upload: the images have their own limit, and
+/// these were read whole before being judged (a 150 MB model name was).
+const MAX_TEXT_FIELD: usize = 64 * 1024;
+
+/// A multipart text field, refused past [`MAX_TEXT_FIELD`] as soon as it gets there.
+async fn text_field(field: &mut axum::extract::multipart::Field<'_>, name: &str) -> Result<String, ApiError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| super::upload::multipart_error(e, MAX_UPLOAD_BYTES))?
+    {
+        if bytes.len() + chunk.len() > MAX_TEXT_FIELD {
+            return Err(ApiError::BadRequest(format!(
+                "the {name} field is at most {} KiB",
+                MAX_TEXT_FIELD / 1024
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes).map_err(|_| ApiError::BadRequest(format!("the {name} field must be UTF-8 text")))
+}
+
 /// Saves the `images` parts under `dir`; returns the request they belong to.
 async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Result<JobRequest, ApiError> {
     let (mut model, mut options, mut files, mut total) = (None, BTreeMap::new(), 0usize, 0usize);
@@ -347,9 +370,9 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
     let failed = |e| super::upload::multipart_error(e, MAX_UPLOAD_BYTES);
     while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
         match field.name().unwrap_or("") {
-            "model" => model = Some(field.text().await.map_err(failed)?),
+            "model" => model = Some(text_field(&mut field, "model").await?),
             "options" => {
-                let text = field.text().await.map_err(failed)?;
+                let text = text_field(&mut field, "options").await?;
                 if !text.trim().is_empty() {
                     options = serde_json::from_str(&text)
                         .map_err(|e| ApiError::BadRequest(format!("options must be a JSON object: {e}")))?;

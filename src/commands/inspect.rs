@@ -46,10 +46,28 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         threshold: args.threshold,
         alpha: args.alpha,
     };
+    // Folders vigil writes into are not inputs: a recurring run over an incoming folder
+    // holding them would inspect its own heatmaps and reconstructions.
+    let outputs: Vec<PathBuf> = [&args.heatmaps_dir, &args.reconstructions_dir]
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
     let mut paths = Vec::new();
     for input in &args.inputs {
         if input.is_dir() {
-            paths.extend(image_files(input)?);
+            let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = image_files(input)?.into_iter().partition(|p| {
+                let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+                outputs.iter().any(|o| p.starts_with(o))
+            });
+            if !ours.is_empty() {
+                tracing::warn!(
+                    "{} image(s) under {} are in an output folder of this run (--heatmaps-dir, --reconstructions-dir): not inspected",
+                    ours.len(),
+                    input.display()
+                );
+            }
+            paths.extend(theirs);
         } else {
             paths.push(input.clone());
         }
