@@ -26,6 +26,7 @@ fn train_writes_a_complete_artifact() {
     );
     assert_eq!(card["thresholds"]["validation_images"], 1, "10% of 12 images, rounded");
     assert_eq!(card["data_fingerprint"].as_str().unwrap().len(), 64);
+    assert_eq!(card["weights_sha256"].as_str().unwrap().len(), 64);
     assert!(dir.join("weights.safetensors").is_file());
     // Readable by other users: containers run the model as a non-root user.
     #[cfg(unix)]
@@ -129,6 +130,27 @@ fn inspect_writes_records_maps_and_heatmaps_and_reports_bad_images() {
         assert!(written != input, "a reconstruction, not a copy of the input");
     }
     assert_ne!(map_paths[0], map_paths[1], "same base name, distinct map files");
+}
+
+#[test]
+fn a_model_card_refuses_weights_it_was_not_written_with() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    common::copy_model(tiny_model(), &model);
+    let weights = model.join("weights.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    // One weight changed: the file still parses, and loaded without a word before.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&weights, bytes).unwrap();
+    let img = dataset().join("test/good/000.png");
+    let o = run(&["inspect", "--model", model.to_str().unwrap(), img.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not the weights this model.json was written with"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -217,6 +217,11 @@ pub struct ModelCard {
     pub training: TrainingSummary,
     /// SHA-256 over the training files' relative paths and contents, in sorted order.
     pub data_fingerprint: String,
+    /// SHA-256 of `weights.safetensors` as training wrote it: loading refuses other
+    /// weights under this card (its thresholds were set for these). Absent in cards
+    /// written before it was recorded, which load unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
 }
 
 impl ModelCard {

@@ -157,6 +157,20 @@ impl Network {
             path: path.clone(),
             message: e.to_string(),
         };
+        if let Some(recorded) = &card.weights_sha256 {
+            let actual = file_sha256(&path)?;
+            if &actual != recorded {
+                return Err(ArtifactError::BadWeights {
+                    path,
+                    message: format!(
+                        "not the weights this model.json was written with (SHA-256 {}…, recorded {}…): \
+                         a model's two files belong together; copy both from one model folder",
+                        &actual[..12],
+                        &recorded[..recorded.len().min(12)]
+                    ),
+                });
+            }
+        }
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let family = Self::build(&card.architecture, card.input.channels, card.input.patch_size, vb).map_err(bad)?;
@@ -359,4 +373,14 @@ mod flop_tests {
         let net = Network::new_seeded(&Architecture::Bergmann { latent: 100 }, 1, 128, &Device::Cpu, 0).unwrap();
         assert_eq!(net.flops(128, 128), 2 * 121_257_984);
     }
+}
+
+/// SHA-256 of a file, in hex.
+pub fn file_sha256(path: &Path) -> Result<String, ArtifactError> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
 }

@@ -283,6 +283,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),
         data_fingerprint: set.fingerprint.clone(),
+        weights_sha256: None,
     };
     card.check().map_err(TrainError::Config)?;
 
@@ -375,6 +376,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     // steps leaves a folder that does not load ("no model.json") rather than new weights
     // under the old card and thresholds.
     let staged = net.stage_weights(&cfg.out)?;
+    detector.card.weights_sha256 = Some(crate::model::file_sha256(&staged)?);
     let old_card = cfg.out.join(crate::model::artifact::CARD_FILE);
     match std::fs::remove_file(&old_card) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -173,5 +173,6 @@ pub fn test_card(fit: vigil::model::artifact::Fit, working: usize, patch: usize)
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),
         data_fingerprint: String::new(),
+        weights_sha256: None,
     }
 }
