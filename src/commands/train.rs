@@ -60,6 +60,14 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         card.thresholds.pixel,
         plural(card.thresholds.validation_images, "validation image")
     );
+    if t.stopped_early {
+        return Err(train::TrainError::StoppedEarlyWritten {
+            done: t.steps,
+            planned: t.planned_steps,
+            out: args.out.display().to_string(),
+        }
+        .into());
+    }
     Ok(())
 }
 

@@ -52,12 +52,22 @@ pub enum TrainError {
          written (a model already in the output folder is untouched)"
     )]
     StoppedTooSoon { done: usize, planned: usize },
+    /// The command line's Ctrl-C after the first tenth: the model was written, from fewer
+    /// steps than planned (an error, so that a script sees more than a success).
+    #[error(
+        "interrupted: the model in {out} was written after {done} of {planned} steps; train again for the \
+         full model"
+    )]
+    StoppedEarlyWritten { done: usize, planned: usize, out: String },
 }
 
 impl TrainError {
     /// True when the training ended because it was asked to stop (Ctrl-C, a cancelled job).
     pub fn is_stop(&self) -> bool {
-        matches!(self, TrainError::Stopped | TrainError::StoppedTooSoon { .. })
+        matches!(
+            self,
+            TrainError::Stopped | TrainError::StoppedTooSoon { .. } | TrainError::StoppedEarlyWritten { .. }
+        )
     }
 }
 
