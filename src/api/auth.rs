@@ -50,6 +50,14 @@ impl ApiKeys {
             if key.len() < 16 {
                 return Err(format!("line {}: keys must be at least 16 characters", n + 1));
             }
+            // The shipped Kubernetes secret's placeholders are long enough to pass the
+            // check above; applied unchanged, anyone who read the manifests has the keys.
+            if key.to_ascii_uppercase().contains("CHANGE-ME") {
+                return Err(format!(
+                    "line {}: this is a placeholder key (CHANGE-ME): set a key of your own",
+                    n + 1
+                ));
+            }
             // A key listed twice would silently take its last role.
             if keys.iter().any(|(_, k): &(Role, Vec<u8>)| k == key.as_bytes()) {
                 return Err(format!("line {}: this key is listed twice", n + 1));
@@ -140,5 +148,16 @@ mod tests {
             .err()
             .unwrap();
         assert!(twice.contains("line 2") && twice.contains("twice"), "{twice}");
+        // The placeholders of docker/k8s/secret.yaml, as shipped.
+        let secret = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/k8s/secret.yaml")).unwrap();
+        let shipped: String = secret
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("inspect ") || l.starts_with("admin "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(shipped.lines().count(), 2, "{secret}");
+        let placeholder = ApiKeys::parse(&shipped).err().unwrap();
+        assert!(placeholder.contains("placeholder"), "{placeholder}");
     }
 }

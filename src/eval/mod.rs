@@ -309,9 +309,15 @@ impl EvalReport {
         }
         row("all", &self.overall);
         let t = &self.overall.at_threshold;
+        // Precision is undefined when nothing was flagged (the JSON report keeps 0).
+        let precision = if t.true_positives + t.false_positives == 0 {
+            "n/a (nothing flagged)".to_string()
+        } else {
+            format!("{:.3}", t.precision)
+        };
         s.push_str(&format!(
-            "\nat the model's threshold {:.4}: precision {:.3}, recall {:.3}, F1 {:.3}, accuracy {:.3} (FP {}, FN {})\n",
-            self.threshold, t.precision, t.recall, t.f1, t.accuracy, t.false_positives, t.false_negatives
+            "\nat the model's threshold {:.4}: precision {precision}, recall {:.3}, F1 {:.3}, accuracy {:.3} (FP {}, FN {})\n",
+            self.threshold, t.recall, t.f1, t.accuracy, t.false_positives, t.false_negatives
         ));
         s.push_str(&format!(
             "best F1 on this set: {:.3} at threshold {:.4} (precision {:.3}, recall {:.3})\n",
@@ -324,6 +330,39 @@ impl EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_says_precision_is_undefined_when_nothing_was_flagged() {
+        let (scores, labels) = ([0.1f32, 0.2, 0.3], [false, true, true]);
+        let report = |threshold: f32| {
+            let at = metrics::Confusion::at(&scores, &labels, threshold);
+            let overall = Metrics {
+                good_images: 1,
+                defective_images: 2,
+                image_auroc: 1.0,
+                pixel_auroc: None,
+                aupro: None,
+                at_threshold: at,
+            };
+            EvalReport {
+                model: "m".into(),
+                data: "d".into(),
+                threshold,
+                overall,
+                best_f1: at,
+                per_defect: vec![],
+                seconds: 0.0,
+                scores: vec![],
+            }
+            .summary()
+        };
+        assert!(
+            report(0.5).contains("precision n/a (nothing flagged)"),
+            "{}",
+            report(0.5)
+        );
+        assert!(report(0.15).contains("precision 1.000"), "{}", report(0.15));
+    }
 
     #[test]
     fn a_mask_of_another_size_than_its_image_is_an_error_not_stretched() {
