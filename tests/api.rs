@@ -853,6 +853,25 @@ async fn health_metrics_openapi_and_models() {
             "{kind}"
         );
     }
+    // Regions are typed (code generators made untyped maps of them), and the headers an
+    // integration sends are declared.
+    let regions = &doc["components"]["schemas"]["InspectionResponse"]["properties"]["regions"];
+    assert_eq!(regions["items"]["$ref"], "#/components/schemas/Region", "{regions}");
+    for field in ["x", "y", "width", "height", "area_px", "peak"] {
+        assert!(
+            doc["components"]["schemas"]["Region"]["properties"][field].is_object(),
+            "{field}"
+        );
+    }
+    let headers: Vec<&str> = inspect["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"] == "header")
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(headers, ["X-Part-Id", "X-Request-Id"]);
+    assert_eq!(inspect["tags"], serde_json::json!(["inspect"]));
     let heatmap = &doc["paths"]["/v1/inspections/{id}/heatmap.png"]["get"]["responses"];
     assert_eq!(heatmap["200"]["content"]["image/png"]["schema"]["format"], "binary");
     assert!(heatmap["409"].is_object());
@@ -863,7 +882,13 @@ async fn health_metrics_openapi_and_models() {
             for p in op["parameters"].as_array().into_iter().flatten() {
                 let name = p["name"].as_str().unwrap();
                 let in_path = path.contains(&format!("{{{name}}}"));
-                let want = if in_path { ("path", true) } else { ("query", false) };
+                let want = if in_path {
+                    ("path", true)
+                } else if name.starts_with("X-") {
+                    ("header", false)
+                } else {
+                    ("query", false)
+                };
                 assert_eq!(
                     (p["in"].as_str().unwrap(), p["required"].as_bool().unwrap_or(false)),
                     want,

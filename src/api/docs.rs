@@ -52,6 +52,19 @@ pub fn document() -> Value {
     let paths = doc["paths"].as_object_mut().expect("paths");
     for (path, item) in paths.iter_mut() {
         for (method, op) in item.as_object_mut().expect("path item") {
+            // Tags by what a route is for (utoipa's default is the handler's Rust module).
+            let tag = if path.ends_with("/inspect") {
+                "inspect"
+            } else if path.starts_with("/v1/inspections") {
+                "records"
+            } else if path.starts_with("/v1/training-jobs") {
+                "training"
+            } else if path.starts_with("/v1/models") {
+                "models"
+            } else {
+                "service"
+            };
+            op["tags"] = json!([tag]);
             let admin = path.starts_with("/v1/training-jobs") || path.ends_with("/reload");
             let mut codes = vec![("500", "internal")];
             if path != "/v1/whoami" {
@@ -94,6 +107,17 @@ pub fn document() -> Value {
             }
             // An image to inspect may come in any format vigil reads, or as a form.
             if method == "post" && path.ends_with("/inspect") {
+                let parameters = op["parameters"].as_array_mut().expect("inspect takes query parameters");
+                parameters.push(json!({"name": "X-Part-Id", "in": "header", "required": false,
+                    "description": "The part this image shows: UTF-8 text of up to 256 bytes, recorded with the inspection (one header).",
+                    "schema": {"type": "string", "maxLength": 256}}));
+                parameters.push(json!({"name": "X-Request-Id", "in": "header", "required": false,
+                    "description": "Correlation id: up to 128 letters, digits and -_.:/+@, echoed in the answer's X-Request-Id header and recorded; \
+                        a missing or unusable one is replaced by a generated UUID.",
+                    "schema": {"type": "string", "maxLength": 128}}));
+                if let Some(busy) = op["responses"].get_mut("429") {
+                    busy["headers"] = json!({"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}});
+                }
                 let content = &mut op["requestBody"]["content"];
                 for kind in ["image/jpeg", "image/bmp", "image/tiff", "application/octet-stream"] {
                     content[kind] = json!({"schema": binary});

@@ -54,7 +54,10 @@ pub struct InspectionResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pixel_threshold: Option<f64>,
     pub is_anomalous: bool,
-    #[schema(value_type = Vec<Object>)]
+    /// Defect regions of an anomalous verdict (none for a normal one), highest peak first,
+    /// in the image's own pixels. `peak` and `mean` are values of the returned anomaly map,
+    /// on `pixel_threshold`'s scale; `score` may be read off another smoothing of the map
+    /// (draem's), so compare verdicts by `is_anomalous`, not by a region's peak.
     pub regions: Vec<Region>,
     pub width: i64,
     pub height: i64,
