@@ -58,6 +58,10 @@ pub struct Inspection {
     /// The weight of the first of two learned maps this verdict used (usad models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f32>,
+    /// Why this verdict may not mean what it says: the image differs from those the model
+    /// was trained on (another size, so another scale or shape once resized).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The smoothed anomaly map at working resolution (`working_size²`), row-major;
     /// [`Inspection::map`] resizes it to the image's own.
     #[serde(skip)]
@@ -260,6 +264,21 @@ impl Detector {
         scoring::map_and_score(&raw, &self.card.scoring)
     }
 
+    /// What differs between an image of `width × height` and the model's training images.
+    /// Every image is resized to the working size, so another size means the surface at
+    /// another scale (a camera moved, a region of interest changed) or stretched: a good
+    /// part may then score as a defect, or a defect as good, and the verdict should be
+    /// read with that in mind.
+    pub fn input_warnings(&self, width: usize, height: usize) -> Vec<String> {
+        match self.card.training.image_size {
+            Some([w, h]) if (w as usize, h as usize) != (width, height) => vec![format!(
+                "the image is {width}×{height} pixels; this model was trained on {w}×{h} images: a part seen at \
+                 another scale or shape can score as a defect, or a defect as good"
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// Scores a reconstruction: verdict and regions (in the original image's pixels).
     pub fn score(&self, prepared: &Prepared, recon: &Reconstruction, overrides: Overrides) -> Inspection {
         let t = &self.card.thresholds;
@@ -299,6 +318,7 @@ impl Detector {
             width: w,
             height: h,
             alpha: self.alpha(overrides.alpha),
+            warnings: self.input_warnings(w, h),
             working_map,
             working_size: s,
         }

@@ -27,6 +27,10 @@ fn train_writes_a_complete_artifact() {
     assert_eq!(card["thresholds"]["validation_images"], 1, "10% of 12 images, rounded");
     assert_eq!(card["data_fingerprint"].as_str().unwrap().len(), 64);
     assert_eq!(card["weights_sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        card["training"]["image_size"][0].as_u64().unwrap() > 0,
+        "the training images' size"
+    );
     assert!(dir.join("weights.safetensors").is_file());
     // Readable by other users: containers run the model as a non-root user.
     #[cfg(unix)]

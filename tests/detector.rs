@@ -64,6 +64,31 @@ fn maps_come_back_at_the_images_own_resolution() {
 }
 
 #[test]
+fn an_image_of_another_size_than_the_training_images_is_judged_with_a_warning() {
+    let mut card = common::test_card(Fit::Whole, 64, 32);
+    let img = |w, h| DynamicImage::ImageLuma8(GrayImage::from_pixel(w, h, Luma([10])));
+    // A card that does not record its training images' size warns of nothing.
+    let d = Detector::new(card.clone(), Arc::new(common::Flat(Device::Cpu)));
+    assert!(d.inspect_batch(&[&img(90, 50)], Overrides::default()).unwrap()[0]
+        .warnings
+        .is_empty());
+    card.training.image_size = Some([90, 50]);
+    let d = Detector::new(card, Arc::new(common::Flat(Device::Cpu)));
+    let r = d
+        .inspect_batch(&[&img(90, 50), &img(180, 100), &img(50, 90)], Overrides::default())
+        .unwrap();
+    assert!(r[0].warnings.is_empty());
+    for other in &r[1..] {
+        assert_eq!(other.warnings.len(), 1);
+        assert!(
+            other.warnings[0].contains("trained on 90×50 images"),
+            "{:?}",
+            other.warnings
+        );
+    }
+}
+
+#[test]
 fn tiles_cover_the_image_and_agree_with_whole_fitting_away_from_tile_borders() {
     let whole = Detector::new(
         common::test_card(Fit::Whole, 64, 32),

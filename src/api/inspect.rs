@@ -206,6 +206,7 @@ async fn inspect(
         height: record.height,
         timings_ms: timings,
         alpha: record.alpha,
+        warnings: inspection.warnings,
         created_at: rfc3339(created_at),
         request_id,
         part_id,

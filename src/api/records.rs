@@ -41,6 +41,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
         height: r.height,
         timings_ms: timings,
         alpha: r.alpha,
+        warnings: Vec::new(),
         created_at: rfc3339(r.created_at),
         request_id: r.request_id,
         part_id: r.part_id,

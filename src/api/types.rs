@@ -65,6 +65,10 @@ pub struct InspectionResponse {
     /// The weight of the first of two learned maps this verdict used (usad models only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
+    /// Why this verdict may not mean what it says, e.g. an image of another size than the
+    /// model's training images. In the answer to an inspection only (not stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub links: Links,

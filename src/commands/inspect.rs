@@ -100,12 +100,18 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         }
     }
     let mut out: Box<dyn Write> = match &args.json_lines {
-        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
+        Some(p) if p.as_os_str() != "-" => {
+            // As the folder options do: a new folder for the file is made.
+            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            ))
+        }
         _ => Box::new(std::io::stdout().lock()),
     };
-    let mut failures = 0;
+    let (mut failures, mut warned) = (0, 0);
     for chunk in paths.chunks(8) {
         let loaded: Vec<_> = chunk
             .iter()
@@ -118,6 +124,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             let line = match img {
                 Ok(img) => {
                     let (insp, recon) = results.next().expect("one result per loaded image");
+                    warned += usize::from(!insp.warnings.is_empty());
                     serde_json::to_string(&write_outputs(&detector, args, path, img, &insp, &recon)?)?
                 }
                 Err(e) => {
@@ -132,6 +139,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         }
     }
     out.flush()?;
+    if warned > 0 {
+        tracing::warn!(
+            "{warned} image(s) differ from the model's training images (see the warnings in their records): \
+             their verdicts may not mean what they say"
+        );
+    }
     Ok(failures)
 }
 

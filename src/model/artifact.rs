@@ -185,6 +185,10 @@ pub struct TrainingSummary {
     /// (step, mean loss over the preceding interval).
     pub loss_curve: Vec<(usize, f32)>,
     pub training_images: usize,
+    /// The training images' size, [width, height], when they all shared it: an image of
+    /// another size is judged with a warning (absent in cards written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<[u32; 2]>,
     pub augment: Vec<String>,
     pub inpainting_fraction: f32,
     pub collapse: CollapseCheck,

@@ -115,6 +115,8 @@ pub struct LoadedSet {
     pub fingerprint: String,
     /// True when some image carries colour.
     pub any_colour: bool,
+    /// The images' size (width, height) when they all share it.
+    pub image_size: Option<(u32, u32)>,
 }
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
@@ -149,7 +151,12 @@ pub fn load_set(
         return Err(DatasetError::BadImages(bad));
     }
     let dims = |img: &image::DynamicImage| (img.width(), img.height());
-    if let Some(i) = decoded.iter().position(|img| dims(img) != dims(&decoded[0])) {
+    let mixed = decoded.iter().position(|img| dims(img) != dims(&decoded[0]));
+    let image_size = match (mixed, decoded.first()) {
+        (None, Some(first)) => Some(dims(first)),
+        _ => None,
+    };
+    if let Some(i) = mixed {
         let ((w0, h0), (w, h)) = (dims(&decoded[0]), dims(&decoded[i]));
         tracing::warn!(
             "the images differ in size ({} is {w0}×{h0}, {} is {w}×{h}): each is resized to {size}×{size}, \
@@ -169,6 +176,7 @@ pub fn load_set(
         files: files.to_vec(),
         fingerprint: hex::encode(hasher.finalize()),
         any_colour,
+        image_size,
     })
 }
 

@@ -339,6 +339,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     still_wanted()?;
     card.training = TrainingSummary {
         training_images: training.len(),
+        image_size: set.image_size.map(|(w, h)| [w, h]),
         time_budget: budget_record,
         ..summary
     };
@@ -510,6 +511,7 @@ fn fit(
         final_loss_parts: last_parts,
         loss_curve: curve,
         training_images: 0,
+        image_size: None,
         augment: cfg.augment.names(),
         inpainting_fraction: cfg.augment.inpaint_fraction,
         collapse,

@@ -319,6 +319,7 @@ async function inspectFiles(list, model, results) {
           ? h("p", { class: "error" }, "Most of the image scores as anomalous: is this the surface and the lighting " +
             `this model was trained on (${model})? Try another model, or train one on good images of it.`)
           : null,
+        ...(insp.warnings || []).map((w) => h("p", { class: "error" }, w)),
         h("p", { class: "muted" },
           `${insp.regions.length} region(s) · decode ${fmt(t.decode, 1)} · queue ${fmt(t.queue, 1)} · ` +
           `model ${fmt(t.inference, 1)} · scoring ${fmt(t.scoring, 1)} · total ${fmt(t.total, 1)} ms`));
