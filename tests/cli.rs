@@ -399,6 +399,25 @@ fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
         "{}",
         stderr(&o)
     );
+    assert!(
+        !stderr(&o).contains("images this model was trained on"),
+        "{}",
+        stderr(&o)
+    );
+    // The folder it was trained from (an MVTec category: its train/good) is named.
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dataset().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("these are the images this model was trained on"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

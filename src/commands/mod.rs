@@ -59,11 +59,16 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     let mut detector = load_detector(&args.model, args.device)?;
     let files = dataset::training_files(&args.data)?;
     let set = dataset::load_set(
-        &args.data,
         &files,
         Some(detector.card.input.channels),
         detector.card.input.working_size,
     )?;
+    if set.fingerprint == detector.card.data_fingerprint {
+        tracing::warn!(
+            "these are the images this model was trained on (the same fingerprint): thresholds set on them are \
+             optimistic, and will flag good parts it has not seen; calibrate on good images held out of training"
+        );
+    }
     let before = detector.card.thresholds.clone();
     let config = args.calibration.config_keeping(&before, detector.card.scoring.method);
     let set_by = format!(

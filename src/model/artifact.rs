@@ -219,7 +219,8 @@ pub struct ModelCard {
     pub thresholds: Thresholds,
     pub validation_scores: ScoreStats,
     pub training: TrainingSummary,
-    /// SHA-256 over the training files' relative paths and contents, in sorted order.
+    /// SHA-256 over the training files' contents' SHA-256s, sorted (names and folders do
+    /// not change it; cards written before hashed the relative paths too).
     pub data_fingerprint: String,
     /// SHA-256 of `weights.safetensors` as training wrote it: loading refuses other
     /// weights under this card (its thresholds were set for these). Absent in cards

@@ -111,7 +111,8 @@ fn unfollowable_link(e: &walkdir::Error) -> bool {
 pub struct LoadedSet {
     pub images: Vec<Planar>,
     pub files: Vec<PathBuf>,
-    /// SHA-256 over relative paths and contents, in sorted order.
+    /// SHA-256 over the files' contents' SHA-256s, sorted: the same images give the same
+    /// fingerprint whatever their names or the folder named to reach them.
     pub fingerprint: String,
     /// True when some image carries colour.
     pub any_colour: bool,
@@ -121,13 +122,8 @@ pub struct LoadedSet {
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
 /// and resizing to `size × size`. Unreadable images are an error naming each of them.
-pub fn load_set(
-    root: &Path,
-    files: &[PathBuf],
-    channels: Option<usize>,
-    size: usize,
-) -> Result<LoadedSet, DatasetError> {
-    let mut hasher = Sha256::new();
+pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Result<LoadedSet, DatasetError> {
+    let mut digests = Vec::with_capacity(files.len());
     let mut decoded = Vec::with_capacity(files.len());
     let mut bad = Vec::new();
     for f in files {
@@ -138,10 +134,7 @@ pub fn load_set(
                 continue;
             }
         };
-        let rel = f.strip_prefix(root).unwrap_or(f);
-        hasher.update(rel.to_string_lossy().as_bytes());
-        hasher.update([0]);
-        hasher.update(Sha256::digest(&bytes));
+        digests.push(Sha256::digest(&bytes));
         match image_io::decode(&bytes, image_io::DEFAULT_MAX_PIXELS) {
             Ok(img) => decoded.push(img),
             Err(e) => bad.push((f.clone(), e.to_string())),
@@ -165,6 +158,19 @@ pub fn load_set(
             files[i].display()
         );
     }
+    digests.sort();
+    let copies = digests.windows(2).filter(|w| w[0] == w[1]).count();
+    if copies > 0 {
+        // A copy held out for calibration sets the thresholds on an image the model was
+        // trained on: optimistic, like calibrating on the training images.
+        tracing::warn!(
+            "{copies} of the {} images are byte-for-byte copies of others (a folder copied twice, a link to \
+             one): each copy counts as another image",
+            files.len()
+        );
+    }
+    let mut hasher = Sha256::new();
+    digests.iter().for_each(|d| hasher.update(d));
     let any_colour = decoded.iter().any(image_io::has_colour);
     let c = channels.unwrap_or(if any_colour { 3 } else { 1 });
     let images = decoded
@@ -225,15 +231,32 @@ mod tests {
     }
 
     #[test]
+    fn the_fingerprint_is_of_the_contents_not_of_the_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let grey = |path: &Path, v: u8| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::GrayImage::from_pixel(8, 8, image::Luma([v])).save(path).unwrap();
+        };
+        let fingerprint = |folder: &Path| load_set(&image_files(folder).unwrap(), None, 8).unwrap().fingerprint;
+        grey(&dir.path().join("a/1.png"), 10);
+        grey(&dir.path().join("a/2.png"), 20);
+        grey(&dir.path().join("b/train/good/x.png"), 20);
+        grey(&dir.path().join("b/train/good/y.png"), 10);
+        grey(&dir.path().join("c/1.png"), 10);
+        grey(&dir.path().join("c/2.png"), 30);
+        let a = fingerprint(&dir.path().join("a"));
+        assert_eq!(a, fingerprint(&dir.path().join("b")), "renamed and moved");
+        assert_ne!(a, fingerprint(&dir.path().join("c")), "one image changed");
+    }
+
+    #[test]
     fn every_unreadable_image_is_named_in_one_error() {
         let dir = tempfile::tempdir().unwrap();
         png(&dir.path().join("a.png"));
         std::fs::write(dir.path().join("b.png"), b"").unwrap();
         std::fs::write(dir.path().join("c.png"), b"not a png").unwrap();
         let files = image_files(dir.path()).unwrap();
-        let err = load_set(dir.path(), &files, None, 8)
-            .err()
-            .expect("unreadable images refused");
+        let err = load_set(&files, None, 8).err().expect("unreadable images refused");
         let DatasetError::BadImages(bad) = &err else {
             panic!("{err}")
         };

@@ -243,7 +243,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     cfg.check()?;
     check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
-    let set = dataset::load_set(&cfg.data, &files, cfg.channels, cfg.working_size)?;
+    let set = dataset::load_set(&files, cfg.channels, cfg.working_size)?;
     still_wanted()?;
     let channels = set.images[0].channels;
     let mut architecture = cfg.architecture.clone();
