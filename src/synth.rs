@@ -37,6 +37,25 @@ impl Default for SynthConfig {
 /// Writes the data set under `root` (train/good, test/good, test/<defect>,
 /// ground_truth/<defect>/<name>_mask.png).
 pub fn generate(root: &Path, cfg: &SynthConfig) -> std::io::Result<()> {
+    // Writing over another set would leave a mix of the two (the other's extra images,
+    // of another size, among these).
+    for part in ["train", "test", "ground_truth"] {
+        if root.join(part).exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} already holds a data set ({part}/): choose a new folder",
+                    root.display()
+                ),
+            ));
+        }
+    }
+    if cfg.train_good + cfg.test_good + cfg.test_defective == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no images asked for: set --train-good, --test-good or --test-defective above 0",
+        ));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let save = |img: &GrayImage, path: &Path| -> std::io::Result<()> {
         std::fs::create_dir_all(path.parent().expect("has parent"))?;
@@ -183,4 +202,39 @@ fn add_defect(img: &mut GrayImage, kind: &str, rng: &mut ChaCha8Rng) -> GrayImag
         }
     }
     mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_holding_a_set_is_not_written_over_and_an_empty_set_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig {
+            size: 16,
+            train_good: 2,
+            test_good: 1,
+            test_defective: 1,
+            seed: 1,
+        };
+        generate(dir.path(), &cfg).unwrap();
+        let again = generate(
+            dir.path(),
+            &SynthConfig {
+                size: 24,
+                ..cfg.clone()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        let none = SynthConfig {
+            train_good: 0,
+            test_good: 0,
+            test_defective: 0,
+            ..cfg
+        };
+        let empty = generate(&dir.path().join("new"), &none).unwrap_err();
+        assert_eq!(empty.kind(), std::io::ErrorKind::InvalidInput);
+    }
 }

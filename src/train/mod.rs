@@ -312,8 +312,9 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             if !fits {
                 tracing::warn!(
                     "a step takes {step_s:.3} s on this machine: even the fewest steps vigil trains ({steps}) \
-                     overrun the {minutes:.1}-minute budget (--time-budget); training them anyway; `--steps {steps}` \
-                     trains this model again"
+                     overrun the {minutes:.1}-minute budget (--time-budget) once {:.0} s are kept for loading, \
+                     calibrating and writing the model; training them anyway; `--steps {steps}` trains this model again",
+                    budget::reserve(limit).as_secs_f64()
                 );
             } else if steps < cfg.steps {
                 tracing::warn!(
