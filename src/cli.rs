@@ -405,6 +405,11 @@ pub struct ServeArgs {
     /// Requests admitted per model (queued or running); beyond this the answer is 429.
     #[arg(long, env = "VIGIL_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+    /// The folder a training job's `folder` must lie in (a relative one is taken inside
+    /// it). Default: none, any folder the server can read; set it where admin keys are
+    /// shared or the API is open, so the API cannot be used to list or read other folders.
+    #[arg(long, env = "VIGIL_TRAINING_ROOT")]
+    pub training_root: Option<std::path::PathBuf>,
     /// CPU threads a training job started through the server takes (one job at a time);
     /// the rest stay with inspection. Default: half the cores, at least 1.
     #[arg(long, env = "VIGIL_TRAINING_THREADS")]

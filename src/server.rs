@@ -78,6 +78,13 @@ pub async fn build_state(
             "no model is named `default`: POST /v1/inspect answers 404; use /v1/models/{{model}}/inspect"
         );
     }
+    let training_root = match &args.training_root {
+        Some(root) => Some(
+            root.canonicalize()
+                .with_context(|| format!("--training-root {}", root.display()))?,
+        ),
+        None => None,
+    };
     let state = Arc::new(AppState {
         models: std::sync::RwLock::new(models),
         default_model,
@@ -94,6 +101,7 @@ pub async fn build_state(
             // Never below one image of the largest size accepted, which would wait for good.
             pixel_budget: crate::api::budget::PixelBudget::new(args.max_inflight_pixels.max(args.max_pixels)),
             store_images: args.store_images,
+            training_root,
             max_batch: args.max_batch,
             queue_capacity: args.queue_capacity,
         },

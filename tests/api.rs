@@ -91,6 +91,7 @@ async fn harness_with(
             drain_timeout: Duration::from_secs(60),
             pixel_budget: api::budget::PixelBudget::new(1_000_000),
             store_images: true,
+            training_root: None,
             max_batch: 4,
             queue_capacity,
         },

@@ -54,6 +54,8 @@ pub struct Limits {
     /// After that: how long requests in flight may take before their connections close.
     pub drain_timeout: Duration,
     pub store_images: bool,
+    /// Where a training job's `folder` must lie (canonical), when set.
+    pub training_root: Option<PathBuf>,
     /// Pixels held at full resolution at once, across requests (see [`budget`]).
     pub pixel_budget: budget::PixelBudget,
     /// Engine settings for models added while serving (trained by a job).

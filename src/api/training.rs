@@ -432,6 +432,33 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
     })
 }
 
+/// `given` inside `root` (canonical): a relative folder is taken inside it. Refused, with
+/// one message whether or not the folder exists, when it lies elsewhere (`..`, an absolute
+/// path outside, a link out), so the API does not tell which folders exist outside.
+fn within_root(root: &std::path::Path, given: &std::path::Path) -> Result<PathBuf, ApiError> {
+    let outside = || {
+        ApiError::BadTrainingData(format!(
+            "{}: the folder must lie inside the server's training root (--training-root)",
+            given.display()
+        ))
+    };
+    if given.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(outside());
+    }
+    let joined = root.join(given);
+    if !joined.starts_with(root) {
+        return Err(outside());
+    }
+    match joined.canonicalize() {
+        Ok(real) if real.starts_with(root) => Ok(real),
+        Ok(_) => Err(outside()),
+        Err(_) => Err(ApiError::BadTrainingData(format!(
+            "{}: no such folder in the training root",
+            given.display()
+        ))),
+    }
+}
+
 /// Checks and records the job and puts it in the queue. Uploaded images are removed by the
 /// worker when the job ends (by the caller if this fails).
 async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<JobView, ApiError> {
@@ -457,6 +484,10 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     // Uploads live in a folder of the server's own; errors name it as the upload. Another
     // job's uploads are not a folder to name: they go when that job ends.
     let uploaded = folder == upload_dir_of(state, &id);
+    let folder = match &state.limits.training_root {
+        Some(root) if !uploaded => within_root(root, &folder)?,
+        _ => folder,
+    };
     let shown = if uploaded {
         "the uploaded images".to_string()
     } else {
@@ -827,6 +858,39 @@ pub async fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_training_root_confines_folders_and_says_nothing_of_those_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("line-3/good")).unwrap();
+        std::fs::create_dir_all(dir.path().join("secret")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out")).unwrap();
+        let root = root.canonicalize().unwrap();
+        let inside = root.join("line-3/good");
+        assert_eq!(within_root(&root, std::path::Path::new("line-3/good")).unwrap(), inside);
+        assert_eq!(within_root(&root, &inside).unwrap(), inside);
+        let message = |given: &std::path::Path| match within_root(&root, given) {
+            Err(ApiError::BadTrainingData(m)) => m,
+            other => panic!("{given:?}: {other:?}"),
+        };
+        // Outside, existing or not, by `..`, by an absolute path or by a link: one answer.
+        let secret = dir.path().join("secret");
+        for given in [
+            std::path::Path::new("../secret"),
+            std::path::Path::new("line-3/../../secret"),
+            secret.as_path(),
+            std::path::Path::new("/no/such/folder"),
+            std::path::Path::new("out"),
+        ] {
+            assert!(
+                message(given).contains("must lie inside the server's training root"),
+                "{given:?}"
+            );
+        }
+        assert!(message(std::path::Path::new("line-4")).contains("no such folder in the training root"));
+    }
 
     #[test]
     fn a_model_name_is_held_by_one_request_at_a_time() {
