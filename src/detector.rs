@@ -76,6 +76,10 @@ impl Inspection {
     /// camera's 12 MP it is 48 MB and most of the time spent scoring.
     pub fn map(&self) -> Vec<f32> {
         let s = self.working_size;
+        if s == 0 || self.working_map.len() != s * s {
+            // Read back from JSON (the map is not serialised): there is none to resize.
+            return Vec::new();
+        }
         resize_plane(&self.working_map, s, s, self.width, self.height)
     }
 }

@@ -58,14 +58,37 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     without_panics(format, || reader.decode())
 }
 
-/// Whether a JPEG's last marker is its end of image (FF D9), allowing the padding some
-/// encoders write after it (zero, 0xFF or whitespace bytes).
+/// Whether a JPEG's image data reaches its end-of-image marker (FF D9): the marker
+/// segments before the first scan are skipped by their lengths (an EXIF thumbnail in them
+/// has an end marker of its own), then an FF D9 must follow, which entropy-coded data
+/// cannot contain (an FF in it is followed by 00 or a restart marker). Data appended after
+/// the end (a phone's trailer, padding) is allowed.
 fn ends_with_jpeg_eoi(bytes: &[u8]) -> bool {
-    let end = bytes
-        .iter()
-        .rposition(|b| !matches!(b, 0x00 | 0xFF | b'\r' | b'\n' | b' '))
-        .map_or(0, |i| i + 1);
-    end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
+    let mut at = 2; // after SOI
+    loop {
+        let Some(&[0xFF, marker]) = bytes.get(at..at + 2) else {
+            return false;
+        };
+        match marker {
+            // Fill bytes before a marker.
+            0xFF => at += 1,
+            // Markers without a length.
+            0x01 | 0xD0..=0xD8 => at += 2,
+            0xD9 => return true,
+            _ => {
+                let Some(&[hi, lo]) = bytes.get(at + 2..at + 4) else {
+                    return false;
+                };
+                let next = at + 2 + usize::from(u16::from_be_bytes([hi, lo]));
+                if marker == 0xDA {
+                    return bytes
+                        .get(next..)
+                        .is_some_and(|scan| scan.windows(2).any(|w| w == [0xFF, 0xD9]));
+                }
+                at = next;
+            }
+        }
+    }
 }
 
 /// The size `bytes` declare, checked as [`decode`] checks them, from the header alone.
@@ -410,6 +433,11 @@ mod tests {
         let mut padded = jpeg.clone();
         padded.extend_from_slice(&[0, 0, 0xFF, b'\n']);
         assert!(decode(&padded, DEFAULT_MAX_PIXELS).is_ok());
+        // A trailer after the end, as some phones append (here: bytes that end in neither
+        // padding nor a marker).
+        let mut trailer = jpeg.clone();
+        trailer.extend_from_slice(b"\x00\x00\x00\x18ftypmp42 appended video");
+        assert!(decode(&trailer, DEFAULT_MAX_PIXELS).is_ok());
     }
 
     #[test]

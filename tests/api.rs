@@ -228,7 +228,12 @@ async fn client_ids_are_kept_within_bounds() {
     assert_eq!(json(&b)["part_id"], "Teil-ä€");
     let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
     assert_eq!(json(&b)["part_id"], "Teil-ä€");
-    for values in [&[b"Teil-\xe4".as_slice()][..], &[b"a", b"b"]] {
+    for values in [
+        &[b"Teil-\xe4".as_slice()][..],
+        &[b"a", b"b"],
+        &["Teil\u{202E}42".as_bytes()],
+        &[b"Teil\t42"],
+    ] {
         let (s, _, b) = send(&h.state, with_part(values)).await;
         assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
     }
@@ -1444,6 +1449,7 @@ async fn an_upload_s_text_fields_are_bounded() {
     assert!(String::from_utf8_lossy(&b).contains("options field is at most 64 KiB"));
     let (s, _, b) = send(&h.state, upload_job(&folder, &"m".repeat(65 * 1024), TINY)).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+    assert!(String::from_utf8_lossy(&b).contains("model field is at most 64 KiB"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1542,6 +1548,17 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         ),
         (
             serde_json::json!({"model": "x", "folder": folder, "options": {"batch_size": 1_000_000}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // Each within its bound, together a terabyte, or four million tiles an image.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "spatial", "batch_size": 256, "width": 256, "size": 2048, "patch": 2048, "fit": "whole"}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "spatial", "size": 2048, "patch": 16, "fit": "tiles", "stride": 1}}),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),

@@ -216,6 +216,26 @@ fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
         "{}",
         stderr(&second)
     );
+    // An output folder that is the input folder itself skips nothing (every image lies
+    // in it).
+    let whole = work.path().join("whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    std::fs::copy(dataset().join("test/good/000.png"), whole.join("000.png")).unwrap();
+    let o = vigil()
+        .args([
+            "inspect",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--json-lines",
+            "-",
+            "--heatmaps-dir",
+            whole.to_str().unwrap(),
+            whole.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(records(&o), 1);
 }
 
 #[test]

@@ -43,13 +43,31 @@ fn is_cross_site(headers: &HeaderMap) -> bool {
         return false;
     };
     // `Origin: null` (a sandboxed frame, a file) is another site too.
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, authority)| authority);
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    !matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+    let Some((scheme, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return true;
+    };
+    // Browsers send Sec-Fetch-Site only over HTTPS and to localhost, so on a plain-HTTP
+    // factory network this is the check. The port a scheme implies may be written or not
+    // (`Host: vigil:80` from some proxies), and a proxy that rewrites Host says where the
+    // request was sent in X-Forwarded-Host (a page cannot set that header cross-site
+    // without a preflight, which vigil does not answer).
+    let default_port = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    let plain = |a: &str| {
+        let a = a.trim();
+        a.strip_suffix(default_port)
+            .filter(|_| !default_port.is_empty())
+            .unwrap_or(a)
+            .to_ascii_lowercase()
+    };
+    let origin = plain(authority);
+    let sent_to = [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok());
+    !sent_to.into_iter().any(|h| plain(h) == origin)
 }
 
 /// Headers on every answer: no content-type sniffing (a stored image served as what it
@@ -100,6 +118,29 @@ mod tests {
             (&[("origin", "http://vigil:9090"), ("host", "vigil:8080")], true),
             (&[("origin", "null"), ("host", "vigil:8080")], true),
             (&[("origin", "http://vigil:8080")], true),
+            // The port the scheme implies, written on one side only.
+            (&[("origin", "http://vigil"), ("host", "vigil:80")], false),
+            (&[("origin", "https://vigil:443"), ("host", "vigil")], false),
+            (&[("origin", "http://vigil"), ("host", "vigil:8080")], true),
+            (&[("origin", "http://[::1]:8080"), ("host", "[::1]:8080")], false),
+            (&[("origin", "http://[::1]:8080"), ("host", "[::1]:9090")], true),
+            // A proxy that rewrote Host to its upstream's name.
+            (
+                &[
+                    ("origin", "http://vigil.plant"),
+                    ("host", "backend:8080"),
+                    ("x-forwarded-host", "vigil.plant"),
+                ],
+                false,
+            ),
+            (
+                &[
+                    ("origin", "http://evil.example"),
+                    ("host", "backend:8080"),
+                    ("x-forwarded-host", "vigil.plant"),
+                ],
+                true,
+            ),
         ];
         for (pairs, cross) in cases {
             assert_eq!(is_cross_site(&headers(pairs)), *cross, "{pairs:?}");

@@ -73,6 +73,16 @@ fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
     let text = std::str::from_utf8(value.as_bytes())
         .map_err(|_| ApiError::BadRequest("X-Part-Id must be UTF-8 text".into()))?;
+    // Control characters and direction overrides would make a stored id display as
+    // another (on the page, in exports).
+    if text
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'))
+    {
+        return Err(ApiError::BadRequest(
+            "X-Part-Id may not hold control or text-direction characters".into(),
+        ));
+    }
     Ok((!text.is_empty()).then(|| text.to_string()))
 }
 

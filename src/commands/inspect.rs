@@ -56,9 +56,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     let mut paths = Vec::new();
     for input in &args.inputs {
         if input.is_dir() {
+            // Only output folders strictly inside the input: one that is the input folder
+            // or holds it would take every image for an output.
+            let root = input.canonicalize().unwrap_or_else(|_| input.clone());
+            let inside: Vec<&PathBuf> = outputs.iter().filter(|o| o.starts_with(&root) && **o != root).collect();
             let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = image_files(input)?.into_iter().partition(|p| {
                 let p = p.canonicalize().unwrap_or_else(|_| p.clone());
-                outputs.iter().any(|o| p.starts_with(o))
+                inside.iter().any(|o| p.starts_with(o))
             });
             if !ours.is_empty() {
                 tracing::warn!(
@@ -157,10 +161,13 @@ fn write_outputs<'a>(
     recon: &Reconstruction,
 ) -> anyhow::Result<Record<'a>> {
     let name = unique_name(path);
+    // Built once for both outputs that read it.
+    let map = (args.maps_dir.is_some() || args.heatmaps_dir.is_some()).then(|| insp.map());
+    let map = map.as_deref().unwrap_or_default();
     let map_path = match &args.maps_dir {
         Some(dir) => {
             let p = dir.join(format!("{name}.npy"));
-            crate::npy::write_f32_2d(&p, &insp.map(), insp.height, insp.width)
+            crate::npy::write_f32_2d(&p, map, insp.height, insp.width)
                 .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())
         }
@@ -170,7 +177,7 @@ fn write_outputs<'a>(
         Some(dir) => {
             let p = dir.join(format!("{name}.png"));
             let base = image_io::Planar::from_image(img, detector.card.input.channels).to_rgb8();
-            render_heatmap(&base, &insp.map(), insp.pixel_threshold, 0.5)
+            render_heatmap(&base, map, insp.pixel_threshold, 0.5)
                 .save(&p)
                 .with_context(|| format!("writing {}", p.display()))?;
             Some(p.display().to_string())

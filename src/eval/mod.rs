@@ -162,7 +162,10 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
                 None if !t.is_defective() => Some(vec![false; insp.width * insp.height]),
                 None => None,
             };
-            scored.push((t.category.clone(), insp, mask));
+            // The map at the image's resolution, made once: the overall metrics and each
+            // defect type's (every one with all the good images) read it.
+            let masked = mask.map(|m| (m, insp.map()));
+            scored.push((t.category.clone(), insp, masked));
         }
         bar.inc(chunk.len() as u64);
     }
@@ -192,27 +195,28 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
     })
 }
 
-type Scored = (String, crate::detector::Inspection, Option<Vec<bool>>);
+/// A test image's category, verdict, and (where its mask is known) mask and map.
+type Scored = (String, crate::detector::Inspection, Option<(Vec<bool>, Vec<f32>)>);
 
 fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
     let scores: Vec<f32> = items.iter().map(|s| s.1.score).collect();
     let labels: Vec<bool> = items.iter().map(|s| s.0 != "good").collect();
     let all_masks = items.iter().all(|s| s.2.is_some());
     let (pixel_auroc, aupro) = if all_masks {
-        let maps: Vec<Vec<f32>> = items.iter().map(|s| s.1.map()).collect();
-        let total: usize = maps.iter().map(Vec::len).sum();
+        let pairs: Vec<&(Vec<bool>, Vec<f32>)> = items.iter().map(|s| s.2.as_ref().expect("checked")).collect();
+        let total: usize = pairs.iter().map(|p| p.1.len()).sum();
         let mut pix = Vec::with_capacity(total);
         let mut lab = Vec::with_capacity(total);
-        for (s, map) in items.iter().zip(&maps) {
+        for (mask, map) in &pairs {
             pix.extend_from_slice(map);
-            lab.extend_from_slice(s.2.as_ref().expect("checked"));
+            lab.extend_from_slice(mask);
         }
         let masked: Vec<MaskedMap> = items
             .iter()
-            .zip(&maps)
-            .map(|(s, map)| MaskedMap {
+            .zip(&pairs)
+            .map(|(s, (mask, map))| MaskedMap {
                 map,
-                mask: s.2.as_ref().expect("checked"),
+                mask,
                 width: s.1.width,
                 height: s.1.height,
             })

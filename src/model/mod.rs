@@ -159,14 +159,14 @@ impl Network {
         };
         if let Some(recorded) = &card.weights_sha256 {
             let actual = file_sha256(&path)?;
-            if &actual != recorded {
+            if !actual.eq_ignore_ascii_case(recorded) {
                 return Err(ArtifactError::BadWeights {
                     path,
                     message: format!(
                         "not the weights this model.json was written with (SHA-256 {}…, recorded {}…): \
                          a model's two files belong together; copy both from one model folder",
                         &actual[..12],
-                        &recorded[..recorded.len().min(12)]
+                        recorded.get(..12).unwrap_or(recorded)
                     ),
                 });
             }

@@ -140,6 +140,12 @@ pub const MAX_STEPS: usize = 1_000_000;
 pub const MAX_WIDTH: usize = 256;
 /// Channels of a bottleneck or a latent vector.
 pub const MAX_CODE: usize = 4096;
+/// Values in one full-resolution activation of a training batch (batch × first-stage
+/// width × crop pixels; the defaults: 16 × 32 × 128² = 8.4 M, 34 MB): the bounds above
+/// each allow far more together (256 × 256 × 2048², a terabyte).
+pub const MAX_ACTIVATION: usize = 256 << 20;
+/// Tiles one image is cut into (the spatial default: 7 × 7).
+pub const MAX_TILES: usize = 4096;
 
 impl TrainConfig {
     /// Checks the settings without reading any image, so a training job can refuse bad
@@ -219,12 +225,41 @@ impl TrainConfig {
                 ("critic width", *critic_width, MAX_WIDTH),
             ]),
         }
-        match sizes.into_iter().find(|&(_, value, max)| value > max) {
-            Some((name, value, max)) => Err(TrainError::Config(format!(
+        let widest = sizes
+            .iter()
+            .filter(|(name, ..)| name.ends_with("width"))
+            .map(|&(_, value, _)| value)
+            .max()
+            .unwrap_or(1);
+        if let Some((name, value, max)) = sizes.into_iter().find(|&(_, value, max)| value > max) {
+            return Err(TrainError::Config(format!(
                 "{name} {value} is over the most vigil trains, {max}"
-            ))),
-            None => Ok(()),
+            )));
         }
+        let activation = self.batch_size * widest * self.patch_size * self.patch_size;
+        if activation > MAX_ACTIVATION {
+            return Err(TrainError::Config(format!(
+                "batch size {} × width {widest} × {}² crops is over what vigil trains ({} M values in one \
+                 activation, at most {} M): lower one of them",
+                self.batch_size,
+                self.patch_size,
+                activation >> 20,
+                MAX_ACTIVATION >> 20
+            )));
+        }
+        if let Fit::Tiles { stride } = self.fit {
+            if stride > 0 && self.patch_size <= self.working_size {
+                let per_side = crate::detector::tile_axis(self.working_size, self.patch_size, stride).len();
+                if per_side * per_side > MAX_TILES {
+                    return Err(TrainError::Config(format!(
+                        "{per_side}² tiles an image (patch {} every {stride} px of {}): at most {MAX_TILES}; \
+                         raise --stride",
+                        self.patch_size, self.working_size
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -734,7 +734,9 @@ async function route() {
   const [path, query] = location.hash.split("?");
   const [, name, arg] = path.split("/");
   if (name === "review") {
-    const filters = Object.fromEntries(new URLSearchParams(query || ""));
+    // Only the filters the API takes: it refuses others, and an old link may carry one.
+    const known = ["model", "verdict", "feedback", "part_id", "part_prefix", "since", "until"];
+    const filters = Object.fromEntries([...new URLSearchParams(query || "")].filter(([k]) => known.includes(k)));
     if (JSON.stringify(filters) !== JSON.stringify(state.filters)) state.cursors = [];
     state.filters = filters;
     state.reviewHash = location.hash;
