@@ -41,7 +41,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
         // cut short would be judged as a part with a grey band (flagged, or with the
         // spatial model, once, passed as normal). PNG, BMP and TIFF decoders refuse it.
         return Err(ImageError::Corrupt(
-            "the JPEG does not end with its end-of-image marker (truncated, or data appended after it)".into(),
+            "the JPEG's image data stops before its end-of-image marker: the file is cut short".into(),
         ));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
