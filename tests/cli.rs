@@ -189,7 +189,7 @@ fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
     }
     let heat = incoming.join("heat");
     let records = |o: &std::process::Output| stdout(o).lines().count();
-    let run_once = || {
+    let inspect = |heatmaps: &std::path::Path, input: &std::path::Path| {
         vigil()
             .args([
                 "inspect",
@@ -198,12 +198,13 @@ fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
                 "--json-lines",
                 "-",
                 "--heatmaps-dir",
-                heat.to_str().unwrap(),
-                incoming.to_str().unwrap(),
+                heatmaps.to_str().unwrap(),
+                input.to_str().unwrap(),
             ])
             .output()
             .unwrap()
     };
+    let run_once = || inspect(&heat, &incoming);
     let first = run_once();
     assert!(first.status.success(), "{}", stderr(&first));
     assert_eq!(records(&first), 2);
@@ -221,19 +222,7 @@ fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
     let whole = work.path().join("whole");
     std::fs::create_dir_all(&whole).unwrap();
     std::fs::copy(dataset().join("test/good/000.png"), whole.join("000.png")).unwrap();
-    let o = vigil()
-        .args([
-            "inspect",
-            "--model",
-            tiny_model().to_str().unwrap(),
-            "--json-lines",
-            "-",
-            "--heatmaps-dir",
-            whole.to_str().unwrap(),
-            whole.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = inspect(&whole, &whole);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(records(&o), 1);
 }
@@ -265,6 +254,18 @@ fn eval_reports_metrics_and_writes_json_and_figure() {
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
     assert_eq!(r["per_defect"].as_array().unwrap().len(), 4);
+    // Every image, with its verdict: the false alarms are the good ones flagged.
+    let images = r["images"].as_array().unwrap();
+    assert_eq!(images.len(), 12);
+    assert!(images.iter().all(|i| i["path"].as_str().unwrap().starts_with("test/")));
+    let flagged_good = images
+        .iter()
+        .filter(|i| i["category"] == "good" && i["is_anomalous"] == true)
+        .count();
+    assert_eq!(
+        flagged_good as u64,
+        r["overall"]["at_threshold"]["false_positives"].as_u64().unwrap()
+    );
     let img = image::open(&fig).unwrap();
     assert!(img.width() > 1000);
 }

@@ -124,9 +124,24 @@ pub struct EvalReport {
     pub best_f1: Confusion,
     pub per_defect: Vec<(String, Metrics)>,
     pub seconds: f64,
+    /// Every test image's score and verdict: which defects escaped, which good parts were
+    /// flagged.
+    #[serde(default)]
+    pub images: Vec<ImageScore>,
     /// Inputs for the figure: image scores with their categories, ROC curve points.
     #[serde(skip)]
     pub scores: Vec<(String, f32)>,
+}
+
+/// One test image as the model judged it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageScore {
+    /// Relative to the data folder.
+    pub path: String,
+    /// `good` or the defect type.
+    pub category: String,
+    pub score: f32,
+    pub is_anomalous: bool,
 }
 
 /// Scores every test image and computes the metrics.
@@ -145,6 +160,7 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         indicatif::ProgressBar::hidden()
     };
     let mut scored = Vec::with_capacity(set.len());
+    let mut judged = Vec::with_capacity(set.len());
     for chunk in set.chunks(8) {
         let images = chunk
             .iter()
@@ -165,6 +181,12 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
             // The map at the image's resolution, made once: the overall metrics and each
             // defect type's (every one with all the good images) read it.
             let masked = mask.map(|m| (m, insp.map()));
+            judged.push(ImageScore {
+                path: t.path.strip_prefix(dir).unwrap_or(&t.path).display().to_string(),
+                category: t.category.clone(),
+                score: insp.score,
+                is_anomalous: insp.is_anomalous,
+            });
             scored.push((t.category.clone(), insp, masked));
         }
         bar.inc(chunk.len() as u64);
@@ -191,6 +213,7 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         best_f1: Confusion::best_f1(&s, &l),
         per_defect,
         seconds: started.elapsed().as_secs_f64(),
+        images: judged,
         scores,
     })
 }
@@ -356,6 +379,7 @@ mod tests {
                 best_f1: at,
                 per_defect: vec![],
                 seconds: 0.0,
+                images: vec![],
                 scores: vec![],
             }
             .summary()
