@@ -295,7 +295,7 @@ async fn a_misspelt_query_parameter_is_refused_and_named() {
     let h = harness(None, 8).await;
     for req in [
         post("/v1/inspect?thresh=0.1", "image/png", png(16, 16, false)),
-        get("/v1/inspections?request_id=r-1"),
+        get("/v1/inspections?requestid=r-1"),
         get("/v1/stats?window=5"),
         get("/v1/training-jobs?lmit=5"),
     ] {

@@ -168,6 +168,20 @@ async fn exercise(store: &Store, prefix: &str) {
     assert_eq!(with_prefix("LOT_").await, Vec::<String>::new());
     assert_eq!(with_prefix("lot").await, vec!["lot7-002"]);
 
+    // The record of one request, by the request id it was sent with.
+    let sent = Record {
+        request_id: Some(format!("{model}-req-9")),
+        ..record(&id(30), &parts, 2_000, false, 0.1)
+    };
+    store.insert(&sent).await.unwrap();
+    let q = ListQuery {
+        request_id: Some(format!("{model}-req-9")),
+        limit: 10,
+        ..Default::default()
+    };
+    let found: Vec<String> = store.list(&q).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(found, vec![id(30)]);
+
     // Jobs of a server that went quiet are interrupted; a live one's are not, whatever
     // their age (replicas share a PostgreSQL database).
     for (i, status) in [(0, "running"), (1, "running"), (2, "queued"), (3, "succeeded")] {

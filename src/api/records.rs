@@ -105,6 +105,7 @@ pub async fn list(
         model: p.model.clone(),
         anomalous,
         part_id: p.part_id.clone(),
+        request_id: p.request_id.clone(),
         part_prefix: p.part_prefix.clone().filter(|p| !p.is_empty()),
         feedback,
         since_us: parse_time(&p.since, "since")?,

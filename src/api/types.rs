@@ -112,6 +112,9 @@ pub struct ListParams {
     pub verdict: Option<String>,
     /// Only this part (the `X-Part-Id` the image was sent with).
     pub part_id: Option<String>,
+    /// The record of the request sent with this `X-Request-Id` (after a timeout: was it
+    /// judged before retrying?).
+    pub request_id: Option<String>,
     /// Only parts whose id starts with this (case-sensitive), e.g. a lot number.
     pub part_prefix: Option<String>,
     /// `good` or `defective` (records labelled so), or `none` (not labelled yet).

@@ -65,6 +65,8 @@ pub struct ListQuery {
     pub model: Option<String>,
     pub anomalous: Option<bool>,
     pub part_id: Option<String>,
+    /// The record of the request sent with this `X-Request-Id`.
+    pub request_id: Option<String>,
     /// Part ids that start with this (case-sensitive): a lot, a line, a day's prefix.
     pub part_prefix: Option<String>,
     /// Only records with this feedback label (`good`, `defective`), or with none (`none`).
@@ -227,6 +229,9 @@ impl Store {
         if q.part_id.is_some() {
             sql += &format!(" AND part_id = {}", next());
         }
+        if q.request_id.is_some() {
+            sql += &format!(" AND request_id = {}", next());
+        }
         if q.part_prefix.is_some() {
             // A position rather than LIKE: no wildcards to escape, and case-sensitive on
             // both databases (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
@@ -262,6 +267,9 @@ impl Store {
         }
         if let Some(p) = &q.part_id {
             query = query.bind(p.clone());
+        }
+        if let Some(r) = &q.request_id {
+            query = query.bind(r.clone());
         }
         if let Some(p) = &q.part_prefix {
             query = query.bind(p.clone());
