@@ -22,6 +22,8 @@ const MAX_CHUNK: usize = 16;
 pub struct Prepared {
     pub original_width: usize,
     pub original_height: usize,
+    /// Whether the image carries colour (judged on a sample of its pixels).
+    pub original_colour: bool,
     /// The image at working resolution, in the model's channels.
     pub working: Planar,
 }
@@ -124,6 +126,7 @@ impl Detector {
         Prepared {
             original_width: planar.width,
             original_height: planar.height,
+            original_colour: crate::image_io::has_colour_sampled(img),
             working: planar.resize(s, s),
         }
     }
@@ -273,14 +276,32 @@ impl Detector {
     /// another scale (a camera moved, a region of interest changed) or stretched: a good
     /// part may then score as a defect, or a defect as good, and the verdict should be
     /// read with that in mind.
-    pub fn input_warnings(&self, width: usize, height: usize) -> Vec<String> {
-        match self.card.training.image_size {
-            Some([w, h]) if (w as usize, h as usize) != (width, height) => vec![format!(
-                "the image is {width}×{height} pixels; this model was trained on {w}×{h} images: a part seen at \
-                 another scale or shape can score as a defect, or a defect as good"
-            )],
-            _ => Vec::new(),
+    /// Colour too: a grayscale model judges a colour image's brightness only (a defect of
+    /// colour alone goes unseen), and a colour model was never shown a grey surface.
+    pub fn input_warnings(&self, width: usize, height: usize, colour: bool) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some([w, h]) = self.card.training.image_size {
+            if (w as usize, h as usize) != (width, height) {
+                warnings.push(format!(
+                    "the image is {width}×{height} pixels; this model was trained on {w}×{h} images: a part seen at \
+                     another scale or shape can score as a defect, or a defect as good"
+                ));
+            }
         }
+        match (self.card.input.channels, colour) {
+            (1, true) => warnings.push(
+                "the image has colour; this model was trained on grayscale images and judges its brightness only: \
+                 a defect of colour alone is not seen"
+                    .into(),
+            ),
+            (3, false) => warnings.push(
+                "the image is grayscale; this model was trained on colour images: what it learned of good \
+                 colour does not apply"
+                    .into(),
+            ),
+            _ => {}
+        }
+        warnings
     }
 
     /// Scores a reconstruction: verdict and regions (in the original image's pixels).
@@ -322,7 +343,7 @@ impl Detector {
             width: w,
             height: h,
             alpha: self.alpha(overrides.alpha),
-            warnings: self.input_warnings(w, h),
+            warnings: self.input_warnings(w, h, prepared.original_colour),
             working_map,
             working_size: s,
         }

@@ -362,6 +362,25 @@ pub fn resize_plane(plane: &[f32], w: usize, h: usize, nw: usize, nh: usize) -> 
     image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle).into_raw()
 }
 
+/// [`has_colour`] on up to about 4096 pixels spread over the image: cheap enough for every
+/// inspection of a camera-sized image (the full check converts the whole image).
+pub fn has_colour_sampled(img: &DynamicImage) -> bool {
+    use image::GenericImageView;
+    if !img.color().has_color() {
+        return false;
+    }
+    // A 64 × 64 grid of pixels (all of them in a smaller image).
+    let (w, h) = img.dimensions();
+    let (nx, ny) = (w.min(64), h.min(64));
+    (0..ny).any(|j| {
+        (0..nx).any(|i| {
+            let p = img.get_pixel(i * w / nx, j * h / ny);
+            let (r, g, b) = (p[0] as i16, p[1] as i16, p[2] as i16);
+            (r - g).abs() > 2 || (g - b).abs() > 2 || (r - b).abs() > 2
+        })
+    })
+}
+
 /// True when an RGB image carries colour (some pixel's channels differ by more than 2/255).
 pub fn has_colour(img: &DynamicImage) -> bool {
     if !img.color().has_color() {

@@ -86,6 +86,20 @@ fn an_image_of_another_size_than_the_training_images_is_judged_with_a_warning() 
             other.warnings
         );
     }
+    // A colour image to this grayscale model: judged on its brightness, and told so. An
+    // RGB image that holds only greys is not colour.
+    let mut rgb = image::RgbImage::from_pixel(90, 50, image::Rgb([90, 90, 90]));
+    let grey_rgb = DynamicImage::ImageRgb8(rgb.clone());
+    rgb.pixels_mut().for_each(|p| *p = image::Rgb([150, 60, 40]));
+    let colour = DynamicImage::ImageRgb8(rgb);
+    let r = d.inspect_batch(&[&grey_rgb, &colour], Overrides::default()).unwrap();
+    assert!(r[0].warnings.is_empty(), "{:?}", r[0].warnings);
+    assert_eq!(r[1].warnings.len(), 1);
+    assert!(
+        r[1].warnings[0].contains("judges its brightness only"),
+        "{:?}",
+        r[1].warnings
+    );
 }
 
 #[test]

@@ -75,6 +75,7 @@ fn input() -> Arc<vigil::detector::Prepared> {
     Arc::new(vigil::detector::Prepared {
         original_width: 16,
         original_height: 16,
+        original_colour: false,
         working: Planar::new(1, 16, 16),
     })
 }
