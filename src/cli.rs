@@ -339,8 +339,13 @@ pub struct CalibrateArgs {
     /// Folder of good images, all used for calibration (of an MVTec AD category folder,
     /// its train/good). Images of defective parts here raise the threshold until it
     /// misses defects: a warning says how many scored above the threshold before.
-    #[arg(long)]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "image_threshold")]
+    pub data: Option<PathBuf>,
+    /// Set the image threshold to this value instead of calibrating on images: one chosen
+    /// from `vigil eval` on labelled parts (its best-F1 threshold, or one for a false-alarm
+    /// rate). The pixel threshold stays; model.json records the change and the value before.
+    #[arg(long, value_parser = non_negative_f32, conflicts_with_all = ["data", "threshold_method", "quantile", "margin", "min_defect_area"])]
+    pub image_threshold: Option<f32>,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]

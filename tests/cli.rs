@@ -389,6 +389,54 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
 }
 
 #[test]
+fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    common::copy_model(tiny_model(), &model);
+    let read_card =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap() };
+    let before = read_card();
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image-threshold",
+        "0.55",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let card = read_card();
+    assert_eq!(card["thresholds"]["image"].as_f64().unwrap() as f32, 0.55);
+    assert_eq!(card["thresholds"]["method"], "manual");
+    assert_eq!(card["thresholds"]["pixel"], before["thresholds"]["pixel"]);
+    let set_by = card["thresholds"]["set_by"].as_str().unwrap();
+    assert!(
+        set_by.contains("--image-threshold 0.55") && set_by.contains("was"),
+        "{set_by}"
+    );
+    // Inspections use it.
+    let img = dataset().join("test/good/000.png");
+    let o = run(&["inspect", "--model", model.to_str().unwrap(), img.to_str().unwrap()]);
+    let record: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(record["threshold"].as_f64().unwrap() as f32, 0.55);
+    // Either images or a value, not both, not neither.
+    let data = dataset().join("test/good");
+    for args in [
+        vec![
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image-threshold",
+            "0.5",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        vec!["calibrate", "--model", model.to_str().unwrap()],
+    ] {
+        assert_eq!(run(&args).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
 fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");

@@ -57,7 +57,14 @@ pub fn load_detector(dir: &Path, choice: DeviceChoice) -> anyhow::Result<Detecto
 pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     use crate::train::{calibrate, dataset};
     let mut detector = load_detector(&args.model, args.device)?;
-    let files = dataset::training_files(&args.data)?;
+    if let Some(image) = args.image_threshold {
+        return set_threshold(&mut detector, &args.model, image);
+    }
+    let data = args
+        .data
+        .as_ref()
+        .expect("clap requires --data without --image-threshold");
+    let files = dataset::training_files(data)?;
     let set = dataset::load_set(
         &files,
         Some(detector.card.input.channels),
@@ -74,7 +81,7 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     let set_by = format!(
         "vigil calibrate on {} image(s) of {} at {}",
         set.images.len(),
-        args.data.display(),
+        data.display(),
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
     // The scales stay: scores before and after are on one scale, so the old and new
@@ -126,6 +133,27 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         before.image,
         t.pixel,
         before.pixel,
+    );
+    Ok(())
+}
+
+/// `vigil calibrate --image-threshold`: a threshold chosen by hand, recorded as such.
+fn set_threshold(detector: &mut Detector, dir: &Path, image: f32) -> anyhow::Result<()> {
+    let before = detector.card.thresholds.clone();
+    let t = &mut detector.card.thresholds;
+    t.image = image;
+    t.method = "manual".into();
+    t.set_by = Some(format!(
+        "vigil calibrate --image-threshold {image} at {} (was {} by {})",
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        before.image,
+        before.set_by.as_deref().unwrap_or(&before.method)
+    ));
+    detector.card.save(dir)?;
+    let t = &detector.card.thresholds;
+    println!(
+        "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the two)",
+        t.image, before.image, t.pixel
     );
     Ok(())
 }

@@ -551,9 +551,11 @@ async function showModels() {
       h("h2", {}, m.name, m.is_default ? h("span", { class: "muted" }, " (default)") : null),
       h("p", {}, `${c.architecture.name} · ${c.input.channels} channel(s) · ${c.input.working_size}² · ${d.device} · version ${d.version.slice(0, 12)}`),
       h("h3", {}, "Thresholds"),
-      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ${t.method}` +
-        (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") + ` of ${t.validation_images} good images` +
-        (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "") +
+      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ` + (t.method === "manual"
+        ? "the image threshold set by hand"
+        : `${t.method}` + (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") +
+          ` of ${t.validation_images} good images` +
+          (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "")) +
         (t.set_by ? `; set by ${t.set_by}` : "")),
       h("figure", {}, validationChart(c.validation_scores, t.image),
         h("figcaption", {}, c.validation_scores
