@@ -15,7 +15,7 @@ use crate::model::{AnomalyModel, ArtifactError, Network};
 use crate::scoring::{self, regions, MapMethod, RawMaps, Region};
 
 /// Most tiles or images sent through the network at once.
-const MAX_CHUNK: usize = 16;
+pub const MAX_CHUNK: usize = 16;
 
 /// An image made ready for the network.
 #[derive(Debug, Clone)]
@@ -276,8 +276,9 @@ impl Detector {
     /// another scale (a camera moved, a region of interest changed) or stretched: a good
     /// part may then score as a defect, or a defect as good, and the verdict should be
     /// read with that in mind.
-    /// Colour too: a grayscale model judges a colour image's brightness only (a defect of
-    /// colour alone goes unseen), and a colour model was never shown a grey surface.
+    /// Colour too, against the training images: a grayscale model judges a colour image's
+    /// brightness only (a defect of colour alone goes unseen), and a model trained on colour
+    /// was never shown a grey surface.
     pub fn input_warnings(&self, width: usize, height: usize, colour: bool) -> Vec<String> {
         let mut warnings = Vec::new();
         if let Some([w, h]) = self.card.training.image_size {
@@ -288,15 +289,20 @@ impl Detector {
                 ));
             }
         }
-        match (self.card.input.channels, colour) {
-            (1, true) => warnings.push(
-                "the image has colour; this model was trained on grayscale images and judges its brightness only: \
+        // Against what the training images were (a mixed set, or a card that does not say,
+        // warns of nothing).
+        match (self.card.training.colour.as_deref(), colour) {
+            (Some("grey"), true) if self.card.input.channels == 1 => warnings.push(
+                "the image has colour; this model was trained on grey images and judges its brightness only: \
                  a defect of colour alone is not seen"
                     .into(),
             ),
-            (3, false) => warnings.push(
-                "the image is grayscale; this model was trained on colour images: what it learned of good \
-                 colour does not apply"
+            (Some("grey"), true) => {
+                warnings.push("the image has colour; this model's training images were grey".into())
+            }
+            (Some("colour"), false) => warnings.push(
+                "the image is grey; this model was trained on colour images: what it learned of good colour \
+                 does not apply"
                     .into(),
             ),
             _ => {}

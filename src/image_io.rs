@@ -66,9 +66,14 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
 fn ends_with_jpeg_eoi(bytes: &[u8]) -> bool {
     let mut at = 2; // after SOI
     loop {
-        let Some(&[0xFF, marker]) = bytes.get(at..at + 2) else {
+        let Some(&[first, marker]) = bytes.get(at..at + 2) else {
             return false;
         };
+        if first != 0xFF {
+            // Stray bytes between segments: decoders skip to the next marker, as here.
+            at += 1;
+            continue;
+        }
         match marker {
             // Fill bytes before a marker.
             0xFF => at += 1,
@@ -374,7 +379,8 @@ pub fn has_colour_sampled(img: &DynamicImage) -> bool {
     let (nx, ny) = (w.min(64), h.min(64));
     (0..ny).any(|j| {
         (0..nx).any(|i| {
-            let p = img.get_pixel(i * w / nx, j * h / ny);
+            let at = |k: u32, size: u32, n: u32| (u64::from(k) * u64::from(size) / u64::from(n)) as u32;
+            let p = img.get_pixel(at(i, w, nx), at(j, h, ny));
             let (r, g, b) = (p[0] as i16, p[1] as i16, p[2] as i16);
             (r - g).abs() > 2 || (g - b).abs() > 2 || (r - b).abs() > 2
         })
@@ -457,6 +463,16 @@ mod tests {
         let mut trailer = jpeg.clone();
         trailer.extend_from_slice(b"\x00\x00\x00\x18ftypmp42 appended video");
         assert!(decode(&trailer, DEFAULT_MAX_PIXELS).is_ok());
+        // An APP1 segment holding a thumbnail's own end marker, before a main image cut
+        // short: the thumbnail's end does not count (its segment is skipped by length).
+        let mut app1 = vec![0xFF, 0xE1, 0x00, 0x08, b'E', b'x', 0xFF, 0xD8, 0xFF, 0xD9];
+        let mut with_thumbnail = jpeg[..2].to_vec();
+        with_thumbnail.append(&mut app1);
+        with_thumbnail.extend_from_slice(&jpeg[2..jpeg.len() * 6 / 10]);
+        assert!(!ends_with_jpeg_eoi(&with_thumbnail));
+        let mut whole = with_thumbnail[..2 + 10].to_vec();
+        whole.extend_from_slice(&jpeg[2..]);
+        assert!(ends_with_jpeg_eoi(&whole));
     }
 
     #[test]

@@ -1557,6 +1557,12 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Small crops, but whole 2048² images judged 16 at a time at width 256 (64 GB).
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "spatial", "width": 256, "size": 2048, "patch": 128, "fit": "whole"}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "spatial", "size": 2048, "patch": 16, "fit": "tiles", "stride": 1}}),
             StatusCode::BAD_REQUEST,
@@ -1596,6 +1602,29 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             (s, error_code(&b).as_str()),
             (status, code),
             "{request}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // The bounds say which setting is out of them.
+    for (options, says) in [
+        (
+            serde_json::json!({"arch": "spatial", "width": 1_000_000}),
+            "width 1000000 is over the most vigil trains",
+        ),
+        (
+            serde_json::json!({"arch": "spatial", "width": 256, "size": 2048, "patch": 128, "fit": "whole"}),
+            "images judged at once",
+        ),
+        (
+            serde_json::json!({"arch": "spatial", "size": 2048, "patch": 16, "fit": "tiles", "stride": 1}),
+            "tiles an image",
+        ),
+    ] {
+        let request = serde_json::json!({"model": "x", "folder": folder, "options": options});
+        let (_, _, b) = send(&h.state, post_json("/v1/training-jobs", request)).await;
+        assert!(
+            String::from_utf8_lossy(&b).contains(says),
+            "{says}: {}",
             String::from_utf8_lossy(&b)
         );
     }

@@ -31,6 +31,7 @@ fn train_writes_a_complete_artifact() {
         card["training"]["image_size"][0].as_u64().unwrap() > 0,
         "the training images' size"
     );
+    assert_eq!(card["training"]["colour"], "grey");
     assert!(dir.join("weights.safetensors").is_file());
     // Readable by other users: containers run the model as a non-root user.
     #[cfg(unix)]
@@ -406,7 +407,11 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     assert!(o.status.success(), "{}", stderr(&o));
     let card = read_card();
     assert_eq!(card["thresholds"]["image"].as_f64().unwrap() as f32, 0.55);
-    assert_eq!(card["thresholds"]["method"], "manual");
+    assert_eq!(card["thresholds"]["manual"], true);
+    assert_eq!(
+        card["thresholds"]["method"], before["thresholds"]["method"],
+        "kept for the next calibration"
+    );
     assert_eq!(card["thresholds"]["pixel"], before["thresholds"]["pixel"]);
     let set_by = card["thresholds"]["set_by"].as_str().unwrap();
     assert!(

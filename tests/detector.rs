@@ -73,7 +73,8 @@ fn an_image_of_another_size_than_the_training_images_is_judged_with_a_warning() 
         .warnings
         .is_empty());
     card.training.image_size = Some([90, 50]);
-    let d = Detector::new(card, Arc::new(common::Flat(Device::Cpu)));
+    card.training.colour = Some("grey".into());
+    let d = Detector::new(card.clone(), Arc::new(common::Flat(Device::Cpu)));
     let r = d
         .inspect_batch(&[&img(90, 50), &img(180, 100), &img(50, 90)], Overrides::default())
         .unwrap();
@@ -100,6 +101,15 @@ fn an_image_of_another_size_than_the_training_images_is_judged_with_a_warning() 
         "{:?}",
         r[1].warnings
     );
+    // Judged against the training images: trained on colour, a grey image is told; trained
+    // on a mix, nothing is.
+    for (trained, warned) in [("colour", [true, false]), ("mixed", [false, false])] {
+        card.training.colour = Some(trained.into());
+        let d = Detector::new(card.clone(), Arc::new(common::Flat(Device::Cpu)));
+        let r = d.inspect_batch(&[&grey_rgb, &colour], Overrides::default()).unwrap();
+        let told: Vec<bool> = r.iter().map(|i| !i.warnings.is_empty()).collect();
+        assert_eq!(told, warned, "trained on {trained}: {r:?}");
+    }
 }
 
 #[test]

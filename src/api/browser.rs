@@ -64,9 +64,10 @@ fn is_cross_site(headers: &HeaderMap) -> bool {
             .to_ascii_lowercase()
     };
     let origin = plain(authority);
+    // X-Forwarded-Host may list the hosts of a chain of proxies: the first is the client's.
     let sent_to = [header::HOST.as_str(), "x-forwarded-host"]
         .into_iter()
-        .filter_map(|name| headers.get(name)?.to_str().ok());
+        .filter_map(|name| headers.get(name)?.to_str().ok()?.split(',').next());
     !sent_to.into_iter().any(|h| plain(h) == origin)
 }
 

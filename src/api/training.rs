@@ -452,10 +452,19 @@ fn within_root(root: &std::path::Path, given: &std::path::Path) -> Result<PathBu
     match joined.canonicalize() {
         Ok(real) if real.starts_with(root) => Ok(real),
         Ok(_) => Err(outside()),
-        Err(_) => Err(ApiError::BadTrainingData(format!(
-            "{}: no such folder in the training root",
-            given.display()
-        ))),
+        Err(_) => {
+            // Missing: say so only when its nearest existing folder lies inside the root
+            // (through a link out, "missing" would tell what exists elsewhere).
+            let nearest = joined.ancestors().find_map(|a| a.canonicalize().ok());
+            if nearest.is_some_and(|n| n.starts_with(root)) {
+                Err(ApiError::BadTrainingData(format!(
+                    "{}: no such folder in the training root",
+                    given.display()
+                )))
+            } else {
+                Err(outside())
+            }
+        }
     }
 }
 
@@ -505,9 +514,22 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     // Checked now, so a bad option is a 400 here rather than a failed job later.
     let args = jobs::train_args(&folder, &state.models_dir.join(&r.model), &flags).map_err(ApiError::BadRequest)?;
     let (check, threads, named) = (folder.clone(), state.training.threads, shown.clone());
+    let root = state.limits.training_root.clone().filter(|_| !uploaded);
     let images = tokio::task::spawn_blocking(move || {
         let images = crate::train::dataset::training_files(&check)
             .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), &named)))?;
+        // The folder walk follows links: each image must lie inside the root too.
+        if let Some(root) = &root {
+            if let Some(out) = images
+                .iter()
+                .find(|p| !p.canonicalize().is_ok_and(|real| real.starts_with(root)))
+            {
+                let name = out.strip_prefix(&check).unwrap_or(out).display();
+                return Err(ApiError::BadTrainingData(format!(
+                    "{name} in {named} links out of the server's training root (--training-root)"
+                )));
+            }
+        }
         let cfg = crate::commands::train::config(&args, threads).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
         cfg.check().map_err(|e| ApiError::BadRequest(e.to_string()))?;
         // Every file must be an image the trainer can read (from its header), so a
@@ -883,6 +905,7 @@ mod tests {
             secret.as_path(),
             std::path::Path::new("/no/such/folder"),
             std::path::Path::new("out"),
+            std::path::Path::new("out/missing"),
         ] {
             assert!(
                 message(given).contains("must lie inside the server's training root"),

@@ -142,17 +142,17 @@ fn set_threshold(detector: &mut Detector, dir: &Path, image: f32) -> anyhow::Res
     let before = detector.card.thresholds.clone();
     let t = &mut detector.card.thresholds;
     t.image = image;
-    t.method = "manual".into();
+    t.manual = true;
     t.set_by = Some(format!(
-        "vigil calibrate --image-threshold {image} at {} (was {} by {})",
+        "vigil calibrate --image-threshold {image} at {} (was {})",
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         before.image,
-        before.set_by.as_deref().unwrap_or(&before.method)
     ));
     detector.card.save(dir)?;
     let t = &detector.card.thresholds;
     println!(
-        "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the two)",
+        "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the \
+         two); a running server takes it at POST /v1/models/<name>/reload",
         t.image, before.image, t.pixel
     );
     Ok(())

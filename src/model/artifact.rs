@@ -95,6 +95,10 @@ pub struct Thresholds {
     /// written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_by: Option<String>,
+    /// The image threshold was set by hand (`vigil calibrate --image-threshold`), not by
+    /// `method`, which stays for the next calibration on images.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
 }
 
 /// Statistics of a set of scores.
@@ -189,6 +193,10 @@ pub struct TrainingSummary {
     /// another size is judged with a warning (absent in cards written before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<[u32; 2]>,
+    /// Whether the training images were `grey`, `colour` or `mixed`: an image of the other
+    /// kind is judged with a warning (absent in cards written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colour: Option<String>,
     pub augment: Vec<String>,
     pub inpainting_fraction: f32,
     pub collapse: CollapseCheck,

@@ -155,6 +155,7 @@ pub fn calibrate(
         min_defect_area: cfg.min_defect_area,
         validation_images: images.len(),
         set_by: Some(set_by),
+        manual: false,
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
     // draem's learned map is a probability, so its score never exceeds 1.

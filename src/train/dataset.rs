@@ -118,6 +118,9 @@ pub struct LoadedSet {
     pub any_colour: bool,
     /// The images' size (width, height) when they all share it.
     pub image_size: Option<(u32, u32)>,
+    /// `grey`, `colour` or `mixed`, told as inspection tells it
+    /// ([`image_io::has_colour_sampled`]), so the two agree on the same image.
+    pub colour: &'static str,
 }
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
@@ -172,6 +175,12 @@ pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Resu
     let mut hasher = Sha256::new();
     digests.iter().for_each(|d| hasher.update(d));
     let any_colour = decoded.iter().any(image_io::has_colour);
+    let coloured = decoded.iter().filter(|img| image_io::has_colour_sampled(img)).count();
+    let colour = match coloured {
+        0 => "grey",
+        n if n == decoded.len() => "colour",
+        _ => "mixed",
+    };
     let c = channels.unwrap_or(if any_colour { 3 } else { 1 });
     let images = decoded
         .iter()
@@ -183,6 +192,7 @@ pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Resu
         fingerprint: hex::encode(hasher.finalize()),
         any_colour,
         image_size,
+        colour,
     })
 }
 

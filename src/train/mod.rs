@@ -140,10 +140,11 @@ pub const MAX_STEPS: usize = 1_000_000;
 pub const MAX_WIDTH: usize = 256;
 /// Channels of a bottleneck or a latent vector.
 pub const MAX_CODE: usize = 4096;
-/// Values in one full-resolution activation of a training batch (batch × first-stage
-/// width × crop pixels; the defaults: 16 × 32 × 128² = 8.4 M, 34 MB): the bounds above
-/// each allow far more together (256 × 256 × 2048², a terabyte).
-pub const MAX_ACTIVATION: usize = 256 << 20;
+/// Values in one full-resolution activation (batch × first-stage width × pixels: of the
+/// training crops, and of the images judged at once; the defaults: 16 × 32 × 128² = 8.4 M
+/// and 16 × 32 × 256² = 34 M): the bounds above each allow far more together (256 × 256 ×
+/// 2048², a terabyte). 1 G values (4 GB) still lets a 1024² working size train whole.
+pub const MAX_ACTIVATION: usize = 1 << 30;
 /// Tiles one image is cut into (the spatial default: 7 × 7).
 pub const MAX_TILES: usize = 4096;
 
@@ -151,13 +152,13 @@ impl TrainConfig {
     /// Checks the settings without reading any image, so a training job can refuse bad
     /// options before it is queued. [`train`] checks them again.
     pub fn check(&self) -> Result<(), TrainError> {
-        self.check_bounds()?;
         if self.patch_size > self.working_size {
             return Err(TrainError::Config(format!(
                 "patch size {} is larger than the working size {}",
                 self.patch_size, self.working_size
             )));
         }
+        self.check_bounds()?;
         if self.batch_size == 0 || self.steps == 0 {
             return Err(TrainError::Config("steps and batch size must be positive".into()));
         }
@@ -225,27 +226,43 @@ impl TrainConfig {
                 ("critic width", *critic_width, MAX_WIDTH),
             ]),
         }
-        let widest = sizes
-            .iter()
-            .filter(|(name, ..)| name.ends_with("width"))
-            .map(|&(_, value, _)| value)
-            .max()
-            .unwrap_or(1);
+        // Values per input pixel of the first stage's activation: its channels at full
+        // resolution (Bergmann's: 32 channels at half resolution in each direction).
+        let widest = match self.architecture {
+            Architecture::Bergmann { .. } => 8,
+            _ => sizes
+                .iter()
+                .filter(|(name, ..)| name.ends_with("width"))
+                .map(|&(_, value, _)| value)
+                .max()
+                .unwrap_or(1),
+        };
         if let Some((name, value, max)) = sizes.into_iter().find(|&(_, value, max)| value > max) {
             return Err(TrainError::Config(format!(
                 "{name} {value} is over the most vigil trains, {max}"
             )));
         }
-        let activation = self.batch_size * widest * self.patch_size * self.patch_size;
-        if activation > MAX_ACTIVATION {
-            return Err(TrainError::Config(format!(
-                "batch size {} × width {widest} × {}² crops is over what vigil trains ({} M values in one \
-                 activation, at most {} M): lower one of them",
-                self.batch_size,
-                self.patch_size,
-                activation >> 20,
-                MAX_ACTIVATION >> 20
-            )));
+        // Training runs batches of crops; inference (calibration, then serving) up to
+        // MAX_CHUNK whole images or tiles at once. Saturating: the bounds above hold each
+        // factor, but not the product on every word size.
+        let values = |n: usize, side: usize| n.saturating_mul(widest).saturating_mul(side.saturating_mul(side));
+        let inference_side = match self.fit {
+            Fit::Whole => self.working_size,
+            Fit::Tiles { .. } => self.patch_size,
+        };
+        for (what, n, side) in [
+            ("batch size", self.batch_size, self.patch_size),
+            ("images judged at once", crate::detector::MAX_CHUNK, inference_side),
+        ] {
+            let activation = values(n, side);
+            if activation > MAX_ACTIVATION {
+                return Err(TrainError::Config(format!(
+                    "{what} {n} × width {widest} × {side}² pixels is over what vigil trains ({} M values in one \
+                     activation, at most {} M): lower the width or the size",
+                    activation >> 20,
+                    MAX_ACTIVATION >> 20
+                )));
+            }
         }
         if let Fit::Tiles { stride } = self.fit {
             if stride > 0 && self.patch_size <= self.working_size {
@@ -324,6 +341,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             min_defect_area: cfg.calibration.min_defect_area,
             validation_images: 0,
             set_by: None,
+            manual: false,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),
@@ -376,6 +394,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     card.training = TrainingSummary {
         training_images: training.len(),
         image_size: set.image_size.map(|(w, h)| [w, h]),
+        colour: Some(set.colour.to_string()),
         time_budget: budget_record,
         ..summary
     };
@@ -548,6 +567,7 @@ fn fit(
         loss_curve: curve,
         training_images: 0,
         image_size: None,
+        colour: None,
         augment: cfg.augment.names(),
         inpainting_fraction: cfg.augment.inpaint_fraction,
         collapse,

@@ -169,6 +169,7 @@ pub fn test_card(fit: vigil::model::artifact::Fit, working: usize, patch: usize)
             min_defect_area: 1,
             validation_images: 1,
             set_by: None,
+            manual: false,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),

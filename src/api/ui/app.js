@@ -551,7 +551,7 @@ async function showModels() {
       h("h2", {}, m.name, m.is_default ? h("span", { class: "muted" }, " (default)") : null),
       h("p", {}, `${c.architecture.name} · ${c.input.channels} channel(s) · ${c.input.working_size}² · ${d.device} · version ${d.version.slice(0, 12)}`),
       h("h3", {}, "Thresholds"),
-      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ` + (t.method === "manual"
+      h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ` + (t.manual
         ? "the image threshold set by hand"
         : `${t.method}` + (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") +
           ` of ${t.validation_images} good images` +
@@ -737,7 +737,7 @@ async function route() {
   const [, name, arg] = path.split("/");
   if (name === "review") {
     // Only the filters the API takes: it refuses others, and an old link may carry one.
-    const known = ["model", "verdict", "feedback", "part_id", "part_prefix", "since", "until"];
+    const known = ["model", "verdict", "feedback", "part_id", "part_prefix", "request_id", "since", "until"];
     const filters = Object.fromEntries([...new URLSearchParams(query || "")].filter(([k]) => known.includes(k)));
     if (JSON.stringify(filters) !== JSON.stringify(state.filters)) state.cursors = [];
     state.filters = filters;
