@@ -340,15 +340,19 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
     let model = work.path().join("m");
     common::copy_model(tiny_model(), &model);
     let weights_before = std::fs::read(model.join("weights.safetensors")).unwrap();
-    let o = run(&[
-        "calibrate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        dataset().join("test/good").to_str().unwrap(),
-        "--threshold-method",
-        "min-area",
-    ]);
+    let good = dataset().join("test/good");
+    let calibrate = |flag: &str, value: &str| {
+        run(&[
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            good.to_str().unwrap(),
+            flag,
+            value,
+        ])
+    };
+    let o = calibrate("--threshold-method", "min-area");
     assert!(o.status.success(), "{}", stderr(&o));
     let read_card =
         || -> Value { serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap() };
@@ -372,15 +376,7 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
     assert_eq!(card["scoring"], trained["scoring"]);
     // Calibrating again without flags keeps the model's own settings (it took the command
     // line's defaults, turning min-area back into quantile, margin and area included).
-    let o = run(&[
-        "calibrate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        dataset().join("test/good").to_str().unwrap(),
-        "--min-defect-area",
-        "7",
-    ]);
+    let o = calibrate("--min-defect-area", "7");
     assert!(o.status.success(), "{}", stderr(&o));
     let again = read_card();
     assert_eq!(again["thresholds"]["method"], "min-area");
