@@ -116,6 +116,15 @@ class Browser:
             self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
 
 
+def grey_png(width, height):
+    """A PNG of a grey gradient, written with the standard library."""
+    rows = b"".join(b"\x00" + bytes((x * 4 + y) % 256 for x in range(width)) for y in range(height))
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def png_filtered_bytes(data):
     """The decompressed scanlines of a PNG, still filtered: flat areas filter to zeros."""
     pos, idat = 8, b""
@@ -276,6 +285,14 @@ try:
     check("the earlier results keep their own model's verdicts",
           b.js("[...document.querySelectorAll('#results .result .score')].slice(1).every(s => s.textContent.startsWith('default') && !s.textContent.includes('preview'))"))
     check("no error inspecting with the new model", b.js("document.querySelectorAll('#results .error').length") == 0)
+    # An image of another size than the model's training images: judged, with its warning.
+    small = os.path.join(SHOTS, "small.png")
+    with open(small, "wb") as f:
+        f.write(grey_png(64, 48))
+    b.call("DOM.setFileInputFiles", files=[small], nodeId=node)
+    b.wait("the small image is judged", "document.querySelectorAll('#results .result:not(.pending) .verdict').length === 4")
+    check("its result says it is of another size",
+          b.js("[...document.querySelector('#results .result').querySelectorAll('.error')].some(e => e.textContent.includes('64×48 pixels; this model was trained on 256×256'))"))
 
     # A server with keys: the page asks once, and an inspect-role key sees no admin action.
     b.goto(KEYED_BASE + "/#/models")
