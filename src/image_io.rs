@@ -381,8 +381,7 @@ pub fn has_colour_sampled(img: &DynamicImage) -> bool {
         (0..nx).any(|i| {
             let at = |k: u32, size: u32, n: u32| (u64::from(k) * u64::from(size) / u64::from(n)) as u32;
             let p = img.get_pixel(at(i, w, nx), at(j, h, ny));
-            let (r, g, b) = (p[0] as i16, p[1] as i16, p[2] as i16);
-            (r - g).abs() > 2 || (g - b).abs() > 2 || (r - b).abs() > 2
+            is_coloured([p[0], p[1], p[2]])
         })
     })
 }
@@ -392,11 +391,12 @@ pub fn has_colour(img: &DynamicImage) -> bool {
     if !img.color().has_color() {
         return false;
     }
-    let rgb = img.to_rgb8();
-    rgb.pixels().any(|p| {
-        let (r, g, b) = (p[0] as i16, p[1] as i16, p[2] as i16);
-        (r - g).abs() > 2 || (g - b).abs() > 2 || (r - b).abs() > 2
-    })
+    img.to_rgb8().pixels().any(|p| is_coloured(p.0))
+}
+
+/// Whether a pixel's channels differ by more than 2/255: colour rather than grey.
+fn is_coloured([r, g, b]: [u8; 3]) -> bool {
+    r.abs_diff(g) > 2 || g.abs_diff(b) > 2 || r.abs_diff(b) > 2
 }
 
 #[cfg(test)]

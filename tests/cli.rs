@@ -9,7 +9,7 @@ use serde_json::Value;
 #[test]
 fn train_writes_a_complete_artifact() {
     let dir = tiny_model();
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    let card = read_card(dir);
     assert_eq!(card["schema_version"], 1);
     assert_eq!(card["architecture"]["name"], "draem", "the default family");
     assert_eq!(card["scoring"]["method"], "learned");
@@ -354,9 +354,7 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
     };
     let o = calibrate("--threshold-method", "min-area");
     assert!(o.status.success(), "{}", stderr(&o));
-    let read_card =
-        || -> Value { serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap() };
-    let card = read_card();
+    let card = read_card(&model);
     assert_eq!(card["thresholds"]["method"], "min-area");
     assert_eq!(card["thresholds"]["validation_images"], 4);
     let set_by = card["thresholds"]["set_by"].as_str().unwrap();
@@ -371,14 +369,13 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
         weights_before
     );
     // The error maps' scales stay, so scores before and after compare.
-    let trained: Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_model().join("model.json")).unwrap()).unwrap();
+    let trained = read_card(tiny_model());
     assert_eq!(card["scoring"], trained["scoring"]);
     // Calibrating again without flags keeps the model's own settings (it took the command
     // line's defaults, turning min-area back into quantile, margin and area included).
     let o = calibrate("--min-defect-area", "7");
     assert!(o.status.success(), "{}", stderr(&o));
-    let again = read_card();
+    let again = read_card(&model);
     assert_eq!(again["thresholds"]["method"], "min-area");
     assert_eq!(again["thresholds"]["min_defect_area"], 7);
     assert_eq!(again["thresholds"]["margin"], card["thresholds"]["margin"]);
@@ -390,9 +387,7 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");
     common::copy_model(tiny_model(), &model);
-    let read_card =
-        || -> Value { serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap() };
-    let before = read_card();
+    let before = read_card(&model);
     let o = run(&[
         "calibrate",
         "--model",
@@ -401,7 +396,7 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
         "0.55",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let card = read_card();
+    let card = read_card(&model);
     assert_eq!(card["thresholds"]["image"].as_f64().unwrap() as f32, 0.55);
     assert_eq!(card["thresholds"]["manual"], true);
     assert_eq!(
@@ -753,7 +748,7 @@ fn ctrl_c_after_a_tenth_of_the_steps_still_writes_a_usable_model() {
     // Written, but not what was asked: a script must not read it as a success.
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("interrupted: the model in"), "{log}");
-    let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let card = read_card(&out);
     assert_eq!(card["training"]["stopped_early"], true);
     let steps = card["training"]["steps"].as_u64().unwrap();
     assert!((200..2000).contains(&steps), "{steps}");
@@ -814,7 +809,7 @@ fn bergmann_with_resize_and_spatial_with_tiles_train_and_inspect() {
         args.extend(extra);
         let o = run(&args);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let card: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+        let card = read_card(&out);
         assert_eq!(card["input"]["fit"]["kind"], fit, "{name}");
         assert_eq!(card["input"]["patch_size"], patch, "{name}");
         let o = run(&["inspect", "--model", out.to_str().unwrap(), img.to_str().unwrap()]);

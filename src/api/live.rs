@@ -218,8 +218,8 @@ fn nearest_rank(sorted: &[f64], q: f64) -> Option<f64> {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
-// threshold, `?request_id=` listed every record.
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` was judged at the model's
+// threshold, and a filter the route does not take listed every record.
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
     /// Seconds to look back: 1–900, default 60.

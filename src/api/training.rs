@@ -741,8 +741,8 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
-// threshold, `?request_id=` listed every record.
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` was judged at the model's
+// threshold, and a filter the route does not take listed every record.
 #[serde(deny_unknown_fields)]
 pub struct JobListQuery {
     /// How many of the newest jobs: 1–500, default 50.

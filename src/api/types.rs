@@ -87,8 +87,8 @@ pub struct InspectionResponse {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
-// threshold, `?request_id=` listed every record.
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` was judged at the model's
+// threshold, and a filter the route does not take listed every record.
 #[serde(deny_unknown_fields)]
 pub struct InspectQuery {
     /// Image threshold for this request only.
@@ -103,8 +103,8 @@ pub struct InspectQuery {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
-// threshold, `?request_id=` listed every record.
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` was judged at the model's
+// threshold, and a filter the route does not take listed every record.
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub model: Option<String>,
@@ -131,8 +131,8 @@ pub struct ListParams {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-// A misspelt parameter is refused, not ignored: `?thresh=0.1` judged at the model's
-// threshold, `?request_id=` listed every record.
+// A misspelt parameter is refused, not ignored: `?thresh=0.1` was judged at the model's
+// threshold, and a filter the route does not take listed every record.
 #[serde(deny_unknown_fields)]
 pub struct HeatmapQuery {
     /// How much the colour covers the image: 0 (image only) to 1 (colour only, as the

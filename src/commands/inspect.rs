@@ -60,9 +60,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             // or holds it would take every image for an output.
             let root = input.canonicalize().unwrap_or_else(|_| input.clone());
             let inside: Vec<&PathBuf> = outputs.iter().filter(|o| o.starts_with(&root) && **o != root).collect();
+            // (Each file is resolved only when there is such a folder to compare it with.)
             let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = image_files(input)?.into_iter().partition(|p| {
-                let p = p.canonicalize().unwrap_or_else(|_| p.clone());
-                inside.iter().any(|o| p.starts_with(o))
+                !inside.is_empty() && {
+                    let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+                    inside.iter().any(|o| p.starts_with(o))
+                }
             });
             if !ours.is_empty() {
                 tracing::warn!(

@@ -56,10 +56,11 @@ pub fn load_detector(dir: &Path, choice: DeviceChoice) -> anyhow::Result<Detecto
 /// `vigil calibrate`: new thresholds from good images, weights untouched.
 pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     use crate::train::{calibrate, dataset};
-    let mut detector = load_detector(&args.model, args.device)?;
     if let Some(image) = args.image_threshold {
-        return set_threshold(&mut detector, &args.model, image);
+        // Only the card changes: the weights are not loaded for it.
+        return set_threshold(&args.model, image);
     }
+    let mut detector = load_detector(&args.model, args.device)?;
     let data = args
         .data
         .as_ref()
@@ -138,9 +139,10 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
 }
 
 /// `vigil calibrate --image-threshold`: a threshold chosen by hand, recorded as such.
-fn set_threshold(detector: &mut Detector, dir: &Path, image: f32) -> anyhow::Result<()> {
-    let before = detector.card.thresholds.clone();
-    let t = &mut detector.card.thresholds;
+fn set_threshold(dir: &Path, image: f32) -> anyhow::Result<()> {
+    let mut card = crate::model::ModelCard::load(dir)?;
+    let before = card.thresholds.clone();
+    let t = &mut card.thresholds;
     t.image = image;
     t.manual = true;
     t.set_by = Some(format!(
@@ -148,8 +150,8 @@ fn set_threshold(detector: &mut Detector, dir: &Path, image: f32) -> anyhow::Res
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         before.image,
     ));
-    detector.card.save(dir)?;
-    let t = &detector.card.thresholds;
+    card.save(dir)?;
+    let t = &card.thresholds;
     println!(
         "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the \
          two); a running server takes it at POST /v1/models/<name>/reload",

@@ -76,15 +76,15 @@ fn draw(report: &EvalReport, buf: &mut [u8], size: (u32, u32)) -> DrawResult {
     draw_roc(&left, report, "Image ROC")?;
 
     // Histograms over a shared range that includes the threshold.
-    let lo = report.scores.iter().map(|s| s.1).fold(report.threshold, f32::min) as f64;
-    let hi = report.scores.iter().map(|s| s.1).fold(report.threshold, f32::max) as f64;
+    let lo = report.images.iter().map(|i| i.score).fold(report.threshold, f32::min) as f64;
+    let hi = report.images.iter().map(|i| i.score).fold(report.threshold, f32::max) as f64;
     let bins = 30usize;
     let width = ((hi - lo) / bins as f64).max(1e-9);
     let count = |good: bool| {
         let mut c = vec![0u32; bins];
-        for (cat, s) in &report.scores {
-            if (cat == "good") == good {
-                c[(((*s as f64 - lo) / width) as usize).min(bins - 1)] += 1;
+        for i in &report.images {
+            if (i.category == "good") == good {
+                c[(((i.score as f64 - lo) / width) as usize).min(bins - 1)] += 1;
             }
         }
         c
@@ -148,10 +148,10 @@ where
     roc.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], RGBColor(190, 190, 190)))?;
     let curve_of = |defect: Option<&str>| {
         let (s, l): (Vec<f32>, Vec<bool>) = report
-            .scores
+            .images
             .iter()
-            .filter(|(c, _)| c == "good" || defect.is_none_or(|d| c == d))
-            .map(|(c, s)| (*s, c != "good"))
+            .filter(|i| i.category == "good" || defect.is_none_or(|d| i.category == d))
+            .map(|i| (i.score, i.category != "good"))
             .unzip();
         roc_curve(&s, &l)
     };

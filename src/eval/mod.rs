@@ -125,12 +125,9 @@ pub struct EvalReport {
     pub per_defect: Vec<(String, Metrics)>,
     pub seconds: f64,
     /// Every test image's score and verdict: which defects escaped, which good parts were
-    /// flagged.
+    /// flagged (and what the figure draws).
     #[serde(default)]
     pub images: Vec<ImageScore>,
-    /// Inputs for the figure: image scores with their categories, ROC curve points.
-    #[serde(skip)]
-    pub scores: Vec<(String, f32)>,
 }
 
 /// One test image as the model judged it.
@@ -203,7 +200,6 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
             (d, metrics_of(subset, threshold))
         })
         .collect();
-    let scores: Vec<(String, f32)> = scored.iter().map(|s| (s.0.clone(), s.1.score)).collect();
     let (s, l): (Vec<f32>, Vec<bool>) = scored.iter().map(|x| (x.1.score, x.0 != "good")).unzip();
     Ok(EvalReport {
         model: model_dir.display().to_string(),
@@ -214,7 +210,6 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         per_defect,
         seconds: started.elapsed().as_secs_f64(),
         images: judged,
-        scores,
     })
 }
 
@@ -380,7 +375,6 @@ mod tests {
                 per_defect: vec![],
                 seconds: 0.0,
                 images: vec![],
-                scores: vec![],
             }
             .summary()
         };

@@ -148,6 +148,9 @@ pub const MAX_ACTIVATION: usize = 1 << 30;
 /// Tiles one image is cut into (the spatial default: 7 × 7).
 pub const MAX_TILES: usize = 4096;
 
+/// A setting's name, for the message that refuses it, and its value.
+type NamedSize = (&'static str, usize);
+
 impl TrainConfig {
     /// Checks the settings without reading any image, so a training job can refuse bad
     /// options before it is queued. [`train`] checks them again.
@@ -185,57 +188,48 @@ impl TrainConfig {
     }
 
     fn check_bounds(&self) -> Result<(), TrainError> {
-        let mut sizes = vec![
-            ("working size", self.working_size, MAX_WORKING_SIZE),
-            ("batch size", self.batch_size, MAX_BATCH_SIZE),
-            ("steps", self.steps, MAX_STEPS),
-        ];
-        match &self.architecture {
-            Architecture::Bergmann { latent } => sizes.push(("latent size", *latent, MAX_CODE)),
-            Architecture::Spatial { width, bottleneck } | Architecture::Usad { width, bottleneck, .. } => {
-                sizes.extend([("width", *width, MAX_WIDTH), ("bottleneck", *bottleneck, MAX_CODE)])
+        // The family's sizes: its networks' first-stage widths and its code sizes.
+        let (widths, codes): (Vec<NamedSize>, Vec<NamedSize>) = match &self.architecture {
+            Architecture::Bergmann { latent } => (vec![], vec![("latent size", *latent)]),
+            Architecture::Spatial { width, bottleneck }
+            | Architecture::Usad { width, bottleneck, .. }
+            | Architecture::Vae { width, bottleneck, .. } => {
+                (vec![("width", *width)], vec![("bottleneck", *bottleneck)])
             }
             Architecture::Draem {
                 width,
                 bottleneck,
                 segmenter_width,
                 ..
-            } => sizes.extend([
-                ("width", *width, MAX_WIDTH),
-                ("bottleneck", *bottleneck, MAX_CODE),
-                ("segmenter width", *segmenter_width, MAX_WIDTH),
-            ]),
-            Architecture::Vae {
-                width,
-                bottleneck,
-                kl_warmup_steps,
-                ..
-            } => sizes.extend([
-                ("width", *width, MAX_WIDTH),
-                ("bottleneck", *bottleneck, MAX_CODE),
-                ("KL warm-up steps", *kl_warmup_steps, MAX_STEPS),
-            ]),
+            } => (
+                vec![("width", *width), ("segmenter width", *segmenter_width)],
+                vec![("bottleneck", *bottleneck)],
+            ),
             Architecture::Adversarial {
                 width,
                 bottleneck,
                 critic_width,
                 ..
-            } => sizes.extend([
-                ("width", *width, MAX_WIDTH),
-                ("bottleneck", *bottleneck, MAX_CODE),
-                ("critic width", *critic_width, MAX_WIDTH),
-            ]),
+            } => (
+                vec![("width", *width), ("critic width", *critic_width)],
+                vec![("bottleneck", *bottleneck)],
+            ),
+        };
+        let mut sizes = vec![
+            ("working size", self.working_size, MAX_WORKING_SIZE),
+            ("batch size", self.batch_size, MAX_BATCH_SIZE),
+            ("steps", self.steps, MAX_STEPS),
+        ];
+        sizes.extend(widths.iter().map(|&(name, value)| (name, value, MAX_WIDTH)));
+        sizes.extend(codes.iter().map(|&(name, value)| (name, value, MAX_CODE)));
+        if let Architecture::Vae { kl_warmup_steps, .. } = self.architecture {
+            sizes.push(("KL warm-up steps", kl_warmup_steps, MAX_STEPS));
         }
         // Values per input pixel of the first stage's activation: its channels at full
         // resolution (Bergmann's: 32 channels at half resolution in each direction).
         let widest = match self.architecture {
             Architecture::Bergmann { .. } => 8,
-            _ => sizes
-                .iter()
-                .filter(|(name, ..)| name.ends_with("width"))
-                .map(|&(_, value, _)| value)
-                .max()
-                .unwrap_or(1),
+            _ => widths.iter().map(|&(_, value)| value).max().unwrap_or(1),
         };
         if let Some((name, value, max)) = sizes.into_iter().find(|&(_, value, max)| value > max) {
             return Err(TrainError::Config(format!(

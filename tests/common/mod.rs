@@ -117,6 +117,11 @@ pub fn tiny_model() -> &'static Path {
 }
 
 /// Copies a model artifact (`model.json` and `weights.safetensors`) into `dst`, created.
+/// A model folder's `model.json`, as JSON.
+pub fn read_card(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap()
+}
+
 pub fn copy_model(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     for f in ["model.json", "weights.safetensors"] {
