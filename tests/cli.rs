@@ -759,10 +759,7 @@ fn ctrl_c_after_a_tenth_of_the_steps_still_writes_a_usable_model() {
 fn ctrl_c_within_the_first_tenth_writes_nothing_and_keeps_the_model_there() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("m");
-    std::fs::create_dir(&out).unwrap();
-    for f in ["model.json", "weights.safetensors"] {
-        std::fs::copy(tiny_model().join(f), out.join(f)).unwrap();
-    }
+    common::copy_model(tiny_model(), &out);
     let before = std::fs::read(out.join("model.json")).unwrap();
     // The Ctrl-C handler is installed before this line is logged.
     // (Steps enough that a missing log line fails the test in minutes, not hours.)
