@@ -293,6 +293,12 @@ try:
     b.wait("the small image is judged", "document.querySelectorAll('#results .result:not(.pending) .verdict').length === 4")
     check("its result says it is of another size",
           b.js("[...document.querySelector('#results .result').querySelectorAll('.error')].some(e => e.textContent.includes('64×48 pixels; this model was trained on 256×256'))"))
+    # The warning is stored with the record: its page shows it too.
+    newest = api(OPEN_BASE, "/v1/inspections?limit=1")["items"][0]["id"]
+    b.goto(OPEN_BASE + f"/#/inspections/{newest}")
+    b.wait("the record's page shows the warning",
+           f"document.getElementById('view').dataset.inspection === '{newest}' && "
+           "[...document.querySelectorAll('main .warning')].some(e => e.textContent.includes('64×48 pixels'))")
 
     # A server with keys: the page asks once, and an inspect-role key sees no admin action.
     b.goto(KEYED_BASE + "/#/models")

@@ -13,6 +13,7 @@ pub const INSPECTION_SECONDS: &str = "vigil_inspection_duration_seconds";
 pub const BATCH_SIZE: &str = "vigil_batch_size";
 pub const QUEUE_DEPTH: &str = "vigil_queue_depth";
 pub const VERDICTS: &str = "vigil_verdicts_total";
+pub const REPLAYS: &str = "vigil_inspections_replayed_total";
 pub const SCORES: &str = "vigil_anomaly_score";
 pub const MODEL_INFO: &str = "vigil_model_info";
 pub const DATABASE_ERRORS: &str = "vigil_database_errors_total";
@@ -89,6 +90,10 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Images per model batch");
     describe_gauge!(QUEUE_DEPTH, "Inspections admitted and not yet answered, per model");
     describe_counter!(VERDICTS, "Verdicts by model and verdict");
+    describe_counter!(
+        REPLAYS,
+        "Inspections answered from the record of an earlier request with the same Idempotency-Key"
+    );
     describe_histogram!(SCORES, "Anomaly scores by model");
     describe_gauge!(BUILD_INFO, "Always 1; the version label is vigil's");
     describe_gauge!(

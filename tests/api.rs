@@ -876,7 +876,8 @@ async fn health_metrics_openapi_and_models() {
         .filter(|p| p["in"] == "header")
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(headers, ["X-Part-Id", "X-Request-Id"]);
+    assert_eq!(headers, ["X-Part-Id", "X-Request-Id", "Idempotency-Key"]);
+    assert!(inspect["responses"]["200"]["headers"]["Idempotent-Replayed"].is_object());
     assert_eq!(inspect["tags"], serde_json::json!(["inspect"]));
     let heatmap = &doc["paths"]["/v1/inspections/{id}/heatmap.png"]["get"]["responses"];
     assert_eq!(heatmap["200"]["content"]["image/png"]["schema"]["format"], "binary");
@@ -890,7 +891,7 @@ async fn health_metrics_openapi_and_models() {
                 let in_path = path.contains(&format!("{{{name}}}"));
                 let want = if in_path {
                     ("path", true)
-                } else if name.starts_with("X-") {
+                } else if name.starts_with("X-") || name == "Idempotency-Key" {
                     ("header", false)
                 } else {
                     ("query", false)
@@ -2117,4 +2118,171 @@ async fn a_stopping_server_says_connection_close_and_starts_no_training_job() {
         "{}",
         String::from_utf8_lossy(&b)
     );
+}
+
+fn inspect_with_key(key: &str, image: Vec<u8>, part: &str) -> Request<Body> {
+    Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("idempotency-key", key)
+        .header("x-part-id", part)
+        .body(Body::from(image))
+        .unwrap()
+}
+
+/// Images the blob store holds under `root`, in `images/<day>/`.
+fn stored_images(root: &std::path::Path) -> usize {
+    std::fs::read_dir(root.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_no_second_record() {
+    // Trained on 32×32 images: a 40×30 one is judged with a warning, which the replay and
+    // the record must carry too.
+    let mut card = common::test_card(Fit::Whole, 32, 32);
+    card.training.image_size = Some([32, 32]);
+    let flat = Arc::new(common::Flat(Device::Cpu));
+    let h = harness_with(None, 8, "idem", flat, Duration::from_secs(10), None, Some(card)).await;
+    let image = png(40, 30, true);
+
+    let (s, hd, b) = send(&h.state, inspect_with_key("8e03978e-40d5", image.clone(), "p-1")).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert!(hd.get("idempotent-replayed").is_none(), "a first answer is no replay");
+    let first = json(&b);
+    let id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(first["warnings"].as_array().map(Vec::len), Some(1), "{first}");
+
+    // The retry, with the key bare or quoted (a structured-field string): the same answer.
+    for key in ["8e03978e-40d5", "\"8e03978e-40d5\""] {
+        let (s, hd, b) = send(&h.state, inspect_with_key(key, image.clone(), "p-1")).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(hd["idempotent-replayed"], "true");
+        let again = json(&b);
+        for field in [
+            "id",
+            "score",
+            "threshold",
+            "is_anomalous",
+            "regions",
+            "warnings",
+            "links",
+            "part_id",
+            "created_at",
+        ] {
+            assert_eq!(again[field], first[field], "{field}");
+        }
+    }
+    let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
+    assert_eq!(
+        json(&b)["items"].as_array().unwrap().len(),
+        1,
+        "one record for three requests"
+    );
+    let (_, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
+    assert_eq!(json(&b)["warnings"], first["warnings"], "the record keeps the warning");
+
+    // The key with anything else is refused, not answered with the first part's verdict.
+    let other_image = send(&h.state, inspect_with_key("8e03978e-40d5", png(40, 30, false), "p-1")).await;
+    let other_part = send(&h.state, inspect_with_key("8e03978e-40d5", image.clone(), "p-2")).await;
+    let mut with_threshold = inspect_with_key("8e03978e-40d5", image.clone(), "p-1");
+    *with_threshold.uri_mut() = "/v1/inspect?threshold=9".parse().unwrap();
+    let other_threshold = send(&h.state, with_threshold).await;
+    for (what, (s, _, b)) in [
+        ("image", other_image),
+        ("part", other_part),
+        ("threshold", other_threshold),
+    ] {
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "another {what}");
+        assert_eq!(error_code(&b), "idempotency_key_reused", "another {what}");
+        assert!(
+            String::from_utf8_lossy(&b).contains(&id),
+            "names the record: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // Another key is another inspection.
+    let (s, _, b) = send(&h.state, inspect_with_key("second", image.clone(), "p-1")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(json(&b)["id"], first["id"]);
+
+    // Keys that cannot be one.
+    let long = "k".repeat(256);
+    for bad in ["", "\"\"", long.as_str(), "caf\u{e9}", "a\"b", "a\\b"] {
+        let req = Request::post("/v1/inspect")
+            .header("content-type", "image/png")
+            .header(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            )
+            .body(Body::from(image.clone()))
+            .unwrap();
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(
+            (s, error_code(&b)),
+            (StatusCode::BAD_REQUEST, "bad_request".into()),
+            "{bad:?}"
+        );
+    }
+    let two = Request::post("/v1/inspect")
+        .header("content-type", "image/png")
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .body(Body::from(image.clone()))
+        .unwrap();
+    assert_eq!(send(&h.state, two).await.0, StatusCode::BAD_REQUEST);
+
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&b);
+    assert!(
+        text.lines()
+            .any(|l| l == "vigil_inspections_replayed_total{model=\"idem\"} 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_at_once_with_one_key_make_one_record_and_one_stored_image() {
+    let h = harness_named(None, 16, "idem-race").await;
+    let image = png(32, 32, true);
+    let answers =
+        futures_util::future::join_all((0..6).map(|_| send(&h.state, inspect_with_key("race", image.clone(), "p-1"))))
+            .await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(s, _, b)| {
+            assert_eq!(*s, StatusCode::OK, "{}", String::from_utf8_lossy(b));
+            json(b)["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "every request gets the one record: {ids:?}");
+    let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
+    assert_eq!(json(&b)["items"].as_array().unwrap().len(), 1);
+    assert_eq!(stored_images(h.state.blobs.root()), 1, "the losers' images are removed");
+}
+
+#[tokio::test]
+async fn an_answer_without_a_stored_image_links_to_no_image() {
+    let h = harness(None, 8).await;
+    let (s, _, b) = send(
+        &h.state,
+        post("/v1/inspect?store_image=false", "image/png", png(32, 32, true)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["image_stored"], false);
+    let links = v["links"].as_object().unwrap();
+    assert_eq!(links.keys().collect::<Vec<_>>(), ["self"], "{links:?}");
+    let (s, _, b) = send(&h.state, get(links["self"].as_str().unwrap())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&b)["links"].as_object().unwrap().len(), 1);
+    let (_, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    let links = json(&b)["links"].clone();
+    for link in ["heatmap", "anomaly_map", "reconstruction", "image"] {
+        let (s, _, _) = send(&h.state, get(links[link].as_str().unwrap())).await;
+        assert_eq!(s, StatusCode::OK, "{link}");
+    }
 }

@@ -2,7 +2,7 @@
 //! `.ci/run` does), a real PostgreSQL server: the same assertions on both.
 
 use serde_json::json;
-use vigil::storage::{ListQuery, Record, Store};
+use vigil::storage::{ListQuery, Record, Store, StoreError};
 
 fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record {
     Record {
@@ -23,6 +23,9 @@ fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record 
         part_id: None,
         alpha: None,
         pixel_threshold: Some(0.75),
+        idempotency_key: None,
+        request_fingerprint: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -50,8 +53,35 @@ async fn exercise(store: &Store, prefix: &str) {
         store.insert(&mixed).await.unwrap();
         assert_eq!(store.get(&id(i)).await.unwrap().unwrap(), mixed);
     }
-    // Duplicate ids are refused (the primary key holds).
-    assert!(store.insert(&record(&id(3), &model, 1, false, 0.0)).await.is_err());
+    // Duplicate ids are refused (the primary key holds), and not taken for a used key.
+    let twice = store.insert(&record(&id(3), &model, 1, false, 0.0)).await;
+    assert!(matches!(twice, Err(StoreError::Database(_))), "{twice:?}");
+    // An idempotency key is held by one record; its fingerprint and warnings come back.
+    // (Newer than the retention cut-offs below, so those batches stay as they are.)
+    let keyed = Record {
+        idempotency_key: Some(format!("key-{prefix}")),
+        request_fingerprint: Some("f1".into()),
+        warnings: vec!["another size".into()],
+        ..record(&id(12), &format!("{model}-mix"), 5_000, true, 0.9)
+    };
+    store.insert(&keyed).await.unwrap();
+    let again = Record {
+        idempotency_key: keyed.idempotency_key.clone(),
+        request_fingerprint: Some("f2".into()),
+        ..record(&id(13), &format!("{model}-mix"), 5_001, true, 0.9)
+    };
+    let taken = store.insert(&again).await;
+    assert!(
+        matches!(&taken, Err(StoreError::KeyTaken(k)) if k == &format!("key-{prefix}")),
+        "{taken:?}"
+    );
+    assert_eq!(
+        store.by_idempotency_key(&format!("key-{prefix}")).await.unwrap(),
+        Some(keyed.clone())
+    );
+    assert_eq!(store.get(&id(12)).await.unwrap(), Some(keyed));
+    assert!(store.get(&id(13)).await.unwrap().is_none());
+    assert!(store.by_idempotency_key("no such key").await.unwrap().is_none());
 
     let q = ListQuery {
         model: Some(model.clone()),

@@ -115,6 +115,16 @@ pub fn document() -> Value {
                     "description": "Correlation id: up to 128 letters, digits and -_.:/+@, echoed in the answer's X-Request-Id header and recorded; \
                         a missing or unusable one is replaced by a generated UUID.",
                     "schema": {"type": "string", "maxLength": 128}}));
+                parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false,
+                    "description": "Makes a retry safe: a request with a key already recorded is answered with that record \
+                        (header Idempotent-Replayed: true) instead of being judged and recorded again; the same key with another \
+                        image, model, part id or override is 422 idempotency_key_reused. 1-255 printable ASCII characters, \
+                        quoted or not, e.g. a UUID.",
+                    "schema": {"type": "string", "maxLength": 257}}));
+                if let Some(ok) = op["responses"].get_mut("200") {
+                    ok["headers"] = json!({"Idempotent-Replayed": {"description": "true when this is the recorded answer to an earlier request with the same Idempotency-Key",
+                        "schema": {"type": "string", "enum": ["true"]}}});
+                }
                 if let Some(busy) = op["responses"].get_mut("429") {
                     busy["headers"] = json!({"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}});
                 }

@@ -39,6 +39,8 @@ pub enum ApiError {
     NotStored(String),
     #[error("{0}")]
     ModelChanged(String),
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("the model {0:?} is busy: retry shortly")]
     Overloaded(String),
     #[error("the inspection did not finish within the request timeout")]
@@ -104,6 +106,7 @@ impl ApiError {
             UnknownInspection(_) => (StatusCode::NOT_FOUND, "unknown_inspection"),
             NotStored(_) => (StatusCode::NOT_FOUND, "image_not_stored"),
             ModelChanged(_) => (StatusCode::CONFLICT, "model_changed"),
+            IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
@@ -244,6 +247,7 @@ impl From<StoreError> for ApiError {
             // A row that does not parse is a bug, not an outage: 500, not 503.
             StoreError::Malformed(m) => ApiError::Internal(format!("malformed record: {m}")),
             StoreError::Conflict(m) => ApiError::ModelExists(m),
+            StoreError::KeyTaken(_) => ApiError::IdempotencyKeyReused(e.to_string()),
             other => ApiError::DatabaseUnavailable(other.to_string()),
         }
     }

@@ -6,7 +6,8 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sha2::{Digest, Sha256};
 
@@ -16,10 +17,13 @@ use super::upload::read_image_body;
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::detector::Overrides;
-use crate::storage::Record;
+use crate::storage::{Record, StoreError};
 
 /// Longest `X-Part-Id` stored with a record (a serial number or a barcode's text).
 pub const MAX_PART_ID: usize = 256;
+
+/// Longest `Idempotency-Key` (a UUID is 36 characters).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// Inspect an image with the default model.
 #[utoipa::path(post, path = "/v1/inspect", params(InspectQuery),
@@ -32,7 +36,7 @@ pub async fn inspect_default(
     State(state): State<Arc<AppState>>,
     q: Result<Query<InspectQuery>, QueryRejection>,
     req: Request,
-) -> Result<Json<InspectionResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let Some(model) = state.default_model_name() else {
         let names: Vec<String> = state.models.read().expect("models lock").keys().cloned().collect();
         return Err(ApiError::NoDefaultModel(names.join(", ")));
@@ -52,7 +56,7 @@ pub async fn inspect_model(
     Path(model): Path<String>,
     q: Result<Query<InspectQuery>, QueryRejection>,
     req: Request,
-) -> Result<Json<InspectionResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     inspect(state, model, query(q)?, req).await
 }
 
@@ -86,12 +90,69 @@ fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok((!text.is_empty()).then(|| text.to_string()))
 }
 
-async fn inspect(
-    state: Arc<AppState>,
-    model: String,
-    q: InspectQuery,
-    req: Request,
-) -> Result<Json<InspectionResponse>, ApiError> {
+/// The `Idempotency-Key` a request names (after the IETF draft of that header: a
+/// structured-field string, so quotes around it are allowed and not part of the key).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "send one Idempotency-Key header, not several".into(),
+        ));
+    }
+    let bytes = value.as_bytes();
+    let key = match bytes {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => bytes,
+    };
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters without quotes or backslashes inside, e.g. a UUID"
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(key).into_owned()))
+}
+
+/// What a retry must share with the request that first used its key: the model named, the
+/// image, the part and the overrides. Another request under a used key is refused rather
+/// than answered with a verdict about something else.
+fn fingerprint(model: &str, image_sha256: &str, part_id: Option<&str>, q: &InspectQuery) -> String {
+    let canonical = serde_json::json!([model, image_sha256, part_id, q.threshold, q.alpha]).to_string();
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+/// The answer recorded for `key`, again, if the request matches the one that first used it.
+async fn replay(state: &AppState, key: &str, fingerprint: &str) -> Result<Option<Response>, ApiError> {
+    let Some(record) = state.store.by_idempotency_key(key).await? else {
+        return Ok(None);
+    };
+    if record.request_fingerprint.as_deref() != Some(fingerprint) {
+        return Err(ApiError::IdempotencyKeyReused(format!(
+            "Idempotency-Key {key:?} was sent before with another image, model, part id or override \
+             (inspection {}): use a new key for a new request",
+            record.id
+        )));
+    }
+    metrics::counter!(crate::metrics::REPLAYS, "model" => record.model.clone()).increment(1);
+    let feedback = state
+        .store
+        .labels_of(std::slice::from_ref(&record.id))
+        .await?
+        .remove(&record.id);
+    let mut resp = Json(super::records::to_response(record, feedback)).into_response();
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(Some(resp))
+}
+
+async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
     // A full queue refuses before the body is read: an overloaded server answers 429 in
     // the time it takes to parse the headers, not to receive and hash an image. (Not a
@@ -102,6 +163,7 @@ async fn inspect(
     let header_str = |h: &HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
     let request_id = header_str(req.headers(), "x-request-id");
     let part_id = part_id(req.headers())?;
+    let key = idempotency_key(req.headers())?;
     if part_id.as_ref().is_some_and(|p| p.len() > MAX_PART_ID) {
         return Err(ApiError::BadRequest(format!(
             "X-Part-Id is at most {MAX_PART_ID} bytes"
@@ -129,6 +191,13 @@ async fn inspect(
     let bytes = Bytes::from(read_image_body(req, state.limits.max_body_bytes).await?);
     let b = bytes.clone();
     let (digest, ext) = blocking(move || (hex::encode(Sha256::digest(&b)), extension(&b))).await?;
+    // A retry of a recorded request is answered from its record, without the model.
+    let request_fingerprint = fingerprint(&model, &digest, part_id.as_deref(), &q);
+    if let Some(key) = &key {
+        if let Some(resp) = replay(&state, key, &request_fingerprint).await? {
+            return Ok(resp);
+        }
+    }
     let kept = q
         .store_image
         .unwrap_or(state.limits.store_images)
@@ -164,6 +233,9 @@ async fn inspect(
         part_id: part_id.clone(),
         alpha: inspection.alpha.map(f64::from),
         pixel_threshold: Some(inspection.pixel_threshold as f64),
+        idempotency_key: key.clone(),
+        request_fingerprint: key.is_some().then_some(request_fingerprint.clone()),
+        warnings: inspection.warnings.clone(),
     };
     // The image write and the row run as one detached task: a client that hangs up
     // cannot leave a stored image without its row. A 200 means the row is committed.
@@ -180,12 +252,23 @@ async fn inspect(
             if let Some(p) = &record.image_path {
                 let _ = st.blobs.remove(p);
             }
-            return Err(ApiError::from(e));
+            return match e {
+                StoreError::KeyTaken(_) => Ok(None),
+                e => Err(ApiError::from(e)),
+            };
         }
-        Ok(record)
+        Ok(Some(record))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let Some(record) = record else {
+        // A request with the same key was recorded while this one was judged (a retry
+        // sent before the first answer, here or on another replica): both get its answer.
+        let key = key.as_deref().unwrap_or_default();
+        return replay(&state, key, &request_fingerprint)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("the record holding idempotency key {key:?} vanished")));
+    };
     let image_path = record.image_path.clone();
 
     let verdict = if inspection.is_anomalous { "anomalous" } else { "normal" };
@@ -203,7 +286,7 @@ async fn inspect(
             .record_good(&model, &id, inspection.score, &detector.card.validation_scores.values);
     }
     Ok(Json(InspectionResponse {
-        links: Links::for_id(&id),
+        links: Links::for_id(&id, image_path.is_some()),
         id,
         model,
         model_version: version,
@@ -223,7 +306,8 @@ async fn inspect(
         image_stored: image_path.is_some(),
         feedback: None,
         feedback_note: None,
-    }))
+    })
+    .into_response())
 }
 
 /// The file extension for a stored image, from its content.

@@ -28,7 +28,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
         total: 0.0,
     });
     InspectionResponse {
-        links: Links::for_id(&r.id),
+        links: Links::for_id(&r.id, r.image_path.is_some()),
         id: r.id,
         model: r.model,
         model_version: r.model_version,
@@ -41,7 +41,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
         height: r.height,
         timings_ms: timings,
         alpha: r.alpha,
-        warnings: Vec::new(),
+        warnings: r.warnings,
         created_at: rfc3339(r.created_at),
         request_id: r.request_id,
         part_id: r.part_id,

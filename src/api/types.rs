@@ -14,25 +14,32 @@ pub struct Timings {
     pub total: f64,
 }
 
+/// Where an inspection's images are. The image and the maps rendered from it exist only
+/// when the image was stored (`image_stored`); without it, only `self`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Links {
     #[serde(rename = "self")]
     pub self_: String,
-    pub heatmap: String,
-    pub anomaly_map: String,
-    pub reconstruction: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_map: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconstruction: Option<String>,
     /// The stored image as it was uploaded.
-    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl Links {
-    pub fn for_id(id: &str) -> Self {
+    pub fn for_id(id: &str, image_stored: bool) -> Self {
         let base = format!("/v1/inspections/{id}");
+        let link = |tail: &str| image_stored.then(|| format!("{base}/{tail}"));
         Self {
-            heatmap: format!("{base}/heatmap.png"),
-            anomaly_map: format!("{base}/anomaly_map.npy"),
-            reconstruction: format!("{base}/reconstruction.png"),
-            image: format!("{base}/image"),
+            heatmap: link("heatmap.png"),
+            anomaly_map: link("anomaly_map.npy"),
+            reconstruction: link("reconstruction.png"),
+            image: link("image"),
             self_: base,
         }
     }
@@ -66,7 +73,7 @@ pub struct InspectionResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// Why this verdict may not mean what it says, e.g. an image of another size than the
-    /// model's training images. In the answer to an inspection only (not stored).
+    /// model's training images. Stored with the record (not in records made before that).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// RFC 3339, UTC.

@@ -21,6 +21,9 @@ pub enum StoreError {
     /// A row that a unique rule refuses (a second unfinished job for one model name).
     #[error("{0}")]
     Conflict(String),
+    /// An inspection whose idempotency key another record already holds.
+    #[error("an inspection with idempotency key {0:?} is already recorded")]
+    KeyTaken(String),
 }
 
 /// An operator's label of an inspection (`good` or `defective`) and the note given with it.
@@ -57,6 +60,15 @@ pub struct Record {
     /// The pixel threshold its regions were cut at; absent in rows older than the column.
     #[serde(default)]
     pub pixel_threshold: Option<f64>,
+    /// The request's `Idempotency-Key`, when it sent one (unique among records).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// What a retry with the same key must match: see `api::inspect::fingerprint`.
+    #[serde(default)]
+    pub request_fingerprint: Option<String>,
+    /// Why the verdict may not mean what it says (empty in rows older than the column).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// Filters for listing, newest first.
@@ -162,7 +174,7 @@ impl Store {
         // cached statement, so the next row's real float8 would be refused ("incorrect
         // binary data format"). Each combination of present values has its own text.
         let optional = [r.alpha, r.pixel_threshold];
-        let mut next = 16;
+        let mut next = 19;
         let placeholders: Vec<String> = optional
             .iter()
             .map(|v| match v {
@@ -175,8 +187,9 @@ impl Store {
             .collect();
         let sql = format!(
             "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, \
-             height, regions, timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, {})",
+             height, regions, timings, image_sha256, image_path, request_id, part_id, idempotency_key, \
+             request_fingerprint, warnings, alpha, pixel_threshold) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, {})",
             placeholders.join(", ")
         );
         let mut tx = self.pool.begin().await?;
@@ -195,11 +208,24 @@ impl Store {
             .bind(&r.image_sha256)
             .bind(r.image_path.clone())
             .bind(r.request_id.clone())
-            .bind(r.part_id.clone());
+            .bind(r.part_id.clone())
+            .bind(r.idempotency_key.clone())
+            .bind(r.request_fingerprint.clone())
+            .bind((!r.warnings.is_empty()).then(|| serde_json::json!(r.warnings).to_string()));
         for value in optional.into_iter().flatten() {
             query = query.bind(value);
         }
-        query.execute(&mut *tx).await?;
+        query.execute(&mut *tx).await.map_err(|e| match e {
+            // PostgreSQL names the index; SQLite names the column in its message.
+            sqlx::Error::Database(d)
+                if d.kind() == sqlx::error::ErrorKind::UniqueViolation
+                    && (d.constraint() == Some("inspections_idempotency_key")
+                        || d.message().contains("idempotency_key")) =>
+            {
+                StoreError::KeyTaken(r.idempotency_key.clone().unwrap_or_default())
+            }
+            other => other.into(),
+        })?;
         tx.commit().await?;
         Ok(())
     }
@@ -207,6 +233,15 @@ impl Store {
     pub async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM inspections WHERE id = $1"))
             .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| from_row(&r)).transpose()
+    }
+
+    /// The record of the request sent with this `Idempotency-Key`, if any.
+    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM inspections WHERE idempotency_key = $1"))
+            .bind(key.to_string())
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| from_row(&r)).transpose()
@@ -437,7 +472,8 @@ pub struct Pruned {
 }
 
 const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
-                       timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold";
+                       timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold, \
+                       idempotency_key, request_fingerprint, warnings";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
     let json = |i: usize| -> Result<serde_json::Value, StoreError> {
@@ -461,5 +497,11 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
         part_id: r.try_get(14)?,
         alpha: r.try_get(15)?,
         pixel_threshold: r.try_get(16)?,
+        idempotency_key: r.try_get(17)?,
+        request_fingerprint: r.try_get(18)?,
+        warnings: match r.try_get::<Option<String>, _>(19)? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Malformed(e.to_string()))?,
+            None => Vec::new(),
+        },
     })
 }

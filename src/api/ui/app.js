@@ -457,6 +457,7 @@ async function showInspection(id) {
       h("button", { onclick: () => go(1), disabled: !(at >= 0 && at + 1 < state.list.length) }, "older →"),
       h("a", { href: state.reviewHash || "#/review" }, "back to the list")),
     scoreBar(insp.score, insp.threshold),
+    ...(insp.warnings || []).map((w) => h("p", { class: "error warning" }, w)),
     // Above the figure, so that the buttons are on screen at 1366×768.
     h("div", { class: "controls feedback" },
       h("b", {}, "Feedback: "), labelText,
