@@ -459,6 +459,12 @@ pub struct ServeArgs {
     /// Delete inspections (and their images) older than this many days; 0 keeps everything.
     #[arg(long, env = "VIGIL_RETENTION_DAYS", default_value_t = 0)]
     pub retention_days: u64,
+    /// Seconds between looks for models that appeared in --models-dir (trained by another
+    /// replica sharing the folder, or copied in), which are then loaded and served; 0 turns
+    /// the periodic look off. A request naming a model not yet served, and the model list,
+    /// look at once whatever this is. Models already served change only by reload.
+    #[arg(long, env = "VIGIL_MODELS_SCAN_INTERVAL", default_value_t = 30.0, value_parser = seconds_or_zero)]
+    pub models_scan_interval: f64,
     /// File of API keys, one per line: `<role> <key>` with role `inspect` or `admin`.
     /// When given, every /v1 route needs `Authorization: Bearer <key>`.
     #[arg(long, env = "VIGIL_API_KEYS_FILE")]

@@ -29,25 +29,36 @@ pub fn warm_up(d: &Detector) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The model in `dir`, loaded and warmed, with its version.
+pub fn load_warm(dir: &Path, device: &candle_core::Device) -> anyhow::Result<(Detector, String)> {
+    let d = Detector::load(dir, device)?;
+    warm_up(&d).context("warming it up")?;
+    let version = artifact_version(dir)?;
+    Ok((d, version))
+}
+
+/// The sub-folders of `dir` that hold a model: a model.json, in a folder whose name is
+/// not hidden (a training job stages its model in a hidden one). Sorted.
+pub fn model_folders(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut dirs: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(artifact::CARD_FILE).is_file())
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
 /// Every sub-folder of `dir` holding a model.json, loaded and warmed.
 pub fn load_models(
     dir: &Path,
     device: &candle_core::Device,
 ) -> anyhow::Result<Vec<(String, PathBuf, Detector, String)>> {
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
-    let mut dirs: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(artifact::CARD_FILE).is_file())
-        // Hidden folders are not models: a training job stages its model in one.
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        .collect();
-    dirs.sort();
+    let dirs = model_folders(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
     for path in dirs {
         let name = path.file_name().expect("folder name").to_string_lossy().to_string();
-        let d = Detector::load(&path, device)?;
-        warm_up(&d).with_context(|| format!("warming up {name}"))?;
-        let version = artifact_version(&path)?;
+        let (d, version) = load_warm(&path, device).with_context(|| format!("loading {name}"))?;
         tracing::info!(model = name, version, "model loaded and warm");
         out.push((name, path, d, version));
     }

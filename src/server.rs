@@ -115,6 +115,8 @@ pub async fn build_state(
             args.training_threads
                 .unwrap_or((candle_core::utils::get_num_threads() / 2).max(1)),
         ),
+        discovery: Default::default(),
+        idempotency: Default::default(),
     });
     let removed = api::training::remove_stale_uploads(&state).await;
     if removed > 0 {
@@ -320,6 +322,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let served = rt.block_on(async {
         let handle = crate::metrics::install();
         let state = build_state(args, handle).await?;
+        api::discovery::spawn(state.clone(), Duration::from_secs_f64(args.models_scan_interval));
         if args.retention_days > 0 {
             spawn_retention(state.clone(), args.retention_days);
         }

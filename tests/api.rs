@@ -102,6 +102,8 @@ async fn harness_with(
         live: Default::default(),
         models_dir: dir.path().join("models"),
         training: api::training::JobBoard::new(1),
+        discovery: Default::default(),
+        idempotency: Default::default(),
     });
     Harness { state, _dir: dir }
 }
@@ -2244,23 +2246,120 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_no_seco
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_sent_at_once_with_one_key_make_one_record_and_one_stored_image() {
+async fn requests_sent_at_once_with_one_key_are_judged_once() {
     let h = harness_named(None, 16, "idem-race").await;
     let image = png(32, 32, true);
     let answers =
         futures_util::future::join_all((0..6).map(|_| send(&h.state, inspect_with_key("race", image.clone(), "p-1"))))
             .await;
+    let mut replayed = 0;
     let ids: std::collections::BTreeSet<String> = answers
         .iter()
-        .map(|(s, _, b)| {
+        .map(|(s, hd, b)| {
             assert_eq!(*s, StatusCode::OK, "{}", String::from_utf8_lossy(b));
+            replayed += usize::from(hd.get("idempotent-replayed").is_some());
             json(b)["id"].as_str().unwrap().to_string()
         })
         .collect();
     assert_eq!(ids.len(), 1, "every request gets the one record: {ids:?}");
+    assert_eq!(
+        replayed, 5,
+        "one judged, the others waited for it and were answered from its record"
+    );
     let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
     assert_eq!(json(&b)["items"].as_array().unwrap().len(), 1);
-    assert_eq!(stored_images(h.state.blobs.root()), 1, "the losers' images are removed");
+    assert_eq!(stored_images(h.state.blobs.root()), 1);
+    assert!(h.state.idempotency.is_empty(), "no key is left held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_answered_from_its_record_while_the_queue_is_full() {
+    let (held, started, go) = held();
+    let h = harness_with(None, 1, "default", held, Duration::from_secs(60), None, None).await;
+    go.send(()).unwrap(); // the first request runs at once
+    let image = png(32, 32, true);
+    let (s, _, b) = send(&h.state, inspect_with_key("k", image.clone(), "p")).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    started.recv().unwrap();
+    let first = json(&b)["id"].clone();
+    // Another request fills the one queue slot, held in the model.
+    let st = h.state.clone();
+    let busy = tokio::spawn(async move { send(&st, post("/v1/inspect", "image/png", png(32, 32, false))).await });
+    let started = tokio::task::spawn_blocking(move || {
+        started.recv().unwrap();
+        started
+    })
+    .await
+    .unwrap();
+    let (s, _, _) = send(&h.state, post("/v1/inspect", "image/png", image.clone())).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "the queue is full");
+    let (s, hd, b) = send(&h.state, inspect_with_key("k", image.clone(), "p")).await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "a recorded retry needs no queue slot: {}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(
+        (hd["idempotent-replayed"].to_str().unwrap(), &json(&b)["id"]),
+        ("true", &first)
+    );
+    go.send(()).unwrap();
+    assert_eq!(busy.await.unwrap().0, StatusCode::OK);
+    drop(started);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_recorded_by_another_replica_while_judging_gives_its_answer_and_removes_the_image() {
+    let (held, started, go) = held();
+    let h = harness_with(None, 4, "default", held, Duration::from_secs(60), None, None).await;
+    let image = png(32, 32, true);
+    let st = h.state.clone();
+    let img = image.clone();
+    let retry = tokio::spawn(async move { send(&st, inspect_with_key("shared", img, "p")).await });
+    // In the model: past the look-up. Another replica sharing the database records the
+    // same request meanwhile (written here straight into the store).
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&image));
+    let elsewhere = vigil::storage::Record {
+        id: uuid::Uuid::now_v7().to_string(),
+        model: "default".into(),
+        model_version: "v1".into(),
+        created_at: 1,
+        score: 0.25,
+        threshold: 0.5,
+        is_anomalous: false,
+        width: 32,
+        height: 32,
+        regions: serde_json::json!([]),
+        timings: serde_json::json!({"decode": 0.0, "queue": 0.0, "inference": 0.0, "scoring": 0.0, "total": 1.0}),
+        image_sha256: digest.clone(),
+        image_path: None,
+        request_id: None,
+        part_id: Some("p".into()),
+        alpha: None,
+        pixel_threshold: Some(0.3),
+        idempotency_key: Some("shared".into()),
+        request_fingerprint: Some(api::idempotency::fingerprint(&digest, Some("p"), None, None)),
+        warnings: Vec::new(),
+    };
+    h.state.store.insert(&elsewhere).await.unwrap();
+    go.send(()).unwrap();
+    let (s, hd, b) = retry.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(hd["idempotent-replayed"], "true");
+    assert_eq!(
+        (json(&b)["id"].as_str(), json(&b)["score"].as_f64()),
+        (Some(elsewhere.id.as_str()), Some(0.25))
+    );
+    assert_eq!(h.state.store.count().await.unwrap(), 1);
+    assert_eq!(
+        stored_images(h.state.blobs.root()),
+        0,
+        "the image this replica stored is removed"
+    );
 }
 
 #[tokio::test]
@@ -2285,4 +2384,42 @@ async fn an_answer_without_a_stored_image_links_to_no_image() {
         let (s, _, _) = send(&h.state, get(links[link].as_str().unwrap())).await;
         assert_eq!(s, StatusCode::OK, "{link}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_folder_that_appears_is_served_without_a_restart() {
+    // As when another replica sharing the models folder trains one, or one is copied in.
+    let h = harness(None, 8).await;
+    let models = h.state.models_dir.clone();
+    let inspect_late = || post("/v1/models/late/inspect", "image/png", png(32, 32, true));
+    let (s, _, b) = send(&h.state, inspect_late()).await;
+    assert_eq!((s, error_code(&b)), (StatusCode::NOT_FOUND, "unknown_model".into()));
+    // A folder that does not load (still being copied, say) is not served...
+    std::fs::create_dir_all(models.join("late")).unwrap();
+    std::fs::write(models.join("late/model.json"), "{").unwrap();
+    let (s, _, b) = send(&h.state, inspect_late()).await;
+    assert_eq!((s, error_code(&b)), (StatusCode::NOT_FOUND, "unknown_model".into()));
+    // ...until its files are complete: then the next request naming it is judged by it.
+    common::copy_model(common::tiny_model(), &models.join("late"));
+    let (s, _, b) = send(&h.state, inspect_late()).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["model"], "late");
+    // The list shows a folder as soon as it is there; hidden folders (a job's staging)
+    // and names a model cannot have are left alone.
+    common::copy_model(common::tiny_model(), &models.join("listed"));
+    common::copy_model(common::tiny_model(), &models.join(".late.job.partial"));
+    common::copy_model(common::tiny_model(), &models.join("has space"));
+    let (s, _, b) = send(&h.state, get("/v1/models")).await;
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<String> = json(&b)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["default", "late", "listed"]);
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
+    assert!(String::from_utf8_lossy(&b).contains("vigil_model_info{model=\"listed\""));
+    // A scan with nothing new adds nothing.
+    assert!(api::discovery::serve_new_models(&h.state).await.is_empty());
 }

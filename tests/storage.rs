@@ -75,13 +75,23 @@ async fn exercise(store: &Store, prefix: &str) {
         matches!(&taken, Err(StoreError::KeyTaken(k)) if k == &format!("key-{prefix}")),
         "{taken:?}"
     );
-    assert_eq!(
-        store.by_idempotency_key(&format!("key-{prefix}")).await.unwrap(),
-        Some(keyed.clone())
-    );
+    let mix = format!("{model}-mix");
+    let key = format!("key-{prefix}");
+    assert_eq!(store.by_idempotency_key(&mix, &key).await.unwrap(), Some(keyed.clone()));
     assert_eq!(store.get(&id(12)).await.unwrap(), Some(keyed));
     assert!(store.get(&id(13)).await.unwrap().is_none());
-    assert!(store.by_idempotency_key("no such key").await.unwrap().is_none());
+    assert!(store.by_idempotency_key(&mix, "no such key").await.unwrap().is_none());
+    // A key is its model's: another model's request may use the same one.
+    let other_model = Record {
+        model: format!("{model}-other"),
+        ..again
+    };
+    store.insert(&other_model).await.unwrap();
+    assert_eq!(
+        store.by_idempotency_key(&other_model.model, &key).await.unwrap(),
+        Some(other_model.clone())
+    );
+    assert!(store.by_idempotency_key(&model, &key).await.unwrap().is_none());
 
     let q = ListQuery {
         model: Some(model.clone()),

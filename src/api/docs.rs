@@ -116,10 +116,11 @@ pub fn document() -> Value {
                         a missing or unusable one is replaced by a generated UUID.",
                     "schema": {"type": "string", "maxLength": 128}}));
                 parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false,
-                    "description": "Makes a retry safe: a request with a key already recorded is answered with that record \
-                        (header Idempotent-Replayed: true) instead of being judged and recorded again; the same key with another \
-                        image, model, part id or override is 422 idempotency_key_reused. 1-255 printable ASCII characters, \
-                        quoted or not, e.g. a UUID.",
+                    "description": "Makes a retry safe: a request whose key is recorded for its model is answered with that record \
+                        (header Idempotent-Replayed: true) instead of being judged and recorded again, even when the queue is full; \
+                        one arriving while the first is judged waits for it. The same key with another image, part id, threshold or \
+                        alpha is 422 idempotency_key_reused. 1-255 printable ASCII characters without quotes or backslashes inside, \
+                        optionally quoted, e.g. a UUID; malformed or repeated: 400.",
                     "schema": {"type": "string", "maxLength": 257}}));
                 if let Some(ok) = op["responses"].get_mut("200") {
                     ok["headers"] = json!({"Idempotent-Replayed": {"description": "true when this is the recorded answer to an earlier request with the same Idempotency-Key",

@@ -41,7 +41,7 @@ pub async fn judge(
     bytes: Bytes,
     overrides: Overrides,
 ) -> Result<Judgement, ApiError> {
-    let served = state.model(model)?;
+    let served = super::discovery::find_model(state, model).await?;
     let (detector, current) = current_version(&served, version)?;
     // Admission before any heavy work: a full queue answers 429 at once.
     let permit = served

@@ -4,9 +4,11 @@
 pub mod auth;
 pub mod browser;
 pub mod budget;
+pub mod discovery;
 pub mod docs;
 pub mod error;
 pub mod health;
+pub mod idempotency;
 pub mod inspect;
 pub mod judge;
 pub mod live;
@@ -98,6 +100,10 @@ pub struct AppState {
     /// Where models live: trained models are written here.
     pub models_dir: PathBuf,
     pub training: training::JobBoard,
+    /// Model folders that appeared while serving and failed to load.
+    pub discovery: discovery::Discovery,
+    /// Idempotency keys being judged by this server.
+    pub idempotency: idempotency::KeysInFlight,
 }
 
 impl AppState {

@@ -8,12 +8,13 @@ use axum::Json;
 use super::types::{FeedbackSummary, ModelDetail, ModelSummary};
 use super::AppState;
 use crate::api::error::ApiError;
-use crate::detector::Detector;
 use crate::eval::metrics::Confusion;
 
 /// The models this server serves.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = Vec<ModelSummary>)))]
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>> {
+    // Models another replica trained into a shared folder are listed as soon as they exist.
+    super::discovery::serve_new_models(&state).await;
     let default = state.default_model_name();
     Json(
         state
@@ -40,7 +41,7 @@ pub async fn card(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelDetail>, ApiError> {
-    let served = state.model(&model)?;
+    let served = super::discovery::find_model(&state, &model).await?;
     let d = served.engine.detector();
     let stats = state.store.feedback_stats(&model).await?;
     let both = stats.labelled_scores.iter().any(|s| s.1) && stats.labelled_scores.iter().any(|s| !s.1);
@@ -72,19 +73,14 @@ pub async fn reload(
     let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
     let device = state.device.clone();
-    let (detector, version) = tokio::task::spawn_blocking(move || -> Result<(Detector, String), String> {
-        let d = Detector::load(&dir, &device).map_err(|e| e.to_string())?;
-        crate::registry::warm_up(&d).map_err(|e| e.to_string())?;
-        let v = crate::registry::artifact_version(&dir).map_err(|e| e.to_string())?;
-        Ok((d, v))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| {
-        ApiError::ModelLoadFailed(format!(
-            "the model on disk does not load; the one loaded before keeps serving: {e}"
-        ))
-    })?;
+    let (detector, version) = tokio::task::spawn_blocking(move || crate::registry::load_warm(&dir, &device))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| {
+            ApiError::ModelLoadFailed(format!(
+                "the model on disk does not load; the one loaded before keeps serving: {e:#}"
+            ))
+        })?;
     let threshold = detector.card.thresholds.image as f64;
     let architecture = detector.card.architecture.name().to_string();
     let (_, replaced) = served.engine.current();

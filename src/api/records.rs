@@ -234,7 +234,8 @@ async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiErr
         other => other,
     };
     // A changed model answers 409 before any I/O; `judge` checks again together with the work.
-    current_version(&*state.model(&r.model)?, Some(&r.model_version)).map_err(in_context)?;
+    let served = super::discovery::find_model(state, &r.model).await?;
+    current_version(&served, Some(&r.model_version)).map_err(in_context)?;
     let path = r
         .image_path
         .clone()

@@ -75,6 +75,15 @@ impl JobBoard {
         }
     }
 
+    /// True while a job of this process is queued or running for `model` (its model
+    /// folder may appear before the job serves it).
+    pub fn is_training(&self, model: &str) -> bool {
+        self.live.lock().expect("jobs lock").values().any(|j| {
+            let v = j.view.borrow();
+            v.model == model && !v.status.finished()
+        })
+    }
+
     /// Claims `model` for a request being checked: 409 when a job of this process is
     /// queued or running for it, or another request holds it. Released on drop.
     fn reserve(&self, model: &str) -> Result<NameReservation<'_>, ApiError> {
@@ -704,9 +713,7 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     let device = state.device.clone();
     let (detector, version, dir) = tokio::task::spawn_blocking(move || {
         let dir = jobs::run(&models_dir, &model, &id, &args, threads, &cancel, on_step)?;
-        let d = crate::detector::Detector::load(&dir, &device).map_err(|e| e.to_string())?;
-        crate::registry::warm_up(&d).map_err(|e| e.to_string())?;
-        let v = crate::registry::artifact_version(&dir).map_err(|e| e.to_string())?;
+        let (d, v) = crate::registry::load_warm(&dir, &device).map_err(|e| format!("{e:#}"))?;
         Ok::<_, String>((d, v, dir))
     })
     .await

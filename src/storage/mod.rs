@@ -21,7 +21,7 @@ pub enum StoreError {
     /// A row that a unique rule refuses (a second unfinished job for one model name).
     #[error("{0}")]
     Conflict(String),
-    /// An inspection whose idempotency key another record already holds.
+    /// An inspection whose idempotency key another record of its model already holds.
     #[error("an inspection with idempotency key {0:?} is already recorded")]
     KeyTaken(String),
 }
@@ -60,10 +60,10 @@ pub struct Record {
     /// The pixel threshold its regions were cut at; absent in rows older than the column.
     #[serde(default)]
     pub pixel_threshold: Option<f64>,
-    /// The request's `Idempotency-Key`, when it sent one (unique among records).
+    /// The request's `Idempotency-Key`, when it sent one (unique among the model's records).
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// What a retry with the same key must match: see `api::inspect::fingerprint`.
+    /// What a retry with the same key must match: see `api::idempotency::fingerprint`.
     #[serde(default)]
     pub request_fingerprint: Option<String>,
     /// Why the verdict may not mean what it says (empty in rows older than the column).
@@ -211,16 +211,18 @@ impl Store {
             .bind(r.part_id.clone())
             .bind(r.idempotency_key.clone())
             .bind(r.request_fingerprint.clone())
-            .bind((!r.warnings.is_empty()).then(|| serde_json::json!(r.warnings).to_string()));
+            .bind((!r.warnings.is_empty()).then(|| serde_json::to_string(&r.warnings).expect("strings serialise")));
         for value in optional.into_iter().flatten() {
             query = query.bind(value);
         }
         query.execute(&mut *tx).await.map_err(|e| match e {
-            // PostgreSQL names the index; SQLite names the column in its message.
+            // PostgreSQL names the index; SQLite names the columns in its message.
             sqlx::Error::Database(d)
                 if d.kind() == sqlx::error::ErrorKind::UniqueViolation
-                    && (d.constraint() == Some("inspections_idempotency_key")
-                        || d.message().contains("idempotency_key")) =>
+                    && match d.constraint() {
+                        Some(index) => index == "inspections_idempotency_key",
+                        None => d.message().contains("inspections.idempotency_key"),
+                    } =>
             {
                 StoreError::KeyTaken(r.idempotency_key.clone().unwrap_or_default())
             }
@@ -238,12 +240,15 @@ impl Store {
         row.map(|r| from_row(&r)).transpose()
     }
 
-    /// The record of the request sent with this `Idempotency-Key`, if any.
-    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM inspections WHERE idempotency_key = $1"))
-            .bind(key.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+    /// The record of the request sent to `model` with this `Idempotency-Key`, if any.
+    pub async fn by_idempotency_key(&self, model: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM inspections WHERE model = $1 AND idempotency_key = $2"
+        ))
+        .bind(model.to_string())
+        .bind(key.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| from_row(&r)).transpose()
     }
 
