@@ -402,6 +402,11 @@ pub struct ServeArgs {
     /// sqlite://FILE or postgres://USER:PASS@HOST/DB. Default: an SQLite file in --data-dir.
     #[arg(long, env = "VIGIL_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Seconds to keep trying a PostgreSQL server that does not answer yet at start (a
+    /// replica and its database often start together), saying so each time; then the
+    /// last error. A refused login or a failed migration is not tried again. 0: once.
+    #[arg(long, env = "VIGIL_DATABASE_WAIT", default_value_t = 30.0, value_parser = seconds_or_zero)]
+    pub database_wait: f64,
     #[arg(long, env = "VIGIL_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Most images run through the model at once.

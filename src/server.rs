@@ -40,7 +40,7 @@ pub async fn build_state(
         Some(u) => u.clone(),
         None => format!("sqlite://{}", args.data_dir.join("vigil.db").display()),
     };
-    let store = Store::connect(&url)
+    let store = open_database(&url, Duration::from_secs_f64(args.database_wait))
         .await
         .with_context(|| "opening the database".to_string())?;
     tracing::info!(backend = store.backend, "database ready");
@@ -126,6 +126,27 @@ pub async fn build_state(
         );
     }
     Ok(state)
+}
+
+/// Opens the database at `url`. A PostgreSQL server that does not answer yet (still
+/// starting, its name not yet resolvable, its port not yet open) is tried again about
+/// once a second until `wait` has passed; SQLite is opened once (its errors are a wrong
+/// path or permissions, which waiting does not mend).
+async fn open_database(url: &str, wait: Duration) -> Result<Store, crate::storage::StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut attempt = 1;
+    loop {
+        match Store::connect(url).await {
+            Err(e) if !url.starts_with("sqlite:") && e.is_unreachable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(attempt, error = %e, "the database does not answer yet; trying again");
+                // A pause between attempts, not a synchronisation: the database is
+                // another process, and nothing here can be told when it is up.
+                tokio::time::sleep_until((tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline)).await;
+                attempt += 1;
+            }
+            opened => return opened,
+        }
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then stops: readiness turns

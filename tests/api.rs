@@ -2245,9 +2245,32 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_no_seco
     );
 }
 
+/// A flat reconstructor that counts the images it is given.
+struct Counted(std::sync::atomic::AtomicUsize, common::Flat);
+
+impl AnomalyModel for Counted {
+    fn infer(&self, batch: &candle_core::Tensor) -> candle_core::Result<ModelOutput> {
+        self.0.fetch_add(batch.dims()[0], std::sync::atomic::Ordering::SeqCst);
+        self.1.infer(batch)
+    }
+    fn device(&self) -> &Device {
+        &Device::Cpu
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_sent_at_once_with_one_key_are_judged_once() {
-    let h = harness_named(None, 16, "idem-race").await;
+    let counted = Arc::new(Counted(Default::default(), common::Flat(Device::Cpu)));
+    let h = harness_with(
+        None,
+        16,
+        "idem-race",
+        counted.clone(),
+        Duration::from_secs(10),
+        None,
+        None,
+    )
+    .await;
     let image = png(32, 32, true);
     let answers =
         futures_util::future::join_all((0..6).map(|_| send(&h.state, inspect_with_key("race", image.clone(), "p-1"))))
@@ -2262,14 +2285,46 @@ async fn requests_sent_at_once_with_one_key_are_judged_once() {
         })
         .collect();
     assert_eq!(ids.len(), 1, "every request gets the one record: {ids:?}");
+    assert_eq!(replayed, 5);
     assert_eq!(
-        replayed, 5,
-        "one judged, the others waited for it and were answered from its record"
+        counted.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the model ran once: the others waited for the first and were answered from its record"
     );
     let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
     assert_eq!(json(&b)["items"].as_array().unwrap().len(), 1);
     assert_eq!(stored_images(h.state.blobs.root()), 1);
     assert!(h.state.idempotency.is_empty(), "no key is left held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_given_up_while_waiting_leaves_no_key_behind() {
+    let (held, started, go) = held();
+    let h = harness_with(None, 4, "default", held, Duration::from_secs(60), None, None).await;
+    let image = png(32, 32, true);
+    let st = h.state.clone();
+    let img = image.clone();
+    let first = tokio::spawn(async move { send(&st, inspect_with_key("k", img, "p")).await });
+    let started = tokio::task::spawn_blocking(move || {
+        started.recv().unwrap();
+        started
+    })
+    .await
+    .unwrap();
+    // The retry waits for the first, which the model holds: its client gives up.
+    let retry = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(&h.state, inspect_with_key("k", image.clone(), "p")),
+    )
+    .await;
+    assert!(retry.is_err(), "the retry cannot be answered while the first is judged");
+    go.send(()).unwrap();
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    assert!(
+        h.state.idempotency.is_empty(),
+        "the key is released by the first and by the retry given up"
+    );
+    drop(started);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2399,11 +2454,16 @@ async fn a_model_folder_that_appears_is_served_without_a_restart() {
     std::fs::write(models.join("late/model.json"), "{").unwrap();
     let (s, _, b) = send(&h.state, inspect_late()).await;
     assert_eq!((s, error_code(&b)), (StatusCode::NOT_FOUND, "unknown_model".into()));
+    assert!(
+        h.state.discovery.failed("late").await,
+        "remembered, so not loaded again until it changes"
+    );
     // ...until its files are complete: then the next request naming it is judged by it.
     common::copy_model(common::tiny_model(), &models.join("late"));
     let (s, _, b) = send(&h.state, inspect_late()).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["model"], "late");
+    assert!(!h.state.discovery.failed("late").await);
     // The list shows a folder as soon as it is there; hidden folders (a job's staging)
     // and names a model cannot have are left alone.
     common::copy_model(common::tiny_model(), &models.join("listed"));

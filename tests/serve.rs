@@ -95,8 +95,21 @@ fn start_serving(models: &std::path::Path, data_dir: &std::path::Path, extra: &[
 
 /// A minimal HTTP/1.1 exchange (Connection: close).
 fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_with(addr, method, path, content_type, "", body);
+    (status, body)
+}
+
+/// [`http`] with `extra` header lines (each ending in CRLF); also returns the head.
+fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n", body.len()).unwrap();
     s.write_all(body).unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).unwrap();
@@ -107,7 +120,7 @@ fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
-    (status, body)
+    (status, head, body)
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
@@ -466,6 +479,113 @@ fn two_replicas_share_one_postgresql_database() {
             assert!(ids.contains(&id.as_str()), "{id} missing from a replica's list");
         }
     }
+    // A retry sent to the other replica is answered from the first one's record.
+    let key = format!("Idempotency-Key: {}\r\n", made[0]);
+    let image = std::fs::read(&images[2]).unwrap();
+    let (s, head, first) = http_with(&one.addr, "POST", "/v1/inspect", "image/png", &key, &image);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&first));
+    assert!(!head.to_ascii_lowercase().contains("idempotent-replayed"));
+    let (s, head, again) = http_with(&two.addr, "POST", "/v1/inspect", "image/png", &key, &image);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&again));
+    assert!(
+        head.to_ascii_lowercase().contains("idempotent-replayed: true"),
+        "{head}"
+    );
+    let (first, again): (Value, Value) = (
+        serde_json::from_slice(&first).unwrap(),
+        serde_json::from_slice(&again).unwrap(),
+    );
+    assert_eq!(first["id"], again["id"]);
+}
+
+/// Forwards every connection to `127.0.0.1:listen_port` to `target`, from now on.
+fn forward(listen_port: u16, target: String) {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", listen_port)).expect("the reserved port is free");
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for() {
+    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
+        );
+        return;
+    };
+    // The database's address, and a port where nothing listens yet.
+    let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let late_url = url.replace(&host_port, &format!("127.0.0.1:{port}"));
+    let data = tempfile::tempdir().unwrap();
+    let mut child = common::vigil()
+        .env("RUST_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--database-url", &late_url, "--database-wait", "120"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let mut seen = Vec::new();
+    // It says it waits...
+    for line in lines.by_ref() {
+        seen.push(line.clone());
+        assert!(
+            !line.contains("listening on"),
+            "listening without a database: {seen:#?}"
+        );
+        if line.contains("the database does not answer yet") {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("does not answer yet")),
+        "{seen:#?}"
+    );
+    // ...and once the database answers, it starts serving.
+    forward(port, host_port);
+    let addr = lines
+        .by_ref()
+        .find_map(|line| {
+            seen.push(line.clone());
+            line.split("listening on http://").nth(1).map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .to_string()
+            })
+        })
+        .unwrap_or_else(|| panic!("never listened: {seen:#?}"));
+    let (status, _) = http(&addr, "GET", "/health/ready", "text/plain", b"");
+    assert_eq!(status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The fuzz seeds (one small image per format and variant) mutated the way a broken camera

@@ -118,7 +118,7 @@ pub fn document() -> Value {
                 parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false,
                     "description": "Makes a retry safe: a request whose key is recorded for its model is answered with that record \
                         (header Idempotent-Replayed: true) instead of being judged and recorded again, even when the queue is full; \
-                        one arriving while the first is judged waits for it. The same key with another image, part id, threshold or \
+                        one arriving while the first is still being judged by the same server waits for it. The same key with another image, part id, threshold or \
                         alpha is 422 idempotency_key_reused. 1-255 printable ASCII characters without quotes or backslashes inside, \
                         optionally quoted, e.g. a UUID; malformed or repeated: 400.",
                     "schema": {"type": "string", "maxLength": 257}}));

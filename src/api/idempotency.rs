@@ -81,17 +81,19 @@ pub async fn replay(state: &AppState, model: &str, key: &str, fingerprint: &str)
 /// The keys this server is judging: a retry that arrives while its first request is still
 /// being judged waits for it and is answered from its record, instead of running the model
 /// a second time (retries come when the server is slow, so they would slow it further).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct KeysInFlight {
-    keys: std::sync::Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
+    keys: Arc<std::sync::Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// A key within its model: (model, key).
 type Scope = (String, String);
 
-/// Held while a request with a key is looked up, judged and recorded.
-pub struct InFlight<'a> {
-    keys: &'a KeysInFlight,
+/// Held while a request with a key is looked up, judged and recorded; owned, so that the
+/// task writing the record holds it until the row is committed even if the client has
+/// gone (a retry then finds the record instead of judging again).
+pub struct InFlight {
+    keys: KeysInFlight,
     scope: Scope,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
@@ -99,7 +101,7 @@ pub struct InFlight<'a> {
 impl KeysInFlight {
     /// Waits (at most `limit`: 503 `timeout` after) until no other request of this server
     /// holds `key` of `model`, then holds it.
-    pub async fn hold(&self, model: &str, key: &str, limit: Duration) -> Result<InFlight<'_>, ApiError> {
+    pub async fn hold(&self, model: &str, key: &str, limit: Duration) -> Result<InFlight, ApiError> {
         let scope = (model.to_string(), key.to_string());
         let lock = self
             .keys
@@ -108,8 +110,9 @@ impl KeysInFlight {
             .entry(scope.clone())
             .or_default()
             .clone();
+        // Built before the wait, so that a wait given up (timeout, client gone) cleans up too.
         let mut held = InFlight {
-            keys: self,
+            keys: self.clone(),
             scope,
             guard: None,
         };
@@ -131,7 +134,7 @@ impl KeysInFlight {
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         drop(self.guard.take());
         let mut keys = self.keys.keys.lock().expect("keys lock");

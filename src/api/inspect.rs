@@ -105,12 +105,19 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
             ));
         }
     }
+    let served = discovery::find_model(&state, &model).await?;
     // A full queue refuses before the body is read: an overloaded server answers 429 in
     // the time it takes to parse the headers, not to receive and hash an image. (Not a
     // reservation: `judge` admits for real, and may still refuse, once the body is in.)
-    // A retry with a key is let through to be answered from its record, if it has one.
-    if key.is_none() && discovery::find_model(&state, &model).await?.engine.is_full() {
-        return Err(ApiError::Overloaded(model));
+    // A retry whose key is recorded needs no slot: it is answered from its record.
+    if served.engine.is_full() {
+        let recorded = match &key {
+            Some(key) => state.store.by_idempotency_key(&model, key).await?.is_some(),
+            None => false,
+        };
+        if !recorded {
+            return Err(ApiError::Overloaded(model));
+        }
     }
     let bytes = Bytes::from(read_image_body(req, state.limits.max_body_bytes).await?);
     let b = bytes.clone();
@@ -131,8 +138,9 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
         request_fingerprint = Some(fingerprint);
     }
     if let Some(a) = q.alpha {
-        let detector = discovery::find_model(&state, &model).await?.engine.detector();
-        detector
+        served
+            .engine
+            .detector()
             .card
             .architecture
             .check_alpha(a)
@@ -184,6 +192,8 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
     // cannot leave a stored image without its row. A 200 means the row is committed.
     let st = state.clone();
     let stored = tokio::spawn(async move {
+        // Until the row is committed (or refused), whether or not the client waits.
+        let _in_flight = in_flight;
         if let Some(bytes) = kept {
             let blobs = st.blobs.clone();
             let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
@@ -217,7 +227,6 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
                 .ok_or_else(|| ApiError::Internal(format!("the record holding idempotency key {key:?} vanished")));
         }
     };
-    drop(in_flight);
 
     let verdict = if record.is_anomalous { "anomalous" } else { "normal" };
     metrics::counter!(crate::metrics::VERDICTS, "model" => model.clone(), "verdict" => verdict).increment(1);

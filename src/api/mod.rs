@@ -141,6 +141,28 @@ impl AppState {
         models.insert(name.to_string(), Arc::new(model));
         true
     }
+
+    /// Starts an engine for `detector` (loaded from `dir`) and serves it as `name`, unless
+    /// a model of that name is served already (false).
+    pub fn serve_model(&self, name: &str, dir: PathBuf, detector: crate::detector::Detector, version: &str) -> bool {
+        let engine = crate::engine::Engine::start(
+            name,
+            detector,
+            version,
+            self.limits.max_batch,
+            self.limits.queue_capacity,
+        );
+        let served = ServedModel {
+            engine,
+            dir,
+            reload: Default::default(),
+        };
+        let added = self.add_model(name, served);
+        if added {
+            crate::metrics::model_served(name, version, None, crate::model::device::name(&self.device));
+        }
+        added
+    }
 }
 
 /// The router, so tests can drive it in-process.

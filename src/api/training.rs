@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use utoipa::ToSchema;
 
-use super::{now_us, rfc3339, AppState, ServedModel};
+use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::jobs::{self, JobStatus, JobView};
 use crate::storage::jobs::JobRow;
@@ -720,24 +720,9 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     .map_err(|e| format!("the training task failed: {e}"))??;
     let threshold = detector.card.thresholds.image;
     let few = crate::train::calibrate::few_images_note(detector.card.thresholds.validation_images);
-    let engine = crate::engine::Engine::start(
-        &view.model,
-        detector,
-        &version,
-        state.limits.max_batch,
-        state.limits.queue_capacity,
-    );
-    if !state.add_model(
-        &view.model,
-        ServedModel {
-            engine,
-            dir: dir.clone(),
-            reload: Default::default(),
-        },
-    ) {
+    if !state.serve_model(&view.model, dir.clone(), detector, &version) {
         return Err(format!("a model named {:?} is already served", view.model));
     }
-    crate::metrics::model_served(&view.model, &version, None, crate::model::device::name(&state.device));
     Ok(format!(
         "written to {} and served as {:?} (version {version}, image threshold {threshold:.4}){}",
         dir.display(),

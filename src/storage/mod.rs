@@ -26,6 +26,19 @@ pub enum StoreError {
     KeyTaken(String),
 }
 
+impl StoreError {
+    /// True when the database could not be reached, or is still starting: worth trying
+    /// again, unlike a refused login or a failed migration.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+            // PostgreSQL's "the database system is starting up" / "shutting down".
+            StoreError::Database(sqlx::Error::Database(d)) => matches!(d.code().as_deref(), Some("57P03" | "57P01")),
+            _ => false,
+        }
+    }
+}
+
 /// An operator's label of an inspection (`good` or `defective`) and the note given with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Feedback {
