@@ -58,6 +58,14 @@ pub fn load_models(
     let dirs = model_folders(dir).with_context(|| format!("reading the models folder {}", dir.display()))?;
     for path in dirs {
         let name = path.file_name().expect("folder name").to_string_lossy().to_string();
+        // As training and discovery rule: a name that could not be a model's is not one.
+        if !crate::jobs::valid_model_name(&name) {
+            tracing::warn!(
+                model = name,
+                "a folder in the models folder has a name that cannot be a model's (1–64 letters, digits, `-`, `_` or `.`): not served"
+            );
+            continue;
+        }
         let (d, version) = load_warm(&path, device).with_context(|| format!("loading {name}"))?;
         tracing::info!(model = name, version, "model loaded and warm");
         out.push((name, path, d, version));

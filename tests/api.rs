@@ -2173,9 +2173,14 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_no_seco
             "links",
             "part_id",
             "created_at",
+            "idempotency_key",
         ] {
             assert_eq!(again[field], first[field], "{field}");
         }
+        assert_eq!(
+            again["idempotency_key"], "8e03978e-40d5",
+            "the record shows its key, without quotes"
+        );
     }
     let (_, _, b) = send(&h.state, get("/v1/inspections")).await;
     assert_eq!(
@@ -2442,44 +2447,97 @@ async fn an_answer_without_a_stored_image_links_to_no_image() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_folder_that_appears_is_served_without_a_restart() {
+async fn the_models_folder_is_followed_added_changed_and_removed_folders() {
     // As when another replica sharing the models folder trains one, or one is copied in.
     let h = harness(None, 8).await;
     let models = h.state.models_dir.clone();
     let inspect_late = || post("/v1/models/late/inspect", "image/png", png(32, 32, true));
     let (s, _, b) = send(&h.state, inspect_late()).await;
     assert_eq!((s, error_code(&b)), (StatusCode::NOT_FOUND, "unknown_model".into()));
-    // A folder that does not load (still being copied, say) is not served...
+    // A folder that does not load (still being copied, say) is not served, and says why...
     std::fs::create_dir_all(models.join("late")).unwrap();
     std::fs::write(models.join("late/model.json"), "{").unwrap();
     let (s, _, b) = send(&h.state, inspect_late()).await;
-    assert_eq!((s, error_code(&b)), (StatusCode::NOT_FOUND, "unknown_model".into()));
+    assert_eq!(
+        (s, error_code(&b)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed".into())
+    );
     assert!(
-        h.state.discovery.failed("late").await,
-        "remembered, so not loaded again until it changes"
+        String::from_utf8_lossy(&b).contains("does not load"),
+        "{}",
+        String::from_utf8_lossy(&b)
     );
     // ...until its files are complete: then the next request naming it is judged by it.
     common::copy_model(common::tiny_model(), &models.join("late"));
     let (s, _, b) = send(&h.state, inspect_late()).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["model"], "late");
-    assert!(!h.state.discovery.failed("late").await);
+    assert!(h.state.discovery.failure("late").await.is_none());
     // The list shows a folder as soon as it is there; hidden folders (a job's staging)
     // and names a model cannot have are left alone.
     common::copy_model(common::tiny_model(), &models.join("listed"));
     common::copy_model(common::tiny_model(), &models.join(".late.job.partial"));
     common::copy_model(common::tiny_model(), &models.join("has space"));
-    let (s, _, b) = send(&h.state, get("/v1/models")).await;
+    let names = |b: &[u8]| -> Vec<(String, String)> {
+        json(b)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    m["version"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (s, b) = {
+        let (s, _, b) = send(&h.state, get("/v1/models")).await;
+        (s, b)
+    };
     assert_eq!(s, StatusCode::OK);
-    let names: Vec<String> = json(&b)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(names, ["default", "late", "listed"]);
+    let listed = names(&b);
+    assert_eq!(
+        listed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["default", "late", "listed"]
+    );
+    assert!(h
+        .state
+        .discovery
+        .failure("has space")
+        .await
+        .is_some_and(|w| w.contains("cannot be a model")));
     let (_, _, b) = send(&h.state, get("/metrics")).await;
     assert!(String::from_utf8_lossy(&b).contains("vigil_model_info{model=\"listed\""));
-    // A scan with nothing new adds nothing.
-    assert!(api::discovery::serve_new_models(&h.state).await.is_empty());
+    // A pass with nothing new changes nothing.
+    assert_eq!(api::discovery::sync_models(&h.state).await, Default::default());
+
+    // Another version written over a served model's folder (a retraining elsewhere): the
+    // next pass reloads it. (The same weights with another threshold: another version.)
+    let card_path = models.join("late/model.json");
+    let mut card: Value = serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
+    card["thresholds"]["image"] = serde_json::json!(123.0);
+    std::fs::write(models.join(".late.tmp"), serde_json::to_vec_pretty(&card).unwrap()).unwrap();
+    std::fs::rename(models.join(".late.tmp"), &card_path).unwrap();
+    let changes = api::discovery::sync_models(&h.state).await;
+    assert_eq!(changes.reloaded, ["late"]);
+    let (_, _, b) = send(&h.state, get("/v1/models/late")).await;
+    assert_eq!(json(&b)["card"]["thresholds"]["image"], 123.0);
+    assert_ne!(json(&b)["version"].as_str().unwrap(), listed[1].1, "another version");
+    // A folder removed: no longer served. Models not loaded from the models folder (the
+    // harness's `default`) are not followed.
+    std::fs::remove_dir_all(models.join("listed")).unwrap();
+    let changes = api::discovery::sync_models(&h.state).await;
+    assert_eq!((changes.removed, changes.added), (vec!["listed".to_string()], vec![]));
+    let (s, _, _) = send(
+        &h.state,
+        post("/v1/models/listed/inspect", "image/png", png(32, 32, true)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, _, b) = send(&h.state, get("/v1/models")).await;
+    assert_eq!(
+        names(&b).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["default", "late"]
+    );
 }

@@ -339,3 +339,23 @@ async fn an_unreachable_database_is_reported_with_its_cause() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
     assert!(!err.contains("secret"), "the password was shown: {err}");
 }
+
+#[tokio::test]
+async fn a_database_that_takes_the_connection_and_never_answers_is_given_up() {
+    // A listener that accepts and stays silent: a hung server, or a firewall that swallows.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let err = Store::connect(&format!("postgres://vigil:secret@127.0.0.1:{port}/vigil"))
+        .await
+        .err()
+        .expect("nothing answers");
+    assert!(err.is_unreachable(), "worth trying again at start: {err}");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    held.abort();
+}

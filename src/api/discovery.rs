@@ -1,15 +1,18 @@
-//! Models that appear in `--models-dir` while the server runs: trained through the API by
-//! another replica that shares the folder, or copied in by hand. Each is loaded and
-//! served under its folder's name, as the models found at start are.
+//! The models folder as the registry the replicas sharing it follow: a model folder that
+//! appears in `--models-dir` while the server runs (trained through the API by another
+//! replica, or copied in) is served under its folder's name; a served model whose files
+//! change is reloaded; one whose folder is gone is no longer served.
 //!
-//! A scan runs periodically and when the models are listed; a request naming a model this
-//! server does not serve yet, but whose folder exists, loads that one folder at once. So a
-//! model one replica has just trained is served by whichever replica the next request
-//! reaches. Models already served are left alone (a changed artifact is taken up by
-//! `POST …/reload`).
+//! A full pass runs every `--models-scan-interval` and when the models are listed; a
+//! request naming a model this server does not serve yet, but whose folder exists, loads
+//! that one folder at once. So a model one replica has just trained is served by whichever
+//! replica the next request reaches, and replicas that share the folder converge on the
+//! same versions within one interval. Only models whose folder is `<models-dir>/<name>`
+//! are followed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{AppState, ServedModel};
@@ -19,16 +22,25 @@ use crate::api::error::ApiError;
 /// (a copy that keeps the source's times can change a folder without a newer time).
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(600);
 
-/// Folders that failed to load, by name: a broken one is not loaded again on every
-/// request or scan. The lock also makes loads one at a time, so a model loads once.
+/// What the last pass saw of each model folder, by name, so that an unchanged folder is
+/// neither hashed nor loaded again. The lock also makes loads one at a time.
 #[derive(Default)]
 pub struct Discovery {
-    failed: tokio::sync::Mutex<HashMap<String, Failure>>,
+    seen: tokio::sync::Mutex<HashMap<String, Seen>>,
 }
 
-struct Failure {
+struct Seen {
     files: Vec<FileStamp>,
     at: Instant,
+    /// Its files did not load (the reason is in the log and in answers naming it).
+    failure: Option<String>,
+}
+
+impl Seen {
+    /// Worth looking at again: its files changed, or it failed long enough ago.
+    fn stale(&self, files: &[FileStamp]) -> bool {
+        self.files != files || (self.failure.is_some() && self.at.elapsed() >= RETRY_FAILED_AFTER)
+    }
 }
 
 /// What a folder's file looked like: name, size, modification time.
@@ -53,82 +65,183 @@ fn stamp(dir: &Path) -> Vec<FileStamp> {
     files
 }
 
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
 impl Discovery {
-    /// True while `name` is recorded as failing to load (for tests and the log).
-    pub async fn failed(&self, name: &str) -> bool {
-        self.failed.lock().await.contains_key(name)
+    /// Why the folder of `name` did not load, if it did not.
+    pub async fn failure(&self, name: &str) -> Option<String> {
+        self.seen.lock().await.get(name).and_then(|s| s.failure.clone())
     }
 }
 
-/// Loads and serves every model folder not yet served; returns the names added.
-pub async fn serve_new_models(state: &AppState) -> Vec<String> {
+/// What a pass did, by model name.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub reloaded: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// One full pass over the models folder (see the module's comment).
+pub async fn sync_models(state: &AppState) -> Changes {
+    let mut changes = Changes::default();
     let dir = state.models_dir.clone();
-    let folders = match tokio::task::spawn_blocking(move || crate::registry::model_folders(&dir)).await {
-        Ok(Ok(folders)) => folders,
-        Ok(Err(e)) => {
+    let folders = match off_thread(move || crate::registry::model_folders(&dir)).await {
+        Some(Ok(folders)) => folders,
+        Some(Err(e)) => {
             tracing::warn!(error = %e, dir = %state.models_dir.display(), "reading the models folder failed");
-            return Vec::new();
+            return changes;
         }
-        Err(e) => {
-            tracing::error!(error = %e, "the models folder scan failed");
-            return Vec::new();
-        }
+        None => return changes,
     };
-    let mut added = Vec::new();
+    for (name, served) in state.model_list() {
+        if served.dir == state.models_dir.join(&name)
+            && !folders.contains(&served.dir)
+            && !state.training.is_training(&name)
+        {
+            if state.remove_model(&name) {
+                tracing::warn!(
+                    model = name,
+                    "its folder is gone from the models folder: no longer served"
+                );
+                state.discovery.seen.lock().await.remove(&name);
+                changes.removed.push(name);
+            }
+        } else if served.dir == state.models_dir.join(&name) && reload_if_changed(state, &name, &served).await {
+            changes.reloaded.push(name);
+        }
+    }
     for folder in folders {
         let name = folder.file_name().expect("folder name").to_string_lossy().to_string();
         if serve_folder(state, &name, folder).await {
-            added.push(name);
+            changes.added.push(name);
         }
     }
-    added
+    changes
+}
+
+/// Reloads `served` when its folder's files changed to another version. True when it did.
+async fn reload_if_changed(state: &AppState, name: &str, served: &Arc<ServedModel>) -> bool {
+    let mut seen = state.discovery.seen.lock().await;
+    let dir = served.dir.clone();
+    let Some(files) = off_thread(move || stamp(&dir)).await else {
+        return false;
+    };
+    if seen.get(name).is_some_and(|s| !s.stale(&files)) {
+        return false;
+    }
+    let _one_at_a_time = served.reload.lock().await;
+    let dir = served.dir.clone();
+    let on_disk = off_thread(move || crate::registry::artifact_version(&dir)).await;
+    let (_, current) = served.engine.current();
+    let mut record = |failure: Option<String>| {
+        let at = Instant::now();
+        let files = files.clone();
+        seen.insert(name.to_string(), Seen { files, at, failure });
+    };
+    match on_disk {
+        Some(Ok(version)) if version == current => {
+            record(None);
+            return false;
+        }
+        Some(Ok(_)) => {}
+        _ => return false, // mid-copy, say: looked at again on the next pass
+    }
+    let device = state.device.clone();
+    let dir = served.dir.clone();
+    match load(dir, device).await {
+        Ok((detector, version)) => {
+            state.replace_model(name, served, detector, version.clone());
+            tracing::info!(
+                model = name,
+                version,
+                replaced = current,
+                "its files changed in the models folder: reloaded"
+            );
+            record(None);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                model = name,
+                error = e,
+                "its files changed in the models folder and do not load: the version loaded before keeps serving"
+            );
+            record(Some(e));
+            false
+        }
+    }
+}
+
+/// Loads and warms the model in `dir`; the error as one line.
+async fn load(dir: PathBuf, device: candle_core::Device) -> Result<(crate::detector::Detector, String), String> {
+    match off_thread(move || crate::registry::load_warm(&dir, &device)).await {
+        Some(Ok(loaded)) => Ok(loaded),
+        Some(Err(e)) => Err(format!("{e:#}")),
+        None => Err("loading it panicked".into()),
+    }
 }
 
 /// Loads the model in `folder` and serves it as `name`, unless it is served already,
 /// being trained by a job of this server (which serves it itself), or failed to load
 /// and has not changed since. True when it was added.
 async fn serve_folder(state: &AppState, name: &str, folder: PathBuf) -> bool {
-    if !crate::jobs::valid_model_name(name) || state.model(name).is_ok() || state.training.is_training(name) {
+    if state.model(name).is_ok() || state.training.is_training(name) {
         return false;
     }
-    let mut failed = state.discovery.failed.lock().await;
+    let mut seen = state.discovery.seen.lock().await;
     if state.model(name).is_ok() {
         return false; // loaded while this one waited for the lock
     }
     let path = folder.clone();
-    let Ok(files) = tokio::task::spawn_blocking(move || stamp(&path)).await else {
+    let Some(files) = off_thread(move || stamp(&path)).await else {
         return false;
     };
-    if let Some(f) = failed.get(name) {
-        if f.files == files && f.at.elapsed() < RETRY_FAILED_AFTER {
-            return false;
-        }
+    if seen.get(name).is_some_and(|s| !s.stale(&files)) {
+        return false;
     }
-    let device = state.device.clone();
-    let path = folder.clone();
-    let loaded = tokio::task::spawn_blocking(move || crate::registry::load_warm(&path, &device))
-        .await
-        .map_err(|e| anyhow::anyhow!("the load panicked: {e}"))
-        .and_then(|loaded| loaded);
-    let (detector, version) = match loaded {
+    if !crate::jobs::valid_model_name(name) {
+        let failure = "its name cannot be a model's (1–64 letters, digits, `-`, `_` or `.`): not served".to_string();
+        tracing::warn!(model = name, "a folder in the models folder {failure}");
+        seen.insert(
+            name.to_string(),
+            Seen {
+                files,
+                at: Instant::now(),
+                failure: Some(failure),
+            },
+        );
+        return false;
+    }
+    let (detector, version) = match load(folder.clone(), state.device.clone()).await {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::warn!(
                 model = name,
-                error = format!("{e:#}"),
+                error = e,
                 "a model folder that appeared does not load; tried again when its files change"
             );
-            failed.insert(
+            seen.insert(
                 name.to_string(),
-                Failure {
+                Seen {
                     files,
                     at: Instant::now(),
+                    failure: Some(e),
                 },
             );
             return false;
         }
     };
-    failed.remove(name);
+    seen.insert(
+        name.to_string(),
+        Seen {
+            files,
+            at: Instant::now(),
+            failure: None,
+        },
+    );
     // A job of this server that finished meanwhile may have added it: then that one stays.
     let added = state.serve_model(name, folder, detector, &version);
     if added {
@@ -145,26 +258,29 @@ async fn serve_folder(state: &AppState, name: &str, folder: PathBuf) -> bool {
 }
 
 /// The served model `name`; when it is not served yet but its folder exists, that folder
-/// is loaded first (404 `unknown_model` when it does not load).
-pub async fn find_model(state: &AppState, name: &str) -> Result<std::sync::Arc<ServedModel>, ApiError> {
+/// is loaded first. A folder that does not load answers `422 model_load_failed` with the
+/// reason; no folder, `404 unknown_model`.
+pub async fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
     if let Ok(served) = state.model(name) {
         return Ok(served);
     }
     if crate::jobs::valid_model_name(name) {
         let folder = state.models_dir.join(name);
         let card = folder.join(crate::model::artifact::CARD_FILE);
-        if tokio::task::spawn_blocking(move || card.is_file())
-            .await
-            .unwrap_or(false)
-        {
+        if off_thread(move || card.is_file()).await.unwrap_or(false) {
             serve_folder(state, name, folder).await;
+            if let Some(why) = state.discovery.failure(name).await {
+                return Err(ApiError::ModelLoadFailed(format!(
+                    "the model folder {name:?} does not load: {why}"
+                )));
+            }
         }
     }
     state.model(name)
 }
 
-/// Scans every `every` (not at all when zero).
-pub fn spawn(state: std::sync::Arc<AppState>, every: Duration) {
+/// A full pass every `every` (none when zero).
+pub fn spawn(state: Arc<AppState>, every: Duration) {
     if every.is_zero() {
         return;
     }
@@ -174,7 +290,7 @@ pub fn spawn(state: std::sync::Arc<AppState>, every: Duration) {
         tick.tick().await; // the first tick is immediate; start-up has just loaded them
         loop {
             tick.tick().await;
-            serve_new_models(&state).await;
+            sync_models(&state).await;
         }
     });
 }

@@ -142,6 +142,39 @@ impl AppState {
         true
     }
 
+    /// Stops serving `name` (requests already admitted finish on it). False when it was
+    /// not served.
+    pub fn remove_model(&self, name: &str) -> bool {
+        let Some(gone) = self.models.write().expect("models lock").remove(name) else {
+            return false;
+        };
+        let (_, version) = gone.engine.current();
+        metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.to_string(), "version" => version,
+            "device" => crate::model::device::name(&self.device).to_string())
+        .set(0.0);
+        true
+    }
+
+    /// Serves `detector` (version `version`) in place of what `served`, named `name`,
+    /// serves now: requests in flight finish on the old one.
+    pub fn replace_model(
+        &self,
+        name: &str,
+        served: &ServedModel,
+        detector: crate::detector::Detector,
+        version: String,
+    ) {
+        let (_, replaced) = served.engine.current();
+        served.engine.replace(detector, version.clone());
+        self.live.reset_drift(name);
+        crate::metrics::model_served(
+            name,
+            &version,
+            Some(&replaced),
+            crate::model::device::name(&self.device),
+        );
+    }
+
     /// Starts an engine for `detector` (loaded from `dir`) and serves it as `name`, unless
     /// a model of that name is served already (false).
     pub fn serve_model(&self, name: &str, dir: PathBuf, detector: crate::detector::Detector, version: &str) -> bool {

@@ -14,7 +14,7 @@ use crate::eval::metrics::Confusion;
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = Vec<ModelSummary>)))]
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>> {
     // Models another replica trained into a shared folder are listed as soon as they exist.
-    super::discovery::serve_new_models(&state).await;
+    super::discovery::sync_models(&state).await;
     let default = state.default_model_name();
     Json(
         state
@@ -69,7 +69,7 @@ pub async fn reload(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelSummary>, ApiError> {
-    let served = state.model(&model)?;
+    let served = super::discovery::find_model(&state, &model).await?;
     let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
     let device = state.device.clone();
@@ -83,15 +83,7 @@ pub async fn reload(
         })?;
     let threshold = detector.card.thresholds.image as f64;
     let architecture = detector.card.architecture.name().to_string();
-    let (_, replaced) = served.engine.current();
-    served.engine.replace(detector, version.clone());
-    state.live.reset_drift(&model);
-    crate::metrics::model_served(
-        &model,
-        &version,
-        Some(&replaced),
-        crate::model::device::name(&state.device),
-    );
+    state.replace_model(&model, &served, detector, version.clone());
     tracing::info!(model, version, "model reloaded");
     Ok(Json(ModelSummary {
         is_default: state.default_model_name().as_deref() == Some(model.as_str()),

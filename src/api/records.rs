@@ -45,6 +45,7 @@ pub fn to_response(r: Record, feedback: Option<Feedback>) -> InspectionResponse 
         created_at: rfc3339(r.created_at),
         request_id: r.request_id,
         part_id: r.part_id,
+        idempotency_key: r.idempotency_key,
         image_stored: r.image_path.is_some(),
         feedback_note: feedback.as_ref().and_then(|f| f.note.clone()),
         feedback: feedback.map(|f| f.label),

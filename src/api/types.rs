@@ -83,6 +83,9 @@ pub struct InspectionResponse {
     pub request_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_id: Option<String>,
+    /// The `Idempotency-Key` the request was sent with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     pub image_stored: bool,
     /// The operator's label, when one was given.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -127,6 +127,9 @@ pub struct Store {
     pub backend: &'static str,
 }
 
+/// How long opening the database may take before it counts as not answering.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Store {
@@ -155,15 +158,25 @@ impl Store {
         }
         // The pool retries a server that refuses (one still starting) until the timeout,
         // then says only "pool timed out": one connection made directly then says why.
-        let pool = match pool
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_with(opts.clone())
+        let connecting = pool.acquire_timeout(CONNECT_TIMEOUT).connect_with(opts.clone());
+        let pool = match tokio::time::timeout(2 * CONNECT_TIMEOUT, connecting)
             .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
         {
             Err(sqlx::Error::PoolTimedOut) => {
-                let cause = <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts)
-                    .await
-                    .err();
+                // Bounded too: a server (or a firewall) that accepts the connection and
+                // never answers would hold the start for good.
+                let direct = <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts);
+                let cause = match tokio::time::timeout(CONNECT_TIMEOUT, direct).await {
+                    Ok(connected) => connected.err(),
+                    Err(_) => Some(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the database server took the connection but did not answer within {} s",
+                            CONNECT_TIMEOUT.as_secs()
+                        ),
+                    ))),
+                };
                 return Err(cause.unwrap_or(sqlx::Error::PoolTimedOut).into());
             }
             pool => pool?,
