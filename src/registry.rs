@@ -29,11 +29,17 @@ pub fn warm_up(d: &Detector) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The model in `dir`, loaded and warmed, with its version.
+/// The model in `dir`, loaded and warmed, with its version. Files replaced while they
+/// were read (a copy landing meanwhile) are an error, not a detector labelled with the
+/// other version.
 pub fn load_warm(dir: &Path, device: &candle_core::Device) -> anyhow::Result<(Detector, String)> {
+    let version = artifact_version(dir)?;
     let d = Detector::load(dir, device)?;
     warm_up(&d).context("warming it up")?;
-    let version = artifact_version(dir)?;
+    anyhow::ensure!(
+        artifact_version(dir)? == version,
+        "its files changed while it was loaded; try again once they are in place"
+    );
     Ok((d, version))
 }
 

@@ -2528,6 +2528,8 @@ async fn the_models_folder_is_followed_added_changed_and_removed_folders() {
     // harness's `default`) are not followed.
     std::fs::remove_dir_all(models.join("listed")).unwrap();
     let changes = api::discovery::sync_models(&h.state).await;
+    assert_eq!(changes, Default::default(), "one pass without the folder is not enough");
+    let changes = api::discovery::sync_models(&h.state).await;
     assert_eq!((changes.removed, changes.added), (vec!["listed".to_string()], vec![]));
     let (s, _, _) = send(
         &h.state,

@@ -351,8 +351,11 @@ async fn a_database_that_takes_the_connection_and_never_answers_is_given_up() {
             open.push(socket);
         }
     });
-    let err = Store::connect(&format!("postgres://vigil:secret@127.0.0.1:{port}/vigil"))
+    let url = format!("postgres://vigil:secret@127.0.0.1:{port}/vigil");
+    let connecting = Store::connect(&url);
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), connecting)
         .await
+        .expect("given up within its own bound, not hanging")
         .err()
         .expect("nothing answers");
     assert!(err.is_unreachable(), "worth trying again at start: {err}");

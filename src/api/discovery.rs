@@ -27,6 +27,9 @@ const RETRY_FAILED_AFTER: Duration = Duration::from_secs(600);
 #[derive(Default)]
 pub struct Discovery {
     seen: tokio::sync::Mutex<HashMap<String, Seen>>,
+    /// Served models whose folder the last pass did not find: removed only when the next
+    /// pass does not find it either (a folder moved aside and back, a share remounting).
+    missing: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct Seen {
@@ -53,7 +56,8 @@ fn stamp(dir: &Path) -> Vec<FileStamp> {
         .flatten()
         .filter_map(|e| {
             let e = e.ok()?;
-            let meta = e.metadata().ok()?;
+            // Through links: a model file that is a link changes when its target does.
+            let meta = std::fs::metadata(e.path()).ok()?;
             Some((
                 e.file_name().to_string_lossy().into_owned(),
                 meta.len(),
@@ -97,20 +101,17 @@ pub async fn sync_models(state: &AppState) -> Changes {
         None => return changes,
     };
     for (name, served) in state.model_list() {
-        if served.dir == state.models_dir.join(&name)
-            && !folders.contains(&served.dir)
-            && !state.training.is_training(&name)
-        {
-            if state.remove_model(&name) {
-                tracing::warn!(
-                    model = name,
-                    "its folder is gone from the models folder: no longer served"
-                );
-                state.discovery.seen.lock().await.remove(&name);
-                changes.removed.push(name);
+        if served.dir != state.models_dir.join(&name) || state.training.is_training(&name) {
+            continue;
+        }
+        let card = served.dir.join(crate::model::artifact::CARD_FILE);
+        if folders.contains(&served.dir) || off_thread(move || card.is_file()).await.unwrap_or(true) {
+            state.discovery.missing.lock().await.remove(&name);
+            if reload_if_changed(state, &name, &served).await {
+                changes.reloaded.push(name);
             }
-        } else if served.dir == state.models_dir.join(&name) && reload_if_changed(state, &name, &served).await {
-            changes.reloaded.push(name);
+        } else if remove_if_still_missing(state, &name, &served).await {
+            changes.removed.push(name);
         }
     }
     for folder in folders {
@@ -120,6 +121,36 @@ pub async fn sync_models(state: &AppState) -> Changes {
         }
     }
     changes
+}
+
+/// Stops serving `served` when its folder was missing at the pass before this one too, and
+/// it is not the only model served (a server with none would answer nothing but 404s).
+async fn remove_if_still_missing(state: &AppState, name: &str, served: &Arc<ServedModel>) -> bool {
+    let mut missing = state.discovery.missing.lock().await;
+    if missing.insert(name.to_string()) {
+        tracing::warn!(
+            model = name,
+            "its folder is missing from the models folder; no longer served if still missing at the next pass"
+        );
+        return false;
+    }
+    if state.model_list().len() == 1 {
+        tracing::warn!(
+            model = name,
+            "its folder is gone from the models folder, but it is the only model served: kept"
+        );
+        return false;
+    }
+    if !state.remove_model(name, served) {
+        return false;
+    }
+    missing.remove(name);
+    state.discovery.seen.lock().await.remove(name);
+    tracing::warn!(
+        model = name,
+        "its folder is gone from the models folder: no longer served"
+    );
+    true
 }
 
 /// Reloads `served` when its folder's files changed to another version. True when it did.

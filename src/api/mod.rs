@@ -142,13 +142,19 @@ impl AppState {
         true
     }
 
-    /// Stops serving `name` (requests already admitted finish on it). False when it was
-    /// not served.
-    pub fn remove_model(&self, name: &str) -> bool {
-        let Some(gone) = self.models.write().expect("models lock").remove(name) else {
-            return false;
-        };
-        let (_, version) = gone.engine.current();
+    /// Stops serving `served` as `name` (requests already admitted finish on it). False
+    /// when `name` now serves another model (replaced meanwhile) or none.
+    pub fn remove_model(&self, name: &str, served: &Arc<ServedModel>) -> bool {
+        {
+            let mut models = self.models.write().expect("models lock");
+            if !models.get(name).is_some_and(|m| Arc::ptr_eq(m, served)) {
+                return false;
+            }
+            models.remove(name);
+        }
+        self.live.reset_drift(name);
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => name.to_string()).set(0.0);
+        let (_, version) = served.engine.current();
         metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.to_string(), "version" => version,
             "device" => crate::model::device::name(&self.device).to_string())
         .set(0.0);
@@ -192,6 +198,8 @@ impl AppState {
         };
         let added = self.add_model(name, served);
         if added {
+            // A name served again (its folder deleted and trained anew) starts afresh.
+            self.live.reset_drift(name);
             crate::metrics::model_served(name, version, None, crate::model::device::name(&self.device));
         }
         added
