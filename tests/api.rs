@@ -2542,4 +2542,11 @@ async fn the_models_folder_is_followed_added_changed_and_removed_folders() {
         names(&b).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         ["default", "late"]
     );
+    // A reload naming a folder not served yet serves it.
+    common::copy_model(common::tiny_model(), &models.join("fresh"));
+    let reload = Request::post("/v1/models/fresh/reload").body(Body::empty()).unwrap();
+    let (s, _, b) = send(&h.state, reload).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["name"], "fresh");
+    assert!(h.state.model("fresh").is_ok());
 }

@@ -69,7 +69,19 @@ pub async fn reload(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<ModelSummary>, ApiError> {
+    let was_served = state.model(&model).is_ok();
     let served = super::discovery::find_model(&state, &model).await?;
+    if !was_served {
+        // Its folder had just appeared: loaded from disk this moment, once is enough.
+        let (d, version) = served.engine.current();
+        return Ok(Json(ModelSummary {
+            is_default: state.default_model_name().as_deref() == Some(model.as_str()),
+            name: model,
+            version,
+            architecture: d.card.architecture.name().to_string(),
+            image_threshold: d.card.thresholds.image as f64,
+        }));
+    }
     let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
     let device = state.device.clone();
