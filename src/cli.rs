@@ -392,8 +392,9 @@ pub struct ServeArgs {
     /// Address to listen on. Without --api-keys-file, keep it on loopback.
     #[arg(long, env = "VIGIL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Every sub-folder holding a model.json is served under its folder name; `default`
-    /// (or the only model served) is the model behind POST /v1/inspect.
+    /// Every sub-folder holding a model.json is served under its folder name (1–64
+    /// letters, digits, `-`, `_` or `.`; others are skipped with a warning); `default` (or
+    /// the only model served) is the model behind POST /v1/inspect.
     #[arg(long, env = "VIGIL_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
     /// Database and stored images live here.
@@ -464,10 +465,12 @@ pub struct ServeArgs {
     /// Delete inspections (and their images) older than this many days; 0 keeps everything.
     #[arg(long, env = "VIGIL_RETENTION_DAYS", default_value_t = 0)]
     pub retention_days: u64,
-    /// Seconds between looks for models that appeared in --models-dir (trained by another
-    /// replica sharing the folder, or copied in), which are then loaded and served; 0 turns
-    /// the periodic look off. A request naming a model not yet served, and the model list,
-    /// look at once whatever this is. Models already served change only by reload.
+    /// Seconds between passes that bring what is served in line with --models-dir, so that
+    /// replicas sharing the folder converge: a model folder that appeared (trained by
+    /// another replica, or copied in) is served, a served model whose files changed to
+    /// another version is reloaded, one whose folder is missing at two passes in a row is no
+    /// longer served (never the last one). 0 turns the periodic pass off; the model list
+    /// makes a pass, and a request naming a model not yet served loads its folder, anyway.
     #[arg(long, env = "VIGIL_MODELS_SCAN_INTERVAL", default_value_t = 30.0, value_parser = seconds_or_zero)]
     pub models_scan_interval: f64,
     /// File of API keys, one per line: `<role> <key>` with role `inspect` or `admin`.
