@@ -2549,4 +2549,12 @@ async fn the_models_folder_is_followed_added_changed_and_removed_folders() {
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["name"], "fresh");
     assert!(h.state.model("fresh").is_ok());
+    // A models folder emptied of every model (a share not mounted, say) removes nothing.
+    for name in ["late", "fresh", "has space", ".late.job.partial"] {
+        std::fs::remove_dir_all(models.join(name)).unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(api::discovery::sync_models(&h.state).await, Default::default());
+    }
+    assert!(h.state.model("late").is_ok() && h.state.model("fresh").is_ok());
 }

@@ -100,8 +100,14 @@ pub async fn sync_models(state: &AppState) -> Changes {
         }
         None => return changes,
     };
+    // A folder with no model at all is more likely a share not mounted than a wish to
+    // serve nothing: then nothing is removed.
+    let none_there = folders.is_empty();
+    if none_there {
+        tracing::warn!(dir = %state.models_dir.display(), "the models folder holds no model: served models are kept");
+    }
     for (name, served) in state.model_list() {
-        if served.dir != state.models_dir.join(&name) || state.training.is_training(&name) {
+        if served.dir != state.models_dir.join(&name) || state.training.is_training(&name) || none_there {
             continue;
         }
         let card = served.dir.join(crate::model::artifact::CARD_FILE);
