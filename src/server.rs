@@ -129,8 +129,8 @@ pub async fn build_state(
 }
 
 /// Opens the database at `url`. A PostgreSQL server that does not answer yet (still
-/// starting, its name not yet resolvable, its port not yet open) is tried again about
-/// once a second until `wait` has passed; SQLite is opened once (its errors are a wrong
+/// starting, its name not yet resolvable, its port not yet open) is tried again, a second
+/// after each failed try (a try itself may wait up to 10 s), until `wait` has passed; SQLite is opened once (its errors are a wrong
 /// path or permissions, which waiting does not mend).
 async fn open_database(url: &str, wait: Duration) -> Result<Store, crate::storage::StoreError> {
     let deadline = tokio::time::Instant::now() + wait;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::judge::blocking;
 use super::{AppState, ServedModel};
 use crate::api::error::ApiError;
 
@@ -40,6 +41,15 @@ struct Seen {
 }
 
 impl Seen {
+    /// Seen now, with these files, having loaded (`failure` None) or not.
+    fn new(files: Vec<FileStamp>, failure: Option<String>) -> Self {
+        Self {
+            files,
+            at: Instant::now(),
+            failure,
+        }
+    }
+
     /// Worth looking at again: its files changed, or it failed long enough ago.
     fn stale(&self, files: &[FileStamp]) -> bool {
         self.files != files || (self.failure.is_some() && self.at.elapsed() >= RETRY_FAILED_AFTER)
@@ -69,10 +79,6 @@ fn stamp(dir: &Path) -> Vec<FileStamp> {
     files
 }
 
-async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
-}
-
 impl Discovery {
     /// Why the folder of `name` did not load, if it did not.
     pub async fn failure(&self, name: &str) -> Option<String> {
@@ -92,7 +98,7 @@ pub struct Changes {
 pub async fn sync_models(state: &AppState) -> Changes {
     let mut changes = Changes::default();
     let dir = state.models_dir.clone();
-    let folders = match off_thread(move || crate::registry::model_folders(&dir)).await {
+    let folders = match blocking(move || crate::registry::model_folders(&dir)).await.ok() {
         Some(Ok(folders)) => folders,
         Some(Err(e)) => {
             tracing::warn!(error = %e, dir = %state.models_dir.display(), "reading the models folder failed");
@@ -111,7 +117,7 @@ pub async fn sync_models(state: &AppState) -> Changes {
             continue;
         }
         let card = served.dir.join(crate::model::artifact::CARD_FILE);
-        if folders.contains(&served.dir) || off_thread(move || card.is_file()).await.unwrap_or(true) {
+        if folders.contains(&served.dir) || blocking(move || card.is_file()).await.ok().unwrap_or(true) {
             state.discovery.missing.lock().await.remove(&name);
             if reload_if_changed(state, &name, &served).await {
                 changes.reloaded.push(name);
@@ -163,7 +169,7 @@ async fn remove_if_still_missing(state: &AppState, name: &str, served: &Arc<Serv
 async fn reload_if_changed(state: &AppState, name: &str, served: &Arc<ServedModel>) -> bool {
     let mut seen = state.discovery.seen.lock().await;
     let dir = served.dir.clone();
-    let Some(files) = off_thread(move || stamp(&dir)).await else {
+    let Some(files) = blocking(move || stamp(&dir)).await.ok() else {
         return false;
     };
     if seen.get(name).is_some_and(|s| !s.stale(&files)) {
@@ -171,12 +177,10 @@ async fn reload_if_changed(state: &AppState, name: &str, served: &Arc<ServedMode
     }
     let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
-    let on_disk = off_thread(move || crate::registry::artifact_version(&dir)).await;
+    let on_disk = blocking(move || crate::registry::artifact_version(&dir)).await.ok();
     let (_, current) = served.engine.current();
     let mut record = |failure: Option<String>| {
-        let at = Instant::now();
-        let files = files.clone();
-        seen.insert(name.to_string(), Seen { files, at, failure });
+        seen.insert(name.to_string(), Seen::new(files.clone(), failure));
     };
     match on_disk {
         Some(Ok(version)) if version == current => {
@@ -214,7 +218,7 @@ async fn reload_if_changed(state: &AppState, name: &str, served: &Arc<ServedMode
 
 /// Loads and warms the model in `dir`; the error as one line.
 async fn load(dir: PathBuf, device: candle_core::Device) -> Result<(crate::detector::Detector, String), String> {
-    match off_thread(move || crate::registry::load_warm(&dir, &device)).await {
+    match blocking(move || crate::registry::load_warm(&dir, &device)).await.ok() {
         Some(Ok(loaded)) => Ok(loaded),
         Some(Err(e)) => Err(format!("{e:#}")),
         None => Err("loading it panicked".into()),
@@ -233,7 +237,7 @@ async fn serve_folder(state: &AppState, name: &str, folder: PathBuf) -> bool {
         return false; // loaded while this one waited for the lock
     }
     let path = folder.clone();
-    let Some(files) = off_thread(move || stamp(&path)).await else {
+    let Some(files) = blocking(move || stamp(&path)).await.ok() else {
         return false;
     };
     if seen.get(name).is_some_and(|s| !s.stale(&files)) {
@@ -242,14 +246,7 @@ async fn serve_folder(state: &AppState, name: &str, folder: PathBuf) -> bool {
     if !crate::jobs::valid_model_name(name) {
         let failure = "its name cannot be a model's (1–64 letters, digits, `-`, `_` or `.`): not served".to_string();
         tracing::warn!(model = name, "a folder in the models folder {failure}");
-        seen.insert(
-            name.to_string(),
-            Seen {
-                files,
-                at: Instant::now(),
-                failure: Some(failure),
-            },
-        );
+        seen.insert(name.to_string(), Seen::new(files, Some(failure)));
         return false;
     }
     let (detector, version) = match load(folder.clone(), state.device.clone()).await {
@@ -260,25 +257,11 @@ async fn serve_folder(state: &AppState, name: &str, folder: PathBuf) -> bool {
                 error = e,
                 "a model folder that appeared does not load; tried again when its files change"
             );
-            seen.insert(
-                name.to_string(),
-                Seen {
-                    files,
-                    at: Instant::now(),
-                    failure: Some(e),
-                },
-            );
+            seen.insert(name.to_string(), Seen::new(files, Some(e)));
             return false;
         }
     };
-    seen.insert(
-        name.to_string(),
-        Seen {
-            files,
-            at: Instant::now(),
-            failure: None,
-        },
-    );
+    seen.insert(name.to_string(), Seen::new(files, None));
     // A job of this server that finished meanwhile may have added it: then that one stays.
     let added = state.serve_model(name, folder, detector, &version);
     if added {
@@ -304,7 +287,7 @@ pub async fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>
     if crate::jobs::valid_model_name(name) {
         let folder = state.models_dir.join(name);
         let card = folder.join(crate::model::artifact::CARD_FILE);
-        if off_thread(move || card.is_file()).await.unwrap_or(false) {
+        if blocking(move || card.is_file()).await.ok().unwrap_or(false) {
             serve_folder(state, name, folder).await;
             if let Some(why) = state.discovery.failure(name).await {
                 return Err(ApiError::ModelLoadFailed(format!(

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::Json;
 
+use super::judge::blocking;
 use super::types::{FeedbackSummary, ModelDetail, ModelSummary};
-use super::AppState;
+use super::{AppState, ServedModel};
 use crate::api::error::ApiError;
 use crate::eval::metrics::Confusion;
 
@@ -20,19 +21,22 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Vec<ModelSummary>>
         state
             .model_list()
             .into_iter()
-            .map(|(name, m)| {
-                // Read together, so the version is the one of this detector.
-                let (d, version) = m.engine.current();
-                ModelSummary {
-                    name: name.clone(),
-                    version,
-                    architecture: d.card.architecture.name().to_string(),
-                    image_threshold: d.card.thresholds.image as f64,
-                    is_default: default.as_deref() == Some(name.as_str()),
-                }
-            })
+            .map(|(name, m)| summary(name, &m, default.as_deref()))
             .collect(),
     )
+}
+
+/// What the list says of one model.
+fn summary(name: String, served: &ServedModel, default: Option<&str>) -> ModelSummary {
+    // Read together, so the version is the one of this detector.
+    let (d, version) = served.engine.current();
+    ModelSummary {
+        is_default: default == Some(name.as_str()),
+        name,
+        version,
+        architecture: d.card.architecture.name().to_string(),
+        image_threshold: d.card.thresholds.image as f64,
+    }
 }
 
 /// A model's card and what operator feedback says about its threshold.
@@ -73,35 +77,20 @@ pub async fn reload(
     let served = super::discovery::find_model(&state, &model).await?;
     if !was_served {
         // Its folder had just appeared: loaded from disk this moment, once is enough.
-        let (d, version) = served.engine.current();
-        return Ok(Json(ModelSummary {
-            is_default: state.default_model_name().as_deref() == Some(model.as_str()),
-            name: model,
-            version,
-            architecture: d.card.architecture.name().to_string(),
-            image_threshold: d.card.thresholds.image as f64,
-        }));
+        return Ok(Json(summary(model, &served, state.default_model_name().as_deref())));
     }
     let _one_at_a_time = served.reload.lock().await;
     let dir = served.dir.clone();
     let device = state.device.clone();
-    let (detector, version) = tokio::task::spawn_blocking(move || crate::registry::load_warm(&dir, &device))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+    let (detector, version) = blocking(move || crate::registry::load_warm(&dir, &device))
+        .await?
         .map_err(|e| {
             ApiError::ModelLoadFailed(format!(
                 "the model on disk does not load; the one loaded before keeps serving: {e:#}"
             ))
         })?;
-    let threshold = detector.card.thresholds.image as f64;
-    let architecture = detector.card.architecture.name().to_string();
     state.replace_model(&model, &served, detector, version.clone());
     tracing::info!(model, version, "model reloaded");
-    Ok(Json(ModelSummary {
-        is_default: state.default_model_name().as_deref() == Some(model.as_str()),
-        name: model,
-        version,
-        architecture,
-        image_threshold: threshold,
-    }))
+    // Under the reload lock: what it serves now is what was just loaded.
+    Ok(Json(summary(model, &served, state.default_model_name().as_deref())))
 }
