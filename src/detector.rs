@@ -86,6 +86,52 @@ impl Inspection {
     }
 }
 
+/// Regions are labelled on the map resized to at most this many times the working size
+/// a side, then scaled to the image. The working map holds only `working_size²` values, so
+/// a finer grid adds interpolation, not detail; labelling a 16 MP image's map at its own
+/// resolution took about half a second an anomalous verdict (`.ci/large-image`).
+const LABEL_OVERSAMPLING: usize = 4;
+
+/// The grid regions are labelled on for a `w × h` image scored at `s²`: the image's own
+/// when it has at most (4·s)² pixels, else the same shape with that many.
+fn label_grid(w: usize, h: usize, s: usize) -> (usize, usize) {
+    let cap = (LABEL_OVERSAMPLING * s) as f64;
+    let k = (cap * cap / (w * h) as f64).sqrt();
+    if k >= 1.0 {
+        return (w, h);
+    }
+    let side = |n: usize| ((n as f64 * k).round() as usize).clamp(1, n);
+    (side(w), side(h))
+}
+
+/// The regions of an anomalous verdict in a `w × h` image's pixels, from its `s²` working
+/// map: components over `pixel_threshold` that reach `image_threshold` (or the map's peak,
+/// if lower) and cover `min_defect_area` working pixels; if none does, the one around the
+/// peak, so that the verdict points somewhere.
+fn locate_regions(
+    working_map: &[f32],
+    s: usize,
+    (w, h): (usize, usize),
+    pixel_threshold: f32,
+    image_threshold: f32,
+    min_defect_area: u32,
+) -> Vec<Region> {
+    let (lw, lh) = label_grid(w, h, s);
+    let map = resize_plane(working_map, s, s, lw, lh);
+    // Rounded up, so that a region kept covers at least the minimum in working pixels.
+    let min_area = (min_defect_area as f64 * (lw * lh) as f64 / (s * s) as f64 - 1e-9).ceil() as u32;
+    let seed = image_threshold.min(map.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let mut found = regions::find_regions(&map, lw, lh, pixel_threshold, seed, min_area);
+    if found.is_empty() {
+        // Nothing over the pixel threshold reached the minimum area (the peak may sit below
+        // that threshold when the image threshold was overridden, or the area be set high).
+        found = regions::peak_region(&map, lw, lh, pixel_threshold)
+            .into_iter()
+            .collect();
+    }
+    found.iter().map(|r| r.scaled((lw, lh), (w, h))).collect()
+}
+
 /// What one request may change about how its image is judged.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Overrides {
@@ -122,12 +168,11 @@ impl Detector {
     /// Converts to the model's channels and resizes to the working size.
     pub fn prepare(&self, img: &DynamicImage) -> Prepared {
         let s = self.card.input.working_size;
-        let planar = Planar::from_image(img, self.card.input.channels);
         Prepared {
-            original_width: planar.width,
-            original_height: planar.height,
+            original_width: img.width() as usize,
+            original_height: img.height() as usize,
             original_colour: crate::image_io::has_colour_sampled(img),
-            working: planar.resize(s, s),
+            working: Planar::resized_from(img, self.card.input.channels, s, s),
         }
     }
 
@@ -324,19 +369,14 @@ impl Detector {
         // its map is never resized to full resolution here.
         let is_anomalous = score > image_threshold;
         let regions = if is_anomalous {
-            let map = resize_plane(&working_map, s, s, w, h);
-            let area_scale = (w * h) as f32 / (s * s) as f32;
-            let min_area = (t.min_defect_area as f32 * area_scale).round() as u32;
-            let seed = image_threshold.min(map.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-            let found = regions::find_regions(&map, w, h, pixel_threshold, seed, min_area);
-            if found.is_empty() {
-                // Nothing over the pixel threshold reached the minimum area (the peak may sit
-                // below that threshold when the image threshold was overridden, or the area be
-                // set high): the verdict still points at the peak.
-                regions::peak_region(&map, w, h, pixel_threshold).into_iter().collect()
-            } else {
-                found
-            }
+            locate_regions(
+                &working_map,
+                s,
+                (w, h),
+                pixel_threshold,
+                image_threshold,
+                t.min_defect_area,
+            )
         } else {
             Vec::new()
         };
@@ -414,5 +454,45 @@ mod tests {
         assert_eq!(tile_axis(256, 128, 30), vec![0, 30, 60, 90, 120, 128]);
         assert_eq!(tile_axis(256, 128, 64), vec![0, 64, 128]);
         assert_eq!(tile_axis(128, 128, 30), vec![0]);
+    }
+
+    #[test]
+    fn large_images_are_labelled_on_a_coarser_grid_with_the_same_regions() {
+        assert_eq!(label_grid(800, 600, 256), (800, 600));
+        assert_eq!(label_grid(1024, 1024, 256), (1024, 1024));
+        assert_eq!(label_grid(4096, 4096, 256), (1024, 1024));
+        assert_eq!(label_grid(4000, 1000, 256), (2048, 512));
+        // A 64² working map with a bright 6×4 block and a faint speck, for a 2000 × 1500
+        // image (labelled on 296 × 222): the same regions as labelling at full size, boxes
+        // within one coarse pixel (6.8 px), areas within 10%.
+        let s = 64;
+        let mut map = vec![0.1f32; s * s];
+        for y in 20..24 {
+            for x in 30..36 {
+                map[y * s + x] = 0.9;
+            }
+        }
+        map[50 * s + 10] = 0.5;
+        let (w, h) = (2000, 1500);
+        let got = locate_regions(&map, s, (w, h), 0.3, 0.6, 2);
+        let full = resize_plane(&map, s, s, w, h);
+        let min_area = (2.0 * (w * h) as f32 / (s * s) as f32).ceil() as u32;
+        let want = regions::find_regions(&full, w, h, 0.3, 0.6, min_area);
+        assert_eq!((got.len(), want.len()), (1, 1), "{got:?} {want:?}");
+        let (g, e) = (&got[0], &want[0]);
+        let near = |a: u32, b: u32| (a as i64 - b as i64).abs() <= 8;
+        assert!(
+            near(g.x, e.x)
+                && near(g.y, e.y)
+                && near(g.x + g.width, e.x + e.width)
+                && near(g.y + g.height, e.y + e.height),
+            "{g:?} {e:?}"
+        );
+        assert!((g.area_px as f32 / e.area_px as f32 - 1.0).abs() < 0.1, "{g:?} {e:?}");
+        assert!((g.peak - e.peak).abs() < 0.02 && (g.mean - e.mean).abs() < 0.02);
+        // Nothing over the pixel threshold: the region around the peak, in image pixels.
+        let got = locate_regions(&map, s, (w, h), 0.95, 0.6, 2);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].x > 900 && got[0].x + got[0].width < 1150, "{:?}", got[0]);
     }
 }

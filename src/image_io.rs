@@ -311,6 +311,29 @@ impl Planar {
         out
     }
 
+    /// `from_image(img, channels).resize(width, height)`, value for value, holding one
+    /// channel of the image's size as f32 at a time instead of all of them and a copy: a
+    /// 40-megapixel image costs 160 MB of floats on its way to the working size, not 320
+    /// (grey) or 640 (RGB).
+    pub fn resized_from(img: &DynamicImage, channels: usize, width: usize, height: usize) -> Self {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let n = width * height;
+        let mut out = Self::new(channels, width, height);
+        if channels == 1 {
+            let plane = resize_plane_owned(img.to_luma32f().into_raw(), w, h, width, height);
+            out.data.copy_from_slice(&plane);
+            return out;
+        }
+        let Some(rgb) = img.as_rgb8() else {
+            return Self::from_image(img, channels).resize(width, height);
+        };
+        for c in 0..3 {
+            let plane = rgb.as_raw().chunks_exact(3).map(|px| px[c] as f32 / 255.0).collect();
+            out.data[c * n..(c + 1) * n].copy_from_slice(&resize_plane_owned(plane, w, h, width, height));
+        }
+        out
+    }
+
     pub fn plane(&self, c: usize) -> &[f32] {
         let n = self.width * self.height;
         &self.data[c * n..(c + 1) * n]
@@ -359,12 +382,35 @@ impl Planar {
 
 /// Resizes one row-major plane with a triangle (bilinear) filter.
 pub fn resize_plane(plane: &[f32], w: usize, h: usize, nw: usize, nh: usize) -> Vec<f32> {
+    resize_plane_owned(plane.to_vec(), w, h, nw, nh)
+}
+
+/// [`resize_plane`] of a plane it may consume, so that a large one is not copied first.
+pub fn resize_plane_owned(mut plane: Vec<f32>, w: usize, h: usize, nw: usize, nh: usize) -> Vec<f32> {
     if w == nw && h == nh {
-        return plane.to_vec();
+        return plane;
     }
-    let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, plane.to_vec())
+    // `image` clamps f32 pixels to [0, 1] as it resizes, and anomaly maps (the
+    // reconstruction families' are divided by their good images' mean) go well above 1.
+    // The triangle filter's weights are positive and sum to one, so resizing commutes
+    // with an affine map: values outside [0, 1] are squeezed into it and stretched back.
+    let (lo, hi) = plane
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let squeeze = (lo < 0.0 || hi > 1.0).then_some((lo, (hi - lo).max(f32::MIN_POSITIVE)));
+    if let Some((lo, span)) = squeeze {
+        plane.iter_mut().for_each(|v| *v = (*v - lo) / span);
+    }
+    let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, plane)
         .expect("plane size matches its dimensions");
-    image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle).into_raw()
+    let mut out = image::imageops::resize(&buf, nw as u32, nh as u32, image::imageops::FilterType::Triangle).into_raw();
+    if let Some((lo, span)) = squeeze {
+        out.iter_mut().for_each(|v| *v = *v * span + lo);
+    }
+    out
 }
 
 /// [`has_colour`] on up to about 4096 pixels spread over the image: cheap enough for every
@@ -500,6 +546,58 @@ mod tests {
         // The same pixels as RGBA: not 8-bit RGB, so converted through `to_rgb32f`.
         let generic = Planar::from_image(&DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img).to_rgba8()), 3);
         assert_eq!(fast, generic);
+    }
+
+    #[test]
+    fn maps_above_one_keep_their_values_when_resized() {
+        // An 8×8 map of 2 with a 2×2 block of 12 (a reconstruction family's map, in units
+        // of its good images' mean), doubled in size: bilinear interpolation keeps the flat
+        // parts at 2 and the block's centre at 12. (`image` alone returned 1.0 everywhere.)
+        let mut map = vec![2.0f32; 64];
+        for (x, y) in [(3, 3), (4, 3), (3, 4), (4, 4)] {
+            map[y * 8 + x] = 12.0;
+        }
+        let out = resize_plane(&map, 8, 8, 16, 16);
+        assert!(
+            (out[0] - 2.0).abs() < 1e-5 && (out[15 * 16 + 15] - 2.0).abs() < 1e-5,
+            "{}",
+            out[0]
+        );
+        // Output pixel k sits at input coordinate (k + ½)·½ − ½. Pixel 8, at 3.75, lies
+        // between the block's 3 and 4: 12. Pixel 6, at 2.75: ¼ of 2 (at 2) and ¾ of 12
+        // (at 3), 9.5; pixel 5, at 2.25: 4.5.
+        let row = &out[8 * 16..9 * 16];
+        assert!(
+            (row[8] - 12.0).abs() < 1e-4 && (row[6] - 9.5).abs() < 1e-4 && (row[5] - 4.5).abs() < 1e-4,
+            "{row:?}"
+        );
+        // Negative values too, and values within [0, 1] exactly as `image` resizes them.
+        let neg: Vec<f32> = map.iter().map(|v| -v).collect();
+        assert!((resize_plane(&neg, 8, 8, 16, 16)[8 * 16 + 6] + 9.5).abs() < 1e-4);
+        let unit: Vec<f32> = map.iter().map(|v| v / 12.0).collect();
+        let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(8, 8, unit.clone()).unwrap();
+        let plain = image::imageops::resize(&buf, 16, 16, image::imageops::FilterType::Triangle).into_raw();
+        assert_eq!(resize_plane(&unit, 8, 8, 16, 16), plain);
+        // A flat map above 1 stays flat.
+        assert!(resize_plane(&[5.0; 16], 4, 4, 7, 3)
+            .iter()
+            .all(|v| (v - 5.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn resizing_channel_by_channel_gives_the_same_values() {
+        let rgb = image::RgbImage::from_fn(37, 23, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 11) as u8, ((x * y) % 256) as u8])
+        });
+        let rgba = DynamicImage::ImageRgb8(rgb.clone()).to_rgba8();
+        for img in [DynamicImage::ImageRgb8(rgb), DynamicImage::ImageRgba8(rgba)] {
+            for channels in [1, 3] {
+                for (w, h) in [(16, 16), (37, 23), (50, 9)] {
+                    let whole = Planar::from_image(&img, channels).resize(w, h);
+                    assert_eq!(Planar::resized_from(&img, channels, w, h), whole, "{channels} {w}×{h}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1588,6 +1588,11 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             "bad_request",
         ),
         (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"fit": "tiles", "patch": 64, "stride": 65}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "bergmann", "fit": "whole", "size": 256, "patch": 128}}),
             StatusCode::BAD_REQUEST,
             "bad_request",

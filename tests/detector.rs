@@ -53,6 +53,38 @@ fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
 }
 
 #[test]
+fn maps_above_one_keep_their_regions_in_images_of_another_size() {
+    // Error maps divided by a small scale, as a reconstruction family's are by its good
+    // images' mean: values far above 1, thresholds too. Resizing such a map to a 100 × 80
+    // image once clamped it to [0, 1], so an anomalous verdict came back with no region.
+    let mut card = common::test_card(Fit::Whole, 64, 32);
+    card.scoring.ssim_scale = 0.01;
+    card.scoring.l2_scale = 0.01;
+    card.thresholds.image = 5.0;
+    card.thresholds.pixel = 3.0;
+    let d = Detector::new(card, Arc::new(common::Flat(Device::Cpu)));
+    let mut g = GrayImage::from_pixel(100, 80, Luma([128]));
+    for y in 30..45 {
+        for x in 60..75 {
+            g.put_pixel(x, y, Luma([255]));
+        }
+    }
+    let r = &d
+        .inspect_batch(&[&DynamicImage::ImageLuma8(g)], Overrides::default())
+        .unwrap()[0];
+    assert!(r.is_anomalous && r.score > 5.0, "{}", r.score);
+    assert_eq!(r.regions.len(), 1, "{:?}", r.regions);
+    let reg = &r.regions[0];
+    assert!(reg.peak > 5.0, "{reg:?}");
+    assert!(
+        reg.x <= 67 && reg.x + reg.width >= 67 && reg.y <= 37 && reg.y + reg.height >= 37,
+        "{reg:?}"
+    );
+    let map = r.map();
+    assert!(map.iter().copied().fold(0.0f32, f32::max) > 5.0);
+}
+
+#[test]
 fn maps_come_back_at_the_images_own_resolution() {
     let d = Detector::new(
         common::test_card(Fit::Whole, 64, 32),

@@ -73,6 +73,11 @@ impl InputSpec {
             }
             Fit::Whole => architecture.validate(self.channels, self.working_size),
             Fit::Tiles { stride: 0 } => Err("tile stride must be positive".into()),
+            // Wider steps than a tile leave strips of every image that no tile covers.
+            Fit::Tiles { stride } if stride > self.patch_size => Err(format!(
+                "tile stride {stride} is larger than the patch size {}: parts of every image would go unseen",
+                self.patch_size
+            )),
             Fit::Tiles { .. } => Ok(()),
         }
     }

@@ -40,7 +40,9 @@ pub enum Reduction {
         k: usize,
     },
     /// Maximum of the map after a `size × size` mean filter: a defect must cover an area,
-    /// not a pixel, to score high (DRAEM's image score, 21×21 at 256²).
+    /// not a pixel, to score high (DRAEM's image score, 21×21 at 256², except at the
+    /// borders: DRAEM pads with zeros, which dilutes a defect at the edge; this filter
+    /// reflects the map, which counts an edge pixel up to twice, a corner one up to 4×).
     MeanFilterMax {
         size: usize,
     },
@@ -238,11 +240,16 @@ pub fn image_score(map: &[f32], width: usize, height: usize, reduction: Reductio
     match reduction {
         Reduction::Max => map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         Reduction::TopKMean { k } => {
-            let k = k.clamp(1, map.len());
-            let mut v = map.to_vec();
-            let (_, _, _) = v.select_nth_unstable_by(map.len() - k, |a, b| a.total_cmp(b));
-            let top = &v[map.len() - k..];
-            top.iter().sum::<f32>() / k as f32
+            // NaN pixels are passed over, as `Max` passes over them (`total_cmp` would
+            // rank them above every number and make the score NaN: never anomalous).
+            let mut v: Vec<f32> = map.iter().copied().filter(|x| !x.is_nan()).collect();
+            if v.is_empty() {
+                return f32::NEG_INFINITY;
+            }
+            let n = v.len();
+            let k = k.clamp(1, n);
+            let (_, _, _) = v.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
+            v[n - k..].iter().sum::<f32>() / k as f32
         }
         Reduction::MeanFilterMax { size } => {
             let size = size.max(1) | 1; // odd, so the window is centred
@@ -275,6 +282,15 @@ mod tests {
         assert_eq!(image_score(&m, 4, 1, Reduction::Max), 5.0);
         assert_eq!(image_score(&m, 4, 1, Reduction::TopKMean { k: 2 }), 4.5);
         assert_eq!(image_score(&m, 4, 1, Reduction::TopKMean { k: 99 }), 3.25);
+        // NaN pixels are passed over by both reductions.
+        let with_nan = [f32::NAN, 1.0, 2.0, 3.0];
+        assert_eq!(image_score(&with_nan, 4, 1, Reduction::Max), 3.0);
+        assert_eq!(image_score(&with_nan, 4, 1, Reduction::TopKMean { k: 2 }), 2.5);
+        assert_eq!(image_score(&with_nan, 4, 1, Reduction::TopKMean { k: 4 }), 2.0);
+        assert_eq!(
+            image_score(&[f32::NAN; 2], 2, 1, Reduction::TopKMean { k: 1 }),
+            f32::NEG_INFINITY
+        );
     }
 
     #[test]

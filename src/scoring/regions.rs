@@ -19,6 +19,35 @@ pub struct Region {
     pub mean: f32,
 }
 
+impl Region {
+    /// This region, found on a `from` (width, height) grid, in the pixels of a `to` grid
+    /// covering the same image: the box grows outwards to whole pixels, the area scales
+    /// with the pixel counts; peak, mean and area fraction stay as they are.
+    pub fn scaled(&self, from: (usize, usize), to: (usize, usize)) -> Region {
+        if from == to {
+            return self.clone();
+        }
+        // Edges [start, end) on the `from` grid, mapped to `to` and rounded outwards.
+        let axis = |start: u32, len: u32, f: usize, t: usize| {
+            let lo = (start as u64 * t as u64) / f as u64;
+            let hi = ((start + len) as u64 * t as u64).div_ceil(f as u64).min(t as u64);
+            (lo as u32, (hi - lo).max(1) as u32)
+        };
+        let (x, width) = axis(self.x, self.width, from.0, to.0);
+        let (y, height) = axis(self.y, self.height, from.1, to.1);
+        let per_pixel = (to.0 * to.1) as f64 / (from.0 * from.1) as f64;
+        let area_px = ((self.area_px as f64 * per_pixel).round() as u32).clamp(1, width * height);
+        Region {
+            x,
+            y,
+            width,
+            height,
+            area_px,
+            ..self.clone()
+        }
+    }
+}
+
 /// Labels 8-connected components of `mask` (row-major). Returns one label per pixel
 /// (0 = background, 1.. = component) and the number of components.
 ///
@@ -198,6 +227,38 @@ mod tests {
         // No peak over the background: no region, flat or all NaN.
         assert!(peak_region(&[2.0; 6], 3, 2, 1.0).is_none());
         assert!(peak_region(&[f32::NAN; 6], 3, 2, 1.0).is_none());
+    }
+
+    #[test]
+    fn a_region_scales_to_another_grid_with_its_box_rounded_outwards() {
+        let r = Region {
+            x: 1,
+            y: 2,
+            width: 2,
+            height: 1,
+            area_px: 2,
+            area_fraction: 0.1,
+            peak: 0.9,
+            mean: 0.5,
+        };
+        // 4×5 → 10×15 (2.5× across, 3× down): columns [1, 3) → [2.5, 7.5) → 2..8;
+        // rows [2, 3) → [6, 9); 2 pixels of 2.5 × 3 each → 15.
+        let s = r.scaled((4, 5), (10, 15));
+        assert_eq!((s.x, s.y, s.width, s.height, s.area_px), (2, 6, 6, 3, 15));
+        assert_eq!((s.area_fraction, s.peak, s.mean), (0.1, 0.9, 0.5));
+        // The same grid: unchanged. A box at the far edge stays inside the image.
+        assert_eq!(r.scaled((4, 5), (4, 5)), r);
+        let edge = Region {
+            x: 3,
+            y: 4,
+            width: 1,
+            height: 1,
+            area_px: 1,
+            ..r
+        };
+        let s = edge.scaled((4, 5), (7, 7));
+        assert_eq!((s.x, s.y, s.x + s.width, s.y + s.height), (5, 5, 7, 7));
+        assert_eq!(s.area_px, 2); // 49 / 20 = 2.45 pixels
     }
 
     #[test]

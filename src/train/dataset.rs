@@ -184,7 +184,7 @@ pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Resu
     let c = channels.unwrap_or(if any_colour { 3 } else { 1 });
     let images = decoded
         .iter()
-        .map(|img| Planar::from_image(img, c).resize(size, size))
+        .map(|img| Planar::resized_from(img, c, size, size))
         .collect();
     Ok(LoadedSet {
         images,
