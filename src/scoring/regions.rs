@@ -127,8 +127,9 @@ pub fn find_regions(
 /// The region around the map's peak, for a verdict that must point somewhere when no
 /// region passed [`find_regions`]: the connected pixels above the pixel threshold or, if
 /// lower, above half-way from the map's median to its peak (half the peak's height over
-/// the background, so a map whose background is high does not flood the image). None for
-/// a map without a peak above its median (flat, empty or all NaN).
+/// the background, so a map whose background is high does not flood the image). When
+/// half the map or more sits at its peak (a flat or saturated map), the pixels at the
+/// peak. None for an empty or all-NaN map.
 pub fn peak_region(map: &[f32], width: usize, height: usize, pixel_threshold: f32) -> Option<Region> {
     let mut finite: Vec<f32> = map.iter().copied().filter(|v| v.is_finite()).collect();
     if finite.is_empty() {
@@ -137,10 +138,11 @@ pub fn peak_region(map: &[f32], width: usize, height: usize, pixel_threshold: f3
     let peak = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mid = finite.len() / 2;
     let median = *finite.select_nth_unstable_by(mid, f32::total_cmp).1;
-    if peak <= median {
-        return None;
-    }
-    let cut = pixel_threshold.min(median + 0.5 * (peak - median));
+    let cut = if peak > median {
+        pixel_threshold.min(median + 0.5 * (peak - median))
+    } else {
+        peak.next_down()
+    };
     find_regions(map, width, height, cut, peak, 1).into_iter().next()
 }
 
@@ -224,8 +226,13 @@ mod tests {
         // A pixel threshold below that cut is used as it is.
         let r = peak_region(&m, w, h, 3.5).unwrap();
         assert_eq!(r.area_px, 3);
-        // No peak over the background: no region, flat or all NaN.
-        assert!(peak_region(&[2.0; 6], 3, 2, 1.0).is_none());
+        // A flat map: all of it; a map saturated over more than half: the saturated part
+        // around the peak; all NaN: none.
+        let flat = peak_region(&[2.0; 6], 3, 2, 3.0).unwrap();
+        assert_eq!((flat.x, flat.y, flat.width, flat.height, flat.area_px), (0, 0, 3, 2, 6));
+        let (m, w, h) = grid(&["9990", "9900"]);
+        let r = peak_region(&m, w, h, 9.5).unwrap();
+        assert_eq!((r.x, r.y, r.width, r.height, r.area_px), (0, 0, 3, 2, 5));
         assert!(peak_region(&[f32::NAN; 6], 3, 2, 1.0).is_none());
     }
 
