@@ -411,10 +411,10 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Most images run through the model at once.
-    #[arg(long, env = "VIGIL_MAX_BATCH", default_value_t = 8)]
+    #[arg(long, env = "VIGIL_MAX_BATCH", default_value_t = 8, value_parser = at_least_one)]
     pub max_batch: usize,
     /// Requests admitted per model (queued or running); beyond this the answer is 429.
-    #[arg(long, env = "VIGIL_QUEUE_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "VIGIL_QUEUE_CAPACITY", default_value_t = 64, value_parser = at_least_one)]
     pub queue_capacity: usize,
     /// The folder a training job's `folder` must lie in (a relative one is taken inside
     /// it). Default: none, any folder the server can read; set it where admin keys are
@@ -449,15 +449,15 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_DRAIN_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub drain_timeout: f64,
     /// Pixels judged at full resolution at once, across requests: a request waits until its
-    /// image fits (an image takes about 13 bytes a pixel while judged, so the default of
-    /// 80 megapixels, two of the largest images, is about 1 GB). At least --max-pixels.
+    /// image fits (an image takes about 8 bytes a pixel while judged, so the default of
+    /// 80 megapixels, two of the largest images, is about 650 MB). At least --max-pixels.
     #[arg(long, env = "VIGIL_MAX_INFLIGHT_PIXELS", default_value_t = 80_000_000, value_parser = at_least_one_u64)]
     pub max_inflight_pixels: u64,
     /// Largest request body accepted (413 beyond).
-    #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024, value_parser = at_least_one)]
     pub max_body_bytes: usize,
     /// Largest image accepted, judged from its header before decoding (413 beyond).
-    #[arg(long, env = "VIGIL_MAX_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "VIGIL_MAX_PIXELS", default_value_t = 40_000_000, value_parser = at_least_one_u64)]
     pub max_pixels: u64,
     /// Keep each inspected image under --data-dir (needed for heatmaps and maps later).
     #[arg(long, env = "VIGIL_STORE_IMAGES", default_value_t = true, action = clap::ArgAction::Set)]
@@ -555,7 +555,12 @@ fn validation_fraction(text: &str) -> Result<f32, String> {
 
 /// A synthetic image side: its defects are drawn at sizes that need 32 pixels or more.
 fn synth_size(text: &str) -> Result<usize, String> {
-    bounded(text, |v: &usize| *v >= 32, "a whole number of 32 or more")
+    // 8192² is 67 MP an image, beyond any camera the set would stand in for.
+    bounded(
+        text,
+        |v: &usize| (32..=8192).contains(v),
+        "a whole number from 32 to 8192",
+    )
 }
 
 fn at_least_one_u64(text: &str) -> Result<u64, String> {
@@ -644,5 +649,22 @@ mod tests {
         let calibrate = |q: &str| parses(&["vigil", "calibrate", "--model", "m", "--data", "d", "--quantile", q]);
         assert!(calibrate("1"));
         assert!(!calibrate("nan"));
+        // Limits of 0 would refuse every image or request while the server reports ready.
+        let serve = |extra: &[&str]| parses(&[&["vigil", "serve"][..], extra].concat());
+        assert!(serve(&[
+            "--max-batch",
+            "1",
+            "--queue-capacity",
+            "1",
+            "--max-pixels",
+            "1",
+            "--max-body-bytes",
+            "1"
+        ]));
+        for flag in ["--max-batch", "--queue-capacity", "--max-pixels", "--max-body-bytes"] {
+            assert!(!serve(&[flag, "0"]), "{flag} 0 accepted");
+        }
+        let synth = |size: &str| parses(&["vigil", "synth", "--out", "s", "--size", size]);
+        assert!(synth("8192") && !synth("100000") && !synth("31"));
     }
 }

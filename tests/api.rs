@@ -1592,6 +1592,17 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Scoring sizes that would allocate without bound when the model scores.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"smoothing": 1e9}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"score_filter": 4_000_000_000u64}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             serde_json::json!({"model": "x", "folder": folder, "options": {"arch": "bergmann", "fit": "whole", "size": 256, "patch": 128}}),
             StatusCode::BAD_REQUEST,

@@ -273,7 +273,8 @@ impl ModelCard {
 
     /// Checks the sizes fit together.
     pub fn check(&self) -> Result<(), String> {
-        self.input.check(&self.architecture)
+        self.input.check(&self.architecture)?;
+        self.scoring.check(self.input.working_size)
     }
 
     /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file.

@@ -83,6 +83,54 @@ impl Default for MapSpec {
     }
 }
 
+impl MapSpec {
+    /// Checks that every size fits a `working_size²` map: a smoothing σ or filter far
+    /// larger than the map only blurs it flat, and an unbounded one allocates its kernel
+    /// (σ 10⁹ asked for 32 GB and aborted the server that scored with it).
+    pub fn check(&self, working_size: usize) -> Result<(), String> {
+        let side = working_size as f32;
+        for (name, sigma) in [
+            ("smoothing σ", Some(self.smoothing_sigma)),
+            ("score smoothing σ", self.score_smoothing_sigma),
+        ] {
+            if let Some(sigma) = sigma.filter(|s| !(s.is_finite() && (0.0..=side).contains(s))) {
+                return Err(format!(
+                    "{name} {sigma} is not between 0 and the working size {working_size}"
+                ));
+            }
+        }
+        if let Reduction::MeanFilterMax { size } = self.reduction {
+            if size > working_size {
+                return Err(format!(
+                    "the score's mean filter ({size} px) is larger than the working size {working_size}"
+                ));
+            }
+        }
+        if !(self.ssim_window >= 1 && self.ssim_window <= working_size) {
+            return Err(format!(
+                "SSIM window {} is not between 1 and the working size {working_size}",
+                self.ssim_window
+            ));
+        }
+        if !(self.ssim_sigma.is_finite() && self.ssim_sigma > 0.0 && self.ssim_sigma <= side) {
+            return Err(format!(
+                "SSIM σ {} is not above 0 and at most the working size",
+                self.ssim_sigma
+            ));
+        }
+        if !([self.ssim_scale, self.l2_scale]
+            .iter()
+            .all(|s| s.is_finite() && *s > 0.0))
+        {
+            return Err(format!(
+                "error-map scales must be finite and above 0, not {} and {}",
+                self.ssim_scale, self.l2_scale
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Unscaled per-pixel error maps: 1 − SSIM and squared error, averaged over channels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawMaps {
@@ -274,6 +322,27 @@ mod tests {
         let raw = RawMaps::compute(&p, &p, &MapSpec::default());
         assert!(raw.dssim.iter().all(|v| v.abs() < 1e-5));
         assert!(raw.l2.iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn map_settings_must_fit_the_working_size() {
+        let ok = MapSpec::default();
+        assert!(ok.check(256).is_ok());
+        let with = |f: &dyn Fn(&mut MapSpec)| {
+            let mut m = ok.clone();
+            f(&mut m);
+            m.check(256)
+        };
+        assert!(with(&|m| m.smoothing_sigma = 256.0).is_ok());
+        assert!(with(&|m| m.smoothing_sigma = 1e9).unwrap_err().contains("smoothing σ"));
+        assert!(with(&|m| m.smoothing_sigma = f32::NAN).is_err());
+        assert!(with(&|m| m.score_smoothing_sigma = Some(257.0)).is_err());
+        assert!(with(&|m| m.score_smoothing_sigma = Some(0.0)).is_ok());
+        assert!(with(&|m| m.reduction = Reduction::MeanFilterMax { size: 256 }).is_ok());
+        assert!(with(&|m| m.reduction = Reduction::MeanFilterMax { size: 4_000_000_000 }).is_err());
+        assert!(with(&|m| m.ssim_window = 1_000_000).is_err());
+        assert!(with(&|m| m.ssim_sigma = 0.0).is_err());
+        assert!(with(&|m| m.l2_scale = 0.0).is_err());
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl TrainConfig {
             )));
         }
         self.calibration.validate()?;
+        self.map.check(self.working_size).map_err(TrainError::Config)?;
         // As the model card will be checked once written (channels, when left to the
         // images, are 1 or 3, and no family's sizes depend on which).
         let input = InputSpec {
