@@ -307,8 +307,23 @@ impl Detector {
     }
 
     /// The smoothed anomaly map at working resolution and the image score; `alpha`
-    /// overrides the architecture's mix of two learned maps.
+    /// overrides the architecture's mix of two learned maps. Under the min-area threshold
+    /// rule the score is the highest level at which the map has a region of the minimum
+    /// area, so that it compares with that rule's threshold.
     pub fn working_map(&self, raw: &RawMaps, alpha: Option<f32>) -> (Vec<f32>, f32) {
+        let (map, score) = self.reduced_map(raw, alpha);
+        let t = &self.card.thresholds;
+        if t.method != crate::train::calibrate::MIN_AREA {
+            return (map, score);
+        }
+        let s = self.card.input.working_size;
+        let level = regions::min_area_threshold(&map, s, s, t.min_defect_area);
+        (map, level)
+    }
+
+    /// [`Detector::working_map`] with the score the scoring's reduction reads off the map,
+    /// whatever the threshold rule.
+    pub fn reduced_map(&self, raw: &RawMaps, alpha: Option<f32>) -> (Vec<f32>, f32) {
         let raw = match self.alpha(alpha) {
             Some(a) => raw.mixed(a),
             None => std::borrow::Cow::Borrowed(raw),

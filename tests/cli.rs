@@ -357,6 +357,21 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
     let card = read_card(&model);
     assert_eq!(card["thresholds"]["method"], "min-area");
     assert_eq!(card["thresholds"]["validation_images"], 4);
+    // Scores are read the rule's way (the highest level with a region of the minimum
+    // area), so the images it was calibrated on pass; the family's own score (the map's
+    // maximum) would have flagged them against a region-level threshold.
+    let inspected = run(&["inspect", "--model", model.to_str().unwrap(), good.to_str().unwrap()]);
+    assert!(inspected.status.success(), "{}", stderr(&inspected));
+    let verdicts: Vec<serde_json::Value> = stdout(&inspected)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), 4);
+    let image_threshold = card["thresholds"]["image"].as_f64().unwrap();
+    for v in &verdicts {
+        assert_eq!(v["is_anomalous"], false, "{v}");
+        assert!(v["score"].as_f64().unwrap() <= image_threshold + 1e-6, "{v}");
+    }
     let set_by = card["thresholds"]["set_by"].as_str().unwrap();
     assert!(set_by.starts_with("vigil calibrate on 4 image(s) of "), "{set_by}");
     assert!(

@@ -159,6 +159,27 @@ pub fn largest_component_area(map: &[f32], width: usize, height: usize, threshol
     areas.into_iter().max().unwrap_or(0)
 }
 
+/// The lowest threshold (to 1e-4 relative) at which `map` has no 8-connected region of
+/// `min_area` pixels or more. Bisection: region sizes only shrink as the threshold rises.
+pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u32) -> f32 {
+    let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let min = map.iter().copied().fold(f32::INFINITY, f32::min);
+    let ok = |t: f32| largest_component_area(map, width, height, t) < min_area.max(1);
+    if ok(min) {
+        return min;
+    }
+    let (mut lo, mut hi) = (min, max);
+    while hi - lo > 1e-4 * hi.abs().max(1e-6) {
+        let mid = 0.5 * (lo + hi);
+        if ok(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
 #[derive(Clone)]
 struct RegionStats {
     x0: usize,
@@ -266,6 +287,21 @@ mod tests {
         let s = edge.scaled((4, 5), (7, 7));
         assert_eq!((s.x, s.y, s.x + s.width, s.y + s.height), (5, 5, 7, 7));
         assert_eq!(s.area_px, 2); // 49 / 20 = 2.45 pixels
+    }
+
+    #[test]
+    fn min_area_threshold_sits_just_below_the_kth_largest_blob_value() {
+        // A 3-pixel blob at value 5 with a 1-pixel spike of 9 elsewhere.
+        let mut m = vec![0f32; 25];
+        m[6] = 5.0;
+        m[7] = 5.0;
+        m[8] = 5.0;
+        m[20] = 9.0;
+        // min_area 2: the blob (3 px) must go, so the threshold reaches 5; the spike stays.
+        let t = min_area_threshold(&m, 5, 5, 2);
+        assert!((t - 5.0).abs() < 1e-3, "{t}");
+        // min_area 4: nothing is that large even at the bottom.
+        assert_eq!(min_area_threshold(&m, 5, 5, 4), 0.0);
     }
 
     #[test]

@@ -5,7 +5,11 @@ use serde::{Deserialize, Serialize};
 use crate::detector::Detector;
 use crate::image_io::Planar;
 use crate::model::artifact::{quantile, ScoreStats, Thresholds};
-use crate::scoring::regions::largest_component_area;
+use crate::scoring::regions::min_area_threshold;
+
+/// `Thresholds::method` of the min-area rule, and of the quantile rule.
+pub const MIN_AREA: &str = "min-area";
+const MIN_AREA_NOT: &str = "quantile";
 
 /// How the image threshold is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -14,7 +18,9 @@ pub enum ThresholdMethod {
     /// A quantile of the good images' scores, raised by the margin.
     Quantile,
     /// Bergmann et al.: the lowest map threshold at which no good image has a connected
-    /// region of `min_defect_area` pixels or more.
+    /// region of `min_defect_area` pixels or more. An image's score is then the highest
+    /// level at which its map still has such a region (not the family's reduction), so an
+    /// image is anomalous when a region of that area lies above the threshold.
     MinArea,
 }
 
@@ -127,20 +133,21 @@ pub fn calibrate(
     }
 
     let s = detector.card.input.working_size;
-    let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.working_map(r, None)).collect();
-    let scores: Vec<f32> = maps.iter().map(|m| m.1).collect();
-    let min_area_threshold = maps
+    let maps: Vec<(Vec<f32>, f32)> = raws.iter().map(|r| detector.reduced_map(r, None)).collect();
+    // Each image's highest level with a region of the minimum area: the min-area method's
+    // score, and where the quantile method cuts regions.
+    let levels: Vec<f32> = maps
         .iter()
         .map(|(m, _)| min_area_threshold(m, s, s, cfg.min_defect_area))
-        .fold(0f32, f32::max);
-    let quantile_threshold = quantile(&scores, cfg.quantile) * (1.0 + cfg.margin);
-    let (image, pixel, method) = match cfg.method {
-        ThresholdMethod::Quantile => (
-            quantile_threshold,
-            min_area_threshold.min(quantile_threshold),
-            "quantile",
-        ),
-        ThresholdMethod::MinArea => (min_area_threshold, min_area_threshold, "min-area"),
+        .collect();
+    let min_area_level = levels.iter().copied().fold(0f32, f32::max);
+    let (image, pixel, method, scores) = match cfg.method {
+        ThresholdMethod::Quantile => {
+            let scores: Vec<f32> = maps.iter().map(|m| m.1).collect();
+            let image = quantile(&scores, cfg.quantile) * (1.0 + cfg.margin);
+            (image, min_area_level.min(image), MIN_AREA_NOT, scores)
+        }
+        ThresholdMethod::MinArea => (min_area_level, min_area_level, MIN_AREA, levels),
     };
     // A card with a NaN threshold serialises as null and no longer loads: refuse it here.
     if !(image.is_finite() && pixel.is_finite()) {
@@ -169,27 +176,6 @@ pub fn calibrate(
         );
     }
     Ok(scores)
-}
-
-/// The lowest threshold (to 1e-4 relative) at which `map` has no 8-connected region of
-/// `min_area` pixels or more. Bisection: region sizes only shrink as the threshold rises.
-pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u32) -> f32 {
-    let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let min = map.iter().copied().fold(f32::INFINITY, f32::min);
-    let ok = |t: f32| largest_component_area(map, width, height, t) < min_area.max(1);
-    if ok(min) {
-        return min;
-    }
-    let (mut lo, mut hi) = (min, max);
-    while hi - lo > 1e-4 * hi.abs().max(1e-6) {
-        let mid = 0.5 * (lo + hi);
-        if ok(mid) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    hi
 }
 
 /// A threshold set on fewer held-out good images than this rests on little: a quantile
@@ -229,21 +215,6 @@ mod tests {
                 "quantile {quantile}, margin {margin} accepted"
             );
         }
-    }
-
-    #[test]
-    fn min_area_threshold_sits_just_below_the_kth_largest_blob_value() {
-        // A 3-pixel blob at value 5 with a 1-pixel spike of 9 elsewhere.
-        let mut m = vec![0f32; 25];
-        m[6] = 5.0;
-        m[7] = 5.0;
-        m[8] = 5.0;
-        m[20] = 9.0;
-        // min_area 2: the blob (3 px) must go, so the threshold reaches 5; the spike stays.
-        let t = min_area_threshold(&m, 5, 5, 2);
-        assert!((t - 5.0).abs() < 1e-3, "{t}");
-        // min_area 4: nothing is that large even at the bottom.
-        assert_eq!(min_area_threshold(&m, 5, 5, 4), 0.0);
     }
 
     #[test]
