@@ -15,7 +15,11 @@ use crate::model::artifact;
 pub fn artifact_version(dir: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     for f in [artifact::CARD_FILE, artifact::WEIGHTS_FILE] {
-        h.update(std::fs::read(dir.join(f))?);
+        let path = dir.join(f);
+        // Named, so that "a model folder does not load" says which file is missing.
+        let bytes =
+            std::fs::read(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        h.update(bytes);
     }
     Ok(hex::encode(h.finalize())[..16].to_string())
 }

@@ -2478,10 +2478,11 @@ async fn the_models_folder_is_followed_added_changed_and_removed_folders() {
         (s, error_code(&b)),
         (StatusCode::UNPROCESSABLE_ENTITY, "model_load_failed".into())
     );
+    // (naming the file it lacks)
+    let message = String::from_utf8_lossy(&b);
     assert!(
-        String::from_utf8_lossy(&b).contains("does not load"),
-        "{}",
-        String::from_utf8_lossy(&b)
+        message.contains("does not load") && message.contains("weights.safetensors"),
+        "{message}"
     );
     // ...until its files are complete: then the next request naming it is judged by it.
     common::copy_model(common::tiny_model(), &models.join("late"));

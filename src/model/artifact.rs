@@ -17,12 +17,14 @@ pub enum ArtifactError {
         "{path}: not found (a model directory holds {CARD_FILE} and {WEIGHTS_FILE}; train one with `vigil train`)"
     )]
     Missing { path: PathBuf },
-    #[error("{path}: cannot read: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not a valid vigil model card: {source}")]
-    BadCard { path: PathBuf, source: serde_json::Error },
+    // The causes are in the messages, so they are not also `source`s: a chain printed
+    // with its causes (`{:#}`) would say each twice.
+    #[error("{path}: cannot read: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: cannot write: {cause}")]
+    Write { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: not a valid vigil model card: {cause}")]
+    BadCard { path: PathBuf, cause: serde_json::Error },
     #[error("{path}: schema version {found} is newer than this vigil understands ({SCHEMA_VERSION}); upgrade vigil")]
     Schema { path: PathBuf, found: u32 },
     #[error("{path}: weights do not load: {message}")]
@@ -252,13 +254,13 @@ impl ModelCard {
             } else {
                 ArtifactError::Io {
                     path: path.clone(),
-                    source,
+                    cause: source,
                 }
             }
         })?;
         let card: ModelCard = serde_json::from_str(&text).map_err(|source| ArtifactError::BadCard {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         if card.schema_version > SCHEMA_VERSION {
             return Err(ArtifactError::Schema {
@@ -281,7 +283,7 @@ impl ModelCard {
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| ArtifactError::Write { path, source }
+            move |source| ArtifactError::Write { path, cause: source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(CARD_FILE);

@@ -290,7 +290,7 @@ fn is_bias_of_linear_or_conv(name: &str, data: &std::collections::HashMap<String
 /// Moves weights written by [`Network::stage_weights`] to their place in `dir`.
 pub fn place_weights(staged: &Path, dir: &Path) -> Result<(), ArtifactError> {
     let path = dir.join(artifact::WEIGHTS_FILE);
-    std::fs::rename(staged, &path).map_err(|source| ArtifactError::Write { path, source })
+    std::fs::rename(staged, &path).map_err(|source| ArtifactError::Write { path, cause: source })
 }
 
 #[cfg(test)]
@@ -380,7 +380,7 @@ pub fn file_sha256(path: &Path) -> Result<String, ArtifactError> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).map_err(|source| ArtifactError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }

@@ -430,7 +430,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     detector.card.training.seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&cfg.out).map_err(|source| ArtifactError::Write {
         path: cfg.out.clone(),
-        source,
+        cause: source,
     })?;
     // Replacing a model: the new weights are written aside first, then the old card goes,
     // so that a failure before leaves the old model whole and a crash between the last
@@ -443,7 +443,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(ArtifactError::Write {
                 path: old_card,
-                source: e,
+                cause: e,
             }
             .into())
         }
@@ -614,7 +614,7 @@ pub(crate) fn step_settings(cfg: &TrainConfig) -> StepSettings {
 pub fn check_output(out: &std::path::Path) -> Result<(), ArtifactError> {
     let write_error = |source| ArtifactError::Write {
         path: out.to_path_buf(),
-        source,
+        cause: source,
     };
     let refuse = |why: &str| write_error(std::io::Error::other(why.to_string()));
     if out.as_os_str().is_empty() {
