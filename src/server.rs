@@ -108,7 +108,7 @@ pub async fn build_state(
         keys,
         metrics,
         device,
-        ready: AtomicBool::new(true),
+        stopping: AtomicBool::new(false),
         live: Default::default(),
         models_dir: args.models_dir.clone(),
         training: api::training::JobBoard::new(
@@ -167,7 +167,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let server = Connections::new(&state);
     server.accept_until(&listener, shutdown).await;
-    state.ready.store(false, Ordering::SeqCst);
+    state.stopping.store(true, Ordering::SeqCst);
     // Before the drain: a client watching a job's events keeps its connection open
     // until the job ends, so the jobs must end first. A running one stops after its
     // step and writes nothing; it would otherwise run to its end (the runtime waits

@@ -98,7 +98,7 @@ async fn harness_with(
         keys: keys.map(|k| api::auth::ApiKeys::parse(k).unwrap()),
         metrics: vigil::metrics::install(),
         device: Device::Cpu,
-        ready: AtomicBool::new(true),
+        stopping: AtomicBool::new(false),
         live: Default::default(),
         models_dir: dir.path().join("models"),
         training: api::training::JobBoard::new(1),
@@ -913,10 +913,17 @@ async fn health_metrics_openapi_and_models() {
     assert_eq!(json(&b)[0]["name"], "metrics-probe");
     assert_eq!(json(&b)[0]["is_default"], true);
     // Not ready while shutting down.
-    h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.state.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, _, b) = send(&h.state, get("/health/ready")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    // Saying why: the models are still there.
     assert_eq!(
-        send(&h.state, get("/health/ready")).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
+        (
+            json(&b)["status"].as_str(),
+            json(&b)["models"].as_bool(),
+            json(&b)["stopping"].as_bool()
+        ),
+        (Some("stopping"), Some(true), Some(true))
     );
 }
 
@@ -2117,7 +2124,7 @@ async fn a_stopping_server_says_connection_close_and_starts_no_training_job() {
     assert_eq!(s, StatusCode::OK);
     assert!(headers.get("connection").is_none());
     // What `server::run` does on SIGTERM, before its shutdown delay.
-    h.state.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.state.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     h.state.training.stop_all();
     let (s, headers, _) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
     assert_eq!(s, StatusCode::OK, "inspections are still answered");

@@ -15,20 +15,21 @@ pub async fn live() -> impl IntoResponse {
     Json(json!({"status": "live"}))
 }
 
-/// Ready when every model is warm and the database answers.
+/// Ready when a model is served, the database answers and the server is not stopping.
+/// Models are loaded and warmed before the port opens, so `models` is false only if the
+/// last was removed.
 pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let models = state.ready.load(Ordering::SeqCst);
+    let stopping = state.stopping.load(Ordering::SeqCst);
+    let models = !state.model_list().is_empty();
     let database = state.store.ping().await;
-    let status = if models && database {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (status, word) = match (stopping, models && database) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        (false, true) => (StatusCode::OK, "ready"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
     };
     (
         status,
-        Json(
-            json!({"status": if status == StatusCode::OK { "ready" } else { "not_ready" }, "models": models, "database": database}),
-        ),
+        Json(json!({"status": word, "models": models, "database": database, "stopping": stopping})),
     )
 }
 

@@ -95,7 +95,8 @@ pub struct AppState {
     pub keys: Option<auth::ApiKeys>,
     pub metrics: PrometheusHandle,
     pub device: candle_core::Device,
-    pub ready: AtomicBool,
+    /// Set on SIGTERM: readiness answers 503 and every answer closes its connection.
+    pub stopping: AtomicBool,
     pub live: live::LiveStats,
     /// Where models live: trained models are written here.
     pub models_dir: PathBuf,
@@ -324,7 +325,7 @@ async fn record_metrics(req: Request, next: Next) -> Response {
 /// that stays, rather than meet the close of an idle connection at the drain.
 async fn close_when_stopping(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
-    if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+    if state.stopping.load(std::sync::atomic::Ordering::SeqCst) {
         resp.headers_mut().insert(
             axum::http::header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),
