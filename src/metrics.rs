@@ -21,6 +21,11 @@ pub const SCORE_DRIFT: &str = "vigil_score_drift";
 pub const SCORE_DRIFT_CRITICAL: &str = "vigil_score_drift_critical";
 pub const BUILD_INFO: &str = "vigil_build_info";
 
+/// `code` labels of [`DATABASE_ERRORS`].
+pub const STORAGE_ERROR_CODES: [&str; 2] = ["database_unavailable", "image_store_unavailable"];
+/// `verdict` labels of [`VERDICTS`].
+pub const VERDICT_LABELS: [&str; 2] = ["normal", "anomalous"];
+
 /// Installs the global recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -56,6 +61,11 @@ pub fn install() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // Counters appear at 0 before their first event, so that `increase()` and
+            // alerts on them see that event (a series that starts at 1 shows no increase).
+            for code in STORAGE_ERROR_CODES {
+                metrics::counter!(DATABASE_ERRORS, "code" => code).increment(0);
+            }
             handle
         })
         .clone()
@@ -68,6 +78,11 @@ pub fn model_served(model: &str, version: &str, replaced: Option<&str>, device: 
         metrics::gauge!(MODEL_INFO, "model" => model.to_string(), "version" => old.to_string(), "device" => device.to_string()).set(0.0);
     }
     metrics::gauge!(MODEL_INFO, "model" => model.to_string(), "version" => version.to_string(), "device" => device.to_string()).set(1.0);
+    // The model's counters at 0 before its first inspection (see `install`).
+    for verdict in VERDICT_LABELS {
+        metrics::counter!(VERDICTS, "model" => model.to_string(), "verdict" => verdict).increment(0);
+    }
+    metrics::counter!(REPLAYS, "model" => model.to_string()).increment(0);
 }
 
 /// Help text for every metric (Prometheus lints metrics without it).

@@ -147,6 +147,19 @@ fn bundled_samples_over_http() {
     let server = start(data.path());
     let (s, b) = http(&server.addr, "GET", "/health/ready", "text/plain", b"");
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    // Counters are there at 0 before their first event, so that an alert on their
+    // increase sees that event.
+    let (_, b) = http(&server.addr, "GET", "/metrics", "text/plain", b"");
+    let text = String::from_utf8_lossy(&b);
+    for series in [
+        r#"vigil_verdicts_total{model="default",verdict="anomalous"} 0"#,
+        r#"vigil_verdicts_total{model="default",verdict="normal"} 0"#,
+        r#"vigil_database_errors_total{code="database_unavailable"} 0"#,
+        r#"vigil_database_errors_total{code="image_store_unavailable"} 0"#,
+        r#"vigil_inspections_replayed_total{model="default"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == series), "no {series} in:\n{text}");
+    }
     // The command line's verdicts on the same files are the reference (their values are
     // held to the recorded golden ones in tests/bundled.rs): the service must agree.
     let cli = common::inspect_bundled_samples("default");

@@ -208,7 +208,7 @@ pub async fn report_errors(req: axum::extract::Request, next: axum::middleware::
         let detail = report.detail.as_deref().unwrap_or("");
         match report.code {
             "internal" => tracing::error!(detail, "internal error"),
-            "database_unavailable" | "image_store_unavailable" => {
+            code if crate::metrics::STORAGE_ERROR_CODES.contains(&code) => {
                 metrics::counter!(crate::metrics::DATABASE_ERRORS, "code" => report.code).increment(1);
                 tracing::error!(code = report.code, detail, "storage error");
             }

@@ -228,7 +228,8 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
         }
     };
 
-    let verdict = if record.is_anomalous { "anomalous" } else { "normal" };
+    let [normal, anomalous] = crate::metrics::VERDICT_LABELS;
+    let verdict = if record.is_anomalous { anomalous } else { normal };
     metrics::counter!(crate::metrics::VERDICTS, "model" => model.clone(), "verdict" => verdict).increment(1);
     metrics::histogram!(crate::metrics::SCORES, "model" => model.clone()).record(record.score);
     metrics::histogram!(crate::metrics::INSPECTION_SECONDS, "model" => model.clone())
