@@ -65,7 +65,9 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
         // write): the verdict, the regions' boxes and the heatmap are then in the frame
         // the operator's page draws, and training and inspection images agree. An
         // unreadable orientation is taken as none.
-        let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
         let mut img = DynamicImage::from_decoder(decoder)?;
         img.apply_orientation(orientation);
         Ok(img)

@@ -1153,6 +1153,60 @@ async fn a_changed_model_answers_409_before_looking_for_the_stored_image() {
     assert!(String::from_utf8_lossy(&b).contains(&format!("inspection {id} was made by model version v1")));
 }
 
+#[tokio::test]
+async fn an_inspections_maps_outlive_a_recalibration_but_not_other_weights_or_scoring() {
+    let mut card = common::test_card(Fit::Whole, 32, 32);
+    card.weights_sha256 = Some("ab".repeat(32));
+    let h = harness_with(
+        None,
+        8,
+        "default",
+        Arc::new(common::Flat(Device::Cpu)),
+        Duration::from_secs(30),
+        None,
+        Some(card.clone()),
+    )
+    .await;
+    let (s, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, true))).await;
+    assert_eq!(s, StatusCode::OK);
+    let links = json(&b)["links"].clone();
+    let (_, _, before) = send(&h.state, get(links["anomaly_map"].as_str().unwrap())).await;
+    let replace = |card: vigil::model::ModelCard, version: &str| {
+        let detector = Detector::new(card, Arc::new(common::Flat(Device::Cpu)));
+        h.state
+            .model("default")
+            .unwrap()
+            .engine
+            .replace(detector, version.into());
+    };
+    // Recalibrated: other thresholds, so another version, but the same maps.
+    let mut recalibrated = card.clone();
+    recalibrated.thresholds.image *= 2.0;
+    recalibrated.thresholds.pixel *= 2.0;
+    replace(recalibrated, "v2");
+    for link in ["heatmap", "anomaly_map", "reconstruction"] {
+        let (s, _, b) = send(&h.state, get(links[link].as_str().unwrap())).await;
+        assert_eq!(s, StatusCode::OK, "{link}: {}", String::from_utf8_lossy(&b));
+        if link == "anomaly_map" {
+            assert_eq!(b, before, "the same map");
+        }
+    }
+    // Other scoring, or other weights: those maps are not the verdict's.
+    let mut rescored = card.clone();
+    rescored.scoring.smoothing_sigma += 1.0;
+    let mut retrained = card.clone();
+    retrained.weights_sha256 = Some("cd".repeat(32));
+    for (changed, version) in [(rescored, "v3"), (retrained, "v4")] {
+        replace(changed, version);
+        let (s, _, b) = send(&h.state, get(links["heatmap"].as_str().unwrap())).await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::CONFLICT, "model_changed"),
+            "{version}"
+        );
+    }
+}
+
 fn delete(uri: &str) -> Request<Body> {
     Request::delete(uri).body(Body::empty()).unwrap()
 }
@@ -2427,6 +2481,7 @@ async fn a_key_recorded_by_another_replica_while_judging_gives_its_answer_and_re
         idempotency_key: Some("shared".into()),
         request_fingerprint: Some(api::idempotency::fingerprint(&digest, Some("p"), None, None)),
         warnings: Vec::new(),
+        maps_version: None,
     };
     h.state.store.insert(&elsewhere).await.unwrap();
     go.send(()).unwrap();

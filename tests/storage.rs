@@ -26,6 +26,7 @@ fn record(id: &str, model: &str, t: i64, anomalous: bool, score: f64) -> Record 
         idempotency_key: None,
         request_fingerprint: None,
         warnings: Vec::new(),
+        maps_version: Some("0123456789abcdef".into()),
     }
 }
 

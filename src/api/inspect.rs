@@ -187,6 +187,7 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
         idempotency_key: key,
         request_fingerprint: request_fingerprint.clone(),
         warnings: inspection.warnings,
+        maps_version: detector.card.maps_version(),
     };
     // The image write and the row run as one detached task: a client that hangs up
     // cannot leave a stored image without its row. A 200 means the row is committed.

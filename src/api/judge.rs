@@ -30,19 +30,28 @@ pub struct Judgement {
     pub pixels: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Judges `bytes` with `model`. With `version`, the model must still run that version
-/// (409 `model_changed` otherwise): the detector and its version are read together, so
-/// the check holds for the model that does the work. `overrides` change the threshold or
-/// the mix of learned maps for this image only.
+/// What made a stored verdict, for judging its image again: the model version and, when
+/// known, what its maps depend on (`ModelCard::maps_version`).
+#[derive(Debug, Clone, Copy)]
+pub struct MadeBy<'a> {
+    pub version: &'a str,
+    pub maps_version: Option<&'a str>,
+}
+
+/// Judges `bytes` with `model`. With `made_by`, the model must still draw that verdict's
+/// maps: the same version, or one with the same maps version (a recalibration changes
+/// only thresholds); 409 `model_changed` otherwise. The detector and its version are read
+/// together, so the check holds for the model that does the work. `overrides` change the
+/// threshold or the mix of learned maps for this image only.
 pub async fn judge(
     state: &AppState,
     model: &str,
-    version: Option<&str>,
+    made_by: Option<MadeBy<'_>>,
     bytes: Bytes,
     overrides: Overrides,
 ) -> Result<Judgement, ApiError> {
     let served = super::discovery::find_model(state, model).await?;
-    let (detector, current) = current_version(&served, version)?;
+    let (detector, current) = current_version(&served, made_by)?;
     // Admission before any heavy work: a full queue answers 429 at once.
     let permit = served
         .engine
@@ -102,16 +111,22 @@ pub async fn judge(
     })
 }
 
-/// The model's detector and its version, read together. With `version`, the model must
-/// still run that version: 409 `model_changed` otherwise.
-pub fn current_version(served: &ServedModel, version: Option<&str>) -> Result<(Arc<Detector>, String), ApiError> {
+/// The model's detector and its version, read together. With `made_by`, the model must
+/// still draw that verdict's maps (see [`judge`]): 409 `model_changed` otherwise.
+pub fn current_version(served: &ServedModel, made_by: Option<MadeBy<'_>>) -> Result<(Arc<Detector>, String), ApiError> {
     let (detector, current) = served.engine.current();
-    match version {
-        Some(wanted) if wanted != current => Err(ApiError::ModelChanged(format!(
-            "made by model version {wanted}, the server now runs {current}"
-        ))),
-        _ => Ok((detector, current)),
+    let Some(made_by) = made_by else {
+        return Ok((detector, current));
+    };
+    let same_maps =
+        || made_by.maps_version.is_some() && made_by.maps_version == detector.card.maps_version().as_deref();
+    if made_by.version == current || same_maps() {
+        return Ok((detector, current));
     }
+    Err(ApiError::ModelChanged(format!(
+        "made by model version {}, the server now runs {current} (other weights or scoring)",
+        made_by.version
+    )))
 }
 
 /// Runs CPU-bound work on the blocking pool, off the async workers.

@@ -12,7 +12,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 
-use super::judge::{blocking, current_version, judge, Judgement};
+use super::judge::{blocking, current_version, judge, Judgement, MadeBy};
 use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
@@ -236,7 +236,11 @@ async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiErr
     };
     // A changed model answers 409 before any I/O; `judge` checks again together with the work.
     let served = super::discovery::find_model(state, &r.model).await?;
-    current_version(&served, Some(&r.model_version)).map_err(in_context)?;
+    let made_by = MadeBy {
+        version: &r.model_version,
+        maps_version: r.maps_version.as_deref(),
+    };
+    current_version(&served, Some(made_by)).map_err(in_context)?;
     let path = r
         .image_path
         .clone()
@@ -249,7 +253,7 @@ async fn rerun(state: &AppState, id: &str) -> Result<(Record, Judgement), ApiErr
         threshold: Some(r.threshold as f32),
         alpha: r.alpha.map(|a| a as f32),
     };
-    let judged = judge(state, &r.model, Some(&r.model_version), bytes.into(), overrides)
+    let judged = judge(state, &r.model, Some(made_by), bytes.into(), overrides)
         .await
         .map_err(in_context)?;
     Ok((r, judged))
@@ -274,12 +278,16 @@ pub async fn heatmap(
     if !(0.0..=1.0).contains(&opacity) {
         return Err(ApiError::BadRequest("opacity must be between 0 and 1".into()));
     }
-    let (_, judged) = rerun(&state, &id).await?;
+    let (record, judged) = rerun(&state, &id).await?;
     let channels = judged.detector.card.input.channels;
+    // Outlined where the verdict's regions were cut, even if the model was recalibrated.
+    let pixel_threshold = record
+        .pixel_threshold
+        .map_or(judged.inspection.pixel_threshold, |t| t as f32);
     let out = blocking(move || {
         let (img, insp) = (judged.image, judged.inspection);
         let base = crate::image_io::Planar::from_image(&img, channels).to_rgb8();
-        crate::scoring::heatmap::render_heatmap(&base, &insp.map(), insp.pixel_threshold, opacity)
+        crate::scoring::heatmap::render_heatmap(&base, &insp.map(), pixel_threshold, opacity)
     })
     .await?;
     png(out)

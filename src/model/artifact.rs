@@ -273,6 +273,18 @@ impl ModelCard {
         Ok(card)
     }
 
+    /// What an anomaly map depends on: the weights (by their recorded hash) and how they
+    /// are run and read (architecture, input, scoring), not the thresholds. Two versions
+    /// with the same maps version draw the same maps of an image (a recalibration keeps
+    /// it). None for a card that does not record its weights' hash.
+    pub fn maps_version(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let weights = self.weights_sha256.as_ref()?;
+        let how = serde_json::to_vec(&(&self.architecture, &self.input, &self.scoring)).ok()?;
+        let digest = Sha256::new().chain_update(weights).chain_update(how).finalize();
+        Some(hex::encode(digest)[..16].to_string())
+    }
+
     /// Checks the sizes fit together.
     pub fn check(&self) -> Result<(), String> {
         self.input.check(&self.architecture)?;

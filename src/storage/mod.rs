@@ -82,6 +82,9 @@ pub struct Record {
     /// Why the verdict may not mean what it says (empty in rows older than the column).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// What its maps depend on (`ModelCard::maps_version`), when known.
+    #[serde(default)]
+    pub maps_version: Option<String>,
 }
 
 /// Filters for listing, newest first.
@@ -200,7 +203,7 @@ impl Store {
         // cached statement, so the next row's real float8 would be refused ("incorrect
         // binary data format"). Each combination of present values has its own text.
         let optional = [r.alpha, r.pixel_threshold];
-        let mut next = 19;
+        let mut next = 20;
         let placeholders: Vec<String> = optional
             .iter()
             .map(|v| match v {
@@ -214,8 +217,8 @@ impl Store {
         let sql = format!(
             "INSERT INTO inspections (id, model, model_version, created_at, score, threshold, verdict, width, \
              height, regions, timings, image_sha256, image_path, request_id, part_id, idempotency_key, \
-             request_fingerprint, warnings, alpha, pixel_threshold) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, {})",
+             request_fingerprint, warnings, maps_version, alpha, pixel_threshold) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, {})",
             placeholders.join(", ")
         );
         let mut tx = self.pool.begin().await?;
@@ -237,7 +240,8 @@ impl Store {
             .bind(r.part_id.clone())
             .bind(r.idempotency_key.clone())
             .bind(r.request_fingerprint.clone())
-            .bind((!r.warnings.is_empty()).then(|| serde_json::to_string(&r.warnings).expect("strings serialise")));
+            .bind((!r.warnings.is_empty()).then(|| serde_json::to_string(&r.warnings).expect("strings serialise")))
+            .bind(r.maps_version.clone());
         for value in optional.into_iter().flatten() {
             query = query.bind(value);
         }
@@ -504,7 +508,7 @@ pub struct Pruned {
 
 const COLUMNS: &str = "id, model, model_version, created_at, score, threshold, verdict, width, height, regions, \
                        timings, image_sha256, image_path, request_id, part_id, alpha, pixel_threshold, \
-                       idempotency_key, request_fingerprint, warnings";
+                       idempotency_key, request_fingerprint, warnings, maps_version";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
     let json = |i: usize| -> Result<serde_json::Value, StoreError> {
@@ -534,5 +538,6 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Record, StoreError> {
             Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Malformed(e.to_string()))?,
             None => Vec::new(),
         },
+        maps_version: r.try_get(20)?,
     })
 }
