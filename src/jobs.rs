@@ -234,7 +234,28 @@ pub fn run(
 }
 
 /// Image files a zip of training images may hold (others are skipped).
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+use crate::image_io::EXTENSIONS as IMAGE_EXTENSIONS;
+
+/// The name an uploaded image is kept under: its place in the upload, then as much of the
+/// client's own name as is plain (letters, digits, `-`, `_`, `.`; up to 48 characters), so
+/// that an error about the file names the file the user sent, and nothing of the client's
+/// can reach outside the folder.
+pub fn upload_file_name(index: usize, client_name: Option<&str>, ext: &str) -> String {
+    let stem: String = client_name
+        .and_then(|n| Path::new(n).file_stem())
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(48)
+        .collect();
+    let stem = stem.trim_start_matches('.');
+    if stem.is_empty() {
+        format!("{index:05}.{ext}")
+    } else {
+        format!("{index:05}-{stem}.{ext}")
+    }
+}
 
 /// Writes the images in a zip archive into `dir` as `NNNNN.ext`, numbered from `first`.
 /// Folder names inside the archive are dropped (nothing is written outside `dir`), other
@@ -271,7 +292,7 @@ pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) ->
         if unpacked > limit {
             return Err(format!("the zip archive unpacks to more than {limit} bytes"));
         }
-        let path = dir.join(format!("{:05}.{ext}", first + written));
+        let path = dir.join(upload_file_name(first + written, Some(&name), &ext));
         std::fs::write(&path, data).map_err(|e| format!("writing {}: {e}", path.display()))?;
         written += 1;
     }
@@ -369,6 +390,16 @@ mod tests {
     }
 
     #[test]
+    fn uploads_keep_the_plain_part_of_the_clients_name() {
+        assert_eq!(upload_file_name(2, Some("part_17 cam2.PNG"), "png"), "00002-part_17cam2.png");
+        assert_eq!(upload_file_name(0, Some("../../etc/passwd"), "png"), "00000-passwd.png");
+        assert_eq!(upload_file_name(1, Some("..hidden.png"), "png"), "00001-hidden.png");
+        assert_eq!(upload_file_name(3, Some("€€€.png"), "jpg"), "00003.jpg");
+        assert_eq!(upload_file_name(4, None, "tif"), "00004.tif");
+        assert_eq!(upload_file_name(5, Some(&"x".repeat(300)), "png").len(), "00005-".len() + 48 + ".png".len());
+    }
+
+    #[test]
     fn zip_uploads_give_their_images_flat_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let zip = zip_of(&[
@@ -384,8 +415,8 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["00003.png", "00004.jpg"]);
-        assert_eq!(std::fs::read(dir.path().join("00004.jpg")).unwrap(), b"jpeg-bytes");
+        assert_eq!(names, ["00003-a.png", "00004-escape.jpg"]);
+        assert_eq!(std::fs::read(dir.path().join("00004-escape.jpg")).unwrap(), b"jpeg-bytes");
         // A zip bomb stops at the limit: 1 MB of zeros compresses to about a kilobyte.
         let zeros = vec![0u8; 1 << 20];
         let bomb = zip_of(&[("a.png", &zeros)]);

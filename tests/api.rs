@@ -1503,6 +1503,73 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
     assert_eq!(s, StatusCode::OK);
 }
 
+/// A training upload of `model` with these files as `images`.
+fn upload_files(model: &str, files: &[(&str, Vec<u8>)]) -> Request<Body> {
+    let boundary = "vigil-test-boundary";
+    let mut body = Vec::new();
+    let mut field = |headers: &str, content: &[u8]| {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    };
+    field("Content-Disposition: form-data; name=\"model\"", model.as_bytes());
+    field("Content-Disposition: form-data; name=\"options\"", TINY.as_bytes());
+    for (name, bytes) in files {
+        field(
+            &format!("Content-Disposition: form-data; name=\"images\"; filename=\"{name}\""),
+            bytes,
+        );
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    post(
+        "/v1/training-jobs",
+        &format!("multipart/form-data; boundary={boundary}"),
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_images_are_named_as_the_client_sent_them_in_errors() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 3);
+    let image = |i: usize| std::fs::read(folder.join(format!("{i}.png"))).unwrap();
+    // A file that is not an image is refused at once, by the name it was sent as.
+    let (s, _, b) = send(
+        &h.state,
+        upload_files(
+            "named",
+            &[("a.png", image(0)), ("garbage.png", b"not an image".to_vec())],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "bad_training_data")
+    );
+    assert!(
+        String::from_utf8_lossy(&b).contains("\\\"garbage.png\\\": not a PNG"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    // An image sent under another extension counts (it was dropped, leaving "too few
+    // images"); one cut short fails the job, which names it as sent, not the server's folder.
+    let whole = image(2);
+    let files = [
+        ("a.bin", image(0)),
+        ("b.png", image(1)),
+        ("part_17_cam2.png", whole[..whole.len() / 2].to_vec()),
+    ];
+    let (s, _, b) = send(&h.state, upload_files("named", &files)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let events = job_events(&h.state, json(&b)["id"].as_str().unwrap()).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "failed", "{events:?}");
+    let message = last["message"].as_str().unwrap();
+    assert!(message.contains("uploaded 00002-part_17_cam2.png"), "{message}");
+    assert!(!message.contains("training-uploads"), "{message}");
+}
+
 #[tokio::test]
 async fn an_upload_s_text_fields_are_bounded() {
     let h = harness(None, 8).await;

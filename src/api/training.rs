@@ -395,13 +395,7 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                         field.content_type(),
                         Some("application/zip" | "application/x-zip-compressed")
                     );
-                // Only the extension of the sent name is kept (the name itself is the client's).
-                let ext = field
-                    .file_name()
-                    .and_then(|n| std::path::Path::new(n).extension())
-                    .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                    .filter(|e| e.chars().all(|c| c.is_ascii_alphanumeric()) && e.len() <= 5)
-                    .unwrap_or_else(|| "png".into());
+                let client_name = field.file_name().map(str::to_owned);
                 let mut bytes = Vec::new();
                 while let Some(chunk) = field.chunk().await.map_err(failed)? {
                     total += chunk.len();
@@ -420,7 +414,23 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                     .map_err(ApiError::BadTrainingData)?;
                     continue;
                 }
-                let path = dir.join(format!("{files:05}.{ext}"));
+                // The format is read from the bytes, not the name: a file sent as `x.bin`
+                // was dropped by the folder walk, leaving "too few images" to explain it.
+                let ext = match image::guess_format(&bytes) {
+                    Ok(image::ImageFormat::Png) => "png",
+                    Ok(image::ImageFormat::Jpeg) => "jpg",
+                    Ok(image::ImageFormat::Bmp) => "bmp",
+                    Ok(image::ImageFormat::Tiff) => "tif",
+                    _ => {
+                        return Err(ApiError::BadTrainingData(format!(
+                            "{}: not a PNG, JPEG, BMP or TIFF image",
+                            client_name
+                                .as_deref()
+                                .map_or(format!("image {}", files + 1), |n| format!("{n:?}"))
+                        )))
+                    }
+                };
+                let path = dir.join(jobs::upload_file_name(files, client_name.as_deref(), ext));
                 tokio::fs::write(&path, bytes)
                     .await
                     .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))?;
@@ -650,6 +660,12 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
         Err(e) if e == "cancelled" && by_request => (JobStatus::Cancelled, "cancelled; nothing was written".into()),
         // Stopped by the server: recorded as a restart records what a stopped process left.
         Err(e) if e == "cancelled" => (JobStatus::Failed, INTERRUPTED.into()),
+        // Not the server's folder of uploads: "uploaded 00002-part_17.png: …".
+        Err(e) if uploaded => {
+            let folder = data.display().to_string();
+            let e = e.replace(&format!("{folder}/"), "uploaded ");
+            (JobStatus::Failed, e.replace(&folder, "the uploaded images"))
+        }
         Err(e) => (JobStatus::Failed, e),
     };
     // Before the final status: whoever sees the job end sees its uploads gone.
