@@ -391,12 +391,18 @@ mod tests {
 
     #[test]
     fn uploads_keep_the_plain_part_of_the_clients_name() {
-        assert_eq!(upload_file_name(2, Some("part_17 cam2.PNG"), "png"), "00002-part_17cam2.png");
+        assert_eq!(
+            upload_file_name(2, Some("part_17 cam2.PNG"), "png"),
+            "00002-part_17cam2.png"
+        );
         assert_eq!(upload_file_name(0, Some("../../etc/passwd"), "png"), "00000-passwd.png");
         assert_eq!(upload_file_name(1, Some("..hidden.png"), "png"), "00001-hidden.png");
         assert_eq!(upload_file_name(3, Some("€€€.png"), "jpg"), "00003.jpg");
         assert_eq!(upload_file_name(4, None, "tif"), "00004.tif");
-        assert_eq!(upload_file_name(5, Some(&"x".repeat(300)), "png").len(), "00005-".len() + 48 + ".png".len());
+        assert_eq!(
+            upload_file_name(5, Some(&"x".repeat(300)), "png").len(),
+            "00005-".len() + 48 + ".png".len()
+        );
     }
 
     #[test]
@@ -416,7 +422,10 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["00003-a.png", "00004-escape.jpg"]);
-        assert_eq!(std::fs::read(dir.path().join("00004-escape.jpg")).unwrap(), b"jpeg-bytes");
+        assert_eq!(
+            std::fs::read(dir.path().join("00004-escape.jpg")).unwrap(),
+            b"jpeg-bytes"
+        );
         // A zip bomb stops at the limit: 1 MB of zeros compresses to about a kilobyte.
         let zeros = vec![0u8; 1 << 20];
         let bomb = zip_of(&[("a.png", &zeros)]);

@@ -429,6 +429,10 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let o = run(&["inspect", "--model", model.to_str().unwrap(), img.to_str().unwrap()]);
     let record: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(record["threshold"].as_f64().unwrap() as f32, 0.55);
+    // A value under every held-out good image's score is set, with a warning.
+    let o = run(&["calibrate", "--model", model.to_str().unwrap(), "--image-threshold", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("it will flag good parts"), "{}", stderr(&o));
     // Either images or a value, not both, not neither.
     let data = dataset().join("test/good");
     for args in [
@@ -614,6 +618,20 @@ fn user_errors_are_clear_and_never_panics() {
     let o = run(&tiny_train_args(empty.to_str().unwrap(), out.to_str().unwrap()));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no images found"), "{}", stderr(&o));
+    // Neither is a path that does not exist (a typo), named as such.
+    let missing = work.path().join("no-such-dir");
+    let o = run(&[
+        "inspect",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no-such-dir: no such file or folder"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = run(&tiny_train_args("/nonexistent/folder", out.to_str().unwrap()));
     assert!(stderr(&o).contains("no such folder"), "{}", stderr(&o));

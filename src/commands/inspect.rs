@@ -55,6 +55,10 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         .collect();
     let mut paths = Vec::new();
     for input in &args.inputs {
+        // A mistyped path is a usage error (exit 2), not an image that failed (exit 1).
+        if input.symlink_metadata().is_err() {
+            anyhow::bail!("{}: no such file or folder", input.display());
+        }
         if input.is_dir() {
             // Only output folders strictly inside the input: one that is the input folder
             // or holds it would take every image for an output.

@@ -151,6 +151,9 @@ fn set_threshold(dir: &Path, image: f32) -> anyhow::Result<()> {
         before.image,
     ));
     card.save(dir)?;
+    if let Some(warning) = crate::train::calibrate::threshold_warning(&card) {
+        tracing::warn!("{warning}");
+    }
     let t = &card.thresholds;
     println!(
         "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the \

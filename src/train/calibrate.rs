@@ -165,17 +165,35 @@ pub fn calibrate(
         manual: false,
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
-    // draem's learned map is a probability, so its score never exceeds 1.
-    if matches!(detector.card.architecture, crate::model::Architecture::Draem { .. })
-        && detector.card.scoring.method == crate::scoring::MapMethod::Learned
-        && image >= 1.0
-    {
+    if let Some(warning) = threshold_warning(&detector.card) {
         tracing::warn!(
             threshold = image,
-            "the image threshold is at or above 1, the highest score this model can give: it will flag nothing; train longer, or lower --margin or --quantile"
+            "{warning}; train longer, or change --margin or --quantile"
         );
     }
     Ok(scores)
+}
+
+/// What is wrong with the card's image threshold, if it cannot work: at or above 1 for a
+/// learned probability map (draem's scores never exceed 1: it flags nothing), or below
+/// every score of the good images it was calibrated on (it flags every part).
+pub fn threshold_warning(card: &crate::model::ModelCard) -> Option<String> {
+    let image = card.thresholds.image;
+    let probability = matches!(card.architecture, crate::model::Architecture::Draem { .. })
+        && card.scoring.method == crate::scoring::MapMethod::Learned;
+    if probability && image >= 1.0 {
+        return Some(format!(
+            "the image threshold {image} is at or above 1, the highest score this model can give: it will flag nothing"
+        ));
+    }
+    let lowest = card.validation_scores.min;
+    if card.validation_scores.count > 0 && image < lowest {
+        return Some(format!(
+            "the image threshold {image} is below the lowest score of the good images it was calibrated on \
+             ({lowest}): it will flag good parts"
+        ));
+    }
+    None
 }
 
 /// A threshold set on fewer held-out good images than this rests on little: a quantile
