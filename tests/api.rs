@@ -544,6 +544,9 @@ async fn bad_inputs_get_the_right_status_and_code() {
             "bad_request",
         ),
         (get("/v1/inspections?limit=0"), StatusCode::BAD_REQUEST, "bad_request"),
+        (get("/v1/inspections?model="), StatusCode::BAD_REQUEST, "bad_request"),
+        (get("/v1/inspections?part_id="), StatusCode::BAD_REQUEST, "bad_request"),
+        (get("/v1/inspections?request_id="), StatusCode::BAD_REQUEST, "bad_request"),
         (
             get("/v1/inspections?feedback=maybe"),
             StatusCode::BAD_REQUEST,

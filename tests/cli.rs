@@ -430,7 +430,13 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let record: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(record["threshold"].as_f64().unwrap() as f32, 0.55);
     // A value under every held-out good image's score is set, with a warning.
-    let o = run(&["calibrate", "--model", model.to_str().unwrap(), "--image-threshold", "0"]);
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image-threshold",
+        "0",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("it will flag good parts"), "{}", stderr(&o));
     // Either images or a value, not both, not neither.

@@ -91,6 +91,20 @@ pub async fn list(
             )))
         }
     };
+    // No record has an empty model, part id or request id: an empty filter is a mistake
+    // (a form field left blank), refused as an empty verdict or feedback is, not an
+    // empty page.
+    for (name, value) in [
+        ("model", &p.model),
+        ("part_id", &p.part_id),
+        ("request_id", &p.request_id),
+    ] {
+        if value.as_deref() == Some("") {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must not be empty (leave it out to list every one)"
+            )));
+        }
+    }
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be between 1 and 500".into()));
