@@ -546,7 +546,11 @@ async fn bad_inputs_get_the_right_status_and_code() {
         (get("/v1/inspections?limit=0"), StatusCode::BAD_REQUEST, "bad_request"),
         (get("/v1/inspections?model="), StatusCode::BAD_REQUEST, "bad_request"),
         (get("/v1/inspections?part_id="), StatusCode::BAD_REQUEST, "bad_request"),
-        (get("/v1/inspections?request_id="), StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            get("/v1/inspections?request_id="),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             get("/v1/inspections?feedback=maybe"),
             StatusCode::BAD_REQUEST,
@@ -857,7 +861,16 @@ async fn health_metrics_openapi_and_models() {
     }
     assert!(jobs["requestBody"]["content"]["multipart/form-data"].is_object());
     let inspect = &doc["paths"]["/v1/models/{model}/inspect"]["post"];
-    assert!(inspect["responses"]["403"].is_null(), "inspecting needs no admin key");
+    // Inspecting needs no admin key: its 403 is a browser's request from another site.
+    let forbidden = inspect["responses"]["403"]["description"].as_str().unwrap();
+    assert!(forbidden.starts_with("cross_origin_request") && !forbidden.contains("admin"), "{forbidden}");
+    // Health and metrics are declared, open to all.
+    for path in ["/health/live", "/health/ready", "/metrics"] {
+        let op = &doc["paths"][path]["get"];
+        assert!(op["responses"]["200"].is_object(), "{path}");
+        assert!(op["responses"]["401"].is_null() && op["security"].is_null(), "{path}");
+    }
+    assert!(doc["paths"]["/health/ready"]["get"]["responses"]["503"].is_object());
     for kind in ["image/png", "image/jpeg", "application/octet-stream"] {
         assert_eq!(
             inspect["requestBody"]["content"][kind]["schema"]["format"], "binary",

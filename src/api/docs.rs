@@ -29,6 +29,9 @@ use utoipa::OpenApi;
         super::models::list,
         super::models::card,
         super::models::reload,
+        super::health::live,
+        super::health::ready,
+        super::health::metrics,
     ),
     components(schemas(crate::api::error::ErrorBody, crate::api::error::ErrorDetail))
 )]
@@ -53,6 +56,7 @@ pub fn document() -> Value {
     for (path, item) in paths.iter_mut() {
         for (method, op) in item.as_object_mut().expect("path item") {
             // Tags by what a route is for (utoipa's default is the handler's Rust module).
+            let service = !path.starts_with("/v1/");
             let tag = if path.ends_with("/inspect") {
                 "inspect"
             } else if path.starts_with("/v1/inspections") {
@@ -65,6 +69,10 @@ pub fn document() -> Value {
                 "service"
             };
             op["tags"] = json!([tag]);
+            if service {
+                // Health and metrics: open to all, answered without the database's errors.
+                continue;
+            }
             let admin = path.starts_with("/v1/training-jobs") || path.ends_with("/reload");
             let mut codes = vec![("500", "internal")];
             if path != "/v1/whoami" {
@@ -74,8 +82,17 @@ pub fn document() -> Value {
                     "unauthorized: keys are required and none or a wrong one was sent",
                 ));
             }
-            if admin {
-                codes.push(("403", "forbidden: an admin key is needed"));
+            match (admin, method.as_str()) {
+                (true, "get") => codes.push(("403", "forbidden: an admin key is needed")),
+                (true, _) => codes.push((
+                    "403",
+                    "forbidden: an admin key is needed, or cross_origin_request: a browser sent it from another site",
+                )),
+                (false, "post" | "put" | "delete" | "patch") => codes.push((
+                    "403",
+                    "cross_origin_request: a browser sent it from another site (Sec-Fetch-Site or Origin)",
+                )),
+                _ => {}
             }
             if !matches!(path.as_str(), "/v1/whoami" | "/v1/stats" | "/v1/models") {
                 codes.push(("503", "the database, image store or model is unavailable"));

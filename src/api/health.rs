@@ -11,6 +11,8 @@ use serde_json::json;
 
 use super::AppState;
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health/live", responses((status = 200, description = "`{\"status\": \"live\"}`", body = Object)))]
 pub async fn live() -> impl IntoResponse {
     Json(json!({"status": "live"}))
 }
@@ -18,6 +20,9 @@ pub async fn live() -> impl IntoResponse {
 /// Ready when a model is served, the database answers and the server is not stopping.
 /// Models are loaded and warmed before the port opens, so `models` is false only if the
 /// last was removed.
+#[utoipa::path(get, path = "/health/ready", responses(
+    (status = 200, description = "ready: `{\"status\": \"ready\", \"models\": true, \"database\": true, \"stopping\": false}`", body = Object),
+    (status = 503, description = "not ready: `status` is `not_ready` (no model served, or the database does not answer) or `stopping` (after SIGTERM)", body = Object)))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let stopping = state.stopping.load(Ordering::SeqCst);
     let models = !state.model_list().is_empty();
@@ -33,6 +38,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
+/// Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     for (name, m) in state.model_list() {
         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => name.clone()).set(m.engine.in_flight() as f64);
