@@ -92,16 +92,12 @@ impl Inspection {
 /// resolution took about half a second an anomalous verdict (`.ci/large-image`).
 const LABEL_OVERSAMPLING: usize = 4;
 
-/// The grid regions are labelled on for a `w × h` image scored at `s²`: the image's own
-/// when it has at most (4·s)² pixels, else the same shape with that many.
+/// The grid regions are labelled on for a `w × h` image scored at `s²`: each side the
+/// image's own, or 4·s where that is fewer (the working map is square whatever the
+/// image's shape, so each side is capped alone: a line-scan image keeps its short side).
 fn label_grid(w: usize, h: usize, s: usize) -> (usize, usize) {
-    let cap = (LABEL_OVERSAMPLING * s) as f64;
-    let k = (cap * cap / (w * h) as f64).sqrt();
-    if k >= 1.0 {
-        return (w, h);
-    }
-    let side = |n: usize| ((n as f64 * k).round() as usize).clamp(1, n);
-    (side(w), side(h))
+    let cap = LABEL_OVERSAMPLING * s;
+    (w.min(cap), h.min(cap))
 }
 
 /// The regions of an anomalous verdict in a `w × h` image's pixels, from its `s²` working
@@ -313,7 +309,7 @@ impl Detector {
     pub fn working_map(&self, raw: &RawMaps, alpha: Option<f32>) -> (Vec<f32>, f32) {
         let (map, score) = self.reduced_map(raw, alpha);
         let t = &self.card.thresholds;
-        if t.method != crate::train::calibrate::MIN_AREA {
+        if !t.scores_are_levels() {
             return (map, score);
         }
         let s = self.card.input.working_size;
@@ -476,10 +472,11 @@ mod tests {
         assert_eq!(label_grid(800, 600, 256), (800, 600));
         assert_eq!(label_grid(1024, 1024, 256), (1024, 1024));
         assert_eq!(label_grid(4096, 4096, 256), (1024, 1024));
-        assert_eq!(label_grid(4000, 1000, 256), (2048, 512));
+        assert_eq!(label_grid(4000, 1000, 256), (1024, 1000));
+        assert_eq!(label_grid(8192, 256, 256), (1024, 256));
         // A 64² working map with a bright 6×4 block and a faint speck, for a 2000 × 1500
-        // image (labelled on 296 × 222): the same regions as labelling at full size, boxes
-        // within one coarse pixel (6.8 px), areas within 10%.
+        // image (labelled on 256 × 256): the same regions as labelling at full size, boxes
+        // within one coarse pixel (7.8 × 5.9 px), areas within 10%.
         let s = 64;
         let mut map = vec![0.1f32; s * s];
         for y in 20..24 {

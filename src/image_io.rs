@@ -4,6 +4,7 @@
 use std::io::{Cursor, Read};
 use std::path::Path;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
 
 /// Image decoding failures, each a distinct kind so the HTTP layer can map them to statuses.
@@ -35,6 +36,12 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 /// Decodes `bytes`, refusing from the header alone any image over `max_pixels`
 /// (so a small file declaring 100000×100000 never allocates).
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    decode_oriented(bytes, max_pixels).map(|(img, _)| img)
+}
+
+/// [`decode`], with the EXIF orientation it applied (`NoTransforms` when there was none),
+/// for what belongs to the image's stored pixels (an evaluation mask drawn on them).
+pub fn decode_oriented(bytes: &[u8], max_pixels: u64) -> Result<(DynamicImage, Orientation), ImageError> {
     let (format, width, height) = declared(bytes, max_pixels)?;
     if format == ImageFormat::Jpeg && !ends_with_jpeg_eoi(bytes) {
         // The JPEG decoder fills the rows a cut-short file lacks and succeeds: a transfer
@@ -58,19 +65,19 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError>
     without_panics(format, || {
         use image::ImageDecoder as _;
         let mut decoder = reader.into_decoder()?;
-        // As `ImageReader::decode` does: refuse a buffer over the allocation limit.
+        // As `ImageReader::decode` does: the output counts against the allocation limit,
+        // and the decoder's own scratch gets what is left.
         let mut budget = limits;
         budget.reserve(decoder.total_bytes())?;
+        decoder.set_limits(budget)?;
         // Upright as a viewer shows it (an EXIF orientation, as phones and some cameras
         // write): the verdict, the regions' boxes and the heatmap are then in the frame
         // the operator's page draws, and training and inspection images agree. An
         // unreadable orientation is taken as none.
-        let orientation = decoder
-            .orientation()
-            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         let mut img = DynamicImage::from_decoder(decoder)?;
         img.apply_orientation(orientation);
-        Ok(img)
+        Ok((img, orientation))
     })
 }
 
@@ -265,11 +272,16 @@ fn quiet_decoder_panics() {
 
 /// Reads and decodes a file.
 pub fn load(path: &Path, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    load_oriented(path, max_pixels).map(|(img, _)| img)
+}
+
+/// [`load`] with the EXIF orientation it applied (see [`decode_oriented`]).
+pub fn load_oriented(path: &Path, max_pixels: u64) -> Result<(DynamicImage, Orientation), ImageError> {
     let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    decode(&bytes, max_pixels)
+    decode_oriented(&bytes, max_pixels)
 }
 
 /// A planar (C, H, W) image with values in [0, 1]: the layout of a candle tensor row.

@@ -552,6 +552,11 @@ async fn bad_inputs_get_the_right_status_and_code() {
             "bad_request",
         ),
         (
+            get("/v1/inspections?part_prefix="),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             get("/v1/inspections?feedback=maybe"),
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -863,7 +868,10 @@ async fn health_metrics_openapi_and_models() {
     let inspect = &doc["paths"]["/v1/models/{model}/inspect"]["post"];
     // Inspecting needs no admin key: its 403 is a browser's request from another site.
     let forbidden = inspect["responses"]["403"]["description"].as_str().unwrap();
-    assert!(forbidden.starts_with("cross_origin_request") && !forbidden.contains("admin"), "{forbidden}");
+    assert!(
+        forbidden.starts_with("cross_origin_request") && !forbidden.contains("admin"),
+        "{forbidden}"
+    );
     // Health and metrics are declared, open to all.
     for path in ["/health/live", "/health/ready", "/metrics"] {
         let op = &doc["paths"][path]["get"];

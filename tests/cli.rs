@@ -356,6 +356,7 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
     assert!(o.status.success(), "{}", stderr(&o));
     let card = read_card(&model);
     assert_eq!(card["thresholds"]["method"], "min-area");
+    assert_eq!(card["thresholds"]["level_scores"], true);
     assert_eq!(card["thresholds"]["validation_images"], 4);
     // Scores are read the rule's way (the highest level with a region of the minimum
     // area), so the images it was calibrated on pass; the family's own score (the map's

@@ -98,6 +98,7 @@ pub async fn list(
         ("model", &p.model),
         ("part_id", &p.part_id),
         ("request_id", &p.request_id),
+        ("part_prefix", &p.part_prefix),
     ] {
         if value.as_deref() == Some("") {
             return Err(ApiError::BadRequest(format!(
@@ -121,7 +122,7 @@ pub async fn list(
         anomalous,
         part_id: p.part_id.clone(),
         request_id: p.request_id.clone(),
-        part_prefix: p.part_prefix.clone().filter(|p| !p.is_empty()),
+        part_prefix: p.part_prefix.clone(),
         feedback,
         since_us: parse_time(&p.since, "since")?,
         until_us: parse_time(&p.until, "until")?,

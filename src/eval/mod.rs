@@ -162,16 +162,17 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         let images = chunk
             .iter()
             .map(|t| {
-                image_io::load(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+                image_io::load_oriented(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
                     path: t.path.clone(),
                     source,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&image::DynamicImage> = images.iter().collect();
-        for (t, insp) in chunk.iter().zip(detector.inspect_batch(&refs, Overrides::default())?) {
+        let refs: Vec<&image::DynamicImage> = images.iter().map(|(img, _)| img).collect();
+        let judged_chunk = detector.inspect_batch(&refs, Overrides::default())?;
+        for ((t, insp), (_, orientation)) in chunk.iter().zip(judged_chunk).zip(&images) {
             let mask = match &t.mask {
-                Some(p) => Some(load_mask(p, insp.width, insp.height)?),
+                Some(p) => Some(load_mask(p, *orientation, insp.width, insp.height)?),
                 None if !t.is_defective() => Some(vec![false; insp.width * insp.height]),
                 None => None,
             };
@@ -286,12 +287,20 @@ fn check_headers(set: &[TestImage]) -> Result<(), EvalError> {
     Ok(())
 }
 
-/// Loads a mask (nonzero = defect), which must have the image's size.
-fn load_mask(path: &Path, width: usize, height: usize) -> Result<Vec<bool>, EvalError> {
-    let img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+/// Loads a mask (nonzero = defect), which must have the image's size. A mask is drawn
+/// on its image's stored pixels (its header size is checked against the image's), so it
+/// is turned as its image was turned upright by its EXIF orientation.
+fn load_mask(
+    path: &Path,
+    orientation: image::metadata::Orientation,
+    width: usize,
+    height: usize,
+) -> Result<Vec<bool>, EvalError> {
+    let mut img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
         path: path.to_path_buf(),
         source,
     })?;
+    img.apply_orientation(orientation);
     let g = img.to_luma8();
     // A mask of another size cannot be matched to the map pixel for pixel; stretching it
     // would make the pixel metrics measure something else without saying so.
@@ -393,10 +402,17 @@ mod tests {
         let mut mask = image::GrayImage::new(4, 4);
         mask.put_pixel(1, 2, image::Luma([255]));
         mask.save(&path).unwrap();
-        let pixels = load_mask(&path, 4, 4).unwrap();
+        use image::metadata::Orientation;
+        let pixels = load_mask(&path, Orientation::NoTransforms, 4, 4).unwrap();
         assert_eq!(pixels.iter().filter(|&&d| d).count(), 1);
         assert!(pixels[2 * 4 + 1]);
-        match load_mask(&path, 256, 256) {
+        // Its image was turned upright 90° clockwise (EXIF 6): the mask turns with it, the
+        // defect at column 1, row 2 of the stored pixels lands at column 4 − 1 − 2 = 1,
+        // row 1.
+        let turned = load_mask(&path, Orientation::Rotate90, 4, 4).unwrap();
+        assert_eq!(turned.iter().filter(|&&d| d).count(), 1);
+        assert!(turned[4 + 1], "{turned:?}");
+        match load_mask(&path, Orientation::NoTransforms, 256, 256) {
             Err(EvalError::MaskSize { mask, image, .. }) => assert_eq!((mask, image), ((4, 4), (256, 256))),
             other => panic!("{other:?}"),
         }

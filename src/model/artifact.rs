@@ -75,11 +75,6 @@ impl InputSpec {
             }
             Fit::Whole => architecture.validate(self.channels, self.working_size),
             Fit::Tiles { stride: 0 } => Err("tile stride must be positive".into()),
-            // Wider steps than a tile leave strips of every image that no tile covers.
-            Fit::Tiles { stride } if stride > self.patch_size => Err(format!(
-                "tile stride {stride} is larger than the patch size {}: parts of every image would go unseen",
-                self.patch_size
-            )),
             Fit::Tiles { .. } => Ok(()),
         }
     }
@@ -106,6 +101,19 @@ pub struct Thresholds {
     /// `method`, which stays for the next calibration on images.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub manual: bool,
+    /// Under `min-area`, scores are the highest map level with a region of the minimum
+    /// area (what the threshold is). Cards calibrated with `min-area` before this existed
+    /// scored by the family's reduction and stored those scores as their reference; they
+    /// keep doing so until calibrated again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub level_scores: bool,
+}
+
+impl Thresholds {
+    /// Whether an image's score is its min-area level rather than the scoring's reduction.
+    pub fn scores_are_levels(&self) -> bool {
+        self.method == crate::train::calibrate::MIN_AREA && self.level_scores
+    }
 }
 
 /// Statistics of a set of scores.
@@ -270,6 +278,13 @@ impl ModelCard {
         }
         card.check()
             .map_err(|message| ArtifactError::Inconsistent { path, message })?;
+        if card.thresholds.method == crate::train::calibrate::MIN_AREA && !card.thresholds.level_scores {
+            tracing::warn!(
+                model = %dir.display(),
+                "calibrated with min-area before its scores were min-area levels: it judges each image's score \
+                 against a region-level threshold and flags most parts; run `vigil calibrate` on good images"
+            );
+        }
         Ok(card)
     }
 
@@ -288,7 +303,7 @@ impl ModelCard {
     /// Checks the sizes fit together.
     pub fn check(&self) -> Result<(), String> {
         self.input.check(&self.architecture)?;
-        self.scoring.check(self.input.working_size)
+        self.scoring.check_loadable(self.input.working_size)
     }
 
     /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file.

@@ -84,37 +84,49 @@ impl Default for MapSpec {
 }
 
 impl MapSpec {
-    /// Checks that every size fits a `working_size²` map: a smoothing σ or filter far
-    /// larger than the map only blurs it flat, and an unbounded one allocates its kernel
-    /// (σ 10⁹ asked for 32 GB and aborted the server that scored with it).
+    /// Checks that every size fits a `working_size²` map, as training requires: a
+    /// smoothing σ or filter far larger than the map only blurs it flat, and an unbounded
+    /// one allocates its kernel (σ 10⁹ asked for 32 GB and aborted the server that scored
+    /// with it).
     pub fn check(&self, working_size: usize) -> Result<(), String> {
-        let side = working_size as f32;
+        self.check_within(working_size, working_size, "the working size")
+    }
+
+    /// The bound a card must meet to load: sizes up to 16 × the working size, so that a
+    /// card trained before [`MapSpec::check`] existed with a large filter still loads,
+    /// while one that would allocate without bound does not.
+    pub fn check_loadable(&self, working_size: usize) -> Result<(), String> {
+        self.check_within(working_size, 16 * working_size, "16 × the working size")
+    }
+
+    fn check_within(&self, working_size: usize, limit: usize, limit_name: &str) -> Result<(), String> {
+        let side = limit as f32;
         for (name, sigma) in [
             ("smoothing σ", Some(self.smoothing_sigma)),
             ("score smoothing σ", self.score_smoothing_sigma),
         ] {
             if let Some(sigma) = sigma.filter(|s| !(s.is_finite() && (0.0..=side).contains(s))) {
                 return Err(format!(
-                    "{name} {sigma} is not between 0 and the working size {working_size}"
+                    "{name} {sigma} is not between 0 and {limit_name} ({limit}; working size {working_size})"
                 ));
             }
         }
         if let Reduction::MeanFilterMax { size } = self.reduction {
-            if size > working_size {
+            if size > limit {
                 return Err(format!(
-                    "the score's mean filter ({size} px) is larger than the working size {working_size}"
+                    "the score's mean filter ({size} px) is larger than {limit_name} ({limit})"
                 ));
             }
         }
-        if !(self.ssim_window >= 1 && self.ssim_window <= working_size) {
+        if !(self.ssim_window >= 1 && self.ssim_window <= limit) {
             return Err(format!(
-                "SSIM window {} is not between 1 and the working size {working_size}",
+                "SSIM window {} is not between 1 and {limit_name} ({limit})",
                 self.ssim_window
             ));
         }
         if !(self.ssim_sigma.is_finite() && self.ssim_sigma > 0.0 && self.ssim_sigma <= side) {
             return Err(format!(
-                "SSIM σ {} is not above 0 and at most the working size",
+                "SSIM σ {} is not above 0 and at most {limit_name} ({limit})",
                 self.ssim_sigma
             ));
         }
@@ -343,6 +355,14 @@ mod tests {
         assert!(with(&|m| m.ssim_window = 1_000_000).is_err());
         assert!(with(&|m| m.ssim_sigma = 0.0).is_err());
         assert!(with(&|m| m.l2_scale = 0.0).is_err());
+        // Loading is looser: a card trained with a filter past the working size still
+        // loads, one that would allocate without bound does not.
+        let mut wide = ok.clone();
+        wide.reduction = Reduction::MeanFilterMax { size: 300 };
+        wide.smoothing_sigma = 300.0;
+        assert!(wide.check(256).is_err() && wide.check_loadable(256).is_ok());
+        wide.smoothing_sigma = 1e9;
+        assert!(wide.check_loadable(256).is_err());
     }
 
     #[test]

@@ -141,9 +141,21 @@ pub fn peak_region(map: &[f32], width: usize, height: usize, pixel_threshold: f3
     let cut = if peak > median {
         pixel_threshold.min(median + 0.5 * (peak - median))
     } else {
-        peak.next_down()
+        just_below(peak)
     };
     find_regions(map, width, height, cut, peak, 1).into_iter().next()
+}
+
+/// The largest f32 below finite `x` (`f32::next_down`, stable only since Rust 1.86, after
+/// this crate's minimum version).
+fn just_below(x: f32) -> f32 {
+    if x > 0.0 {
+        f32::from_bits(x.to_bits() - 1)
+    } else if x == 0.0 {
+        -f32::from_bits(1)
+    } else {
+        f32::from_bits(x.to_bits() + 1)
+    }
 }
 
 /// Area of the largest 8-connected component of `map > threshold`.
@@ -162,8 +174,14 @@ pub fn largest_component_area(map: &[f32], width: usize, height: usize, threshol
 /// The lowest threshold (to 1e-4 relative) at which `map` has no 8-connected region of
 /// `min_area` pixels or more. Bisection: region sizes only shrink as the threshold rises.
 pub fn min_area_threshold(map: &[f32], width: usize, height: usize, min_area: u32) -> f32 {
-    let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let min = map.iter().copied().fold(f32::INFINITY, f32::min);
+    // Over finite values: an infinite end would never close the bisection, and a map with
+    // none (all NaN) has no region at any level.
+    let finite = || map.iter().copied().filter(|v| v.is_finite());
+    let max = finite().fold(f32::NEG_INFINITY, f32::max);
+    let min = finite().fold(f32::INFINITY, f32::min);
+    if min > max {
+        return f32::NEG_INFINITY;
+    }
     let ok = |t: f32| largest_component_area(map, width, height, t) < min_area.max(1);
     if ok(min) {
         return min;
@@ -302,6 +320,22 @@ mod tests {
         assert!((t - 5.0).abs() < 1e-3, "{t}");
         // min_area 4: nothing is that large even at the bottom.
         assert_eq!(min_area_threshold(&m, 5, 5, 4), 0.0);
+        // Non-finite values do not stall it: −∞ in the background, and no number at all.
+        m[0] = f32::NEG_INFINITY;
+        assert!((min_area_threshold(&m, 5, 5, 2) - 5.0).abs() < 1e-3);
+        assert_eq!(min_area_threshold(&[f32::NAN; 4], 2, 2, 1), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn just_below_is_the_next_float_down() {
+        for x in [1.0f32, 0.3, -2.5, 1e-30, -1e-30] {
+            let b = just_below(x);
+            assert!(b < x && f32::from_bits(b.to_bits()) == b, "{x}");
+            // Nothing lies between: the midpoint rounds to one of the two.
+            let mid = ((b as f64 + x as f64) / 2.0) as f32;
+            assert!(mid == b || mid == x, "{x}");
+        }
+        assert!(just_below(0.0) < 0.0 && just_below(0.0) > -1e-44);
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn calibrate(
         validation_images: images.len(),
         set_by: Some(set_by),
         manual: false,
+        level_scores: cfg.method == ThresholdMethod::MinArea,
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
     if let Some(warning) = threshold_warning(&detector.card) {

@@ -176,6 +176,16 @@ impl TrainConfig {
         }
         self.calibration.validate()?;
         self.map.check(self.working_size).map_err(TrainError::Config)?;
+        if let Fit::Tiles { stride } = self.fit {
+            // Wider steps than a tile leave strips of every image that no tile covers.
+            // (Refused here, not when a card loads: cards trained before still load.)
+            if stride > self.patch_size {
+                return Err(TrainError::Config(format!(
+                    "tile stride {stride} is larger than the patch size {}: parts of every image would go unseen",
+                    self.patch_size
+                )));
+            }
+        }
         // As the model card will be checked once written (channels, when left to the
         // images, are 1 or 3, and no family's sizes depend on which).
         let input = InputSpec {
@@ -337,6 +347,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             validation_images: 0,
             set_by: None,
             manual: false,
+            level_scores: false,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),

@@ -175,6 +175,7 @@ pub fn test_card(fit: vigil::model::artifact::Fit, working: usize, patch: usize)
             validation_images: 1,
             set_by: None,
             manual: false,
+            level_scores: false,
         },
         validation_scores: ScoreStats::default(),
         training: TrainingSummary::default(),
