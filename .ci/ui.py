@@ -125,6 +125,21 @@ def grey_png(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+def grey_tiff(width, height):
+    """An uncompressed 8-bit grey TIFF of the same gradient: a format vigil reads and
+    browsers do not show."""
+    pixels = bytes((x * 4 + y) % 256 for y in range(height) for x in range(width))
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 0), (277, 3, 1, 1), (278, 3, 1, height), (279, 4, 1, len(pixels))]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data_at = 8 + ifd_size
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = data_at if tag == 273 else value
+        ifd += struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels
+
+
 def png_filtered_bytes(data):
     """The decompressed scanlines of a PNG, still filtered: flat areas filter to zeros."""
     pos, idat = 8, b""
@@ -221,6 +236,13 @@ try:
     b.wait("→ moves to the older one", f"document.getElementById('view').dataset.inspection === '{ids[1]}'")
     b.key("g", "KeyG", "g")
     b.wait("g labels it good", "!!document.querySelector('#label .label.good')")
+    check("a label saved without a note shows no 'null'", "null" not in b.js("document.getElementById('label').textContent"))
+    # Ctrl+D is the browser's bookmark key: it must not label the part defective.
+    b.js("(() => { window.feedbackPosts = 0; const f = window.fetch; window.fetch = (...a) => {"
+         " if (String(a[0]).includes('/feedback')) window.feedbackPosts++; return f(...a); }; })()")
+    b.call("Input.dispatchKeyEvent", type="keyDown", key="d", code="KeyD", modifiers=2)
+    b.call("Input.dispatchKeyEvent", type="keyUp", key="d", code="KeyD", modifiers=2)
+    check("Ctrl+D sends no label", b.js("window.feedbackPosts") == 0)
     check("the labels are stored",
           [api(OPEN_BASE, f"/v1/inspections/{i}").get("feedback") for i in ids] == ["defective", "good"])
     b.key("ArrowLeft")
@@ -299,6 +321,28 @@ try:
     b.wait("the record's page shows the warning",
            f"document.getElementById('view').dataset.inspection === '{newest}' && "
            "[...document.querySelectorAll('main .warning')].some(e => e.textContent.includes('64×48 pixels'))")
+
+    # A TIFF, which the browser cannot show: the page shows the server's PNG of it, on the
+    # inspect page and on the record's.
+    tiff = os.path.join(SHOTS, "part.tif")
+    with open(tiff, "wb") as f:
+        f.write(grey_tiff(256, 256))
+    b.goto(OPEN_BASE + "/#/inspect")
+    b.wait("the model list loads again", "document.querySelectorAll('#model-select option').length > 0")
+    root = b.call("DOM.getDocument")["root"]["nodeId"]
+    node = b.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+    b.call("DOM.setFileInputFiles", files=[tiff], nodeId=node)
+    b.wait("the TIFF is judged and all its images show",
+           "(() => { const r = [...document.querySelectorAll('#results .result')].find(r => r.textContent.includes('part.tif'));"
+           " return r && !r.classList.contains('pending') && [...r.querySelectorAll('img')].length === 3 &&"
+           " [...r.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0); })()")
+    check("no 'null' on the inspect page", "null" not in b.js("document.getElementById('results').textContent"))
+    newest = api(OPEN_BASE, "/v1/inspections?limit=1")["items"][0]["id"]
+    b.goto(OPEN_BASE + f"/#/inspections/{newest}")
+    b.wait("the TIFF's record page shows its images",
+           f"document.getElementById('view').dataset.inspection === '{newest}' && "
+           "[...document.querySelectorAll('main img')].length === 3 && "
+           "[...document.querySelectorAll('main img')].every(i => i.complete && i.naturalWidth > 0)")
 
     # A server with keys: the page asks once, and an inspect-role key sees no admin action.
     b.goto(KEYED_BASE + "/#/models")

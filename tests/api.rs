@@ -1231,6 +1231,32 @@ async fn an_inspections_maps_outlive_a_recalibration_but_not_other_weights_or_sc
     }
 }
 
+#[tokio::test]
+async fn a_stored_tiff_is_sent_as_png_for_a_browser_on_request() {
+    let h = harness(None, 8).await;
+    let tiff = {
+        let img = image::load_from_memory(&png(40, 30, true)).unwrap();
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Tiff).unwrap();
+        out.into_inner()
+    };
+    let (s, _, b) = send(&h.state, post("/v1/inspect", "image/tiff", tiff.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let link = json(&b)["links"]["image"].as_str().unwrap().to_string();
+    // As uploaded...
+    let (s, headers, b) = send(&h.state, get(&link)).await;
+    assert_eq!((s, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "image/tiff"));
+    assert_eq!(b, tiff);
+    // ...or as PNG, the same pixels.
+    let (s, headers, b) = send(&h.state, get(&format!("{link}?format=png"))).await;
+    assert_eq!((s, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "image/png"));
+    let shown = image::load_from_memory_with_format(&b, image::ImageFormat::Png).unwrap().to_luma8();
+    let sent = image::load_from_memory(&tiff).unwrap().to_luma8();
+    assert_eq!(shown, sent);
+    let (s, _, b) = send(&h.state, get(&format!("{link}?format=jpeg"))).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+}
+
 fn delete(uri: &str) -> Request<Body> {
     Request::delete(uri).body(Body::empty()).unwrap()
 }

@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 
 use super::judge::{blocking, current_version, judge, Judgement, MadeBy};
-use super::types::{FeedbackRequest, HeatmapQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
+use super::types::{FeedbackRequest, HeatmapQuery, ImageQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::detector::Overrides;
@@ -308,12 +308,19 @@ pub async fn heatmap(
     png(out)
 }
 
-/// The stored image, as it was uploaded (any model version: it is what was sent).
-#[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = crate::api::error::ErrorBody)))]
+/// The stored image, as it was uploaded (any model version: it is what was sent), or
+/// with `?format=png` as PNG.
+#[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path), ImageQuery), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn image(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
+    q: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
+    let as_png = match super::inspect::query(q)?.format.as_deref() {
+        None => false,
+        Some("png") => true,
+        Some(other) => return Err(ApiError::BadRequest(format!("format must be `png`, not {other:?}"))),
+    };
     let r = load(&state, &id).await?;
     let path = r
         .image_path
@@ -322,6 +329,11 @@ pub async fn image(
     let bytes = blocking(move || blobs.get(&path))
         .await?
         .map_err(|_| ApiError::NotStored(format!("the stored image of inspection {id} is gone (retention?)")))?;
+    if as_png {
+        let max_pixels = state.limits.max_pixels;
+        let img = blocking(move || crate::image_io::decode(&bytes, max_pixels)).await??;
+        return png(img.to_rgb8());
+    }
     let mime = image::guess_format(&bytes).map_or("application/octet-stream", |f| f.to_mime_type());
     Ok((
         [

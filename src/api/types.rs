@@ -5,6 +5,15 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::scoring::Region;
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ImageQuery {
+    /// `png`: the image decoded (upright, by its EXIF orientation) and sent as PNG, for
+    /// what a browser cannot show (TIFF). Default: the bytes as they were uploaded.
+    pub format: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Timings {
     pub decode: f64,

@@ -7,6 +7,11 @@ const state = { whoami: null, models: [], list: [], cursors: [], filters: {} };
 
 // ---- small helpers -------------------------------------------------------------
 
+// `replaceChildren` with nulls left out (it writes a null child as the text "null").
+function put(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
+
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -72,18 +77,48 @@ async function api(path, options = {}) {
 const getJson = async (path) => (await api(path)).json();
 
 // Images under /v1 need the key when the server has keys: fetch them and use a blob URL.
+// The newest ones are kept (three an inspection, for the 50 results the page keeps); older
+// ones are freed, so a tab open all shift does not hold every heatmap it ever showed.
 const blobUrls = new Map();
+const KEPT_BLOBS = 160;
 async function imageUrl(path) {
   if (!state.whoami || !state.whoami.keys_required) return path;
   if (!blobUrls.has(path)) {
     const blob = await (await api(path)).blob();
     blobUrls.set(path, URL.createObjectURL(blob));
+    for (const [old, url] of blobUrls) {
+      if (blobUrls.size <= KEPT_BLOBS) break;
+      URL.revokeObjectURL(url);
+      blobUrls.delete(old);
+    }
   }
   return blobUrls.get(path);
 }
-function authedImg(path, attrs = {}) {
+function forgetBlobs() {
+  for (const url of blobUrls.values()) URL.revokeObjectURL(url);
+  blobUrls.clear();
+}
+// An image from the API; where it cannot be had (the model busy, the server away), a
+// note saying so with a button to try again, instead of a broken image. `fallback`: a
+// path to try once first when the image fails (a rendition the browser can show).
+function authedImg(path, attrs = {}, fallback = null) {
   const img = h("img", attrs);
-  imageUrl(path).then((u) => { img.src = u; }).catch((e) => img.replaceWith(errorBox(e)));
+  const load = () => imageUrl(path).then((u) => { img.src = u; }).catch(failed);
+  const failed = (e) => {
+    if (fallback) {
+      path = fallback;
+      fallback = null;
+      load();
+      return;
+    }
+    const note = h("p", { class: "error" },
+      `${attrs.alt || "image"} did not load` + (e ? `: ${errorBox(e).textContent}` : " (the server may be busy)") + " ",
+      h("button", { type: "button", onclick: () => { note.replaceWith(img); img.removeAttribute("src"); load(); } }, "retry"));
+    img.replaceWith(note);
+  };
+  // Without keys the browser fetches the URL itself: a 429 or 5xx arrives as an error.
+  img.addEventListener("error", () => { if (img.getAttribute("src")) failed(null); });
+  load();
   return img;
 }
 
@@ -105,7 +140,7 @@ function askForKey(message) {
     const form = document.getElementById("key-form");
     form.onsubmit = () => {
       sessionStorage.setItem(KEY_STORE, document.getElementById("key-input").value.trim());
-      blobUrls.clear();
+      forgetBlobs();
       resolve();
     };
     // Esc would close the dialog and leave the page waiting for a key for good: the page
@@ -151,6 +186,14 @@ async function refreshLive() {
 function inspectionFigure(insp, source) {
   const stack = h("div", { class: "stack" });
   const base = typeof source === "string" ? h("img", { src: source, alt: "image" }) : source;
+  if (typeof source === "string" && insp.image_stored) {
+    // The browser cannot show every format vigil reads (TIFF): then the server's PNG.
+    base.addEventListener("error", () => {
+      const png = authedImg(`${insp.links.image}?format=png`, { alt: "image" });
+      png.classList.add("base");
+      base.replaceWith(png);
+    }, { once: true });
+  }
   base.classList.add("base");
   stack.append(base);
   const heat = insp.image_stored
@@ -305,7 +348,7 @@ async function inspectFiles(list, model, results) {
       card.rejudge(state.thresholdFor(card));
       const t = insp.timings_ms;
       card.className = "result";
-      card.replaceChildren(
+      put(card,
         h("header", {}, verdict, h("b", {}, file.name), judged,
           // The inspection's page moves through these results with ← →, newest first.
           h("a", { href: `#/inspections/${insp.id}`, onclick: () => {
@@ -388,7 +431,7 @@ async function showReview() {
     if (!page.items.length) grid.append(h("p", { class: "muted" }, "No inspections match."));
     for (const insp of page.items) {
       grid.append(h("a", { class: "item", href: `#/inspections/${insp.id}`, "data-id": insp.id },
-        insp.image_stored ? authedImg(insp.links.image, { alt: "", loading: "lazy" }) : h("div", { class: "noimg" }, "not stored"),
+        insp.image_stored ? authedImg(insp.links.image, { alt: "", loading: "lazy" }, `${insp.links.image}?format=png`) : h("div", { class: "noimg" }, "not stored"),
         h("div", {}, verdictBadge(insp.is_anomalous), " ", fmt(insp.score),
           insp.feedback ? h("span", { class: `label ${insp.feedback}` }, insp.feedback) : null),
         h("div", { class: "muted" }, `${insp.model} · ${when(insp.created_at)}`,
@@ -432,14 +475,15 @@ async function showInspection(id) {
       });
       const updated = await res.json();
       current = updated.feedback;
-      labelText.replaceChildren(h("span", { class: `label ${updated.feedback}` }, updated.feedback),
+      put(labelText, h("span", { class: `label ${updated.feedback}` }, updated.feedback),
         updated.feedback_note ? h("span", { class: "muted" }, " · note saved") : null);
     } catch (e) {
       labelText.replaceChildren(errorBox(e));
     }
   };
   const figure = insp.image_stored
-    ? inspectionFigure(insp, authedImg(insp.links.image, { alt: "image" }))
+    // A TIFF, which browsers do not show, as the server's PNG of it.
+    ? inspectionFigure(insp, authedImg(insp.links.image, { alt: "image" }, `${insp.links.image}?format=png`))
     : h("p", { class: "muted" }, "The image of this inspection was not stored.");
   const rows = [
     ["model", `${insp.model} (${insp.model_version.slice(0, 12)})`],
@@ -470,6 +514,8 @@ async function showInspection(id) {
   view().dataset.inspection = id;
   keyHandler = (e) => {
     if (e.target.matches("input, textarea, select")) return;
+    // Ctrl+D bookmarks, Alt+D goes to the address bar: a browser's keys, not a label.
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
     if (e.key === "ArrowLeft") go(-1);
     else if (e.key === "ArrowRight") go(1);
     else if (e.key === "g") label("good");
@@ -554,6 +600,8 @@ async function showModels() {
       h("h3", {}, "Thresholds"),
       h("p", {}, `image ${fmt(t.image)}, pixel ${fmt(t.pixel)}: ` + (t.manual
         ? "the image threshold set by hand"
+        : t.method === "min-area"
+        ? `min-area: no region of ${t.min_defect_area} px or more in any of ${t.validation_images} good images`
         : `${t.method}` + (t.quantile !== undefined ? ` ${fmt(t.quantile, 2)}` : "") +
           ` of ${t.validation_images} good images` +
           (t.margin !== undefined ? `, × ${fmt(1 + t.margin, 2)} (margin ${fmt(t.margin, 2)})` : "")) +
@@ -643,7 +691,7 @@ async function showTrain() {
     h("div", { class: "controls" },
       h("label", {}, "model name ", h("input", { name: "model", required: true, pattern: "[A-Za-z0-9_\\-][A-Za-z0-9_.\\-]*", maxlength: 64, placeholder: "e.g. pcb-top" })),
       h("label", {}, "family ", h("select", { name: "arch" },
-        ["draem", "spatial", "vae", "bergmann"].map((a) => h("option", { value: a }, a)))),
+        ["draem", "spatial", "vae", "usad", "adversarial", "bergmann"].map((a) => h("option", { value: a }, a)))),
       h("label", {}, "steps ", h("input", { name: "steps", type: "number", min: 1, placeholder: "default" }))),
     h("div", { class: "controls" },
       h("label", {}, "good images: a folder on the server ", h("input", { name: "folder", size: 40, placeholder: "/data/good-parts" })),
@@ -660,6 +708,14 @@ async function showTrain() {
       options = d.get("options").trim() ? JSON.parse(d.get("options")) : {};
     } catch (err) {
       message.replaceChildren(errorBox(`more options: ${err.message}`));
+      return;
+    }
+    if (options === null || typeof options !== "object" || Array.isArray(options)) {
+      message.replaceChildren(errorBox('more options: a JSON object, e.g. {"size": 256}'));
+      return;
+    }
+    if ("arch" in options && options.arch !== d.get("arch")) {
+      message.replaceChildren(errorBox(`more options name the family ${JSON.stringify(options.arch)}, the menu ${d.get("arch")}: choose it in the menu`));
       return;
     }
     options.arch = d.get("arch");
@@ -711,7 +767,7 @@ async function showHome() {
   // The page may have changed while the numbers were on their way.
   if (drawn !== state.viewCount) return;
   const models = st ? Object.entries(st.models) : [];
-  view().replaceChildren(
+  put(view(),
     h("h1", {}, "vigil"),
     h("p", {}, "Inspect images, review the verdicts and label them, and see how each model was calibrated."),
     h("h2", {}, "This server, last 60 seconds"),
