@@ -358,7 +358,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Repetitions per measurement (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub repeat: usize,
     /// Skip the comparison with candle's own operations (faster; no before/after ratios).
     #[arg(long)]
@@ -401,6 +401,8 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
     /// sqlite://FILE or postgres://USER:PASS@HOST/DB. Default: an SQLite file in --data-dir.
+    /// PostgreSQL without TLS only (sslmode=require fails): a private network, or a local
+    /// TLS proxy to a server that insists on it.
     #[arg(long, env = "VIGIL_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Seconds to keep trying a PostgreSQL server that does not answer yet at start (a
@@ -666,5 +668,6 @@ mod tests {
         }
         let synth = |size: &str| parses(&["vigil", "synth", "--out", "s", "--size", size]);
         assert!(synth("8192") && !synth("100000") && !synth("31"));
+        assert!(!parses(&["vigil", "bench", "--repeat", "0"]));
     }
 }

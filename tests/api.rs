@@ -1245,12 +1245,20 @@ async fn a_stored_tiff_is_sent_as_png_for_a_browser_on_request() {
     let link = json(&b)["links"]["image"].as_str().unwrap().to_string();
     // As uploaded...
     let (s, headers, b) = send(&h.state, get(&link)).await;
-    assert_eq!((s, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "image/tiff"));
+    assert_eq!(
+        (s, headers["content-type"].to_str().unwrap()),
+        (StatusCode::OK, "image/tiff")
+    );
     assert_eq!(b, tiff);
     // ...or as PNG, the same pixels.
     let (s, headers, b) = send(&h.state, get(&format!("{link}?format=png"))).await;
-    assert_eq!((s, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "image/png"));
-    let shown = image::load_from_memory_with_format(&b, image::ImageFormat::Png).unwrap().to_luma8();
+    assert_eq!(
+        (s, headers["content-type"].to_str().unwrap()),
+        (StatusCode::OK, "image/png")
+    );
+    let shown = image::load_from_memory_with_format(&b, image::ImageFormat::Png)
+        .unwrap()
+        .to_luma8();
     let sent = image::load_from_memory(&tiff).unwrap().to_luma8();
     assert_eq!(shown, sent);
     let (s, _, b) = send(&h.state, get(&format!("{link}?format=jpeg"))).await;

@@ -13,7 +13,9 @@ use axum::response::IntoResponse;
 use axum::Json;
 
 use super::judge::{blocking, current_version, judge, Judgement, MadeBy};
-use super::types::{FeedbackRequest, HeatmapQuery, ImageQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings};
+use super::types::{
+    FeedbackRequest, HeatmapQuery, ImageQuery, InspectionPage, InspectionResponse, Links, ListParams, Timings,
+};
 use super::{now_us, rfc3339, AppState};
 use crate::api::error::ApiError;
 use crate::detector::Overrides;

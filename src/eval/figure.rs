@@ -41,8 +41,20 @@ pub fn render_comparison(comparison: &Comparison, path: &Path) -> anyhow::Result
     save((460 * panels, 480), path, |buf, size| {
         let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
         root.fill(&WHITE)?;
-        for (area, m) in root.split_evenly((1, panels as usize)).iter().zip(&comparison.models) {
-            let title = format!("{} ({})", short_name(&m.report.model), m.architecture);
+        let names = short_names(
+            &comparison
+                .models
+                .iter()
+                .map(|m| m.report.model.as_str())
+                .collect::<Vec<_>>(),
+        );
+        for ((area, m), name) in root
+            .split_evenly((1, panels as usize))
+            .iter()
+            .zip(&comparison.models)
+            .zip(names)
+        {
+            let title = format!("{name} ({})", m.architecture);
             draw_roc(area, &m.report, &title)?;
         }
         root.present()?;
@@ -50,9 +62,39 @@ pub fn render_comparison(comparison: &Comparison, path: &Path) -> anyhow::Result
     })
 }
 
-/// The last path component: model folders are named for what they hold.
-fn short_name(model: &str) -> &str {
-    model.trim_end_matches('/').rsplit('/').next().unwrap_or(model)
+/// Each model's path shortened to its last components, as few as tell the models apart
+/// (model folders are named for what they hold, but `seed42/brushed` and `seed7/brushed`
+/// share their last one).
+fn short_names(models: &[&str]) -> Vec<String> {
+    let parts: Vec<Vec<&str>> = models
+        .iter()
+        .map(|m| m.trim_end_matches('/').split('/').filter(|p| !p.is_empty()).collect())
+        .collect();
+    let most = parts.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let tail = |p: &[&str], n: usize| p[p.len().saturating_sub(n)..].join("/");
+    let n = (1..=most)
+        .find(|&n| {
+            let names: std::collections::HashSet<String> = parts.iter().map(|p| tail(p, n)).collect();
+            names.len() == parts.len()
+        })
+        .unwrap_or(most);
+    parts.iter().map(|p| tail(p, n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_names;
+
+    #[test]
+    fn panel_names_are_as_short_as_tells_the_models_apart() {
+        assert_eq!(short_names(&["runs/a", "runs/b/"]), ["a", "b"]);
+        assert_eq!(
+            short_names(&["seed42/brushed", "x/seed7/brushed"]),
+            ["seed42/brushed", "seed7/brushed"]
+        );
+        // The same folder twice cannot be told apart: shown whole.
+        assert_eq!(short_names(&["/m/a", "/m/a"]), ["m/a", "m/a"]);
+    }
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;

@@ -70,6 +70,21 @@ impl CalibrationConfig {
     }
 }
 
+impl CalibrationConfig {
+    /// Refuses a minimum defect area larger than a `working_size²` map: no region could
+    /// reach it, and min-area would then flag every image by its whole map.
+    pub fn fits(&self, working_size: usize) -> Result<(), CalibrationError> {
+        let pixels = working_size * working_size;
+        if self.min_defect_area as usize > pixels {
+            return Err(CalibrationError::Settings(format!(
+                "the minimum defect area {} px is larger than the whole {working_size}² working image ({pixels} px)",
+                self.min_defect_area
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CalibrationConfig {
     fn default() -> Self {
         Self {
@@ -113,6 +128,7 @@ pub fn calibrate(
     set_by: String,
 ) -> Result<Vec<f32>, CalibrationError> {
     cfg.validate()?;
+    cfg.fits(detector.card.input.working_size)?;
     if images.is_empty() {
         return Err(CalibrationError::NoImages);
     }
@@ -234,6 +250,10 @@ mod tests {
                 "quantile {quantile}, margin {margin} accepted"
             );
         }
+        // A minimum area up to the whole working image, not beyond.
+        let area = |min_defect_area| CalibrationConfig { min_defect_area, ..ok };
+        assert!(area(65_536).fits(256).is_ok());
+        assert!(matches!(area(65_537).fits(256), Err(CalibrationError::Settings(_))));
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl TrainConfig {
             )));
         }
         self.calibration.validate()?;
+        self.calibration.fits(self.working_size)?;
         self.map.check(self.working_size).map_err(TrainError::Config)?;
         if let Fit::Tiles { stride } = self.fit {
             // Wider steps than a tile leave strips of every image that no tile covers.
