@@ -1697,6 +1697,12 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
             StatusCode::CONFLICT,
             "model_exists",
         ),
+        // A bad option is named even when the name is taken too.
+        (
+            serde_json::json!({"model": "default", "folder": folder, "options": {"stepz": 3}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             serde_json::json!({"model": "x"}),
             StatusCode::BAD_REQUEST,

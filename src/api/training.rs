@@ -496,6 +496,16 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             r.model
         )));
     }
+    // The options first, so that a bad one is named however the rest of the request
+    // fares (a taken model name answered 409 before any option was looked at). Checked
+    // now, so a bad option is a 400 here rather than a failed job later.
+    let flags = jobs::flags(&r.options).map_err(ApiError::BadRequest)?;
+    let args = jobs::train_args(std::path::Path::new("."), &state.models_dir.join(&r.model), &flags)
+        .map_err(ApiError::BadRequest)?;
+    crate::commands::train::config(&args, state.training.threads)
+        .map_err(|e| ApiError::BadRequest(format!("{e:#}")))?
+        .check()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     // Held until the job is in the board (or refused): a second request for the same name
     // meanwhile is a 409, not a second job that would fail at the end. (Other servers
     // sharing the database meet at its one-unfinished-job-per-model rule instead.)
@@ -529,10 +539,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         }
         folder.display().to_string()
     };
-    let flags = jobs::flags(&r.options).map_err(ApiError::BadRequest)?;
-    // Checked now, so a bad option is a 400 here rather than a failed job later.
-    let args = jobs::train_args(&folder, &state.models_dir.join(&r.model), &flags).map_err(ApiError::BadRequest)?;
-    let (check, threads, named) = (folder.clone(), state.training.threads, shown.clone());
+    let (check, named) = (folder.clone(), shown.clone());
     let root = state.limits.training_root.clone().filter(|_| !uploaded);
     let images = tokio::task::spawn_blocking(move || {
         let images = crate::train::dataset::training_files(&check)
@@ -549,8 +556,6 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
                 )));
             }
         }
-        let cfg = crate::commands::train::config(&args, threads).map_err(|e| ApiError::BadRequest(format!("{e:#}")))?;
-        cfg.check().map_err(|e| ApiError::BadRequest(e.to_string()))?;
         // Every file must be an image the trainer can read (from its header), so a
         // mislabelled upload is refused now, not after the job was queued.
         for path in &images {
