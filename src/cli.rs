@@ -465,7 +465,8 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_STORE_IMAGES", default_value_t = true, action = clap::ArgAction::Set)]
     pub store_images: bool,
     /// Delete inspections (and their images) older than this many days; 0 keeps everything.
-    #[arg(long, env = "VIGIL_RETENTION_DAYS", default_value_t = 0)]
+    /// At most 36500 (a century).
+    #[arg(long, env = "VIGIL_RETENTION_DAYS", default_value_t = 0, value_parser = retention_days)]
     pub retention_days: u64,
     /// Seconds between passes that bring what is served in line with --models-dir, so that
     /// replicas sharing the folder converge: a model folder that appeared (trained by
@@ -562,6 +563,15 @@ fn synth_size(text: &str) -> Result<usize, String> {
         text,
         |v: &usize| (32..=8192).contains(v),
         "a whole number from 32 to 8192",
+    )
+}
+
+fn retention_days(text: &str) -> Result<u64, String> {
+    // Days past this overflowed the cutoff's microseconds and deleted everything.
+    bounded(
+        text,
+        |v: &u64| *v <= 36_500,
+        "a whole number of days from 0 (keep everything) to 36500",
     )
 }
 
@@ -669,5 +679,6 @@ mod tests {
         let synth = |size: &str| parses(&["vigil", "synth", "--out", "s", "--size", size]);
         assert!(synth("8192") && !synth("100000") && !synth("31"));
         assert!(!parses(&["vigil", "bench", "--repeat", "0"]));
+        assert!(serve(&["--retention-days", "36500"]) && !serve(&["--retention-days", "999999999"]));
     }
 }

@@ -44,11 +44,15 @@ pub async fn build_state(
         .await
         .with_context(|| "opening the database".to_string())?;
     tracing::info!(backend = store.backend, "database ready");
-    // SQLite is this process's own: whatever it left unfinished was this server's. A
-    // shared PostgreSQL may hold jobs other replicas are training: only quiet ones.
+    // Only jobs gone quiet: the database may hold jobs another live server is training, a
+    // replica on PostgreSQL or a second process on the same SQLite file (which once marked
+    // the first one's running job failed, let a second job of its name start, and removed
+    // a queued job's uploads). A job of this server's own previous run goes quiet within a
+    // minute, and the heartbeat's sweep marks it then.
     let now = crate::api::now_us();
-    let quiet_since = (store.backend != "sqlite").then(|| now - api::training::JOB_QUIET_US);
-    let interrupted = store.interrupt_abandoned_jobs(now, quiet_since).await?;
+    let interrupted = store
+        .interrupt_abandoned_jobs(now, Some(now - api::training::JOB_QUIET_US))
+        .await?;
     if interrupted > 0 {
         tracing::warn!(
             jobs = interrupted,
@@ -298,7 +302,8 @@ pub struct Retained {
 /// the next batch, so a pass that fails part-way leaves no image without its row behind.
 /// Returns how many of each it deleted (counts: a long backlog's paths are not kept).
 pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<Retained, crate::storage::StoreError> {
-    let cutoff = now_us - (days as i64) * 86_400_000_000;
+    let days = i64::try_from(days).unwrap_or(i64::MAX);
+    let cutoff = now_us.saturating_sub(days.saturating_mul(86_400_000_000));
     let mut total = Retained::default();
     loop {
         let pruned = state.store.prune_batch(cutoff, PRUNE_BATCH).await?;

@@ -1053,6 +1053,11 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
     // The clock is ours: "now" is 10 days after the second record, keep 10 days.
     let day = 86_400_000_000i64;
     let now = records[1].created_at + 10 * day;
+    // Days beyond the clock's range keep everything (they wrapped and deleted it all).
+    for days in [106_751_992, 999_999_999, u64::MAX] {
+        let pruned = vigil::server::retention_pass(&h.state, now, days).await.unwrap();
+        assert_eq!((pruned.records, pruned.images), (0, 0), "{days}");
+    }
     let pruned = vigil::server::retention_pass(&h.state, now, 10).await.unwrap();
     // Records strictly older than the cutoff go: the first; the second sits on it.
     assert_eq!((pruned.records, pruned.images), (1, 1));
@@ -1263,6 +1268,42 @@ async fn a_stored_tiff_is_sent_as_png_for_a_browser_on_request() {
     assert_eq!(shown, sent);
     let (s, _, b) = send(&h.state, get(&format!("{link}?format=jpeg"))).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
+}
+
+#[tokio::test]
+async fn the_suggested_threshold_rests_on_scores_of_the_version_served() {
+    let h = harness(None, 8).await;
+    let mut ids = Vec::new();
+    for (square, label) in [(false, "good"), (true, "defective")] {
+        let (_, _, b) = send(&h.state, post("/v1/inspect", "image/png", png(32, 32, square))).await;
+        let id = json(&b)["id"].as_str().unwrap().to_string();
+        let body = serde_json::json!({ "label": label }).to_string().into_bytes();
+        let (s, _, _) = send(
+            &h.state,
+            post(&format!("/v1/inspections/{id}/feedback"), "application/json", body),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        ids.push(id);
+    }
+    let feedback = |b: &[u8]| json(b)["feedback"].clone();
+    let (_, _, b) = send(&h.state, get("/v1/models/default")).await;
+    assert!(feedback(&b)["suggested_threshold"].is_number(), "{}", feedback(&b));
+    assert_eq!(feedback(&b)["suggestion_labels"], 2);
+    // Another version with other weights: those scores are on another scale. The labels
+    // still count; the suggestion waits for labels of this version.
+    let detector = Detector::new(
+        common::test_card(Fit::Whole, 32, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
+    h.state.model("default").unwrap().engine.replace(detector, "v2".into());
+    let (_, _, b) = send(&h.state, get("/v1/models/default")).await;
+    let f = feedback(&b);
+    assert!(f["suggested_threshold"].is_null(), "{f}");
+    assert_eq!(
+        (f["suggestion_labels"].as_i64(), f["labelled"].as_i64()),
+        (Some(0), Some(2))
+    );
 }
 
 fn delete(uri: &str) -> Request<Body> {

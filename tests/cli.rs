@@ -751,8 +751,14 @@ fn user_errors_are_clear_and_never_panics() {
 }
 
 /// Starts `vigil train` for `steps` into `out`, reads its log (stderr is a pipe, so
-/// progress comes as log lines) until a line containing `wait_for`, then sends Ctrl-C.
-fn train_and_interrupt(out: &std::path::Path, steps: &str, wait_for: &str) -> (std::process::ExitStatus, String) {
+/// progress comes as log lines) until a line containing `wait_for`, then sends `signal`
+/// (`-INT`, as Ctrl-C does, or `-TERM`, as `docker stop` and `timeout` do).
+fn train_and_interrupt(
+    out: &std::path::Path,
+    steps: &str,
+    wait_for: &str,
+    signal: &str,
+) -> (std::process::ExitStatus, String) {
     use std::io::{BufRead, BufReader, Read};
     let data = dataset().to_str().unwrap().to_string();
     let mut args = tiny_train_args(&data, out.to_str().unwrap());
@@ -773,7 +779,7 @@ fn train_and_interrupt(out: &std::path::Path, steps: &str, wait_for: &str) -> (s
         line.clear();
     }
     assert!(line.contains(wait_for), "the log ended before {wait_for:?}:\n{log}");
-    send_signal(&child, "-INT");
+    send_signal(&child, signal);
     err.read_to_string(&mut log).unwrap();
     (child.wait().unwrap(), log)
 }
@@ -784,7 +790,7 @@ fn ctrl_c_after_a_tenth_of_the_steps_still_writes_a_usable_model() {
     let out = work.path().join("m");
     // Progress is logged every twentieth (100 steps): at step 200 a tenth is done, and
     // 1800 steps are left for the signal to arrive in.
-    let (status, log) = train_and_interrupt(&out, "2000", "step 200/2000:");
+    let (status, log) = train_and_interrupt(&out, "2000", "step 200/2000:", "-INT");
     // Written, but not what was asked: a script must not read it as a success.
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("interrupted: the model in"), "{log}");
@@ -796,14 +802,15 @@ fn ctrl_c_after_a_tenth_of_the_steps_still_writes_a_usable_model() {
 }
 
 #[test]
-fn ctrl_c_within_the_first_tenth_writes_nothing_and_keeps_the_model_there() {
+fn sigterm_within_the_first_tenth_writes_nothing_and_keeps_the_model_there() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("m");
     common::copy_model(tiny_model(), &out);
     let before = std::fs::read(out.join("model.json")).unwrap();
-    // The Ctrl-C handler is installed before this line is logged.
+    // The handler (Ctrl-C and SIGTERM alike: SIGTERM once killed it without a word) is
+    // installed before this line is logged.
     // (Steps enough that a missing log line fails the test in minutes, not hours.)
-    let (status, log) = train_and_interrupt(&out, "100000", "training on");
+    let (status, log) = train_and_interrupt(&out, "100000", "training on", "-TERM");
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("nothing was written"), "{log}");
     assert_eq!(std::fs::read(out.join("model.json")).unwrap(), before);

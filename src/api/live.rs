@@ -115,7 +115,14 @@ impl LiveStats {
             st.recent.pop_front();
         }
         st.recent.push_back((id.to_string(), score));
+        Self::judge_drift(st, model, reference)
+    }
+
+    /// The drift of `st`'s recent good scores from `reference`, stored as its last and
+    /// published; None (and none stored) while there are too few scores.
+    fn judge_drift(st: &mut DriftState, model: &str, reference: &[f32]) -> Option<Drift> {
         if st.recent.len() < DRIFT_MIN_SAMPLES || reference.is_empty() {
+            st.last = None;
             return None;
         }
         let mut recent: Vec<f32> = st.recent.iter().map(|(_, s)| *s).collect();
@@ -148,9 +155,15 @@ impl LiveStats {
 
     /// Takes part `id` out of `model`'s recent good scores (an operator labelled it
     /// defective after all).
-    pub fn forget_good(&self, model: &str, id: &str) {
+    /// The drift is judged again at once, so that a flag raised by a part that was no
+    /// good part after all goes down without waiting for the next good one.
+    pub fn forget_good(&self, model: &str, id: &str, reference: &[f32]) {
         if let Some(st) = self.good_scores.lock().expect("drift lock").get_mut(model) {
+            let before = st.recent.len();
             st.recent.retain(|(seen, _)| seen != id);
+            if st.recent.len() != before {
+                Self::judge_drift(st, model, reference);
+            }
         }
     }
 
@@ -260,7 +273,7 @@ mod tests {
         // The same part again (relabelled good twice) is not a new sample; one labelled
         // defective leaves the window.
         assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
-        live.forget_good("m", "a0");
+        live.forget_good("m", "a0", &reference);
         assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
         // Same distribution: small distance, no flag.
         let d = live.record_good("m", "b", 0.2, &reference).unwrap();
@@ -276,6 +289,13 @@ mod tests {
         let d = last.unwrap();
         assert_eq!((d.recent, d.statistic, d.drifted), (DRIFT_WINDOW, 1.0, true));
         assert_eq!(live.summary(Duration::from_secs(60)).drift["m"], d);
+        // A part of the window labelled defective leaves it, and the drift is judged again
+        // at once: one score fewer.
+        live.forget_good("m", "c5", &reference);
+        assert_eq!(
+            live.summary(Duration::from_secs(60)).drift["m"].recent,
+            DRIFT_WINDOW - 1
+        );
         // Without calibration scores (an older artifact) there is nothing to compare.
         for i in 0..DRIFT_MIN_SAMPLES {
             assert_eq!(live.record_good("old", &format!("d{i}"), 0.5, &[]), None);

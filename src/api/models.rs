@@ -46,16 +46,23 @@ pub async fn card(
     Path(model): Path<String>,
 ) -> Result<Json<ModelDetail>, ApiError> {
     let served = super::discovery::find_model(&state, &model).await?;
-    let d = served.engine.detector();
+    let (d, version) = served.engine.current();
     let stats = state.store.feedback_stats(&model).await?;
-    let both = stats.labelled_scores.iter().any(|s| s.1) && stats.labelled_scores.iter().any(|s| !s.1);
+    // Only scores on this version's scale: another version's weights score otherwise.
+    let maps_version = d.card.maps_version();
+    let comparable: Vec<_> = stats
+        .labelled_scores
+        .iter()
+        .filter(|l| l.model_version == version || (l.maps_version.is_some() && l.maps_version == maps_version))
+        .collect();
+    let both = comparable.iter().any(|l| l.defective) && comparable.iter().any(|l| !l.defective);
     let suggested_threshold = both.then(|| {
-        let (s, l): (Vec<f32>, Vec<bool>) = stats.labelled_scores.iter().map(|(s, d)| (*s as f32, *d)).unzip();
+        let (s, l): (Vec<f32>, Vec<bool>) = comparable.iter().map(|l| (l.score as f32, l.defective)).unzip();
         Confusion::best_f1(&s, &l).threshold as f64
     });
     Ok(Json(ModelDetail {
         name: model,
-        version: served.engine.current().1,
+        version,
         device: crate::model::device::name(d.device()).into(),
         card: serde_json::to_value(&d.card).map_err(|e| ApiError::Internal(e.to_string()))?,
         feedback: FeedbackSummary {
@@ -63,6 +70,7 @@ pub async fn card(
             false_positives: stats.false_positives,
             false_negatives: stats.false_negatives,
             suggested_threshold,
+            suggestion_labels: comparable.len() as i64,
         },
     }))
 }

@@ -224,12 +224,16 @@ pub async fn feedback(
     let r = load(&state, &id).await?;
     // A false alarm is a good part too: its score counts towards drift (parts judged
     // normal count when they are judged); a part labelled defective leaves the window.
+    // (A normal verdict labelled defective and then good again comes back into it.)
+    let served = state.model(&r.model).ok().map(|m| m.engine.current());
     if defective {
-        state.live.forget_good(&r.model, &id);
-    } else if before.as_deref() != Some("good") && r.is_anomalous {
-        if let Ok(served) = state.model(&r.model) {
-            let (detector, version) = served.engine.current();
-            if version == r.model_version {
+        let reference = served
+            .as_ref()
+            .map_or(&[][..], |(d, _)| &d.card.validation_scores.values[..]);
+        state.live.forget_good(&r.model, &id, reference);
+    } else if before.as_deref() != Some("good") && (r.is_anomalous || before.as_deref() == Some("defective")) {
+        if let Some((detector, version)) = &served {
+            if *version == r.model_version {
                 state
                     .live
                     .record_good(&r.model, &id, r.score as f32, &detector.card.validation_scores.values);

@@ -188,8 +188,12 @@ pub struct FeedbackSummary {
     pub labelled: i64,
     pub false_positives: i64,
     pub false_negatives: i64,
-    /// The threshold with the best F1 on the labelled inspections (both labels needed).
+    /// The threshold with the best F1 on the labelled inspections whose scores this
+    /// version gives alike (made by it, or by one drawing the same maps: a recalibration);
+    /// both labels needed among them.
     pub suggested_threshold: Option<f64>,
+    /// How many labelled inspections that suggestion rests on.
+    pub suggestion_labels: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

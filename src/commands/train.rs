@@ -22,8 +22,9 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         );
     }
     let steps = cfg.steps;
-    // First Ctrl-C: finish the current step, calibrate and write the model (nothing, within
-    // the first tenth of the steps). Second: quit.
+    // First Ctrl-C (or SIGTERM, as `docker stop`, `timeout` and a cancelled CI job send):
+    // finish the current step, calibrate and write the model (nothing, within the first
+    // tenth of the steps). Second: quit.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -31,8 +32,8 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
             std::process::exit(130);
         }
         eprintln!(
-            "\nstopping: finishing the current step, then calibrating and writing the model, unless under a \
-             tenth of the steps is done (Ctrl-C again to abort)"
+            "\nstopping (Ctrl-C or SIGTERM): finishing the current step, then calibrating and writing the model, \
+             unless under a tenth of the steps is done (Ctrl-C again to abort)"
         );
     })
     .context("installing the Ctrl-C handler")?;
@@ -58,7 +59,11 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         if t.collapse.collapsed { " (COLLAPSED: see model.json)" } else { "" },
         card.thresholds.image,
         card.thresholds.pixel,
-        plural(card.thresholds.validation_images, "validation image")
+        if card.thresholds.set_by.as_deref() == Some(train::CALIBRATED_ON_TRAINING_IMAGES) {
+            format!("calibrated on the {} it trained on", plural(card.thresholds.validation_images, "image"))
+        } else {
+            plural(card.thresholds.validation_images, "validation image")
+        }
     );
     if t.stopped_early {
         return Err(train::TrainError::StoppedEarlyWritten {

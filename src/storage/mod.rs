@@ -120,8 +120,16 @@ pub struct FeedbackStats {
     pub labelled: i64,
     pub false_positives: i64,
     pub false_negatives: i64,
-    /// (score, defective) of every labelled inspection.
-    pub labelled_scores: Vec<(f64, bool)>,
+    /// Every labelled inspection's score and label, with what made it.
+    pub labelled_scores: Vec<LabelledScore>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelledScore {
+    pub score: f64,
+    pub defective: bool,
+    pub model_version: String,
+    pub maps_version: Option<String>,
 }
 
 #[derive(Clone)]
@@ -432,7 +440,8 @@ impl Store {
     /// Feedback counts for `model`.
     pub async fn feedback_stats(&self, model: &str) -> Result<FeedbackStats, StoreError> {
         let rows = sqlx::query(
-            "SELECT i.score, i.verdict, f.label FROM feedback f JOIN inspections i ON i.id = f.inspection_id WHERE i.model = $1",
+            "SELECT i.score, i.verdict, f.label, i.model_version, i.maps_version FROM feedback f \
+             JOIN inspections i ON i.id = f.inspection_id WHERE i.model = $1",
         )
         .bind(model)
         .fetch_all(&self.pool)
@@ -445,7 +454,12 @@ impl Store {
             s.labelled += 1;
             s.false_positives += (anomalous && !defective) as i64;
             s.false_negatives += (!anomalous && defective) as i64;
-            s.labelled_scores.push((score, defective));
+            s.labelled_scores.push(LabelledScore {
+                score,
+                defective,
+                model_version: r.try_get(3)?,
+                maps_version: r.try_get(4)?,
+            });
         }
         Ok(s)
     }

@@ -418,14 +418,27 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
             "the reconstructions lost most of the input's contrast (collapse): the model will detect poorly; train longer or change the loss"
         );
     }
+    // The collapse check sees lost contrast, not a loss that ran away (a learning rate
+    // too high: the loss of a 20-step run at --lr 100 rose from 1.9 to 15812).
+    if let Some(&(_, first)) = card.training.loss_curve.first() {
+        if card.training.final_loss > 2.0 * first {
+            tracing::warn!(
+                first,
+                last = card.training.final_loss,
+                "the loss ended more than twice as high as it began: training diverged, and the model will detect poorly; lower --lr"
+            );
+        }
+    }
 
     let net = Arc::new(net);
     let mut detector = Detector::new(card, net.clone());
     let (calibration_images, set_by) = if validation.is_empty() {
         tracing::warn!(
-            "no validation images held out: calibrating on the training images (thresholds will be optimistic)"
+            "no validation images held out: calibrating on the training images (thresholds will be optimistic, \
+             and will flag good parts the model has not seen); recalibrate with `vigil calibrate` on 20 or more \
+             good images kept out of training"
         );
-        (&training, "the training images (none held out)".to_string())
+        (&training, CALIBRATED_ON_TRAINING_IMAGES.to_string())
     } else {
         (&validation, "the images held out of training".to_string())
     };
@@ -650,6 +663,9 @@ pub fn check_output(out: &std::path::Path) -> Result<(), ArtifactError> {
     }
     writable.map_err(write_error)
 }
+
+/// `thresholds.set_by` of a model calibrated on its own training images (none held out).
+pub const CALIBRATED_ON_TRAINING_IMAGES: &str = "the training images (none held out)";
 
 /// Cosine decay from `lr` to 1% of it, after a warm-up over the first 2% of steps.
 pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f64 {
