@@ -1547,6 +1547,19 @@ async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once(
 /// A training job for `model` whose images (those of `folder`, named 0.png…3.png) come
 /// with the request: one as it is, three in a zip (alone, the one would be refused).
 fn upload_job(folder: &std::path::Path, model: &str, options: &str) -> Request<Body> {
+    let image = |i: usize| std::fs::read(folder.join(format!("{i}.png"))).unwrap();
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 1..4 {
+        zip.start_file(format!("good/part{i}.png"), zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, &image(i)).unwrap();
+    }
+    let zip = zip.finish().unwrap().into_inner();
+    upload_files(model, options, &[("part0.png", image(0)), ("more.zip", zip)])
+}
+
+/// A training upload of `model` with `options` and these files as `images`.
+fn upload_files(model: &str, options: &str, files: &[(&str, Vec<u8>)]) -> Request<Body> {
     let boundary = "vigil-test-boundary";
     let mut body = Vec::new();
     let mut field = |headers: &str, content: &[u8]| {
@@ -1556,22 +1569,17 @@ fn upload_job(folder: &std::path::Path, model: &str, options: &str) -> Request<B
     };
     field("Content-Disposition: form-data; name=\"model\"", model.as_bytes());
     field("Content-Disposition: form-data; name=\"options\"", options.as_bytes());
-    let image = |i: usize| std::fs::read(folder.join(format!("{i}.png"))).unwrap();
-    field(
-        "Content-Disposition: form-data; name=\"images\"; filename=\"part0.png\"\r\nContent-Type: image/png",
-        &image(0),
-    );
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for i in 1..4 {
-        zip.start_file(format!("good/part{i}.png"), zip::write::SimpleFileOptions::default())
-            .unwrap();
-        std::io::Write::write_all(&mut zip, &image(i)).unwrap();
+    for (name, bytes) in files {
+        let kind = if name.ends_with(".zip") {
+            "application/zip"
+        } else {
+            "image/png"
+        };
+        field(
+            &format!("Content-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\nContent-Type: {kind}"),
+            bytes,
+        );
     }
-    let zip = zip.finish().unwrap().into_inner();
-    field(
-        "Content-Disposition: form-data; name=\"images\"; filename=\"more.zip\"\r\nContent-Type: application/zip",
-        &zip,
-    );
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     post(
         "/v1/training-jobs",
@@ -1602,31 +1610,6 @@ async fn training_images_can_be_uploaded_with_the_request_and_are_removed_after(
     assert_eq!(s, StatusCode::OK);
 }
 
-/// A training upload of `model` with these files as `images`.
-fn upload_files(model: &str, files: &[(&str, Vec<u8>)]) -> Request<Body> {
-    let boundary = "vigil-test-boundary";
-    let mut body = Vec::new();
-    let mut field = |headers: &str, content: &[u8]| {
-        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
-        body.extend_from_slice(content);
-        body.extend_from_slice(b"\r\n");
-    };
-    field("Content-Disposition: form-data; name=\"model\"", model.as_bytes());
-    field("Content-Disposition: form-data; name=\"options\"", TINY.as_bytes());
-    for (name, bytes) in files {
-        field(
-            &format!("Content-Disposition: form-data; name=\"images\"; filename=\"{name}\""),
-            bytes,
-        );
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    post(
-        "/v1/training-jobs",
-        &format!("multipart/form-data; boundary={boundary}"),
-        body,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_images_are_named_as_the_client_sent_them_in_errors() {
     let h = harness(None, 8).await;
@@ -1638,6 +1621,7 @@ async fn uploaded_images_are_named_as_the_client_sent_them_in_errors() {
         &h.state,
         upload_files(
             "named",
+            TINY,
             &[("a.png", image(0)), ("garbage.png", b"not an image".to_vec())],
         ),
     )
@@ -1659,7 +1643,7 @@ async fn uploaded_images_are_named_as_the_client_sent_them_in_errors() {
         ("b.png", image(1)),
         ("part_17_cam2.png", whole[..whole.len() / 2].to_vec()),
     ];
-    let (s, _, b) = send(&h.state, upload_files("named", &files)).await;
+    let (s, _, b) = send(&h.state, upload_files("named", TINY, &files)).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
     let events = job_events(&h.state, json(&b)["id"].as_str().unwrap()).await;
     let last = events.last().unwrap();
