@@ -81,22 +81,6 @@ fn short_names(models: &[&str]) -> Vec<String> {
     parts.iter().map(|p| tail(p, n)).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::short_names;
-
-    #[test]
-    fn panel_names_are_as_short_as_tells_the_models_apart() {
-        assert_eq!(short_names(&["runs/a", "runs/b/"]), ["a", "b"]);
-        assert_eq!(
-            short_names(&["seed42/brushed", "x/seed7/brushed"]),
-            ["seed42/brushed", "seed7/brushed"]
-        );
-        // The same folder twice cannot be told apart: shown whole.
-        assert_eq!(short_names(&["/m/a", "/m/a"]), ["m/a", "m/a"]);
-    }
-}
-
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Draws into an RGB buffer of `size` and writes it as PNG.
@@ -213,4 +197,20 @@ where
         .label_font(("sans-serif", 14))
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_names;
+
+    #[test]
+    fn panel_names_are_as_short_as_tells_the_models_apart() {
+        assert_eq!(short_names(&["runs/a", "runs/b/"]), ["a", "b"]);
+        assert_eq!(
+            short_names(&["seed42/brushed", "x/seed7/brushed"]),
+            ["seed42/brushed", "seed7/brushed"]
+        );
+        // The same folder twice cannot be told apart: shown whole.
+        assert_eq!(short_names(&["/m/a", "/m/a"]), ["m/a", "m/a"]);
+    }
 }
