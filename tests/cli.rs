@@ -404,14 +404,18 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let model = work.path().join("m");
     common::copy_model(tiny_model(), &model);
     let before = read_card(&model);
-    let o = run(&[
-        "calibrate",
-        "--model",
-        model.to_str().unwrap(),
-        "--image-threshold",
-        "0.55",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let set_threshold = |value: &str| {
+        let o = run(&[
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image-threshold",
+            value,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    set_threshold("0.55");
     let card = read_card(&model);
     assert_eq!(card["thresholds"]["image"].as_f64().unwrap() as f32, 0.55);
     assert_eq!(card["thresholds"]["manual"], true);
@@ -431,14 +435,7 @@ fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let record: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(record["threshold"].as_f64().unwrap() as f32, 0.55);
     // A value under every held-out good image's score is set, with a warning.
-    let o = run(&[
-        "calibrate",
-        "--model",
-        model.to_str().unwrap(),
-        "--image-threshold",
-        "0",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = set_threshold("0");
     assert!(stderr(&o).contains("it will flag good parts"), "{}", stderr(&o));
     // Either images or a value, not both, not neither.
     let data = dataset().join("test/good");

@@ -38,6 +38,14 @@ pub struct MadeBy<'a> {
     pub maps_version: Option<&'a str>,
 }
 
+impl MadeBy<'_> {
+    /// Whether the model at `version` (maps version `maps_version`) draws this verdict's
+    /// maps and scores alike: the same version, or the same known maps version.
+    pub fn drawn_alike(&self, version: &str, maps_version: Option<&str>) -> bool {
+        self.version == version || (self.maps_version.is_some() && self.maps_version == maps_version)
+    }
+}
+
 /// Judges `bytes` with `model`. With `made_by`, the model must still draw that verdict's
 /// maps: the same version, or one with the same maps version (a recalibration changes
 /// only thresholds); 409 `model_changed` otherwise. The detector and its version are read
@@ -118,9 +126,7 @@ pub fn current_version(served: &ServedModel, made_by: Option<MadeBy<'_>>) -> Res
     let Some(made_by) = made_by else {
         return Ok((detector, current));
     };
-    let same_maps =
-        || made_by.maps_version.is_some() && made_by.maps_version == detector.card.maps_version().as_deref();
-    if made_by.version == current || same_maps() {
+    if made_by.drawn_alike(&current, detector.card.maps_version().as_deref()) {
         return Ok((detector, current));
     }
     Err(ApiError::ModelChanged(format!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::Json;
 
-use super::judge::blocking;
+use super::judge::{blocking, MadeBy};
 use super::types::{FeedbackSummary, ModelDetail, ModelSummary};
 use super::{AppState, ServedModel};
 use crate::api::error::ApiError;
@@ -53,7 +53,13 @@ pub async fn card(
     let comparable: Vec<_> = stats
         .labelled_scores
         .iter()
-        .filter(|l| l.model_version == version || (l.maps_version.is_some() && l.maps_version == maps_version))
+        .filter(|l| {
+            let made_by = MadeBy {
+                version: &l.model_version,
+                maps_version: l.maps_version.as_deref(),
+            };
+            made_by.drawn_alike(&version, maps_version.as_deref())
+        })
         .collect();
     let both = comparable.iter().any(|l| l.defective) && comparable.iter().any(|l| !l.defective);
     let suggested_threshold = both.then(|| {

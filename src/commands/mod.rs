@@ -30,12 +30,7 @@ impl CalibrationArgs {
     /// thresholds record it (a model set by `min-area`, or with a margin chosen for its
     /// line, keeps it). A card whose method is not one vigil knows takes the defaults.
     pub fn config_keeping(&self, model: &crate::model::artifact::Thresholds, map: MapMethod) -> CalibrationConfig {
-        let recorded = match model.method.as_str() {
-            "quantile" => Some(ThresholdMethod::Quantile),
-            "min-area" => Some(ThresholdMethod::MinArea),
-            _ => None,
-        };
-        let Some(method) = recorded else {
+        let Some(method) = ThresholdMethod::from_name(&model.method) else {
             return self.config(map);
         };
         CalibrationConfig {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::arch::Architecture;
 use crate::scoring::MapSpec;
+use crate::train::calibrate::ThresholdMethod;
 
 pub const CARD_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
@@ -112,7 +113,7 @@ pub struct Thresholds {
 impl Thresholds {
     /// Whether an image's score is its min-area level rather than the scoring's reduction.
     pub fn scores_are_levels(&self) -> bool {
-        self.method == crate::train::calibrate::MIN_AREA && self.level_scores
+        self.method == ThresholdMethod::MinArea.name() && self.level_scores
     }
 }
 
@@ -278,7 +279,7 @@ impl ModelCard {
         }
         card.check()
             .map_err(|message| ArtifactError::Inconsistent { path, message })?;
-        if card.thresholds.method == crate::train::calibrate::MIN_AREA && !card.thresholds.level_scores {
+        if card.thresholds.method == ThresholdMethod::MinArea.name() && !card.thresholds.level_scores {
             tracing::warn!(
                 model = %dir.display(),
                 "calibrated with min-area before its scores were min-area levels: it judges each image's score \

@@ -7,10 +7,6 @@ use crate::image_io::Planar;
 use crate::model::artifact::{quantile, ScoreStats, Thresholds};
 use crate::scoring::regions::min_area_threshold;
 
-/// `Thresholds::method` of the min-area rule, and of the quantile rule.
-pub const MIN_AREA: &str = "min-area";
-const MIN_AREA_NOT: &str = "quantile";
-
 /// How the image threshold is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -22,6 +18,21 @@ pub enum ThresholdMethod {
     /// level at which its map still has such a region (not the family's reduction), so an
     /// image is anomalous when a region of that area lies above the threshold.
     MinArea,
+}
+
+impl ThresholdMethod {
+    /// The name `model.json` records (`thresholds.method`), spelt as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quantile => "quantile",
+            Self::MinArea => "min-area",
+        }
+    }
+
+    /// The method a recorded name stands for; None for one this vigil does not know.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Quantile, Self::MinArea].into_iter().find(|m| m.name() == name)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,9 +79,7 @@ impl CalibrationConfig {
         }
         Ok(())
     }
-}
 
-impl CalibrationConfig {
     /// Refuses a minimum defect area larger than a `working_size²` map: no region could
     /// reach it, and min-area would then flag every image by its whole map.
     pub fn fits(&self, working_size: usize) -> Result<(), CalibrationError> {
@@ -157,13 +166,13 @@ pub fn calibrate(
         .map(|(m, _)| min_area_threshold(m, s, s, cfg.min_defect_area))
         .collect();
     let min_area_level = levels.iter().copied().fold(0f32, f32::max);
-    let (image, pixel, method, scores) = match cfg.method {
+    let (image, pixel, scores) = match cfg.method {
         ThresholdMethod::Quantile => {
             let scores: Vec<f32> = maps.iter().map(|m| m.1).collect();
             let image = quantile(&scores, cfg.quantile) * (1.0 + cfg.margin);
-            (image, min_area_level.min(image), MIN_AREA_NOT, scores)
+            (image, min_area_level.min(image), scores)
         }
-        ThresholdMethod::MinArea => (min_area_level, min_area_level, MIN_AREA, levels),
+        ThresholdMethod::MinArea => (min_area_level, min_area_level, levels),
     };
     // A card with a NaN threshold serialises as null and no longer loads: refuse it here.
     if !(image.is_finite() && pixel.is_finite()) {
@@ -172,7 +181,7 @@ pub fn calibrate(
     detector.card.thresholds = Thresholds {
         image,
         pixel,
-        method: method.into(),
+        method: cfg.method.name().into(),
         quantile: cfg.quantile,
         margin: cfg.margin,
         min_defect_area: cfg.min_defect_area,
@@ -254,6 +263,16 @@ mod tests {
         let area = |min_defect_area| CalibrationConfig { min_defect_area, ..ok };
         assert!(area(65_536).fits(256).is_ok());
         assert!(matches!(area(65_537).fits(256), Err(CalibrationError::Settings(_))));
+    }
+
+    #[test]
+    fn method_names_are_the_command_lines_and_read_back() {
+        use clap::ValueEnum;
+        for m in ThresholdMethod::value_variants() {
+            assert_eq!(m.name(), m.to_possible_value().unwrap().get_name());
+            assert_eq!(ThresholdMethod::from_name(m.name()), Some(*m));
+        }
+        assert_eq!(ThresholdMethod::from_name("percentile"), None);
     }
 
     #[test]
