@@ -2,6 +2,7 @@
 //! score, threshold and locate regions. Used alike by `inspect`, `eval`, `calibrate`,
 //! training's calibration step and the server.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use candle_core::{Device, Tensor};
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::image_io::{resize_plane, Planar};
+use crate::image_io::{flip_planes, resize_plane, Planar};
 use crate::model::artifact::{Fit, ModelCard};
 use crate::model::{AnomalyModel, ArtifactError, Network};
 use crate::scoring::{self, regions, MapMethod, RawMaps, Region};
@@ -39,7 +40,9 @@ pub struct Reconstruction {
 }
 
 /// What the network made of one input, before its maps are assembled: each tile's
-/// reconstruction (C × t × t, tiles in [`Detector::tile_origins`] order) and learned maps.
+/// reconstruction (C × t × t, tiles in [`Detector::tile_origins`] order) and learned maps,
+/// for each of the scoring's views of the input in turn (one, unless the card averages
+/// flips).
 #[derive(Debug, Clone)]
 pub struct NetworkOutput {
     pub reconstruction: Vec<f32>,
@@ -217,9 +220,11 @@ impl Detector {
         let origins = self.tile_origins();
         let t = self.tile_size();
         let c = self.card.input.channels;
+        let views = self.card.scoring.test_time_flips.views();
         let tiles: Vec<Planar> = inputs
             .iter()
-            .flat_map(|p| origins.iter().map(move |&(x, y)| p.crop(x, y, t, t)))
+            .flat_map(|p| views.iter().map(move |&flips| flipped(p, flips)))
+            .flat_map(|p| origins.iter().map(move |&(x, y)| p.crop(x, y, t, t)).collect::<Vec<_>>())
             .collect();
         let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
         let mut learned: Vec<f32> = Vec::new();
@@ -237,7 +242,10 @@ impl Detector {
             }
         }
         // Each input's share: its tiles' outputs, in tile order.
-        let (per_input, per_map) = (origins.len() * c * t * t, origins.len() * t * t);
+        let (per_input, per_map) = (
+            views.len() * origins.len() * c * t * t,
+            views.len() * origins.len() * t * t,
+        );
         let share = |v: &[f32], n: usize, len: usize| (!v.is_empty()).then(|| v[n * len..(n + 1) * len].to_vec());
         Ok((0..inputs.len())
             .map(|n| NetworkOutput {
@@ -257,7 +265,29 @@ impl Detector {
         self.assemble_with(input, output, error_maps)
     }
 
+    /// Each view assembled against the input seen the same way, turned back, and the
+    /// views averaged.
     fn assemble_with(&self, input: &Planar, output: NetworkOutput, error_maps: bool) -> Reconstruction {
+        let views = self.card.scoring.test_time_flips.views();
+        if views.len() == 1 {
+            return self.assemble_view(input, &output, 0, error_maps);
+        }
+        let mut sum: Option<Reconstruction> = None;
+        for (v, &flips) in views.iter().enumerate() {
+            let mut view = self.assemble_view(&flipped(input, flips), &output, v, error_maps);
+            view.flip(flips);
+            match sum.as_mut() {
+                None => sum = Some(view),
+                Some(sum) => sum.add(&view),
+            }
+        }
+        let mut mean = sum.expect("at least one view");
+        mean.scale(1.0 / views.len() as f32);
+        mean
+    }
+
+    /// View `v` of one input (the input as that view sees it) from the network's output.
+    fn assemble_view(&self, input: &Planar, output: &NetworkOutput, v: usize, error_maps: bool) -> Reconstruction {
         let origins = self.tile_origins();
         let t = self.tile_size();
         let c = self.card.input.channels;
@@ -269,7 +299,8 @@ impl Detector {
         let mut raw = RawMaps::zeros(s, s, error_maps, output.learned.is_some(), output.second.is_some());
         let mut image = Planar::new(c, s, s);
         let mut counts = vec![0u32; s * s];
-        for (k, &(x, y)) in origins.iter().enumerate() {
+        for (tile, &(x, y)) in origins.iter().enumerate() {
+            let k = v * origins.len() + tile;
             let recon = Planar {
                 channels: c,
                 width: t,
@@ -433,6 +464,41 @@ impl Detector {
             .zip(recons)
             .map(|(p, r)| (self.score(p, &r, overrides), r))
             .collect())
+    }
+}
+
+/// `p` mirrored as a view `(left to right, top to bottom)` sees it (borrowed as it is for
+/// the image itself).
+fn flipped(p: &Planar, (horizontal, vertical): (bool, bool)) -> Cow<'_, Planar> {
+    if !(horizontal || vertical) {
+        return Cow::Borrowed(p);
+    }
+    let mut p = p.clone();
+    flip_planes(&mut p.data, p.width, p.height, horizontal, vertical);
+    Cow::Owned(p)
+}
+
+impl Reconstruction {
+    /// Mirrors the image and every map (a view's output turned back to the image's frame).
+    fn flip(&mut self, (horizontal, vertical): (bool, bool)) {
+        let (w, h) = (self.image.width, self.image.height);
+        flip_planes(&mut self.image.data, w, h, horizontal, vertical);
+        for plane in self.raw.planes_mut() {
+            flip_planes(plane, w, h, horizontal, vertical);
+        }
+    }
+
+    fn add(&mut self, other: &Reconstruction) {
+        let pairs = self.raw.planes_mut().into_iter().zip(other.raw.planes());
+        for (a, b) in std::iter::once((&mut self.image.data, &other.image.data)).chain(pairs) {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    fn scale(&mut self, factor: f32) {
+        for plane in std::iter::once(&mut self.image.data).chain(self.raw.planes_mut()) {
+            plane.iter_mut().for_each(|a| *a *= factor);
+        }
     }
 }
 

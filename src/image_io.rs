@@ -394,6 +394,16 @@ impl Planar {
         out
     }
 
+    /// Mirrors every channel left to right.
+    pub fn flip_horizontal(&mut self) {
+        flip_planes(&mut self.data, self.width, self.height, true, false);
+    }
+
+    /// Mirrors every channel top to bottom.
+    pub fn flip_vertical(&mut self) {
+        flip_planes(&mut self.data, self.width, self.height, false, true);
+    }
+
     /// 8-bit RGB for display (gray is replicated).
     pub fn to_rgb8(&self) -> RgbImage {
         let n = self.width * self.height;
@@ -405,6 +415,25 @@ impl Planar {
             }
         }
         img
+    }
+}
+
+/// Mirrors each `w × h` row-major plane in `data` (one or more, back to back) left to
+/// right and/or top to bottom. Each is its own inverse.
+pub fn flip_planes(data: &mut [f32], w: usize, h: usize, horizontal: bool, vertical: bool) {
+    if w == 0 || h == 0 {
+        return;
+    }
+    for plane in data.chunks_exact_mut(w * h) {
+        if horizontal {
+            plane.chunks_exact_mut(w).for_each(<[f32]>::reverse);
+        }
+        if vertical {
+            for r in 0..h / 2 {
+                let (top, bottom) = plane.split_at_mut((h - 1 - r) * w);
+                top[r * w..(r + 1) * w].swap_with_slice(&mut bottom[..w]);
+            }
+        }
     }
 }
 

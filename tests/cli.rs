@@ -399,6 +399,52 @@ fn calibrate_rewrites_thresholds_from_new_good_images() {
 }
 
 #[test]
+fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    common::copy_model(tiny_model(), &model);
+    let good = dataset().join("test/good");
+    let calibrate = |flips: &str| {
+        let args = ["calibrate", "--model", model.to_str().unwrap(), "--data", good.to_str().unwrap()];
+        run(&[&args[..], &["--test-time-flips", flips]].concat())
+    };
+    let before = read_card(&model);
+    assert!(before["scoring"].get("test_time_flips").is_none(), "absent when none");
+    let o = calibrate("all");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("test-time flips all (was none)"), "{}", stdout(&o));
+    let card = read_card(&model);
+    assert_eq!(card["scoring"]["test_time_flips"], "all");
+    // Scores changed, so the threshold was set anew on these images: they pass.
+    assert_ne!(card["thresholds"]["image"], before["thresholds"]["image"]);
+    let o = run(&["inspect", "--model", model.to_str().unwrap(), good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let threshold = card["thresholds"]["image"].as_f64().unwrap();
+    for line in stdout(&o).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(v["score"].as_f64().unwrap() <= threshold + 1e-6, "{v}");
+    }
+    // And off again.
+    assert!(calibrate("none").status.success());
+    assert!(read_card(&model)["scoring"].get("test_time_flips").is_none());
+    // A model trained without flips refuses them, at training as at calibration.
+    let data = dataset().to_str().unwrap().to_string();
+    let out = work.path().join("unflipped");
+    let mut args = common::tiny_train_args(&data, out.to_str().unwrap());
+    args.extend(["--augment", "brightness,anomalies", "--test-time-flips", "horizontal"]);
+    let o = run(&args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("needs a model trained with flips"), "{}", stderr(&o));
+    assert!(!out.join("model.json").exists());
+    let mut card = read_card(&model);
+    card["training"]["augment"] = serde_json::json!(["brightness", "anomalies"]);
+    std::fs::write(model.join("model.json"), card.to_string()).unwrap();
+    let o = calibrate("all");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("needs a model trained with flips"), "{}", stderr(&o));
+}
+
+#[test]
 fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");

@@ -279,6 +279,57 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
 }
 
 #[test]
+fn flipped_views_average_the_maps_turned_back() {
+    use image::imageops::{flip_horizontal, flip_vertical};
+    use vigil::scoring::TestTimeFlips;
+    let dev = Device::Cpu;
+    let net = Arc::new(Network::new_seeded(&draem(), 1, 32, &dev, 5).unwrap());
+    // Tiles, so that each view is cut into tiles of its own and put back together.
+    let mut card = common::test_card(Fit::Tiles { stride: 16 }, 64, 32);
+    card.architecture = draem();
+    card.scoring.method = vigil::scoring::MapMethod::Learned;
+    let single = Detector::new(card.clone(), net.clone());
+    card.scoring.test_time_flips = TestTimeFlips::All;
+    let averaged = Detector::new(card, net);
+    // Nothing in it is symmetric: a ramp with a bright pixel off the diagonals.
+    let g = image::GrayImage::from_fn(64, 64, |x, y| {
+        image::Luma([if (x, y) == (9, 40) { 255 } else { (x + 2 * y) as u8 }])
+    });
+    let views = [(false, false), (true, false), (false, true), (true, true)];
+    let mut learned = vec![0f32; 64 * 64];
+    let mut recon = vec![0f32; 64 * 64];
+    for (h, v) in views {
+        let mut img = g.clone();
+        if h {
+            img = flip_horizontal(&img);
+        }
+        if v {
+            img = flip_vertical(&img);
+        }
+        let prepared = single.prepare(&DynamicImage::ImageLuma8(img));
+        let r = single.reconstruct(&[&prepared.working]).unwrap().remove(0);
+        let mut map = r.raw.learned.unwrap();
+        let mut image = r.image.data;
+        vigil::image_io::flip_planes(&mut map, 64, 64, h, v);
+        vigil::image_io::flip_planes(&mut image, 64, 64, h, v);
+        learned.iter_mut().zip(&map).for_each(|(a, b)| *a += b / 4.0);
+        recon.iter_mut().zip(&image).for_each(|(a, b)| *a += b / 4.0);
+    }
+    let prepared = averaged.prepare(&DynamicImage::ImageLuma8(g.clone()));
+    let got = averaged.reconstruct(&[&prepared.working]).unwrap().remove(0);
+    let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(off(got.raw.learned.as_ref().unwrap(), &learned) < 1e-6);
+    assert!(off(&got.image.data, &recon) < 1e-6);
+    // The image alone differs from the average (the untrained network is not symmetric).
+    let alone = single.reconstruct(&[&prepared.working]).unwrap().remove(0);
+    assert!(off(alone.raw.learned.as_ref().unwrap(), &learned) > 1e-4);
+    // In a batch with another image, each image's views stay its own.
+    let other = single.prepare(&DynamicImage::ImageLuma8(flip_vertical(&g)));
+    let batch = averaged.reconstruct(&[&other.working, &prepared.working]).unwrap();
+    assert_eq!(batch[1].raw, got.raw);
+}
+
+#[test]
 fn draem_trains_inspects_and_evaluates_end_to_end() {
     // The tiny model of the other CLI tests is trained with the default family.
     let out = common::tiny_model();

@@ -56,6 +56,13 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         return set_threshold(&args.model, image);
     }
     let mut detector = load_detector(&args.model, args.device)?;
+    let views_before = detector.card.scoring.test_time_flips;
+    if let Some(flips) = args.views.test_time_flips {
+        let trained_with_flips = detector.card.training.augment.iter().any(|a| a == "flips");
+        train::check_test_time_flips(flips, trained_with_flips).map_err(anyhow::Error::msg)?;
+        detector.card.scoring.test_time_flips = flips;
+    }
+    let rescored = detector.card.scoring.test_time_flips != views_before;
     let data = args
         .data
         .as_ref()
@@ -94,7 +101,7 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|&&v| v > before.image)
         .count();
-    if above > 0 {
+    if above > 0 && !rescored {
         tracing::warn!(
             "{above} of {} calibration images scored above the threshold before ({:.4}); after a change of light \
              or material that is expected, but if any of them shows a defect the new threshold will let such \
@@ -122,8 +129,17 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
             before.method, before.quantile, before.margin, before.min_defect_area
         )
     };
+    let views = if rescored {
+        format!(
+            "; test-time flips {:?} (was {:?}): scores before and after do not compare",
+            detector.card.scoring.test_time_flips, views_before
+        )
+        .to_lowercase()
+    } else {
+        String::new()
+    };
     println!(
-        "calibrated on {} good image(s): image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}); {method}, {changed}",
+        "calibrated on {} good image(s): image threshold {:.4} (was {:.4}), pixel threshold {:.4} (was {:.4}); {method}, {changed}{views}",
         set.images.len(),
         t.image,
         before.image,

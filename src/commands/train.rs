@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use crate::cli::{ArchName, Channels, FitName, ScoringArgs, TrainArgs};
 use crate::model::artifact::Fit;
 use crate::model::{device, Architecture};
-use crate::scoring::{MapMethod, MapSpec, Reduction};
+use crate::scoring::{MapMethod, MapSpec, Reduction, TestTimeFlips};
 use crate::train::{self, Augment, TrainConfig};
 
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
@@ -162,6 +162,9 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             }
         }
     }
+    if let Some(flips) = args.scoring.views.test_time_flips {
+        check_test_time_flips(flips, augment.flips).map_err(anyhow::Error::msg)?;
+    }
     if discriminative && augment.anomaly_fraction == 0.0 {
         bail!("--arch draem learns from synthetic anomalies: include `anomalies` in --augment");
     }
@@ -238,6 +241,17 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// Flipped views are averaged only for a model trained on flipped images: to one trained
+/// without, a mirrored part may be a defect everywhere (text, an oriented part).
+pub fn check_test_time_flips(flips: TestTimeFlips, trained_with_flips: bool) -> Result<(), String> {
+    if flips.is_none() || trained_with_flips {
+        return Ok(());
+    }
+    Err("--test-time-flips needs a model trained with flips (`flips` among --augment): to one trained \
+         without, a mirrored good part need not look good"
+        .into())
+}
+
 /// How the trained model's map is smoothed and its score read, from the options given.
 /// draem's learned map: the returned map smoothed with σ 4, the score the mean of its
 /// 100 highest unsmoothed pixels (per 256² of working resolution). Re-scoring eighteen
@@ -259,6 +273,7 @@ fn map_spec(scoring: &ScoringArgs, method: MapMethod, discriminative: bool, size
         smoothing_sigma: scoring.smoothing.unwrap_or(4.0),
         reduction,
         score_smoothing_sigma: scoring.score_smoothing.or(discriminative.then_some(0.0)),
+        test_time_flips: scoring.views.test_time_flips.unwrap_or_default(),
         ..MapSpec::default()
     }
 }

@@ -48,6 +48,36 @@ pub enum Reduction {
     },
 }
 
+/// Views of an image the model is run on, their maps turned back and averaged
+/// (test-time augmentation): each view is one more pass of the network. Meant for models
+/// trained with flips, to which a mirrored good surface is a good surface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TestTimeFlips {
+    /// The image alone.
+    #[default]
+    None,
+    /// The image and its mirror image, left to right (2 passes).
+    Horizontal,
+    /// The image and its three flips: left-right, top-bottom, both (4 passes).
+    All,
+}
+
+impl TestTimeFlips {
+    /// Each view as (mirrored left to right, mirrored top to bottom), the image itself first.
+    pub fn views(self) -> &'static [(bool, bool)] {
+        match self {
+            Self::None => &[(false, false)],
+            Self::Horizontal => &[(false, false), (true, false)],
+            Self::All => &[(false, false), (true, false), (false, true), (true, true)],
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::None
+    }
+}
+
 /// Everything needed to turn raw error maps into the anomaly map; stored in `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MapSpec {
@@ -66,6 +96,9 @@ pub struct MapSpec {
     pub score_smoothing_sigma: Option<f32>,
     pub ssim_window: usize,
     pub ssim_sigma: f32,
+    /// Views averaged into the maps (absent: the image alone, as cards before it scored).
+    #[serde(default, skip_serializing_if = "TestTimeFlips::is_none")]
+    pub test_time_flips: TestTimeFlips,
 }
 
 impl Default for MapSpec {
@@ -79,6 +112,7 @@ impl Default for MapSpec {
             score_smoothing_sigma: None,
             ssim_window: 11,
             ssim_sigma: 1.5,
+            test_time_flips: TestTimeFlips::None,
         }
     }
 }
@@ -234,6 +268,18 @@ impl RawMaps {
                 counts[i] += 1;
             }
         }
+    }
+
+    /// Every map it holds (empty error maps and absent learned ones left out), in one order.
+    pub fn planes(&self) -> Vec<&Vec<f32>> {
+        let maps = [Some(&self.dssim), Some(&self.l2), self.learned.as_ref(), self.second.as_ref()];
+        maps.into_iter().flatten().filter(|p| !p.is_empty()).collect()
+    }
+
+    /// [`RawMaps::planes`], to change in place.
+    pub fn planes_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let maps = [Some(&mut self.dssim), Some(&mut self.l2), self.learned.as_mut(), self.second.as_mut()];
+        maps.into_iter().flatten().filter(|p| !p.is_empty()).collect()
     }
 
     /// Divides by the tile coverage after accumulation.

@@ -62,10 +62,10 @@ pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut 
     let y = rng.random_range(0..=src.height - patch);
     let mut clean = src.crop(x, y, patch, patch);
     if aug.flips && rng.random_bool(0.5) {
-        flip_horizontal(&mut clean);
+        clean.flip_horizontal();
     }
     if aug.flips && rng.random_bool(0.5) {
-        flip_vertical(&mut clean);
+        clean.flip_vertical();
     }
     if aug.rotations {
         for _ in 0..rng.random_range(0..4) {
@@ -133,24 +133,6 @@ fn corrupt<R: Rng>(p: &mut Planar, mask: &mut [f32], images: &[Planar], rng: &mu
     }
 }
 
-fn flip_horizontal(p: &mut Planar) {
-    let w = p.width;
-    for row in p.data.chunks_exact_mut(w) {
-        row.reverse();
-    }
-}
-
-fn flip_vertical(p: &mut Planar) {
-    let (w, h) = (p.width, p.height);
-    for c in 0..p.channels {
-        let plane = &mut p.data[c * w * h..(c + 1) * w * h];
-        for r in 0..h / 2 {
-            let (top, bottom) = plane.split_at_mut((h - 1 - r) * w);
-            top[r * w..(r + 1) * w].swap_with_slice(&mut bottom[..w]);
-        }
-    }
-}
-
 /// Rotates a square planar image by 90° clockwise.
 fn rotate90(p: &Planar) -> Planar {
     let (w, h) = (p.width, p.height);
@@ -180,11 +162,17 @@ mod tests {
     #[test]
     fn flips_and_rotation_move_pixels_where_expected() {
         let mut p = ramp(3, 2); // [0 1 2; 3 4 5]
-        flip_horizontal(&mut p);
+        p.flip_horizontal();
         assert_eq!(p.data, vec![2., 1., 0., 5., 4., 3.]);
         let mut p = ramp(3, 2);
-        flip_vertical(&mut p);
+        p.flip_vertical();
         assert_eq!(p.data, vec![3., 4., 5., 0., 1., 2.]);
+        // Two channels of 2 × 3, both flips: each plane turned half round, on its own.
+        let mut p = Planar::new(2, 2, 3);
+        p.data.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+        p.flip_horizontal();
+        p.flip_vertical();
+        assert_eq!(p.data, vec![5., 4., 3., 2., 1., 0., 11., 10., 9., 8., 7., 6.]);
         let r = rotate90(&ramp(2, 2)); // [0 1; 2 3] → [2 0; 3 1]
         assert_eq!(r.data, vec![2., 0., 3., 1.]);
         let four = rotate90(&rotate90(&rotate90(&rotate90(&ramp(4, 4)))));
