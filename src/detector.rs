@@ -224,7 +224,12 @@ impl Detector {
         let tiles: Vec<Planar> = inputs
             .iter()
             .flat_map(|p| views.iter().map(move |&flips| flipped(p, flips)))
-            .flat_map(|p| origins.iter().map(move |&(x, y)| p.crop(x, y, t, t)).collect::<Vec<_>>())
+            .flat_map(|p| {
+                origins
+                    .iter()
+                    .map(move |&(x, y)| p.crop(x, y, t, t))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let mut outputs: Vec<f32> = Vec::with_capacity(tiles.len() * c * t * t);
         let mut learned: Vec<f32> = Vec::new();

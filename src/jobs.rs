@@ -224,7 +224,7 @@ pub fn run(
         if target.exists() {
             return Err(format!("a model named {model:?} appeared while training; not replaced"));
         }
-        std::fs::rename(&staging, &target).map_err(|e| format!("moving the model into place: {e}"))?;
+        crate::durable::publish(&staging, &target).map_err(|e| format!("moving the model into place: {e}"))?;
         Ok(target.clone())
     })();
     if result.is_err() {

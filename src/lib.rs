@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod detector;
+pub mod durable;
 pub mod engine;
 pub mod eval;
 pub mod image_io;

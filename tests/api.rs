@@ -311,6 +311,35 @@ async fn a_misspelt_query_parameter_is_refused_and_named() {
         let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
         assert!(message.contains("unknown field"), "{uri}: {message}");
     }
+    // Routes that take no parameters refuse any, rather than answer as if none were sent.
+    let id = json(
+        &send(&h.state, post("/v1/inspect", "image/png", png(16, 16, false)))
+            .await
+            .2,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for uri in [
+        "/v1/models?foo=1".to_string(),
+        "/v1/models/default?threshold=0.1".to_string(),
+        "/v1/whoami?x".to_string(),
+        format!("/v1/inspections/{id}?foo=1"),
+        format!("/v1/inspections/{id}/anomaly_map.npy?opacity=1"),
+        format!("/v1/inspections/{id}/reconstruction.png?format=png"),
+    ] {
+        let (s, _, b) = send(&h.state, get(&uri)).await;
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{uri}"
+        );
+        let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("takes no query parameters"), "{uri}: {message}");
+    }
+    // An empty query string is no parameter.
+    let (s, _, _) = send(&h.state, get(&format!("/v1/inspections/{id}?"))).await;
+    assert_eq!(s, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -1485,6 +1514,33 @@ async fn job_events(state: &Arc<AppState>, id: &str) -> Vec<Value> {
 }
 
 const TINY: &str = r#"{"steps": 3, "size": 32, "patch": 32, "batch_size": 2}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_job_whose_threshold_flags_nothing_says_so_in_its_message() {
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 5);
+    // A margin of 5: six times the good images' scores, over 1 for any score above 1/6
+    // (the untrained segmenter's probabilities sit near one half).
+    let mut options: Value = serde_json::from_str(TINY).unwrap();
+    options["margin"] = 5.into();
+    let request = serde_json::json!({"model": "deaf", "folder": folder, "options": options});
+    let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let events = job_events(&h.state, json(&b)["id"].as_str().unwrap()).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "succeeded", "{events:?}");
+    let card: Value =
+        serde_json::from_str(&std::fs::read_to_string(h.state.models_dir.join("deaf/model.json")).unwrap()).unwrap();
+    assert!(
+        card["thresholds"]["image"].as_f64().unwrap() >= 1.0,
+        "{}",
+        card["thresholds"]
+    );
+    let message = last["message"].as_str().unwrap();
+    assert!(message.contains("it will flag nothing"), "{message}");
+    assert!(message.contains("calibrated on only 1 good image"), "{message}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_training_job_trains_streams_progress_and_its_model_is_served_at_once() {

@@ -405,7 +405,13 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
     common::copy_model(tiny_model(), &model);
     let good = dataset().join("test/good");
     let calibrate = |flips: &str| {
-        let args = ["calibrate", "--model", model.to_str().unwrap(), "--data", good.to_str().unwrap()];
+        let args = [
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            good.to_str().unwrap(),
+        ];
         run(&[&args[..], &["--test-time-flips", flips]].concat())
     };
     let before = read_card(&model);
@@ -434,14 +440,22 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
     args.extend(["--augment", "brightness,anomalies", "--test-time-flips", "horizontal"]);
     let o = run(&args);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("needs a model trained with flips"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs a model trained with flips"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.join("model.json").exists());
     let mut card = read_card(&model);
     card["training"]["augment"] = serde_json::json!(["brightness", "anomalies"]);
     std::fs::write(model.join("model.json"), card.to_string()).unwrap();
     let o = calibrate("all");
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("needs a model trained with flips"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs a model trained with flips"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -207,28 +207,70 @@ impl AppState {
     }
 }
 
+/// Refuses a query string on a route that takes none, as the routes that take some refuse
+/// a parameter they do not know: `?threshold=` sent to the wrong route must not be ignored.
+async fn refuse_query(req: Request, next: axum::middleware::Next) -> Response {
+    match req.uri().query() {
+        Some(q) if !q.is_empty() => axum::response::IntoResponse::into_response(error::ApiError::BadRequest(format!(
+            "this route takes no query parameters, not {q:?}"
+        ))),
+        _ => next.run(req).await,
+    }
+}
+
 /// The router, so tests can drive it in-process.
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/inspect", post(inspect::inspect_default))
-        .route("/models", get(models::list))
-        .route("/models/{model}", get(models::card))
+        .route(
+            "/models",
+            get(models::list).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
+        .route(
+            "/models/{model}",
+            get(models::card).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route("/models/{model}/inspect", post(inspect::inspect_model))
-        .route("/models/{model}/reload", post(models::reload))
+        .route(
+            "/models/{model}/reload",
+            post(models::reload).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route("/inspections", get(records::list))
-        .route("/inspections/{id}", get(records::get_one))
+        .route(
+            "/inspections/{id}",
+            get(records::get_one).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route("/inspections/{id}/heatmap.png", get(records::heatmap))
-        .route("/inspections/{id}/anomaly_map.npy", get(records::anomaly_map))
-        .route("/inspections/{id}/reconstruction.png", get(records::reconstruction))
+        .route(
+            "/inspections/{id}/anomaly_map.npy",
+            get(records::anomaly_map).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
+        .route(
+            "/inspections/{id}/reconstruction.png",
+            get(records::reconstruction).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route("/inspections/{id}/image", get(records::image))
         .route("/stats", get(live::stats))
-        .route("/whoami", get(auth::whoami))
+        .route(
+            "/whoami",
+            get(auth::whoami).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route("/training-jobs", get(training::list).post(training::create))
-        .route("/training-jobs/{id}", get(training::get_one).delete(training::cancel))
-        .route("/training-jobs/{id}/events", get(training::events))
+        .route(
+            "/training-jobs/{id}",
+            get(training::get_one)
+                .delete(training::cancel)
+                .route_layer(axum::middleware::from_fn(refuse_query)),
+        )
+        .route(
+            "/training-jobs/{id}/events",
+            get(training::events).route_layer(axum::middleware::from_fn(refuse_query)),
+        )
         .route(
             "/inspections/{id}/feedback",
-            post(records::feedback).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
+            post(records::feedback)
+                .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+                .route_layer(axum::middleware::from_fn(refuse_query)),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()

@@ -316,7 +316,9 @@ pub async fn heatmap(
 
 /// The stored image, as it was uploaded (any model version: it is what was sent), or
 /// with `?format=png` as PNG.
-#[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path), ImageQuery), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/inspections/{id}/image", params(("id" = String, Path), ImageQuery), responses((status = 200, description = "The image as uploaded, in its own format (PNG with `?format=png`)",
+    content((Vec<u8> = "image/png"), (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/bmp"), (Vec<u8> = "image/tiff"))),
+    (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody)))]
 pub async fn image(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,

@@ -740,15 +740,22 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     .await
     .map_err(|e| format!("the training task failed: {e}"))??;
     let threshold = detector.card.thresholds.image;
-    let few = crate::train::calibrate::few_images_note(detector.card.thresholds.validation_images);
+    // What the CLI prints as warnings, the job's message carries: its caller sees no log.
+    let notes: String = [
+        crate::train::calibrate::threshold_warning(&detector.card),
+        crate::train::calibrate::few_images_note(detector.card.thresholds.validation_images),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|n| format!("; {n}"))
+    .collect();
     if !state.serve_model(&view.model, dir.clone(), detector, &version) {
         return Err(format!("a model named {:?} is already served", view.model));
     }
     Ok(format!(
-        "written to {} and served as {:?} (version {version}, image threshold {threshold:.4}){}",
+        "written to {} and served as {:?} (version {version}, image threshold {threshold:.4}){notes}",
         dir.display(),
         view.model,
-        few.map(|n| format!("; {n}")).unwrap_or_default()
     ))
 }
 

@@ -247,9 +247,11 @@ pub fn check_test_time_flips(flips: TestTimeFlips, trained_with_flips: bool) -> 
     if flips.is_none() || trained_with_flips {
         return Ok(());
     }
-    Err("--test-time-flips needs a model trained with flips (`flips` among --augment): to one trained \
+    Err(
+        "--test-time-flips needs a model trained with flips (`flips` among --augment): to one trained \
          without, a mirrored good part need not look good"
-        .into())
+            .into(),
+    )
 }
 
 /// How the trained model's map is smoothed and its score read, from the options given.

@@ -307,7 +307,8 @@ impl ModelCard {
         self.scoring.check_loadable(self.input.working_size)
     }
 
-    /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file.
+    /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file, and
+    /// durably (synced).
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -317,7 +318,6 @@ impl ModelCard {
         let path = dir.join(CARD_FILE);
         let tmp = dir.join(format!(".{CARD_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("a model card serialises");
-        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        crate::durable::write_file(&tmp, &path, (text + "\n").as_bytes()).map_err(io(&path))
     }
 }

@@ -203,6 +203,10 @@ impl Network {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
         }
+        crate::durable::sync_file(&tmp).map_err(|source| ArtifactError::Write {
+            path: tmp.clone(),
+            cause: source,
+        })?;
         Ok(tmp)
     }
 
@@ -287,10 +291,10 @@ fn is_bias_of_linear_or_conv(name: &str, data: &std::collections::HashMap<String
         .is_some_and(|w| w.rank() > 1)
 }
 
-/// Moves weights written by [`Network::stage_weights`] to their place in `dir`.
+/// Moves weights written by [`Network::stage_weights`] to their place in `dir`, durably.
 pub fn place_weights(staged: &Path, dir: &Path) -> Result<(), ArtifactError> {
     let path = dir.join(artifact::WEIGHTS_FILE);
-    std::fs::rename(staged, &path).map_err(|source| ArtifactError::Write { path, cause: source })
+    crate::durable::publish(staged, &path).map_err(|source| ArtifactError::Write { path, cause: source })
 }
 
 #[cfg(test)]

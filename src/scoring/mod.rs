@@ -272,13 +272,23 @@ impl RawMaps {
 
     /// Every map it holds (empty error maps and absent learned ones left out), in one order.
     pub fn planes(&self) -> Vec<&Vec<f32>> {
-        let maps = [Some(&self.dssim), Some(&self.l2), self.learned.as_ref(), self.second.as_ref()];
+        let maps = [
+            Some(&self.dssim),
+            Some(&self.l2),
+            self.learned.as_ref(),
+            self.second.as_ref(),
+        ];
         maps.into_iter().flatten().filter(|p| !p.is_empty()).collect()
     }
 
     /// [`RawMaps::planes`], to change in place.
     pub fn planes_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        let maps = [Some(&mut self.dssim), Some(&mut self.l2), self.learned.as_mut(), self.second.as_mut()];
+        let maps = [
+            Some(&mut self.dssim),
+            Some(&mut self.l2),
+            self.learned.as_mut(),
+            self.second.as_mut(),
+        ];
         maps.into_iter().flatten().filter(|p| !p.is_empty()).collect()
     }
 

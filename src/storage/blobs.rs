@@ -1,7 +1,6 @@
 //! Stored images: files under `<data-dir>/images/<yyyy-mm-dd>/<id>.<ext>`, written and
 //! synced before the record that names them is committed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -27,12 +26,7 @@ impl BlobStore {
         let path = self.root.join(&rel);
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()?;
+        crate::durable::write_file(&path.with_extension("tmp"), &path, bytes)?;
         Ok(rel)
     }
 
