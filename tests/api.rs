@@ -337,6 +337,23 @@ async fn a_misspelt_query_parameter_is_refused_and_named() {
         let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
         assert!(message.contains("takes no query parameters"), "{uri}: {message}");
     }
+    // A NUL, which PostgreSQL refuses in text, is the request's mistake on either backend.
+    for (req, want) in [
+        (get("/v1/inspections/%00"), StatusCode::NOT_FOUND),
+        (get("/v1/training-jobs/%00"), StatusCode::NOT_FOUND),
+        (get("/v1/inspections?model=a%00"), StatusCode::BAD_REQUEST),
+        (
+            post_json(
+                &format!("/v1/inspections/{id}/feedback"),
+                serde_json::json!({"label": "good", "note": "a\u{0}b"}),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let uri = req.uri().to_string();
+        let (s, _, b) = send(&h.state, req).await;
+        assert_eq!(s, want, "{uri}: {}", String::from_utf8_lossy(&b));
+    }
     // An empty query string is no parameter.
     let (s, _, _) = send(&h.state, get(&format!("/v1/inspections/{id}?"))).await;
     assert_eq!(s, StatusCode::OK);

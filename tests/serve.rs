@@ -509,6 +509,23 @@ fn two_replicas_share_one_postgresql_database() {
         serde_json::from_slice(&again).unwrap(),
     );
     assert_eq!(first["id"], again["id"]);
+    // PostgreSQL refuses a NUL in text: a request carrying one is the client's mistake
+    // (404 or 400), not a database outage (503) to retry.
+    for (method, uri, body, want) in [
+        ("GET", "/v1/inspections/%00".to_string(), &b""[..], 404),
+        ("GET", "/v1/training-jobs/a%00b".to_string(), &b""[..], 404),
+        ("GET", "/v1/inspections?part_id=%00".to_string(), &b""[..], 400),
+        ("GET", "/v1/inspections?part_prefix=a%00".to_string(), &b""[..], 400),
+        (
+            "POST",
+            format!("/v1/inspections/{}/feedback", made[0]),
+            &br#"{"label": "good", "note": "a\u0000b"}"#[..],
+            400,
+        ),
+    ] {
+        let (s, b) = http(&one.addr, method, &uri, "application/json", body);
+        assert_eq!(s, want, "{uri}: {}", String::from_utf8_lossy(&b));
+    }
 }
 
 /// Forwards every connection to `127.0.0.1:listen_port` to `target`, from now on.

@@ -248,6 +248,11 @@ impl From<StoreError> for ApiError {
             StoreError::Malformed(m) => ApiError::Internal(format!("malformed record: {m}")),
             StoreError::Conflict(m) => ApiError::ModelExists(m),
             StoreError::KeyTaken(_) => ApiError::IdempotencyKeyReused(e.to_string()),
+            // PostgreSQL's "data exception" class (a value it will not store: a NUL in
+            // text, a number out of range): the request's doing, not an outage to retry.
+            StoreError::Database(sqlx::Error::Database(ref d)) if d.code().is_some_and(|c| c.starts_with("22")) => {
+                ApiError::BadRequest(format!("the database refused a value of this request: {}", d.message()))
+            }
             other => ApiError::DatabaseUnavailable(other.to_string()),
         }
     }

@@ -207,6 +207,17 @@ impl AppState {
     }
 }
 
+/// Refuses text with a NUL character: no record holds one, and PostgreSQL refuses it in a
+/// text value (SQLite would take it), so it is the request's mistake on either backend.
+pub(crate) fn refuse_nul(name: &str, value: Option<&str>) -> Result<(), error::ApiError> {
+    match value {
+        Some(v) if v.contains('\0') => Err(error::ApiError::BadRequest(format!(
+            "{name} must not contain a NUL character"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a query string on a route that takes none, as the routes that take some refuse
 /// a parameter they do not know: `?threshold=` sent to the wrong route must not be ignored.
 async fn refuse_query(req: Request, next: axum::middleware::Next) -> Response {

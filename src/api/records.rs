@@ -107,6 +107,7 @@ pub async fn list(
                 "{name} must not be empty (leave it out to list every one)"
             )));
         }
+        super::refuse_nul(name, value.as_deref())?;
     }
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -161,6 +162,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for InspectionId {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        // No id holds a NUL (PostgreSQL refuses one in text, which is not an outage).
+        if id.contains('\0') {
+            return Err(ApiError::UnknownInspection(id));
+        }
         Ok(Self(uuid::Uuid::parse_str(&id).map_or(id, |u| u.to_string())))
     }
 }
@@ -204,6 +209,7 @@ pub async fn feedback(
             ApiError::BadRequest(e.body_text())
         }
     })?;
+    super::refuse_nul("note", body.note.as_deref())?;
     let defective = match body.label.as_str() {
         "good" => false,
         "defective" => true,

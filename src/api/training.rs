@@ -789,6 +789,10 @@ pub async fn list(
 }
 
 async fn find(state: &AppState, id: &str) -> Result<JobView, ApiError> {
+    // No id holds a NUL (PostgreSQL refuses one in text, which is not an outage).
+    if id.contains('\0') {
+        return Err(ApiError::UnknownJob(id.to_string()));
+    }
     if let Some(v) = state.training.view(id) {
         return Ok(v);
     }
