@@ -326,6 +326,7 @@ pub struct InspectArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
+    /// Model directory to evaluate.
     #[arg(long, default_value = "models/default")]
     pub model: PathBuf,
     /// Evaluate several models on the same data instead of --model, and print one table

@@ -18,6 +18,9 @@ pub enum ImageError {
     TooManyPixels { width: u32, height: u32, max_pixels: u64 },
     #[error("the image is larger than its decoder will read: {0}")]
     OverDecoderLimit(String),
+    /// A format vigil reads, in a variant its decoder does not (a TIFF of 32-bit floats).
+    #[error("a kind of image vigil does not read: {0}")]
+    UnsupportedKind(String),
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
     #[error("cannot read {path}: {source}")]
@@ -223,6 +226,7 @@ fn without_panics<T>(format: ImageFormat, step: impl FnOnce() -> image::ImageRes
     match result {
         // A decoder's own size limit (BMP's, on a header declaring a huge image).
         Ok(Err(image::ImageError::Limits(e))) => Err(ImageError::OverDecoderLimit(e.to_string())),
+        Ok(Err(image::ImageError::Unsupported(e))) => Err(ImageError::UnsupportedKind(e.to_string())),
         Ok(decoded) => decoded.map_err(|e| ImageError::Corrupt(e.to_string())),
         Err(payload) => Err(ImageError::Corrupt(format!(
             "the {format:?} decoder failed on this image ({})",

@@ -180,7 +180,34 @@ pub fn train_args(data: &Path, out: &Path, flags: &[String]) -> Result<TrainArgs
     argv.extend(flags.iter().cloned());
     TrainCommand::try_parse_from(argv)
         .map(|c| c.args)
-        .map_err(|e| e.render().to_string().trim().to_string())
+        .map_err(|e| as_option_error(&e.render().to_string()))
+}
+
+/// clap's message in the API's words: its first paragraph without "error: ", usage lines
+/// or the pointer to `--help`, and each flag named as its option (`'--batch-size <N>'` →
+/// `batch_size`).
+fn as_option_error(rendered: &str) -> String {
+    let first = rendered.trim().split("\n\n").next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let mut out = String::new();
+    let mut rest = first;
+    while let Some(at) = rest.find("'--") {
+        out.push_str(&rest[..at]);
+        let quoted = &rest[at + 3..];
+        let end = quoted.find('\'').unwrap_or(quoted.len());
+        let flag = quoted[..end].split([' ', '=']).next().unwrap_or_default();
+        out.push_str(&format!("option `{}`", flag.replace('-', "_")));
+        rest = quoted.get(end + 1..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    let mut message = out
+        .replace("unexpected argument option", "unknown option")
+        .replace("` found", "`");
+    if let Some(similar) = rendered.split("a similar argument exists: '--").nth(1) {
+        let flag = similar.split(['\'', ' ', '=']).next().unwrap_or_default();
+        message.push_str(&format!(" (did you mean `{}`?)", flag.replace('-', "_")));
+    }
+    message
 }
 
 /// Where a job trains before the model is moved into place: beside the final folder (one
@@ -260,8 +287,9 @@ pub fn upload_file_name(index: usize, client_name: Option<&str>, ext: &str) -> S
 /// Writes the images in a zip archive into `dir` as `NNNNN.ext`, numbered from `first`.
 /// Folder names inside the archive are dropped (nothing is written outside `dir`), other
 /// files are skipped, and extraction stops with an error once more than `limit` bytes
-/// have been unpacked (a small archive can expand enormously). Returns how many images.
-pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) -> Result<usize, String> {
+/// have been unpacked (a small archive can expand enormously: the caller passes what is
+/// left of the whole upload's limit). Returns how many images, and their bytes.
+pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) -> Result<(usize, u64), String> {
     use std::io::Read;
     let mut archive =
         zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| format!("not a readable zip archive: {e}"))?;
@@ -290,13 +318,15 @@ pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) ->
             .map_err(|e| format!("zip entry {name:?}: {e}"))?;
         unpacked += data.len() as u64;
         if unpacked > limit {
-            return Err(format!("the zip archive unpacks to more than {limit} bytes"));
+            return Err(format!(
+                "the zip archive unpacks to more than the {limit} bytes left of the upload's limit"
+            ));
         }
         let path = dir.join(upload_file_name(first + written, Some(&name), &ext));
         std::fs::write(&path, data).map_err(|e| format!("writing {}: {e}", path.display()))?;
         written += 1;
     }
-    Ok(written)
+    Ok((written, unpacked))
 }
 
 /// Model names become folder names and URL segments: letters, digits, `-`, `_`, `.`, not
@@ -406,6 +436,27 @@ mod tests {
     }
 
     #[test]
+    fn option_errors_name_options_not_flags() {
+        let refused = |flags: &[&str]| {
+            let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+            train_args(Path::new("d"), Path::new("o"), &flags).err().unwrap()
+        };
+        for (flags, want) in [
+            (&["--steps=0"][..], "invalid value '0' for option `steps`"),
+            (&["--batch-size=x"][..], "option `batch_size`"),
+            (&["--stepz=3"][..], "unknown option `stepz` (did you mean `steps`?)"),
+            (&["--arch=nope"][..], "option `arch`"),
+        ] {
+            let e = refused(flags);
+            assert!(e.contains(want), "{flags:?}: {e}");
+            assert!(
+                !e.contains("--") && !e.contains("Usage") && !e.starts_with("error"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn zip_uploads_give_their_images_flat_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let zip = zip_of(&[
@@ -414,7 +465,7 @@ mod tests {
             ("notes.txt", b"skip me"),
             ("__MACOSX/._a.png", b"resource fork"),
         ]);
-        let n = extract_zip_images(&zip, dir.path(), 3, 1 << 20).unwrap();
+        let (n, _) = extract_zip_images(&zip, dir.path(), 3, 1 << 20).unwrap();
         assert_eq!(n, 2);
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -431,7 +482,7 @@ mod tests {
         let bomb = zip_of(&[("a.png", &zeros)]);
         assert!(bomb.len() < 10_000);
         let e = extract_zip_images(&bomb, dir.path(), 0, 100_000).unwrap_err();
-        assert!(e.contains("more than 100000 bytes"), "{e}");
+        assert!(e.contains("more than the 100000 bytes left"), "{e}");
         assert!(extract_zip_images(b"not a zip", dir.path(), 0, 1 << 20).is_err());
     }
 

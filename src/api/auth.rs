@@ -47,6 +47,13 @@ impl ApiKeys {
                 other => return Err(format!("line {}: unknown role {other:?} (inspect or admin)", n + 1)),
             };
             let key = key.trim();
+            // One key a line: text after it (a comment) would silently become part of it.
+            if key.contains(char::is_whitespace) {
+                return Err(format!(
+                    "line {}: expected `<role> <key>`, and a key holds no spaces (comments go on lines of their own, after #)",
+                    n + 1
+                ));
+            }
             if key.len() < 16 {
                 return Err(format!("line {}: keys must be at least 16 characters", n + 1));
             }
@@ -144,6 +151,12 @@ mod tests {
         assert_eq!(k.role_of(b"aaaaaaaaaaaaaaa"), None);
         assert!(ApiKeys::parse("root aaaaaaaaaaaaaaaa").is_err());
         assert!(ApiKeys::parse("inspect short").is_err());
+        // Text after the key would have become part of it: the key a client sends then fails.
+        let e = ApiKeys::parse("inspect abcdefghijklmnopqr line 3 camera")
+            .err()
+            .unwrap();
+        assert!(e.contains("line 1") && e.contains("no spaces"), "{e}");
+        assert!(ApiKeys::parse("  inspect \t abcdefghijklmnopqr  ").is_ok());
         let twice = ApiKeys::parse("admin aaaaaaaaaaaaaaaa\ninspect aaaaaaaaaaaaaaaa")
             .err()
             .unwrap();

@@ -222,7 +222,9 @@ impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
         match e {
             ImageError::Empty => ApiError::EmptyBody,
-            ImageError::UnsupportedFormat => ApiError::UnsupportedMediaType(e.to_string()),
+            ImageError::UnsupportedFormat | ImageError::UnsupportedKind(_) => {
+                ApiError::UnsupportedMediaType(e.to_string())
+            }
             ImageError::TooManyPixels { .. } | ImageError::OverDecoderLimit(_) => {
                 ApiError::TooManyPixels(e.to_string())
             }

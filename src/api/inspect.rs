@@ -202,17 +202,35 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
             let put = blocking(move || blobs.put(&day, &id, ext, &bytes)).await?;
             record.image_path = Some(put.map_err(|e| ApiError::ImageStoreUnavailable(e.to_string()))?);
         }
-        match st.store.insert(&record).await {
-            Ok(()) => Ok(Ok(record)),
-            Err(e) => {
-                if let Some(p) = &record.image_path {
-                    let _ = st.blobs.remove(p);
-                }
-                match e {
-                    StoreError::KeyTaken(key) => Ok(Err(key)),
-                    e => Err(ApiError::from(e)),
+        let remove_image = |path: Option<String>| {
+            let blobs = st.blobs.clone();
+            async move {
+                if let Some(p) = path {
+                    let _ = blocking(move || blobs.remove(&p)).await;
                 }
             }
+        };
+        match st.store.insert(&record).await {
+            Ok(()) => Ok(Ok(record)),
+            Err(StoreError::KeyTaken(key)) => {
+                remove_image(record.image_path.clone()).await;
+                Ok(Err(key))
+            }
+            // A failed insert may still have committed (the connection lost during
+            // COMMIT): then the row stands, and so must its image. Only a row known absent
+            // lets the image go; when the database cannot say, the image stays (an orphan
+            // file, never a record without its image).
+            Err(e) => match st.store.get(&record.id).await {
+                Ok(Some(_)) => {
+                    tracing::warn!(id = %record.id, "the insert reported {e}, but the record is committed");
+                    Ok(Ok(record))
+                }
+                Ok(None) => {
+                    remove_image(record.image_path.clone()).await;
+                    Err(ApiError::from(e))
+                }
+                Err(_) => Err(ApiError::from(e)),
+            },
         }
     })
     .await

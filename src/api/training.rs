@@ -373,6 +373,9 @@ async fn text_field(field: &mut axum::extract::multipart::Field<'_>, name: &str)
 /// Saves the `images` parts under `dir`; returns the request they belong to.
 async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Result<JobRequest, ApiError> {
     let (mut model, mut options, mut files, mut total) = (None, BTreeMap::new(), 0usize, 0usize);
+    // Bytes written to disk: images as sent, and what zip archives unpack to. One limit
+    // for the whole request, so that many small archives cannot each unpack to it.
+    let mut stored = 0u64;
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
@@ -406,12 +409,14 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                 }
                 if is_zip {
                     let (dir, first) = (dir.to_path_buf(), files);
-                    files += tokio::task::spawn_blocking(move || {
-                        jobs::extract_zip_images(&bytes, &dir, first, MAX_UPLOAD_BYTES as u64)
-                    })
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .map_err(ApiError::BadTrainingData)?;
+                    let left = (MAX_UPLOAD_BYTES as u64).saturating_sub(stored);
+                    let (n, unpacked) =
+                        tokio::task::spawn_blocking(move || jobs::extract_zip_images(&bytes, &dir, first, left))
+                            .await
+                            .map_err(|e| ApiError::Internal(e.to_string()))?
+                            .map_err(ApiError::BadTrainingData)?;
+                    files += n;
+                    stored += unpacked;
                     continue;
                 }
                 // The format is read from the bytes, not the name: a file sent as `x.bin`
@@ -430,6 +435,10 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                         )))
                     }
                 };
+                stored += bytes.len() as u64;
+                if stored > MAX_UPLOAD_BYTES as u64 {
+                    return Err(ApiError::BodyTooLarge(MAX_UPLOAD_BYTES));
+                }
                 let path = dir.join(jobs::upload_file_name(files, client_name.as_deref(), ext));
                 tokio::fs::write(&path, bytes)
                     .await

@@ -25,7 +25,14 @@ impl BlobStore {
         let rel = format!("images/{day}/{id}.{ext}");
         let path = self.root.join(&rel);
         let dir = path.parent().expect("has a parent");
-        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            // A new day's folder (and `images/` on the first day) lives in its parent's
+            // entries: synced too, or a crash could lose the folder with the day's images.
+            std::fs::create_dir_all(dir)?;
+            let images = dir.parent().expect("images/");
+            crate::durable::sync_dir(images)?;
+            crate::durable::sync_dir(images.parent().expect("the data directory"))?;
+        }
         crate::durable::write_file(&path.with_extension("tmp"), &path, bytes)?;
         Ok(rel)
     }
