@@ -393,7 +393,7 @@ mod tests {
         // A bad value is refused with the command line's own message; a negative number
         // is the option's value, not taken for a flag.
         let e = train_args(Path::new("/g"), Path::new("/o"), &["--steps".into(), "many".into()]).unwrap_err();
-        assert!(e.contains("--steps"), "{e}");
+        assert!(e.contains("option `steps`"), "{e}");
         for bad in [
             r#"{"steps": -5}"#,
             r#"{"steps": 0}"#,
