@@ -743,8 +743,19 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
     let device = state.device.clone();
     let (detector, version, dir) = tokio::task::spawn_blocking(move || {
         let dir = jobs::run(&models_dir, &model, &id, &args, threads, &cancel, on_step)?;
-        let (d, v) = crate::registry::load_warm(&dir, &device).map_err(|e| format!("{e:#}"))?;
-        Ok::<_, String>((d, v, dir))
+        match crate::registry::load_warm(&dir, &device) {
+            Ok((d, v)) => Ok::<_, String>((d, v, dir)),
+            // Out of the models folder again, under a hidden name: left there, a model that
+            // does not load would stop every replica's next start and hold its name.
+            Err(e) => {
+                let aside = models_dir.join(format!(".{model}.{id}.failed"));
+                let moved = crate::durable::publish(&dir, &aside).map_or_else(
+                    |m| format!("; moving it aside failed too: {m}"),
+                    |()| format!("; set aside as {}", aside.display()),
+                );
+                Err(format!("the trained model does not load: {e:#}{moved}"))
+            }
+        }
     })
     .await
     .map_err(|e| format!("the training task failed: {e}"))??;
