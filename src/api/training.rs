@@ -181,6 +181,11 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
     let weak = Arc::downgrade(state);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEARTBEAT);
+        // Since when every heartbeat of this server has been recorded. After the database
+        // was out of reach, every server's jobs look quiet: the others are judged only
+        // once this one has been heard for the quiet time again, as they have then too if
+        // they are alive (else a short outage marked live jobs of other replicas failed).
+        let mut heard_since: Option<i64> = None;
         loop {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { break };
@@ -188,12 +193,19 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
             let now = now_us();
             let swept = async {
                 state.store.heartbeat_jobs(&ours, now).await?;
+                let since = *heard_since.get_or_insert(now);
+                if !sweep_due(since, now) {
+                    return Ok(0);
+                }
                 state
                     .store
                     .interrupt_abandoned_jobs(now, Some(now - JOB_QUIET_US))
                     .await
             }
             .await;
+            if swept.is_err() {
+                heard_since = None;
+            }
             match swept {
                 Ok(0) => {}
                 Ok(n) => {
@@ -207,6 +219,12 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
             }
         }
     });
+}
+
+/// Whether a server heard without a break since `since` (µs) may judge other servers'
+/// jobs at `now`: after a full quiet time, in which every live server has heartbeated.
+fn sweep_due(since: i64, now: i64) -> bool {
+    now - since >= JOB_QUIET_US
 }
 
 /// A model name held by [`JobBoard::reserve`].
@@ -924,6 +942,14 @@ pub async fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_servers_jobs_are_judged_only_after_a_full_quiet_time_heard() {
+        let start = 1_000_000_000;
+        assert!(!sweep_due(start, start));
+        assert!(!sweep_due(start, start + JOB_QUIET_US - 1));
+        assert!(sweep_due(start, start + JOB_QUIET_US));
+    }
 
     #[cfg(unix)]
     #[test]
