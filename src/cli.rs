@@ -262,7 +262,7 @@ pub struct ViewArgs {
     /// back: horizontal (the mirror image, 2 passes of the network) or all (the three
     /// flips, 4 passes). Costs that many times the model's time per image; raised draem's
     /// mean image AUROC on six real surfaces from 0.938 to 0.946 (all) and 0.944
-    /// (horizontal). Only for models trained with flips (draem's default), to which a
+    /// (horizontal). Only for models trained with flips (every family's default), to which a
     /// mirrored good part is a good part. Default: none (`vigil calibrate`: the model's
     /// own; given there, it changes the model's scoring and calibrates anew on --data).
     #[arg(long, value_enum)]

@@ -24,9 +24,14 @@ pub fn sync_file(path: &Path) -> std::io::Result<()> {
 /// Renames `from` to `to` (a file or a folder) and syncs the folder that now holds `to`.
 pub fn publish(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)?;
-    match to.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
-        _ => sync_dir(Path::new(".")),
+    sync_dir(&folder_of(to))
+}
+
+/// The folder that holds `path` (`.` for a bare name).
+pub fn folder_of(path: &Path) -> std::path::PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
     }
 }
 

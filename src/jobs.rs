@@ -130,6 +130,7 @@ const ALLOWED: &[&str] = &[
     "score_filter",
     "fit",
     "stride",
+    "test_time_flips",
 ];
 
 /// Options that are `vigil train` flags taking `true` or `false`, not bare switches.
@@ -180,34 +181,50 @@ pub fn train_args(data: &Path, out: &Path, flags: &[String]) -> Result<TrainArgs
     argv.extend(flags.iter().cloned());
     TrainCommand::try_parse_from(argv)
         .map(|c| c.args)
-        .map_err(|e| as_option_error(&e.render().to_string()))
+        .map_err(|e| as_option_error(&e))
 }
 
-/// clap's message in the API's words: its first paragraph without "error: ", usage lines
-/// or the pointer to `--help`, and each flag named as its option (`'--batch-size <N>'` →
-/// `batch_size`).
-fn as_option_error(rendered: &str) -> String {
-    let first = rendered.trim().split("\n\n").next().unwrap_or_default();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    let mut out = String::new();
-    let mut rest = first;
-    while let Some(at) = rest.find("'--") {
-        out.push_str(&rest[..at]);
-        let quoted = &rest[at + 3..];
-        let end = quoted.find('\'').unwrap_or(quoted.len());
-        let flag = quoted[..end].split([' ', '=']).next().unwrap_or_default();
-        out.push_str(&format!("option `{}`", flag.replace('-', "_")));
-        rest = quoted.get(end + 1..).unwrap_or_default();
+/// clap's error in the API's words, from the error's parts rather than its rendered text
+/// (which would name flags, show usage and point at `--help`): options named as a job
+/// spells them (`--batch-size` → `batch_size`), values quoted so that a hidden character
+/// shows.
+fn as_option_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => v.first().cloned(),
+        _ => None,
+    };
+    // `--batch-size <BATCH_SIZE>` or `--stepz`: the option's name.
+    let option = |flag: String| {
+        let name = flag
+            .trim_start_matches('-')
+            .split([' ', '='])
+            .next()
+            .unwrap_or_default()
+            .replace('-', "_");
+        format!("`{name}`")
+    };
+    let arg = text(ContextKind::InvalidArg).map(option);
+    let value = text(ContextKind::InvalidValue);
+    match (e.kind(), arg, value) {
+        (ErrorKind::UnknownArgument, Some(arg), _) => {
+            let hint = text(ContextKind::SuggestedArg).map(|s| format!(" (did you mean {}?)", option(s)));
+            format!("unknown option {arg}{}", hint.unwrap_or_default())
+        }
+        (ErrorKind::InvalidValue | ErrorKind::ValueValidation, Some(arg), Some(value)) => {
+            let why = std::error::Error::source(e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(v)) => format!(" (one of {})", v.join(", ")),
+                _ => String::new(),
+            };
+            format!("invalid value {value:?} for option {arg}{why}{valid}")
+        }
+        (_, Some(arg), _) => format!("option {arg}: {}", e.kind()),
+        _ => e.kind().to_string(),
     }
-    out.push_str(rest);
-    let mut message = out
-        .replace("unexpected argument option", "unknown option")
-        .replace("` found", "`");
-    if let Some(similar) = rendered.split("a similar argument exists: '--").nth(1) {
-        let flag = similar.split(['\'', ' ', '=']).next().unwrap_or_default();
-        message.push_str(&format!(" (did you mean `{}`?)", flag.replace('-', "_")));
-    }
-    message
 }
 
 /// Where a job trains before the model is moved into place: beside the final folder (one
@@ -251,7 +268,14 @@ pub fn run(
         if target.exists() {
             return Err(format!("a model named {model:?} appeared while training; not replaced"));
         }
-        crate::durable::publish(&staging, &target).map_err(|e| format!("moving the model into place: {e}"))?;
+        if let Err(e) = crate::durable::publish(&staging, &target) {
+            // The folder's sync can fail after the rename (a filesystem that refuses to
+            // sync folders): the model is then in place, and is the job's result.
+            if !(target.is_dir() && !staging.exists()) {
+                return Err(format!("moving the model into place: {e}"));
+            }
+            tracing::warn!(model = %target.display(), "the model is in place, but its folder could not be synced: {e}");
+        }
         Ok(target.clone())
     })();
     if result.is_err() {
@@ -442,15 +466,24 @@ mod tests {
             train_args(Path::new("d"), Path::new("o"), &flags).err().unwrap()
         };
         for (flags, want) in [
-            (&["--steps=0"][..], "invalid value '0' for option `steps`"),
+            (
+                &["--steps=0"][..],
+                "invalid value \"0\" for option `steps`: \"0\" is not a whole number",
+            ),
             (&["--batch-size=x"][..], "option `batch_size`"),
             (&["--stepz=3"][..], "unknown option `stepz` (did you mean `steps`?)"),
-            (&["--arch=nope"][..], "option `arch`"),
+            (
+                &["--arch=nope"][..],
+                "invalid value \"nope\" for option `arch` (one of spatial, ",
+            ),
+            // A value that looks like a flag stays a value; a hidden character shows.
+            (&["--lr=--steps"][..], "invalid value \"--steps\" for option `lr`"),
+            (&["--loss=l2\0"][..], "invalid value \"l2\\0\" for option `loss`"),
         ] {
             let e = refused(flags);
             assert!(e.contains(want), "{flags:?}: {e}");
             assert!(
-                !e.contains("--") && !e.contains("Usage") && !e.starts_with("error"),
+                !e.contains("Usage") && !e.contains("--help") && !e.contains('\n'),
                 "{e}"
             );
         }

@@ -421,6 +421,11 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
     assert!(stdout(&o).contains("test-time flips all (was none)"), "{}", stdout(&o));
     let card = read_card(&model);
     assert_eq!(card["scoring"]["test_time_flips"], "all");
+    // Schema 2, which a vigil that would ignore the flips refuses to load.
+    assert_eq!(
+        (before["schema_version"].as_u64(), card["schema_version"].as_u64()),
+        (Some(1), Some(2))
+    );
     // Scores changed, so the threshold was set anew on these images: they pass.
     assert_ne!(card["thresholds"]["image"], before["thresholds"]["image"]);
     let o = run(&["inspect", "--model", model.to_str().unwrap(), good.to_str().unwrap()]);
@@ -430,9 +435,27 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
         let v: Value = serde_json::from_str(line).unwrap();
         assert!(v["score"].as_f64().unwrap() <= threshold + 1e-6, "{v}");
     }
+    // Images that scored above the threshold before are told of when the views change
+    // too (scored the old way for it): here a threshold of 0, set by hand.
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image-threshold",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = calibrate("horizontal");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("calibration images scored above the threshold before"),
+        "{}",
+        stderr(&o)
+    );
     // And off again.
     assert!(calibrate("none").status.success());
     assert!(read_card(&model)["scoring"].get("test_time_flips").is_none());
+    assert_eq!(read_card(&model)["schema_version"], 1);
     // A model trained without flips refuses them, at training as at calibration.
     let data = dataset().to_str().unwrap().to_string();
     let out = work.path().join("unflipped");

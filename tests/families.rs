@@ -281,52 +281,90 @@ fn a_learned_map_scores_batches_exactly_as_one_by_one() {
 #[test]
 fn flipped_views_average_the_maps_turned_back() {
     use image::imageops::{flip_horizontal, flip_vertical};
-    use vigil::scoring::TestTimeFlips;
-    let dev = Device::Cpu;
-    let net = Arc::new(Network::new_seeded(&draem(), 1, 32, &dev, 5).unwrap());
-    // Tiles, so that each view is cut into tiles of its own and put back together.
-    let mut card = common::test_card(Fit::Tiles { stride: 16 }, 64, 32);
-    card.architecture = draem();
-    card.scoring.method = vigil::scoring::MapMethod::Learned;
-    let single = Detector::new(card.clone(), net.clone());
-    card.scoring.test_time_flips = TestTimeFlips::All;
-    let averaged = Detector::new(card, net);
-    // Nothing in it is symmetric: a ramp with a bright pixel off the diagonals.
-    let g = image::GrayImage::from_fn(64, 64, |x, y| {
-        image::Luma([if (x, y) == (9, 40) { 255 } else { (x + 2 * y) as u8 }])
-    });
-    let views = [(false, false), (true, false), (false, true), (true, true)];
-    let mut learned = vec![0f32; 64 * 64];
-    let mut recon = vec![0f32; 64 * 64];
-    for (h, v) in views {
-        let mut img = g.clone();
-        if h {
-            img = flip_horizontal(&img);
+    use vigil::scoring::{MapMethod, RawMaps, TestTimeFlips};
+    // A learned map (draem), two learned maps (usad) and the error maps of a
+    // reconstruction (spatial, SSIM and L2, computed against each view's own input).
+    let spatial = Architecture::Spatial {
+        width: 4,
+        bottleneck: 2,
+    };
+    for (arch, method) in [
+        (draem(), MapMethod::Learned),
+        (usad(), MapMethod::Learned),
+        (spatial, MapMethod::SsimL2),
+    ] {
+        let net = Arc::new(Network::new_seeded(&arch, 1, 32, &Device::Cpu, 5).unwrap());
+        // Tiles at 0, 24 and 32: a grid its mirror image does not match, so each view is
+        // cut into tiles of its own and put back together.
+        let mut card = common::test_card(Fit::Tiles { stride: 24 }, 64, 32);
+        card.architecture = arch.clone();
+        card.scoring.method = method;
+        let single = Detector::new(card.clone(), net.clone());
+        card.scoring.test_time_flips = TestTimeFlips::All;
+        let averaged = Detector::new(card, net);
+        // Nothing in it is symmetric: a ramp with a bright pixel off the diagonals.
+        let g = image::GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([if (x, y) == (9, 40) { 255 } else { (x + 2 * y) as u8 }])
+        });
+        let mut want: Option<(RawMaps, Vec<f32>)> = None;
+        for (h, v) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut img = g.clone();
+            if h {
+                img = flip_horizontal(&img);
+            }
+            if v {
+                img = flip_vertical(&img);
+            }
+            let prepared = single.prepare(&DynamicImage::ImageLuma8(img));
+            let mut r = single
+                .reconstruct_with_error_maps(&[&prepared.working])
+                .unwrap()
+                .remove(0);
+            for plane in r.raw.planes_mut().into_iter().chain([&mut r.image.data]) {
+                vigil::image_io::flip_planes(plane, 64, 64, h, v);
+                plane.iter_mut().for_each(|x| *x /= 4.0);
+            }
+            match want.as_mut() {
+                None => want = Some((r.raw, r.image.data)),
+                Some((raw, image)) => {
+                    for (a, b) in raw
+                        .planes_mut()
+                        .into_iter()
+                        .chain([image])
+                        .zip(r.raw.planes().into_iter().chain([&r.image.data]))
+                    {
+                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
         }
-        if v {
-            img = flip_vertical(&img);
+        let (want, recon) = want.unwrap();
+        let prepared = averaged.prepare(&DynamicImage::ImageLuma8(g.clone()));
+        let got = averaged
+            .reconstruct_with_error_maps(&[&prepared.working])
+            .unwrap()
+            .remove(0);
+        let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let name = arch.name();
+        assert_eq!(got.raw.planes().len(), want.planes().len(), "{name}");
+        assert!(want.planes().len() >= 2, "{name}: the error maps, and the learned ones");
+        for (a, b) in got.raw.planes().into_iter().zip(want.planes()) {
+            assert!(off(a, b) < 1e-5, "{name}: {}", off(a, b));
         }
-        let prepared = single.prepare(&DynamicImage::ImageLuma8(img));
-        let r = single.reconstruct(&[&prepared.working]).unwrap().remove(0);
-        let mut map = r.raw.learned.unwrap();
-        let mut image = r.image.data;
-        vigil::image_io::flip_planes(&mut map, 64, 64, h, v);
-        vigil::image_io::flip_planes(&mut image, 64, 64, h, v);
-        learned.iter_mut().zip(&map).for_each(|(a, b)| *a += b / 4.0);
-        recon.iter_mut().zip(&image).for_each(|(a, b)| *a += b / 4.0);
+        assert!(off(&got.image.data, &recon) < 1e-5, "{name}");
+        // The image alone differs from the average (the untrained network is not symmetric).
+        let alone = single
+            .reconstruct_with_error_maps(&[&prepared.working])
+            .unwrap()
+            .remove(0);
+        assert!(off(&alone.raw.l2, &want.l2) > 1e-6, "{name}");
+        // In a batch with another image, each image's views stay its own.
+        let other = single.prepare(&DynamicImage::ImageLuma8(flip_vertical(&g)));
+        let batch = averaged
+            .reconstruct_with_error_maps(&[&other.working, &prepared.working])
+            .unwrap();
+        assert_eq!(batch[1].raw, got.raw, "{name}");
     }
-    let prepared = averaged.prepare(&DynamicImage::ImageLuma8(g.clone()));
-    let got = averaged.reconstruct(&[&prepared.working]).unwrap().remove(0);
-    let off = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(off(got.raw.learned.as_ref().unwrap(), &learned) < 1e-6);
-    assert!(off(&got.image.data, &recon) < 1e-6);
-    // The image alone differs from the average (the untrained network is not symmetric).
-    let alone = single.reconstruct(&[&prepared.working]).unwrap().remove(0);
-    assert!(off(alone.raw.learned.as_ref().unwrap(), &learned) > 1e-4);
-    // In a batch with another image, each image's views stay its own.
-    let other = single.prepare(&DynamicImage::ImageLuma8(flip_vertical(&g)));
-    let batch = averaged.reconstruct(&[&other.working, &prepared.working]).unwrap();
-    assert_eq!(batch[1].raw, got.raw);
 }
 
 #[test]

@@ -47,6 +47,13 @@ impl ApiKeys {
                 other => return Err(format!("line {}: unknown role {other:?} (inspect or admin)", n + 1)),
             };
             let key = key.trim();
+            // A header carries visible ASCII only: a key with other characters never matches.
+            if let Some(c) = key.chars().find(|c| !c.is_ascii_graphic() && !c.is_whitespace()) {
+                return Err(format!(
+                    "line {}: a key is visible ASCII characters only (it holds {c:?}, which no Authorization header can carry)",
+                    n + 1
+                ));
+            }
             // One key a line: text after it (a comment) would silently become part of it.
             if key.contains(char::is_whitespace) {
                 return Err(format!(
@@ -157,6 +164,14 @@ mod tests {
             .unwrap();
         assert!(e.contains("line 1") && e.contains("no spaces"), "{e}");
         assert!(ApiKeys::parse("  inspect \t abcdefghijklmnopqr  ").is_ok());
+        for bad in [
+            "admin abcdefghijklmnop\u{e9}123",
+            "admin abcdefghijklmnop0123\0x",
+            "admin abcdefghijklmnopq\u{1}",
+        ] {
+            let e = ApiKeys::parse(bad).err().unwrap();
+            assert!(e.contains("visible ASCII"), "{bad:?}: {e}");
+        }
         let twice = ApiKeys::parse("admin aaaaaaaaaaaaaaaa\ninspect aaaaaaaaaaaaaaaa")
             .err()
             .unwrap();

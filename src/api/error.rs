@@ -252,7 +252,9 @@ impl From<StoreError> for ApiError {
             StoreError::KeyTaken(_) => ApiError::IdempotencyKeyReused(e.to_string()),
             // PostgreSQL's "data exception" class (a value it will not store: a NUL in
             // text, a number out of range): the request's doing, not an outage to retry.
-            StoreError::Database(sqlx::Error::Database(ref d)) if d.code().is_some_and(|c| c.starts_with("22")) => {
+            StoreError::Database(sqlx::Error::Database(ref d))
+                if d.code().is_some_and(|c| c.len() == 5 && c.starts_with("22")) =>
+            {
                 ApiError::BadRequest(format!("the database refused a value of this request: {}", d.message()))
             }
             other => ApiError::DatabaseUnavailable(other.to_string()),

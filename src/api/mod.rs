@@ -266,7 +266,10 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/whoami",
             get(auth::whoami).route_layer(axum::middleware::from_fn(refuse_query)),
         )
-        .route("/training-jobs", get(training::list).post(training::create))
+        .route(
+            "/training-jobs",
+            get(training::list).merge(post(training::create).route_layer(axum::middleware::from_fn(refuse_query))),
+        )
         .route(
             "/training-jobs/{id}",
             get(training::get_one)

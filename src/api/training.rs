@@ -193,6 +193,10 @@ pub fn spawn_heartbeat(state: &Arc<AppState>) {
             let now = now_us();
             let swept = async {
                 state.store.heartbeat_jobs(&ours, now).await?;
+                // With no jobs of its own the heartbeat wrote nothing: ask the database.
+                if ours.is_empty() {
+                    state.store.check().await?;
+                }
                 let since = *heard_since.get_or_insert(now);
                 if !sweep_due(since, now) {
                     return Ok(0);
@@ -543,6 +547,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             r.model
         )));
     }
+    super::refuse_nul("folder", r.folder.as_deref())?;
     let folder = PathBuf::from(r.folder.clone().ok_or_else(|| {
         ApiError::BadRequest("name a `folder` of good images on the server, or upload `images`".into())
     })?);
@@ -763,14 +768,20 @@ async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<Atom
         let dir = jobs::run(&models_dir, &model, &id, &args, threads, &cancel, on_step)?;
         match crate::registry::load_warm(&dir, &device) {
             Ok((d, v)) => Ok::<_, String>((d, v, dir)),
+            // A transient failure (warming up out of memory) leaves it where it is.
+            Err(e) if e.downcast_ref::<crate::model::ArtifactError>().is_none() => {
+                Err(format!("the trained model could not be served: {e:#}"))
+            }
             // Out of the models folder again, under a hidden name: left there, a model that
             // does not load would stop every replica's next start and hold its name.
             Err(e) => {
                 let aside = models_dir.join(format!(".{model}.{id}.failed"));
-                let moved = crate::durable::publish(&dir, &aside).map_or_else(
-                    |m| format!("; moving it aside failed too: {m}"),
-                    |()| format!("; set aside as {}", aside.display()),
-                );
+                let _ = crate::durable::publish(&dir, &aside);
+                let moved = if aside.is_dir() && !dir.exists() {
+                    format!("; set aside as {}", aside.display())
+                } else {
+                    format!("; it could not be moved aside from {}", dir.display())
+                };
                 Err(format!("the trained model does not load: {e:#}{moved}"))
             }
         }

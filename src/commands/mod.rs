@@ -60,9 +60,9 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     if let Some(flips) = args.views.test_time_flips {
         let trained_with_flips = detector.card.training.augment.iter().any(|a| a == "flips");
         train::check_test_time_flips(flips, trained_with_flips).map_err(anyhow::Error::msg)?;
-        detector.card.scoring.test_time_flips = flips;
     }
-    let rescored = detector.card.scoring.test_time_flips != views_before;
+    let views = args.views.test_time_flips.unwrap_or(views_before);
+    let rescored = views != views_before;
     let data = args
         .data
         .as_ref()
@@ -87,21 +87,34 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         data.display(),
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
+    // Scored as the model scored before, to compare with the threshold before (another
+    // pass over the images when the views change, as the new scores do not compare).
+    let scores_before = if rescored {
+        Some(scores_of(&detector, &set.images)?)
+    } else {
+        None
+    };
+    detector.card.scoring.test_time_flips = views;
     // The scales stay: scores before and after are on one scale, so the old and new
-    // thresholds compare, and so do scores already recorded.
-    calibrate::calibrate(&mut detector, &set.images, &config, calibrate::Scales::Keep, set_by)?;
+    // thresholds compare, and so do scores already recorded. New views make new maps:
+    // their scales are measured again, as training measures them.
+    let scales = if rescored {
+        calibrate::Scales::Measure
+    } else {
+        calibrate::Scales::Keep
+    };
+    calibrate::calibrate(&mut detector, &set.images, &config, scales, set_by)?;
     detector.card.save(&args.model)?;
     if let Some(note) = calibrate::few_images_note(set.images.len()) {
         tracing::warn!("{note}");
     }
-    let above = detector
-        .card
-        .validation_scores
-        .values
+    let above = scores_before
+        .as_ref()
+        .unwrap_or(&detector.card.validation_scores.values)
         .iter()
         .filter(|&&v| v > before.image)
         .count();
-    if above > 0 && !rescored {
+    if above > 0 {
         tracing::warn!(
             "{above} of {} calibration images scored above the threshold before ({:.4}); after a change of light \
              or material that is expected, but if any of them shows a defect the new threshold will let such \
@@ -147,6 +160,18 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         before.pixel,
     );
     Ok(())
+}
+
+/// Each image's score as `detector` scores it.
+fn scores_of(detector: &Detector, images: &[crate::image_io::Planar]) -> anyhow::Result<Vec<f32>> {
+    let mut scores = Vec::with_capacity(images.len());
+    for chunk in images.chunks(crate::detector::MAX_CHUNK) {
+        let refs: Vec<&crate::image_io::Planar> = chunk.iter().collect();
+        for r in detector.reconstruct(&refs)? {
+            scores.push(detector.working_map(&r.raw, None).1);
+        }
+    }
+    Ok(scores)
 }
 
 /// `vigil calibrate --image-threshold`: a threshold chosen by hand, recorded as such.

@@ -67,7 +67,9 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
     let mut categories: Vec<PathBuf> = std::fs::read_dir(&test)
         .map_err(DatasetError::Io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
+        // Hidden folders (a `.trash`, an editor's) are not defect types, as hidden files
+        // are not images.
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     categories.sort();
     let mut out = Vec::new();
@@ -75,7 +77,17 @@ pub fn test_set(dir: &Path) -> Result<Vec<TestImage>, EvalError> {
         let name = cat.file_name().expect("dir name").to_string_lossy().to_string();
         for path in image_files(&cat)? {
             let stem = path.file_stem().expect("file stem").to_string_lossy().to_string();
-            let mask = dir.join("ground_truth").join(&name).join(format!("{stem}_mask.png"));
+            // At the image's own place below its defect folder: `test/hole/a/000.png` has
+            // `ground_truth/hole/a/000_mask.png`, not another folder's `000`.
+            let within = path
+                .parent()
+                .and_then(|p| p.strip_prefix(&cat).ok())
+                .unwrap_or(Path::new(""));
+            let mask = dir
+                .join("ground_truth")
+                .join(&name)
+                .join(within)
+                .join(format!("{stem}_mask.png"));
             out.push(TestImage {
                 category: name.clone(),
                 mask: mask.is_file().then_some(mask),
@@ -361,6 +373,44 @@ impl EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_are_found_at_their_images_place_and_hidden_folders_are_not_defect_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = |p: &Path| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            image::GrayImage::new(4, 4).save(p).unwrap();
+        };
+        let d = dir.path();
+        for p in [
+            "test/good/000.png",
+            "test/hole/000.png",
+            "test/hole/sub/000.png",
+            "test/hole/sub/001.png",
+            "test/.trash/000.png",
+            "ground_truth/hole/000_mask.png",
+            "ground_truth/hole/sub/001_mask.png",
+        ] {
+            png(&d.join(p));
+        }
+        let set = test_set(d).unwrap();
+        let mask_of = |img: &str| {
+            let t = set.iter().find(|t| t.path == d.join(img)).unwrap();
+            t.mask.as_ref().map(|m| m.strip_prefix(d).unwrap().to_path_buf())
+        };
+        assert_eq!(
+            mask_of("test/hole/000.png"),
+            Some("ground_truth/hole/000_mask.png".into())
+        );
+        // Not `ground_truth/hole/000_mask.png`, another image's mask.
+        assert_eq!(mask_of("test/hole/sub/000.png"), None);
+        assert_eq!(
+            mask_of("test/hole/sub/001.png"),
+            Some("ground_truth/hole/sub/001_mask.png".into())
+        );
+        assert!(set.iter().all(|t| t.category != ".trash"), "{set:?}");
+        assert_eq!(set.len(), 4);
+    }
 
     #[test]
     fn the_summary_says_precision_is_undefined_when_nothing_was_flagged() {

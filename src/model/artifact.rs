@@ -10,7 +10,11 @@ use crate::train::calibrate::ThresholdMethod;
 
 pub const CARD_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
-pub const SCHEMA_VERSION: u32 = 1;
+/// The newest card schema this vigil reads. A card is written with the oldest schema that
+/// holds what it uses ([`ModelCard::schema_needed`]): 2 only for test-time flips, which a
+/// vigil reading schema 1 would ignore, scoring single views against a threshold set on
+/// averaged maps (false alarms, with no word said); it refuses a schema-2 card instead.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -307,6 +311,15 @@ impl ModelCard {
         self.scoring.check_loadable(self.input.working_size)
     }
 
+    /// The oldest schema that holds what this card uses.
+    pub fn schema_needed(&self) -> u32 {
+        if self.scoring.test_time_flips.is_none() {
+            1
+        } else {
+            2
+        }
+    }
+
     /// Writes `dir/model.json` (creating `dir`), atomically through a temporary file, and
     /// durably (synced).
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
@@ -317,7 +330,11 @@ impl ModelCard {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(CARD_FILE);
         let tmp = dir.join(format!(".{CARD_FILE}.tmp"));
-        let text = serde_json::to_string_pretty(self).expect("a model card serialises");
+        let card = ModelCard {
+            schema_version: self.schema_needed(),
+            ..self.clone()
+        };
+        let text = serde_json::to_string_pretty(&card).expect("a model card serialises");
         crate::durable::write_file(&tmp, &path, (text + "\n").as_bytes()).map_err(io(&path))
     }
 }

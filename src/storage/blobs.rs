@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Day folders known to be made and synced into their parents (by this process).
+    synced_days: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl BlobStore {
@@ -17,6 +19,7 @@ impl BlobStore {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             root: data_dir.to_path_buf(),
+            synced_days: Default::default(),
         }
     }
 
@@ -25,13 +28,16 @@ impl BlobStore {
         let rel = format!("images/{day}/{id}.{ext}");
         let path = self.root.join(&rel);
         let dir = path.parent().expect("has a parent");
-        if !dir.is_dir() {
-            // A new day's folder (and `images/` on the first day) lives in its parent's
-            // entries: synced too, or a crash could lose the folder with the day's images.
+        if !self.synced_days.lock().expect("days lock").contains(day) {
+            // A day's folder (and `images/` on the first day) lives in its parent's entries:
+            // synced too, or a crash could lose the folder with the day's images. Noted
+            // only once synced, so a request that finds the folder made by another one
+            // still in progress syncs it too, and a failed sync is tried again.
             std::fs::create_dir_all(dir)?;
-            let images = dir.parent().expect("images/");
-            crate::durable::sync_dir(images)?;
-            crate::durable::sync_dir(images.parent().expect("the data directory"))?;
+            let images = self.root.join("images");
+            crate::durable::sync_dir(&images)?;
+            crate::durable::sync_dir(&crate::durable::folder_of(&images))?;
+            self.synced_days.lock().expect("days lock").insert(day.to_string());
         }
         crate::durable::write_file(&path.with_extension("tmp"), &path, bytes)?;
         Ok(rel)
