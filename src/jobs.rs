@@ -416,6 +416,12 @@ mod tests {
         }
         // A bad value is refused with the command line's own message; a negative number
         // is the option's value, not taken for a flag.
+        let o: BTreeMap<String, serde_json::Value> = serde_json::from_str(r#"{"test_time_flips": "all"}"#).unwrap();
+        let args = train_args(Path::new("/g"), Path::new("/o"), &flags(&o).unwrap()).unwrap();
+        assert_eq!(
+            args.scoring.views.test_time_flips,
+            Some(crate::scoring::TestTimeFlips::All)
+        );
         let e = train_args(Path::new("/g"), Path::new("/o"), &["--steps".into(), "many".into()]).unwrap_err();
         assert!(e.contains("option `steps`"), "{e}");
         for bad in [

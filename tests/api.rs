@@ -354,6 +354,15 @@ async fn a_misspelt_query_parameter_is_refused_and_named() {
         let (s, _, b) = send(&h.state, req).await;
         assert_eq!(s, want, "{uri}: {}", String::from_utf8_lossy(&b));
     }
+    let (s, _, b) = send(
+        &h.state,
+        post_json(
+            "/v1/training-jobs?steps=3",
+            serde_json::json!({"model": "q", "folder": "."}),
+        ),
+    )
+    .await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
     // An empty query string is no parameter.
     let (s, _, _) = send(&h.state, get(&format!("/v1/inspections/{id}?"))).await;
     assert_eq!(s, StatusCode::OK);
@@ -1818,6 +1827,17 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         ),
         (
             serde_json::json!({"model": "x"}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // Test-time flips for a model trained without flips.
+        (
+            serde_json::json!({"model": "x", "folder": folder, "options": {"test_time_flips": "all", "augment": "brightness,anomalies"}}),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"model": "x", "folder": format!("{}\u{0}", folder.display())}),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
