@@ -271,7 +271,8 @@ pub fn run(
         if let Err(e) = crate::durable::publish(&staging, &target) {
             // The folder's sync can fail after the rename (a filesystem that refuses to
             // sync folders): the model is then in place, and is the job's result.
-            if !(target.is_dir() && !staging.exists()) {
+            let moved = target.is_dir() && !staging.exists();
+            if !moved {
                 return Err(format!("moving the model into place: {e}"));
             }
             tracing::warn!(model = %target.display(), "the model is in place, but its folder could not be synced: {e}");
