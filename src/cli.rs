@@ -287,7 +287,7 @@ pub struct CalibrationArgs {
     pub margin: Option<f32>,
     /// Smallest defect worth reporting, in working-resolution pixels. Default: 25 (`vigil
     /// calibrate`: the model's own).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one_u32)]
     pub min_defect_area: Option<u32>,
 }
 
@@ -597,6 +597,10 @@ fn at_least_one_u64(text: &str) -> Result<u64, String> {
     bounded(text, |v: &u64| *v >= 1, "a whole number of 1 or more")
 }
 
+fn at_least_one_u32(text: &str) -> Result<u32, String> {
+    bounded(text, |v: &u32| *v >= 1, "a whole number of 1 or more")
+}
+
 fn at_least_one(text: &str) -> Result<usize, String> {
     bounded(text, |v: &usize| *v >= 1, "a whole number of 1 or more")
 }
@@ -654,6 +658,7 @@ mod tests {
             &["--lr", "nan"],
             &["--lr", "0"],
             &["--epochs", "0"],
+            &["--min-defect-area", "0"],
             &["--validation-fraction", "1"],
             &["--smoothing", "nan"],
             &["--top-k", "0"],

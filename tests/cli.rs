@@ -269,6 +269,19 @@ fn eval_reports_metrics_and_writes_json_and_figure() {
     );
     let img = image::open(&fig).unwrap();
     assert!(img.width() > 1000);
+    // A figure name whose format is unknown is refused before anything is scored.
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dataset().to_str().unwrap(),
+        "--figure",
+        work.path().join("fig.txt").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("name the figure .png"), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("img AUROC"), "nothing was scored");
 }
 
 #[test]

@@ -16,6 +16,16 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
     }
+    if let Some(figure) = &args.figure {
+        // The figure's format comes from its name: an unknown one fails now, not after.
+        let format = image::ImageFormat::from_path(figure).ok();
+        if !format.is_some_and(|f| crate::image_io::SUPPORTED.contains(&f)) {
+            anyhow::bail!(
+                "{}: name the figure .png, .jpg, .bmp or .tif (its format is taken from its name)",
+                figure.display()
+            );
+        }
+    }
     if !args.compare.is_empty() {
         return compare(args);
     }

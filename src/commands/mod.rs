@@ -81,6 +81,11 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     }
     let before = detector.card.thresholds.clone();
     let config = args.calibration.config_keeping(&before, detector.card.scoring.method);
+    if config.method == ThresholdMethod::MinArea
+        && (args.calibration.quantile.is_some() || args.calibration.margin.is_some())
+    {
+        tracing::warn!("--quantile and --margin do not apply to the min-area method (it has no margin): ignored");
+    }
     let set_by = format!(
         "vigil calibrate on {} image(s) of {} at {}",
         set.images.len(),
@@ -138,8 +143,8 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         "the model's own settings".to_string()
     } else {
         format!(
-            "settings changed from {} (quantile {}, margin {}, min area {})",
-            before.method, before.quantile, before.margin, before.min_defect_area
+            "min area {} px; settings changed from {} (quantile {}, margin {}, min area {})",
+            t.min_defect_area, before.method, before.quantile, before.margin, before.min_defect_area
         )
     };
     let views = if rescored {
