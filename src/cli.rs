@@ -19,8 +19,10 @@ pub struct Cli {
     /// CPU threads for the model (default: all cores). Same as RAYON_NUM_THREADS.
     #[arg(long, global = true, env = "VIGIL_THREADS")]
     pub threads: Option<usize>,
-    /// Log as JSON lines instead of text.
-    #[arg(long, global = true, env = "VIGIL_JSON_LOGS")]
+    /// Log as JSON lines instead of text (VIGIL_JSON_LOGS: true, 1, yes or on; false, 0,
+    /// no or off).
+    #[arg(long, global = true, env = "VIGIL_JSON_LOGS", action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new())]
     pub json_logs: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -443,9 +445,11 @@ pub struct ServeArgs {
     pub training_root: Option<std::path::PathBuf>,
     /// CPU threads a training job started through the server takes (one job at a time);
     /// the rest stay with inspection. Default: half the cores, at least 1.
-    #[arg(long, env = "VIGIL_TRAINING_THREADS")]
+    #[arg(long, env = "VIGIL_TRAINING_THREADS", value_parser = at_least_one)]
     pub training_threads: Option<usize>,
-    /// Seconds an inspection may wait for the model before a 503.
+    /// Seconds an inspection may take from its arrival to its verdict (waiting for room, the
+    /// model's queue and the model itself) before a 503: set it above the model's own time
+    /// per image (`vigil bench`), times the views of `--test-time-flips`.
     #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub request_timeout: f64,
     /// Seconds a request body may pause mid-way before a 408 (a client that stalls an
@@ -473,7 +477,8 @@ pub struct ServeArgs {
     /// 80 megapixels, two of the largest images, is about 650 MB). At least --max-pixels.
     #[arg(long, env = "VIGIL_MAX_INFLIGHT_PIXELS", default_value_t = 80_000_000, value_parser = at_least_one_u64)]
     pub max_inflight_pixels: u64,
-    /// Largest request body accepted (413 beyond).
+    /// Largest request body accepted (413 beyond); training uploads have their own limit,
+    /// 512 MiB.
     #[arg(long, env = "VIGIL_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024, value_parser = at_least_one)]
     pub max_body_bytes: usize,
     /// Largest image accepted, judged from its header before decoding (413 beyond).

@@ -7,12 +7,17 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `tmp`, syncs it and renames it to `path` (same folder), then syncs
-/// the folder.
+/// the folder. On failure before the rename (a full disk) the temporary file is removed:
+/// nothing names it, so nothing else would.
 pub fn write_file(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
+    let written = std::fs::File::create(tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(e);
+    }
     publish(tmp, path)
 }
 

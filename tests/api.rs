@@ -1516,6 +1516,12 @@ async fn good_parts_scoring_away_from_calibration_raise_the_drift_metric() {
     let text = String::from_utf8(b).unwrap();
     assert!(text.contains("vigil_score_drift{model=\"drift\"} 1"), "{text}");
     assert!(text.contains("vigil_score_drift_critical{model=\"drift\"}"));
+    // A reload (or recalibration, or removal) starts the window anew: the gauge goes to 0,
+    // so an alert on drift > critical stops once the model is fixed.
+    h.state.live.reset_drift("drift");
+    let (_, _, b) = send(&h.state, get("/metrics")).await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("vigil_score_drift{model=\"drift\"} 0"), "{text}");
 }
 
 /// A folder of `n` small good images.

@@ -122,7 +122,9 @@ impl LiveStats {
     /// published; None (and none stored) while there are too few scores.
     fn judge_drift(st: &mut DriftState, model: &str, reference: &[f32]) -> Option<Drift> {
         if st.recent.len() < DRIFT_MIN_SAMPLES || reference.is_empty() {
-            st.last = None;
+            if st.last.take().is_some() {
+                Self::unpublish(model);
+            }
             return None;
         }
         let mut recent: Vec<f32> = st.recent.iter().map(|(_, s)| *s).collect();
@@ -169,7 +171,16 @@ impl LiveStats {
 
     /// Forgets a model's recent good scores (its artifact changed: new calibration).
     pub fn reset_drift(&self, model: &str) {
-        self.good_scores.lock().expect("drift lock").remove(model);
+        if self.good_scores.lock().expect("drift lock").remove(model).is_some() {
+            Self::unpublish(model);
+        }
+    }
+
+    /// Sets a model's drift gauge to 0 once its drift is no longer judged (a reload, a
+    /// removed model, too few parts left): a gauge left at its last value would keep the
+    /// alert `vigil_score_drift > vigil_score_drift_critical` firing after the fix.
+    fn unpublish(model: &str) {
+        metrics::gauge!(crate::metrics::SCORE_DRIFT, "model" => model.to_string()).set(0.0);
     }
 
     /// Figures over the last `window` (at most [`MAX_WINDOW`]).
