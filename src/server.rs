@@ -278,7 +278,15 @@ fn spawn_retention(state: Arc<AppState>, days: u64) {
         loop {
             tick.tick().await;
             match retention_pass(&state, api::now_us(), days).await {
-                Ok(p) => tracing::info!(records = p.records, images = p.images, days, "retention pass"),
+                Ok(p) => {
+                    tracing::info!(
+                        records = p.records,
+                        images = p.images,
+                        orphans = p.orphans,
+                        days,
+                        "retention pass"
+                    )
+                }
                 Err(e) => tracing::error!(error = %e, "retention pass failed"),
             }
         }
@@ -294,6 +302,10 @@ pub struct Retained {
     pub records: usize,
     /// Stored images that went with them.
     pub images: usize,
+    /// Files no record named, in day folders older than every record kept (an image whose
+    /// row the database never took, a temporary file a crash left), removed with their
+    /// folders.
+    pub orphans: usize,
 }
 
 /// Deletes the records made more than `days` before `now_us`, and their stored images,
@@ -317,9 +329,43 @@ pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<
         total.records += records;
         total.images += images;
         if (records as i64) < PRUNE_BATCH {
-            return Ok(total);
+            break;
         }
     }
+    let root = state.blobs.root().join("images");
+    total.orphans = tokio::task::spawn_blocking(move || remove_days_before(&root, cutoff))
+        .await
+        .unwrap_or(0);
+    Ok(total)
+}
+
+/// Removes the day folders under `images` (`yyyy-mm-dd`, the day an image was stored)
+/// that end more than a day before `cutoff_us`: every record whose image one holds was made
+/// before the cutoff (a day's margin for a record made just before midnight and stored
+/// just after) and has been pruned, so what is left there no record names. Returns how
+/// many files went.
+fn remove_days_before(images: &std::path::Path, cutoff_us: i64) -> usize {
+    let Some(cutoff) = chrono::DateTime::from_timestamp_micros(cutoff_us) else {
+        return 0;
+    };
+    let last_removable = cutoff.date_naive() - chrono::Days::new(2);
+    let Ok(days) = std::fs::read_dir(images) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for day in days.flatten() {
+        let name = day.file_name().to_string_lossy().into_owned();
+        let old = chrono::NaiveDate::parse_from_str(&name, "%Y-%m-%d").is_ok_and(|d| d <= last_removable);
+        if !old || !day.path().is_dir() {
+            continue;
+        }
+        let files = std::fs::read_dir(day.path()).map_or(0, |f| f.count());
+        match std::fs::remove_dir_all(day.path()) {
+            Ok(()) => removed += files,
+            Err(e) => tracing::warn!(folder = %day.path().display(), "could not remove an old day's images: {e}"),
+        }
+    }
+    removed
 }
 
 /// Listens for SIGINT and SIGTERM from the moment it is called, not from the first poll.

@@ -1142,6 +1142,23 @@ async fn retention_deletes_old_records_with_their_images_and_keeps_the_rest() {
     assert_eq!((pruned.records, pruned.images), (2, 2));
     assert_eq!(h.state.store.count().await.unwrap(), 0);
     assert!(records.iter().all(|r| !image_of(r).exists()));
+    // Files no record names (an image whose row the database never took, a temporary file
+    // a crash left) go with their day folder once the day is past the window by a day's
+    // margin; a folder within it stays.
+    let later = now + 30 * day;
+    let folder = |days_before: i64| {
+        let t = chrono::DateTime::from_timestamp_micros(later - 10 * day - days_before * day).unwrap();
+        h._dir.path().join("images").join(t.format("%Y-%m-%d").to_string())
+    };
+    let (old, recent) = (folder(3), folder(1));
+    for dir in [&old, &recent] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("0190d6c2-0000-7000-8000-000000000001.png"), b"x").unwrap();
+    }
+    std::fs::write(old.join("0190d6c2-0000-7000-8000-000000000002.tmp"), b"").unwrap();
+    let pruned = vigil::server::retention_pass(&h.state, later, 10).await.unwrap();
+    assert_eq!((pruned.records, pruned.orphans), (0, 2));
+    assert!(!old.exists() && recent.join("0190d6c2-0000-7000-8000-000000000001.png").is_file());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
