@@ -447,9 +447,9 @@ pub struct ServeArgs {
     /// the rest stay with inspection. Default: half the cores, at least 1.
     #[arg(long, env = "VIGIL_TRAINING_THREADS", value_parser = at_least_one)]
     pub training_threads: Option<usize>,
-    /// Seconds an inspection may take from its arrival to its verdict (waiting for room, the
-    /// model's queue and the model itself) before a 503: set it above the model's own time
-    /// per image (`vigil bench`), times the views of `--test-time-flips`.
+    /// Seconds an inspection may wait for room and for the model, and take in the model
+    /// itself, before a 503: set it above the model's own time per image (`vigil bench`),
+    /// times the views of `--test-time-flips`.
     #[arg(long, env = "VIGIL_REQUEST_TIMEOUT", default_value_t = 30.0, value_parser = seconds)]
     pub request_timeout: f64,
     /// Seconds a request body may pause mid-way before a 408 (a client that stalls an

@@ -7,18 +7,19 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `tmp`, syncs it and renames it to `path` (same folder), then syncs
-/// the folder. On failure before the rename (a full disk) the temporary file is removed:
-/// nothing names it, so nothing else would.
+/// the folder. On failure (a full disk) the temporary file is removed: nothing names it,
+/// so nothing else would.
 pub fn write_file(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let written = std::fs::File::create(tmp).and_then(|mut f| {
         f.write_all(bytes)?;
         f.sync_all()
     });
-    if let Err(e) = written {
+    let published = written.and_then(|()| publish(tmp, path));
+    if published.is_err() {
+        // Gone already when the rename succeeded and only the folder's sync failed.
         let _ = std::fs::remove_file(tmp);
-        return Err(e);
     }
-    publish(tmp, path)
+    published
 }
 
 /// Syncs a file written by someone else (a library that writes its own files) to disk.

@@ -339,16 +339,19 @@ pub async fn retention_pass(state: &AppState, now_us: i64, days: u64) -> Result<
     Ok(total)
 }
 
-/// Removes the day folders under `images` (`yyyy-mm-dd`, the day an image was stored)
-/// that end more than a day before `cutoff_us`: every record whose image one holds was made
-/// before the cutoff (a day's margin for a record made just before midnight and stored
-/// just after) and has been pruned, so what is left there no record names. Returns how
-/// many files went.
+/// Removes the day folders under `images` (`yyyy-mm-dd`, the UTC day of the records whose
+/// images they hold) that end more than a day before `cutoff_us`: every record whose image
+/// one holds was made before the cutoff and has been pruned, so what is left there no
+/// record names (the spare day covers folders named by an earlier version, from the time
+/// the image was written rather than the record's). Links are left alone. Returns how many
+/// files went.
 fn remove_days_before(images: &std::path::Path, cutoff_us: i64) -> usize {
     let Some(cutoff) = chrono::DateTime::from_timestamp_micros(cutoff_us) else {
         return 0;
     };
-    let last_removable = cutoff.date_naive() - chrono::Days::new(2);
+    let Some(last_removable) = cutoff.date_naive().checked_sub_days(chrono::Days::new(2)) else {
+        return 0;
+    };
     let Ok(days) = std::fs::read_dir(images) else {
         return 0;
     };
@@ -356,7 +359,7 @@ fn remove_days_before(images: &std::path::Path, cutoff_us: i64) -> usize {
     for day in days.flatten() {
         let name = day.file_name().to_string_lossy().into_owned();
         let old = chrono::NaiveDate::parse_from_str(&name, "%Y-%m-%d").is_ok_and(|d| d <= last_removable);
-        if !old || !day.path().is_dir() {
+        if !old || !day.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let files = std::fs::read_dir(day.path()).map_or(0, |f| f.count());

@@ -197,7 +197,12 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
         let _in_flight = in_flight;
         if let Some(bytes) = kept {
             let blobs = st.blobs.clone();
-            let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+            // The record's own day (UTC), so that retention, which removes whole day folders
+            // once their records are pruned, never meets a kept record's image in one.
+            let day = chrono::DateTime::from_timestamp_micros(record.created_at)
+                .unwrap_or_else(chrono::Utc::now)
+                .format("%Y-%m-%d")
+                .to_string();
             let id = record.id.clone();
             let put = blocking(move || blobs.put(&day, &id, ext, &bytes)).await?;
             record.image_path = Some(put.map_err(|e| ApiError::ImageStoreUnavailable(e.to_string()))?);

@@ -6,16 +6,6 @@ use crate::cli::EvalArgs;
 use crate::eval::compare::{Compared, Comparison};
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
-    // Where the outputs go is settled before minutes of evaluation, as --maps-dir is for
-    // `vigil inspect`: missing folders are made, and a path that cannot be one fails now.
-    for path in [&args.json, &args.figure].into_iter().flatten() {
-        if path.is_dir() {
-            anyhow::bail!("{} is a folder; name the file to write", path.display());
-        }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-    }
     if let Some(figure) = &args.figure {
         // The figure's format comes from its name: an unknown one fails now, not after.
         let format = image::ImageFormat::from_path(figure).ok();
@@ -24,6 +14,16 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
                 "{}: name the figure .png, .jpg, .bmp or .tif (its format is taken from its name)",
                 figure.display()
             );
+        }
+    }
+    // Where the outputs go is settled before minutes of evaluation, as --maps-dir is for
+    // `vigil inspect`: missing folders are made, and a path that cannot be one fails now.
+    for path in [&args.json, &args.figure].into_iter().flatten() {
+        if path.is_dir() {
+            anyhow::bail!("{} is a folder; name the file to write", path.display());
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
     }
     if !args.compare.is_empty() {

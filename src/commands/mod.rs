@@ -84,7 +84,10 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     if config.method == ThresholdMethod::MinArea
         && (args.calibration.quantile.is_some() || args.calibration.margin.is_some())
     {
-        tracing::warn!("--quantile and --margin do not apply to the min-area method (it has no margin): ignored");
+        tracing::warn!(
+            "--quantile and --margin do not set a min-area threshold (it has no margin): recorded for a later \
+             switch to the quantile method"
+        );
     }
     let set_by = format!(
         "vigil calibrate on {} image(s) of {} at {}",
@@ -130,7 +133,10 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     }
     let t = &detector.card.thresholds;
     let method = match config.method {
-        ThresholdMethod::Quantile => format!("quantile {} × (1 + margin {})", t.quantile, t.margin),
+        ThresholdMethod::Quantile => format!(
+            "quantile {} × (1 + margin {}), min area {} px",
+            t.quantile, t.margin, t.min_defect_area
+        ),
         ThresholdMethod::MinArea => format!("min-area, {} px", t.min_defect_area),
     };
     let changed = if (t.method.as_str(), t.quantile, t.margin, t.min_defect_area)
@@ -143,8 +149,8 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         "the model's own settings".to_string()
     } else {
         format!(
-            "min area {} px; settings changed from {} (quantile {}, margin {}, min area {})",
-            t.min_defect_area, before.method, before.quantile, before.margin, before.min_defect_area
+            "settings changed from {} (quantile {}, margin {}, min area {})",
+            before.method, before.quantile, before.margin, before.min_defect_area
         )
     };
     let views = if rescored {
