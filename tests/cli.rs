@@ -234,17 +234,12 @@ fn eval_reports_metrics_and_writes_json_and_figure() {
     let work = tempfile::tempdir().unwrap();
     let json = work.path().join("report.json");
     let fig = work.path().join("fig.png");
-    let o = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        dataset().to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-        "--figure",
-        fig.to_str().unwrap(),
-    ]);
+    let data = dataset().to_str().unwrap().to_string();
+    let eval = |more: &[&str]| {
+        let args = ["eval", "--model", model.to_str().unwrap(), "--data", &data];
+        run(&[&args[..], more].concat())
+    };
+    let o = eval(&["--json", json.to_str().unwrap(), "--figure", fig.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("img AUROC"));
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -270,15 +265,7 @@ fn eval_reports_metrics_and_writes_json_and_figure() {
     let img = image::open(&fig).unwrap();
     assert!(img.width() > 1000);
     // A figure name whose format is unknown is refused before anything is scored.
-    let o = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        dataset().to_str().unwrap(),
-        "--figure",
-        work.path().join("fig.txt").to_str().unwrap(),
-    ]);
+    let o = eval(&["--figure", work.path().join("fig.txt").to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("name the figure .png"), "{}", stderr(&o));
     assert!(!stdout(&o).contains("img AUROC"), "nothing was scored");
