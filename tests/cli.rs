@@ -452,6 +452,29 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
         "{}",
         stderr(&o)
     );
+    // Images of another size than the training images (64²) are calibrated on, with a
+    // warning, as `vigil inspect` warns of them.
+    let small = work.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    for (i, entry) in std::fs::read_dir(&good).unwrap().enumerate() {
+        let img = image::open(entry.unwrap().path()).unwrap();
+        img.resize_exact(48, 40, image::imageops::FilterType::Triangle)
+            .save(small.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        small.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unlike the training images") && stderr(&o).contains("48×40"),
+        "{}",
+        stderr(&o)
+    );
     // And off again.
     assert!(calibrate("none").status.success());
     assert!(read_card(&model)["scoring"].get("test_time_flips").is_none());

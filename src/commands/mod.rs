@@ -73,6 +73,21 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         Some(detector.card.input.channels),
         detector.card.input.working_size,
     )?;
+    // As `vigil inspect` warns per image: thresholds set on images unlike the training
+    // images (another size or colour) fit those, not the parts the model was made for.
+    let unlike = match set.image_size {
+        Some((w, h)) => detector.input_warnings(w as usize, h as usize, set.any_colour),
+        None if detector.card.training.image_size.is_some() => {
+            vec!["the images are of several sizes; this model was trained on images of one size".into()]
+        }
+        None => Vec::new(),
+    };
+    if !unlike.is_empty() {
+        tracing::warn!(
+            "calibrating on images unlike the training images: {}",
+            unlike.join("; ")
+        );
+    }
     if set.fingerprint == detector.card.data_fingerprint {
         tracing::warn!(
             "these are the images this model was trained on (the same fingerprint): thresholds set on them are \

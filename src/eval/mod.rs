@@ -202,6 +202,18 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    // As `vigil inspect` warns per image: figures on images unlike the training images
+    // (another size or colour) say less about the model than they seem to.
+    let warned: Vec<&crate::detector::Inspection> =
+        scored.iter().map(|s| &s.1).filter(|i| !i.warnings.is_empty()).collect();
+    if let Some(first) = warned.first() {
+        tracing::warn!(
+            "{} of {} test images differ from the model's training images: {}",
+            warned.len(),
+            scored.len(),
+            first.warnings.join("; ")
+        );
+    }
     let threshold = detector.card.thresholds.image;
     let overall = metrics_of(scored.iter().collect(), threshold);
     let mut defects: Vec<String> = scored.iter().filter(|s| s.0 != "good").map(|s| s.0.clone()).collect();
