@@ -231,61 +231,32 @@ async fn refuse_query(req: Request, next: axum::middleware::Next) -> Response {
 
 /// The router, so tests can drive it in-process.
 pub fn app(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route("/inspect", post(inspect::inspect_default))
-        .route(
-            "/models",
-            get(models::list).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route(
-            "/models/{model}",
-            get(models::card).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route("/models/{model}/inspect", post(inspect::inspect_model))
-        .route(
-            "/models/{model}/reload",
-            post(models::reload).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route("/inspections", get(records::list))
-        .route(
-            "/inspections/{id}",
-            get(records::get_one).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route("/inspections/{id}/heatmap.png", get(records::heatmap))
-        .route(
-            "/inspections/{id}/anomaly_map.npy",
-            get(records::anomaly_map).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route(
-            "/inspections/{id}/reconstruction.png",
-            get(records::reconstruction).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route("/inspections/{id}/image", get(records::image))
-        .route("/stats", get(live::stats))
-        .route(
-            "/whoami",
-            get(auth::whoami).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route(
-            "/training-jobs",
-            get(training::list).merge(post(training::create).route_layer(axum::middleware::from_fn(refuse_query))),
-        )
-        .route(
-            "/training-jobs/{id}",
-            get(training::get_one)
-                .delete(training::cancel)
-                .route_layer(axum::middleware::from_fn(refuse_query)),
-        )
-        .route(
-            "/training-jobs/{id}/events",
-            get(training::events).route_layer(axum::middleware::from_fn(refuse_query)),
-        )
+    // Routes that take no query parameters, each refusing one ([`refuse_query`]).
+    let without_query = Router::new()
+        .route("/models", get(models::list))
+        .route("/models/{model}", get(models::card))
+        .route("/models/{model}/reload", post(models::reload))
+        .route("/inspections/{id}", get(records::get_one))
+        .route("/inspections/{id}/anomaly_map.npy", get(records::anomaly_map))
+        .route("/inspections/{id}/reconstruction.png", get(records::reconstruction))
+        .route("/whoami", get(auth::whoami))
+        .route("/training-jobs", post(training::create))
+        .route("/training-jobs/{id}", get(training::get_one).delete(training::cancel))
+        .route("/training-jobs/{id}/events", get(training::events))
         .route(
             "/inspections/{id}/feedback",
-            post(records::feedback)
-                .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-                .route_layer(axum::middleware::from_fn(refuse_query)),
+            post(records::feedback).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
         )
+        .route_layer(axum::middleware::from_fn(refuse_query));
+    let v1 = Router::new()
+        .route("/inspect", post(inspect::inspect_default))
+        .route("/models/{model}/inspect", post(inspect::inspect_model))
+        .route("/inspections", get(records::list))
+        .route("/inspections/{id}/heatmap.png", get(records::heatmap))
+        .route("/inspections/{id}/image", get(records::image))
+        .route("/stats", get(live::stats))
+        .route("/training-jobs", get(training::list))
+        .merge(without_query)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .nest("/v1", v1)
