@@ -169,11 +169,14 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         )
     };
     let views = if rescored {
+        let name = |f: crate::scoring::TestTimeFlips| {
+            clap::ValueEnum::to_possible_value(&f).map_or_else(String::new, |v| v.get_name().to_owned())
+        };
         format!(
-            "; test-time flips {:?} (was {:?}): scores before and after do not compare",
-            detector.card.scoring.test_time_flips, views_before
+            "; test-time flips {} (was {}): scores before and after do not compare",
+            name(detector.card.scoring.test_time_flips),
+            name(views_before)
         )
-        .to_lowercase()
     } else {
         String::new()
     };
