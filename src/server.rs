@@ -44,21 +44,10 @@ pub async fn build_state(
         .await
         .with_context(|| "opening the database".to_string())?;
     tracing::info!(backend = store.backend, "database ready");
-    // Only jobs gone quiet: the database may hold jobs another live server is training, a
-    // replica on PostgreSQL or a second process on the same SQLite file (which once marked
-    // the first one's running job failed, let a second job of its name start, and removed
-    // a queued job's uploads). A job of this server's own previous run goes quiet within a
-    // minute, and the heartbeat's sweep marks it then.
-    let now = crate::api::now_us();
-    let interrupted = store
-        .interrupt_abandoned_jobs(now, Some(now - api::training::JOB_QUIET_US))
-        .await?;
-    if interrupted > 0 {
-        tracing::warn!(
-            jobs = interrupted,
-            "training jobs of a server that stopped were interrupted; marked failed"
-        );
-    }
+    // Unfinished jobs of a stopped server are not judged here but by the heartbeat, once
+    // this server has itself been heard for the quiet time: the database may hold jobs
+    // another live server is training (a replica, or a second process on the same SQLite
+    // file), and just after the database was out of reach every server's jobs look quiet.
     let dir = args.models_dir.clone();
     let dev = device.clone();
     let loaded = tokio::task::spawn_blocking(move || load_models(&dir, &dev)).await??;
