@@ -440,6 +440,37 @@ fn sigterm_the_moment_it_listens_still_exits_0() {
 }
 
 #[test]
+fn a_starting_server_leaves_another_servers_quiet_job_to_the_heartbeat() {
+    // Just after a database outage every server's jobs look quiet; a server starting
+    // then must not mark a job another live server is training (here, one last heard
+    // long ago) interrupted: only its heartbeat judges, a full quiet minute after start.
+    let data = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = data.path().join("vigil.db");
+    let store = rt
+        .block_on(vigil::storage::Store::connect(&format!("sqlite://{}", db.display())))
+        .unwrap();
+    let job = vigil::storage::jobs::JobRow {
+        id: "job-of-another-server".into(),
+        model: "elsewhere".into(),
+        status: "running".into(),
+        message: None,
+        options: "[]".into(),
+        data: "/d".into(),
+        created_at: 100,
+        finished_at: None,
+    };
+    rt.block_on(store.insert_job(&job)).unwrap();
+    drop(store);
+    let server = start(data.path());
+    let (s, b) = http(&server.addr, "GET", "/v1/training-jobs/job-of-another-server", "text/plain", b"");
+    let body = String::from_utf8_lossy(&b);
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["status"], "running", "{body}\n{}", server.log_tail());
+}
+
+#[test]
 fn two_replicas_share_one_postgresql_database() {
     let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
         // Written straight to the stream so the test harness's capture does not hide it.
