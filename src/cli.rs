@@ -215,9 +215,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
     /// Augmentations: any of flips, rot90, brightness, inpaint, anomalies (synthetic
-    /// anomalies on half the crops), seamless (with anomalies: half the pasted pieces and
-    /// textures cloned seamlessly, so only their structure gives them away); or none.
-    /// Default: flips,brightness,anomalies for
+    /// anomalies on half the crops); or none. Default: flips,brightness,anomalies for
     /// --arch draem (no quarter turns: what is turned out of place is a defect);
     /// flips,rot90,brightness,inpaint for the others.
     #[arg(long, value_delimiter = ',')]

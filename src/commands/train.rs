@@ -137,7 +137,6 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         brightness: 0.0,
         inpaint_fraction: 0.0,
         anomaly_fraction: 0.0,
-        seamless_fraction: 0.0,
     };
     // The discriminative family learns what is out of place, so its training crops keep
     // their orientation: with quarter turns, a piece of grain turned across the grain
@@ -157,10 +156,9 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
             // Half the crops stay clean, as DRAEM trains: the segmenter must also learn
             // to say "nothing here".
             "anomalies" => augment.anomaly_fraction = 0.5,
-            "seamless" => augment.seamless_fraction = 0.5,
             "none" => {}
             other => {
-                bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, seamless, none)")
+                bail!("unknown augmentation {other:?} (choose from flips, rot90, brightness, inpaint, anomalies, none)")
             }
         }
     }

@@ -75,10 +75,8 @@ pub struct Anomaly {
 }
 
 /// Blends a synthetic anomaly into `clean`. `others` supplies foreign content (other
-/// training images at any size ≥ the crop). The mask is never empty. `seamless` is the
-/// fraction of pasted pieces and procedural textures cloned seamlessly ([`seamless_clone`]);
-/// at 0 no random number is drawn for it, so trainings without it are unchanged.
-pub fn synthesise<R: Rng>(clean: &Planar, others: &[Planar], seamless: f32, rng: &mut R) -> Anomaly {
+/// training images at any size ≥ the crop). The mask is never empty.
+pub fn synthesise<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Anomaly {
     let (w, h) = (clean.width, clean.height);
     let mask = loop {
         let m = match rng.random_range(0..3) {
@@ -90,11 +88,8 @@ pub fn synthesise<R: Rng>(clean: &Planar, others: &[Planar], seamless: f32, rng:
             break m;
         }
     };
-    let (mut content, structural) = content(clean, others, rng);
+    let content = content(clean, others, rng);
     let beta: f32 = rng.random_range(0.2..=1.0);
-    if seamless > 0.0 && structural && rng.random_bool(f64::from(seamless)) {
-        seamless_clone(clean, &mut content, &mask);
-    }
     let mut image = clean.clone();
     let n = w * h;
     for ch in 0..clean.channels {
@@ -170,13 +165,11 @@ fn stroke_mask<R: Rng>(w: usize, h: usize, rng: &mut R) -> Vec<f32> {
     mask
 }
 
-/// Foreign content the size of `clean`, and whether it is structure of its own (a pasted
-/// piece or a procedural texture) rather than the crop changed in place.
-fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> (Planar, bool) {
+/// Foreign content the size of `clean`.
+fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
     let (c, w, h) = (clean.channels, clean.width, clean.height);
     let n = w * h;
-    let kind = rng.random_range(0..6);
-    let mut out = match kind {
+    let mut out = match rng.random_range(0..6) {
         // Another image, or another place of one, flipped or turned and rescaled, and
         // colour-jittered; half the time barely jittered, so only the seam and the
         // misplaced or misoriented structure give it away (CutPaste, Li et al. 2021).
@@ -272,71 +265,7 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> (Planar, b
         }
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
-    (out, matches!(kind, 0 | 1 | 4))
-}
-
-/// Seamless cloning (Pérez et al. 2003, "Poisson image editing"; as synthetic anomalies,
-/// Schlüter et al. 2022, NSA): inside the mask, `content` is shifted by the harmonic
-/// function that equals `clean − content` on the pixels bordering the mask, so the paste
-/// keeps its own structure while its level and colour run smoothly into its
-/// surroundings. No seam and no jump of colour gives it away, only the structure. The
-/// image's own edge is a free (Neumann) border. Hand-written: successive
-/// over-relaxation over the masked pixels, a few lines.
-pub fn seamless_clone(clean: &Planar, content: &mut Planar, mask: &[f32]) {
-    let (w, h) = (clean.width, clean.height);
-    let n = w * h;
-    let inside: Vec<usize> = (0..n).filter(|&i| mask[i] > 0.0).collect();
-    // In-image neighbours of each masked pixel.
-    let neighbours: Vec<[Option<usize>; 4]> = inside
-        .iter()
-        .map(|&i| {
-            let (x, y) = (i % w, i / w);
-            [
-                (x > 0).then(|| i - 1),
-                (x + 1 < w).then(|| i + 1),
-                (y > 0).then(|| i - w),
-                (y + 1 < h).then(|| i + w),
-            ]
-        })
-        .collect();
-    // Enough sweeps for a region the size of a 128² crop to settle to within 1e-4.
-    const OMEGA: f32 = 1.9;
-    const MAX_SWEEPS: usize = 500;
-    for ch in 0..clean.channels {
-        let (c, p) = (clean.plane(ch), &content.data[ch * n..(ch + 1) * n]);
-        let mut field: Vec<f32> = c.iter().zip(p).map(|(a, b)| a - b).collect();
-        let rim: Vec<f32> = inside
-            .iter()
-            .zip(&neighbours)
-            .flat_map(|(_, nb)| nb.iter().flatten().filter(|&&q| mask[q] == 0.0).map(|&q| field[q]))
-            .collect();
-        // A start near the answer: the rim's mean (0 where the mask covers everything).
-        let start = if rim.is_empty() {
-            0.0
-        } else {
-            rim.iter().sum::<f32>() / rim.len() as f32
-        };
-        inside.iter().for_each(|&i| field[i] = start);
-        for _ in 0..MAX_SWEEPS {
-            let mut largest = 0f32;
-            for (&i, nb) in inside.iter().zip(&neighbours) {
-                let (sum, count) = nb
-                    .iter()
-                    .flatten()
-                    .fold((0.0, 0.0), |(s, k), &q| (s + field[q], k + 1.0));
-                let step = OMEGA * (sum / count - field[i]);
-                field[i] += step;
-                largest = largest.max(step.abs());
-            }
-            if largest < 1e-4 {
-                break;
-            }
-        }
-        let plane = &mut content.data[ch * n..(ch + 1) * n];
-        for &i in &inside {
-            plane[i] = (plane[i] + field[i]).clamp(0.0, 1.0);
-        }
-    }
+    out
 }
 
 /// A `w × h` view of `src` around `centre`, turned by `angle` and magnified by `scale`,
@@ -427,8 +356,7 @@ mod tests {
         let mut changed_somewhere = 0;
         for k in 0..60 {
             let clean = texture(k, 3, 64);
-            // Every other sample with every pasted piece cloned seamlessly.
-            let a = synthesise(&clean, &others, (k % 2) as f32, &mut r);
+            let a = synthesise(&clean, &others, &mut r);
             assert_eq!(a.mask.len(), 64 * 64);
             assert!(a.mask.iter().all(|&m| m == 0.0 || m == 1.0));
             assert!(a.mask.contains(&1.0), "sample {k}: empty mask");
@@ -452,65 +380,6 @@ mod tests {
             changed_somewhere >= 55,
             "anomalies visible in {changed_somewhere} of 60"
         );
-    }
-
-    #[test]
-    fn seamless_cloning_absorbs_a_smooth_difference_and_keeps_the_pastes_structure() {
-        let (w, h) = (40, 32);
-        let mask: Vec<f32> = (0..w * h)
-            .map(|i| {
-                let (x, y) = ((i % w) as f32 - 18.0, (i / w) as f32 - 15.0);
-                if x * x / 144.0 + y * y / 64.0 < 1.0 {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let ramp = |i: usize| 0.1 + 0.004 * (i % w) as f32 - 0.003 * (i / w) as f32;
-        // The crop is the paste's own texture plus a linear ramp: a difference that is
-        // harmonic, so the clone is the crop itself, inside the mask too.
-        let own = texture(7, 2, 48).crop(4, 8, w, h);
-        let mut clean = own.clone();
-        for ch in 0..2 {
-            clean.data[ch * w * h..(ch + 1) * w * h]
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v = 0.2 + 0.5 * *v + ramp(i));
-        }
-        let mut paste = own.clone();
-        paste.data.iter_mut().for_each(|v| *v = 0.2 + 0.5 * *v);
-        seamless_clone(&clean, &mut paste, &mask);
-        let worst = (0..2 * w * h)
-            .filter(|&k| mask[k % (w * h)] > 0.0)
-            .map(|k| (paste.data[k] - clean.data[k]).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 2e-3, "a harmonic difference left {worst}");
-        // Another texture: inside the mask the clone differs from it by a harmonic
-        // function (its discrete Laplacian is 0), which meets the crop at the rim.
-        let other = texture(9, 2, 48).crop(0, 0, w, h);
-        let mut clone = other.clone();
-        clone.data.iter_mut().for_each(|v| *v = 0.2 + 0.5 * *v);
-        let before = clone.clone();
-        seamless_clone(&clean, &mut clone, &mask);
-        let shift = |i: usize| clone.data[i] - before.data[i];
-        let mut checked = 0;
-        for i in (0..w * h).filter(|&i| mask[i] > 0.0) {
-            let laplacian = shift(i - 1) + shift(i + 1) + shift(i - w) + shift(i + w) - 4.0 * shift(i);
-            let rim = [i - 1, i + 1, i - w, i + w].iter().any(|&q| mask[q] == 0.0);
-            if !rim {
-                assert!(laplacian.abs() < 2e-3, "pixel {i}: Laplacian {laplacian}");
-                checked += 1;
-            }
-        }
-        assert!(checked > 200, "{checked}");
-        assert!(before.data != clone.data, "the clone moved nothing");
-        for i in (0..w * h).filter(|&i| mask[i] == 0.0) {
-            assert_eq!(
-                clone.data[i], before.data[i],
-                "outside the mask, the paste is untouched"
-            );
-        }
     }
 
     #[test]

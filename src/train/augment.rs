@@ -21,14 +21,6 @@ pub struct Augment {
     /// are inpainted per `inpaint_fraction`).
     #[serde(default)]
     pub anomaly_fraction: f32,
-    /// Fraction of the synthetic anomalies' pasted pieces and textures cloned seamlessly
-    /// (`super::anomalies::seamless_clone`).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub seamless_fraction: f32,
-}
-
-fn is_zero(v: &f32) -> bool {
-    *v == 0.0
 }
 
 impl Augment {
@@ -48,9 +40,6 @@ impl Augment {
         }
         if self.anomaly_fraction > 0.0 {
             v.push(format!("anomalies {}", self.anomaly_fraction));
-        }
-        if self.seamless_fraction > 0.0 {
-            v.push(format!("seamless {}", self.seamless_fraction));
         }
         v
     }
@@ -89,7 +78,7 @@ pub fn sample<R: Rng>(images: &[Planar], patch: usize, aug: &Augment, rng: &mut 
     }
     let draw: f32 = rng.random();
     if draw < aug.anomaly_fraction {
-        let a = super::anomalies::synthesise(&clean, images, aug.seamless_fraction, rng);
+        let a = super::anomalies::synthesise(&clean, images, rng);
         return Sample {
             input: a.image,
             target: clean,
@@ -198,7 +187,6 @@ mod tests {
             rotations: false,
             brightness: 0.0,
             inpaint_fraction: 1.0,
-            seamless_fraction: 0.0,
             anomaly_fraction: 0.0,
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
