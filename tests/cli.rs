@@ -218,14 +218,59 @@ fn inspect_does_not_take_its_own_outputs_for_parts_on_the_next_run() {
         "{}",
         stderr(&second)
     );
-    // An output folder that is the input folder itself skips nothing (every image lies
-    // in it).
+    // An output folder that is the input folder itself is refused: skipping it would skip
+    // every image, and not skipping it inspects the heatmaps on the next run.
     let whole = work.path().join("whole");
     std::fs::create_dir_all(&whole).unwrap();
     std::fs::copy(dataset().join("test/good/000.png"), whole.join("000.png")).unwrap();
     let o = inspect(&whole, &whole);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is the folder inspected"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&whole).unwrap().count(), 1, "nothing written");
+}
+
+#[test]
+fn inspect_refuses_json_lines_over_an_input_an_image_or_the_model() {
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("000.png");
+    std::fs::copy(dataset().join("test/good/000.png"), &img).unwrap();
+    let photo = std::fs::read(&img).unwrap();
+    let model = work.path().join("model");
+    copy_model(tiny_model(), &model);
+    let card = std::fs::read(model.join("model.json")).unwrap();
+    let inspect = |json_lines: &std::path::Path| {
+        vigil()
+            .args(["inspect", "--model", model.to_str().unwrap(), "--json-lines"])
+            .arg(json_lines)
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    // `--json-lines incoming/*.png`: the first image taken for the results' file.
+    for (target, why) in [
+        (img.clone(), "an image's file name"),
+        (model.join("model.json"), "inside the model's folder"),
+        (model.join("out.jsonl"), "inside the model's folder"),
+    ] {
+        let o = inspect(&target);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(why), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), photo, "the image is intact");
+    assert_eq!(
+        std::fs::read(model.join("model.json")).unwrap(),
+        card,
+        "the card is intact"
+    );
+    let o = inspect(&work.path().join("out.jsonl"));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(records(&o), 1);
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("out.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
 }
 
 #[test]

@@ -463,7 +463,13 @@ fn a_starting_server_leaves_another_servers_quiet_job_to_the_heartbeat() {
     rt.block_on(store.insert_job(&job)).unwrap();
     drop(store);
     let server = start(data.path());
-    let (s, b) = http(&server.addr, "GET", "/v1/training-jobs/job-of-another-server", "text/plain", b"");
+    let (s, b) = http(
+        &server.addr,
+        "GET",
+        "/v1/training-jobs/job-of-another-server",
+        "text/plain",
+        b"",
+    );
     let body = String::from_utf8_lossy(&b);
     assert_eq!(s, 200, "{body}");
     let v: Value = serde_json::from_slice(&b).unwrap();

@@ -54,6 +54,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         .filter_map(|d| d.canonicalize().ok())
         .collect();
     let mut paths = Vec::new();
+    if let Some(p) = args.json_lines.as_ref().filter(|p| p.as_os_str() != "-") {
+        refuse_json_lines_over_inputs(p, &args.inputs, &args.model)?;
+    }
     for input in &args.inputs {
         // A mistyped path is a usage error (exit 2), not an image that failed (exit 1).
         if input.symlink_metadata().is_err() {
@@ -63,6 +66,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             // Only output folders strictly inside the input: one that is the input folder
             // or holds it would take every image for an output.
             let root = input.canonicalize().unwrap_or_else(|_| input.clone());
+            if outputs.contains(&root) {
+                anyhow::bail!(
+                    "{}: an output folder of this run (--heatmaps-dir, --reconstructions-dir) is the folder inspected; the next run would inspect what this one writes: name a folder of their own",
+                    input.display()
+                );
+            }
             let inside: Vec<&PathBuf> = outputs.iter().filter(|o| o.starts_with(&root) && **o != root).collect();
             // (Each file is resolved only when there is such a folder to compare it with.)
             let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = image_files(input)?.into_iter().partition(|p| {
@@ -157,6 +166,32 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         );
     }
     Ok(failures)
+}
+
+/// `--json-lines` replaces its file: it must not be an image (a shell glob's first image
+/// taken for the file name, `--json-lines *.png`), one of the inputs, or in the model's
+/// folder.
+fn refuse_json_lines_over_inputs(path: &Path, inputs: &[PathBuf], model: &Path) -> anyhow::Result<()> {
+    let real = |p: &Path| p.canonicalize().ok();
+    let named = || format!("--json-lines {}", path.display());
+    if crate::train::dataset::is_image(path) {
+        anyhow::bail!("{}: an image's file name; name a .jsonl file for the results", named());
+    }
+    if let Some(target) = real(path) {
+        if inputs.iter().any(|i| real(i).as_ref() == Some(&target)) {
+            anyhow::bail!("{}: one of the inputs; name a file of its own for the results", named());
+        }
+    }
+    let parent = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let (Some(folder), Some(model)) = (real(parent), real(model)) {
+        if folder.starts_with(&model) {
+            anyhow::bail!("{}: inside the model's folder; name a file elsewhere", named());
+        }
+    }
+    Ok(())
 }
 
 fn write_outputs<'a>(

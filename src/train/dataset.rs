@@ -17,6 +17,10 @@ pub enum DatasetError {
          give a folder of good images only (its train/good)"
     )]
     NoTrainGood(PathBuf),
+    /// A folder of a labelled set that holds defects or masks, or one above such a set:
+    /// walking it would take defects and masks for good parts.
+    #[error("{folder}: {why}; give a folder of good images only")]
+    Labelled { folder: PathBuf, why: String },
     #[error("{0}: no images found (looked for {exts} files, recursively)", exts = EXTENSIONS.join(", "))]
     Empty(PathBuf),
     /// Every unreadable image of the set (what went wrong with each), so that one run
@@ -58,23 +62,85 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         return Err(DatasetError::NotFound(dir.to_path_buf()));
     }
     let mvtec = dir.join("train").join("good");
-    // A test folder of good images alone may be a user's own split; defect folders or
-    // masks say it is a labelled set.
-    let labelled = dir.join("ground_truth").is_dir()
-        || std::fs::read_dir(dir.join("test"))
-            .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"));
     let root = if mvtec.is_dir() {
         mvtec
-    } else if labelled {
+    } else if is_labelled_category(dir) {
         return Err(DatasetError::NoTrainGood(dir.to_path_buf()));
     } else {
+        refuse_inside_labelled_set(dir)?;
         dir.to_path_buf()
     };
     let files = image_files(&root)?;
     if files.is_empty() {
         return Err(DatasetError::Empty(root));
     }
+    // A folder above categories (or holding a copy of one) would walk into their test
+    // images and masks: each folder of the files is looked at once.
+    if root != dir.join("train").join("good") {
+        let mut seen = std::collections::HashSet::new();
+        for file in &files {
+            // From the top, so that a category is named before its masks' folder.
+            let folders: Vec<&Path> = file.ancestors().skip(1).take_while(|a| *a != root).collect();
+            for folder in folders.into_iter().rev() {
+                if !seen.insert(folder.to_path_buf()) {
+                    continue;
+                }
+                let why = if folder.file_name().is_some_and(|n| n == "ground_truth") {
+                    Some("holds defect masks (a ground_truth folder)".to_string())
+                } else if is_labelled_category(folder) || folder.join("train").join("good").is_dir() {
+                    Some(format!(
+                        "holds the labelled set {}, its test images and masks too (name that folder: its train/good is used)",
+                        folder.display()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(DatasetError::Labelled {
+                        folder: dir.to_path_buf(),
+                        why,
+                    });
+                }
+            }
+        }
+    }
     Ok(files)
+}
+
+/// A folder laid out as a labelled set (MVTec AD): defect folders under `test/` or masks
+/// in `ground_truth/`. A `test/` of good images alone may be a user's own split.
+fn is_labelled_category(dir: &Path) -> bool {
+    dir.join("ground_truth").is_dir()
+        || std::fs::read_dir(dir.join("test"))
+            .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"))
+}
+
+/// Refuses a folder inside a labelled set's `test/` (other than its `test/good`) or
+/// `ground_truth/`: its defects or masks are not good parts. Its `train/` and
+/// `test/good` are good images.
+fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    for set in real.ancestors().skip(1) {
+        if !is_labelled_category(set) {
+            continue;
+        }
+        let below = real.strip_prefix(set).unwrap_or(&real);
+        let mut parts = below.components().map(|c| c.as_os_str());
+        let (first, second) = (parts.next(), parts.next());
+        let good =
+            first == Some("train".as_ref()) || (first == Some("test".as_ref()) && second == Some("good".as_ref()));
+        if !good {
+            return Err(DatasetError::Labelled {
+                folder: dir.to_path_buf(),
+                why: format!(
+                    "is inside the labelled set {}, among its defects or masks (its train/good or test/good hold good images)",
+                    set.display()
+                ),
+            });
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 /// Image files under `root`, recursively, sorted; hidden files and folders skipped. A link
@@ -226,6 +292,41 @@ mod tests {
         png(&split.path().join("test/000.png"));
         png(&split.path().join("test/good/001.png"));
         assert_eq!(training_files(split.path()).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn folders_above_or_inside_a_labelled_set_are_refused_where_they_hold_defects() {
+        let root = tempfile::tempdir().unwrap();
+        let cat = root.path().join("carpet");
+        for f in [
+            "train/good/000.png",
+            "test/good/000.png",
+            "test/hole/000.png",
+            "ground_truth/hole/000_mask.png",
+        ] {
+            png(&cat.join(f));
+        }
+        let refused = |dir: &Path| match training_files(dir) {
+            Err(DatasetError::Labelled { why, .. }) => why,
+            other => panic!("{}: {other:?}", dir.display()),
+        };
+        // The folder above the category, and its test, defect and mask folders.
+        assert!(refused(root.path()).contains("carpet"), "{}", refused(root.path()));
+        for inside in ["test", "test/hole", "ground_truth", "ground_truth/hole"] {
+            assert!(
+                refused(&cat.join(inside)).contains("inside the labelled set"),
+                "{inside}"
+            );
+        }
+        // Its good folders are good images.
+        for good in ["", "train", "train/good", "test/good"] {
+            assert_eq!(training_files(&cat.join(good)).unwrap().len(), 1, "{good:?}");
+        }
+        // A folder of masks alone, below a user's folder, is refused too.
+        let own = tempfile::tempdir().unwrap();
+        png(&own.path().join("line-3/a.png"));
+        png(&own.path().join("line-3/ground_truth/a_mask.png"));
+        assert!(refused(own.path()).contains("masks"));
     }
 
     #[test]
