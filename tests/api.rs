@@ -935,6 +935,15 @@ async fn health_metrics_openapi_and_models() {
         assert!(jobs["responses"][code].is_object(), "{code}");
     }
     assert!(jobs["requestBody"]["content"]["multipart/form-data"].is_object());
+    // Routes that load a model folder not yet served can answer 422 model_load_failed.
+    for path in [
+        "/v1/models/{model}",
+        "/v1/inspections/{id}/heatmap.png",
+        "/v1/inspections/{id}/anomaly_map.npy",
+        "/v1/inspections/{id}/reconstruction.png",
+    ] {
+        assert!(doc["paths"][path]["get"]["responses"]["422"].is_object(), "{path}");
+    }
     let inspect = &doc["paths"]["/v1/models/{model}/inspect"]["post"];
     // Inspecting needs no admin key: its 403 is a browser's request from another site.
     let forbidden = inspect["responses"]["403"]["description"].as_str().unwrap();

@@ -638,6 +638,18 @@ fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
         "{}",
         stderr(&o)
     );
+    // It names that image, the highest-scoring one, so that it can be looked at.
+    let scored = run(&["inspect", "--model", model.to_str().unwrap(), good.to_str().unwrap()]);
+    let highest = stdout(&scored)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .max_by(|a, b| a["score"].as_f64().unwrap().total_cmp(&b["score"].as_f64().unwrap()))
+        .unwrap();
+    let name = std::path::Path::new(highest["path"].as_str().unwrap())
+        .file_name()
+        .unwrap();
+    let named = format!("): {} ", name.to_str().unwrap());
+    assert!(stderr(&o).contains(&named), "{named} in {}", stderr(&o));
     assert!(
         !stderr(&o).contains("images this model was trained on"),
         "{}",

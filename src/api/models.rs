@@ -40,7 +40,7 @@ fn summary(name: String, served: &ServedModel, default: Option<&str>) -> ModelSu
 }
 
 /// A model's card and what operator feedback says about its threshold.
-#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path)), responses((status = 200, body = ModelDetail), (status = 404, body = crate::api::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path)), responses((status = 200, body = ModelDetail), (status = 404, body = crate::api::error::ErrorBody), (status = 422, description = "The model's folder does not load (`model_load_failed`)", body = crate::api::error::ErrorBody)))]
 pub async fn card(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,

@@ -295,7 +295,7 @@ fn png(img: image::RgbImage) -> Result<axum::response::Response, ApiError> {
 
 /// The heatmap overlay (PNG), rendered on demand.
 #[utoipa::path(get, path = "/v1/inspections/{id}/heatmap.png", params(("id" = String, Path), HeatmapQuery), responses((status = 200, content_type = "image/png", body = Vec<u8>),
-    (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
+    (status = 400, body = crate::api::error::ErrorBody), (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn heatmap(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
@@ -362,7 +362,7 @@ pub async fn image(
 
 /// The anomaly map: float32 .npy, height × width (as `vigil inspect --maps-dir` writes).
 #[utoipa::path(get, path = "/v1/inspections/{id}/anomaly_map.npy", params(("id" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
+    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn anomaly_map(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,
@@ -374,7 +374,7 @@ pub async fn anomaly_map(
 
 /// The model's reconstruction at working resolution (PNG).
 #[utoipa::path(get, path = "/v1/inspections/{id}/reconstruction.png", params(("id" = String, Path)), responses((status = 200, content_type = "image/png", body = Vec<u8>),
-    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
+    (status = 404, body = crate::api::error::ErrorBody), (status = 409, body = crate::api::error::ErrorBody), (status = 422, body = crate::api::error::ErrorBody), (status = 503, body = crate::api::error::ErrorBody)))]
 pub async fn reconstruction(
     State(state): State<Arc<AppState>>,
     InspectionId(id): InspectionId,

@@ -126,24 +126,38 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     } else {
         calibrate::Scales::Keep
     };
-    calibrate::calibrate(&mut detector, &set.images, &config, scales, set_by)?;
+    let scores_after = calibrate::calibrate(&mut detector, &set.images, &config, scales, set_by)?;
     detector.card.save(&args.model)?;
     if let Some(note) = calibrate::few_images_note(set.images.len()) {
         tracing::warn!("{note}");
     }
-    let above = scores_before
-        .as_ref()
-        .unwrap_or(&detector.card.validation_scores.values)
+    // Named, highest first, so that they can be looked at.
+    let mut above: Vec<(&std::path::Path, f32)> = set
+        .files
         .iter()
-        .filter(|&&v| v > before.image)
-        .count();
-    if above > 0 {
+        .map(|f| f.as_path())
+        .zip(scores_before.as_ref().unwrap_or(&scores_after).iter().copied())
+        .filter(|&(_, v)| v > before.image)
+        .collect();
+    above.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if !above.is_empty() {
+        const SHOWN: usize = 10;
+        let mut named: Vec<String> = above
+            .iter()
+            .take(SHOWN)
+            .map(|(f, v)| format!("{} {v:.4}", f.strip_prefix(data).unwrap_or(f).display()))
+            .collect();
+        if above.len() > SHOWN {
+            named.push(format!("and {} more", above.len() - SHOWN));
+        }
         tracing::warn!(
-            "{above} of {} calibration images scored above the threshold before ({:.4}); after a change of light \
+            "{} of {} calibration images scored above the threshold before ({:.4}): {}; after a change of light \
              or material that is expected, but if any of them shows a defect the new threshold will let such \
              defects through",
+            above.len(),
             set.images.len(),
-            before.image
+            before.image,
+            named.join(", ")
         );
     }
     let t = &detector.card.thresholds;
