@@ -226,6 +226,8 @@ pub struct TrainArgs {
     pub calibration: CalibrationArgs,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub limit: ImageLimitArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -293,6 +295,15 @@ pub struct CalibrationArgs {
     pub min_defect_area: Option<u32>,
 }
 
+/// The largest image the commands read (`vigil serve` has its own `--max-pixels`).
+#[derive(Debug, Args, Clone, Copy)]
+pub struct ImageLimitArgs {
+    /// Largest image read, in pixels, judged from its header before decoding; larger ones
+    /// are refused (a camera of more than 40 megapixels needs a higher limit).
+    #[arg(long, env = "VIGIL_MAX_PIXELS", default_value_t = crate::image_io::DEFAULT_MAX_PIXELS, value_parser = at_least_one_u64)]
+    pub max_pixels: u64,
+}
+
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Model directory.
@@ -321,6 +332,8 @@ pub struct InspectArgs {
     pub alpha: Option<f32>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub limit: ImageLimitArgs,
     /// Images or folders (searched recursively).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -347,6 +360,8 @@ pub struct EvalArgs {
     pub figure: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub limit: ImageLimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +385,8 @@ pub struct CalibrateArgs {
     pub views: ViewArgs,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    #[command(flatten)]
+    pub limit: ImageLimitArgs,
 }
 
 #[derive(Debug, Args)]

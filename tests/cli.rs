@@ -1106,3 +1106,44 @@ fn serve_with_a_missing_models_folder_fails_before_creating_a_database() {
     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert!(v.to_string().contains("does not exist"), "{v}");
 }
+
+#[test]
+fn max_pixels_sets_the_largest_image_inspect_calibrate_and_eval_read() {
+    // A camera past the default 40 MP needs a higher limit: the flag reaches every
+    // command that reads images (shown here by a limit below the test images' size).
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    copy_model(tiny_model(), &model);
+    let data = dataset();
+    let image = data.join("test/good/000.png");
+    let m = model.to_str().unwrap();
+    let o = run(&["inspect", "--model", m, "--max-pixels", "10", image.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).contains("over the limit of 10"), "{}", stdout(&o));
+    let good = data.join("train/good");
+    let o = run(&[
+        "calibrate",
+        "--model",
+        m,
+        "--data",
+        good.to_str().unwrap(),
+        "--max-pixels",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("over the limit of 10"), "{}", stderr(&o));
+    let o = run(&[
+        "eval",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--max-pixels",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("over the limit of 10"), "{}", stderr(&o));
+    // The default reads them.
+    let o = run(&["inspect", "--model", m, image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -573,6 +573,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     };
     let (check, named) = (folder.clone(), shown.clone());
     let root = state.limits.training_root.clone().filter(|_| !uploaded);
+    let max_pixels = state.limits.max_pixels;
     let images = tokio::task::spawn_blocking(move || {
         let images = crate::train::dataset::training_files(&check)
             .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), &named)))?;
@@ -591,7 +592,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         // Every file must be an image the trainer can read (from its header), so a
         // mislabelled upload is refused now, not after the job was queued.
         for path in &images {
-            crate::image_io::probe(path, crate::image_io::DEFAULT_MAX_PIXELS).map_err(|e| {
+            crate::image_io::probe(path, max_pixels).map_err(|e| {
                 let name = path.strip_prefix(&check).unwrap_or(path).display();
                 ApiError::BadTrainingData(format!("{name} in {named}: {e}"))
             })?;
@@ -745,11 +746,13 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
 
 /// Trains, then loads, warms and serves the model. Ok: what happened, for the job's message.
 async fn train_and_serve(state: &Arc<AppState>, view: &JobView, cancel: Arc<AtomicBool>) -> Result<String, String> {
-    let args = jobs::train_args(
+    let mut args = jobs::train_args(
         std::path::Path::new(&view.data),
         &state.models_dir.join(&view.model),
         &view.options,
     )?;
+    // Training images are held to the server's limit, as inspected ones are.
+    args.limit.max_pixels = state.limits.max_pixels;
     let (models_dir, model, id, threads) = (
         state.models_dir.clone(),
         view.model.clone(),

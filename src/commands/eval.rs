@@ -30,7 +30,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         return compare(args);
     }
     let detector = super::load_detector(&args.model, args.device)?;
-    let report = crate::eval::evaluate(&detector, &args.model, &args.data, true)?;
+    let report = crate::eval::evaluate(&detector, &args.model, &args.data, true, args.limit.max_pixels)?;
     print!("{}", report.summary());
     if let Some(path) = &args.json {
         write_json(path, &report)?;
@@ -45,7 +45,7 @@ fn compare(args: &EvalArgs) -> anyhow::Result<()> {
     let mut models = Vec::with_capacity(args.compare.len());
     for dir in &args.compare {
         let detector = super::load_detector(dir, args.device)?;
-        let report = crate::eval::evaluate(&detector, dir, &args.data, true)
+        let report = crate::eval::evaluate(&detector, dir, &args.data, true, args.limit.max_pixels)
             .with_context(|| format!("evaluating {}", dir.display()))?;
         models.push(Compared::new(&detector, report));
     }

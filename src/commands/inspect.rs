@@ -133,10 +133,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     };
     let (mut failures, mut warned) = (0, 0);
     for chunk in paths.chunks(8) {
-        let loaded: Vec<_> = chunk
-            .iter()
-            .map(|p| image_io::load(p, image_io::DEFAULT_MAX_PIXELS))
-            .collect();
+        let loaded: Vec<_> = chunk.iter().map(|p| image_io::load(p, args.limit.max_pixels)).collect();
         let images: Vec<&image::DynamicImage> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
         let mut results = detector.inspect_and_reconstruct(&images, overrides)?.into_iter();
         // One line per input, in the order given.

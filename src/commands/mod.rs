@@ -72,6 +72,7 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         &files,
         Some(detector.card.input.channels),
         detector.card.input.working_size,
+        args.limit.max_pixels,
     )?;
     // As `vigil inspect` warns per image: thresholds set on images unlike the training
     // images (another size or colour) fit those, not the parts the model was made for.

@@ -228,6 +228,7 @@ pub fn config(args: &TrainArgs, threads: usize) -> anyhow::Result<TrainConfig> {
         batch_size: args.batch_size,
         learning_rate: args.lr,
         validation_fraction: args.validation_fraction,
+        max_pixels: args.limit.max_pixels,
         seed: args.seed,
         augment,
         map: map_spec(&args.scoring, map_method, discriminative, args.size),

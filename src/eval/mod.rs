@@ -153,11 +153,17 @@ pub struct ImageScore {
     pub is_anomalous: bool,
 }
 
-/// Scores every test image and computes the metrics.
-pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: bool) -> Result<EvalReport, EvalError> {
+/// Scores every test image (none over `max_pixels`) and computes the metrics.
+pub fn evaluate(
+    detector: &Detector,
+    model_dir: &Path,
+    dir: &Path,
+    progress: bool,
+    max_pixels: u64,
+) -> Result<EvalReport, EvalError> {
     let started = std::time::Instant::now();
     let set = test_set(dir)?;
-    check_headers(&set)?;
+    check_headers(&set, max_pixels)?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(set.len() as u64);
         b.set_style(
@@ -174,7 +180,7 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         let images = chunk
             .iter()
             .map(|t| {
-                image_io::load_oriented(&t.path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+                image_io::load_oriented(&t.path, max_pixels).map_err(|source| EvalError::Image {
                     path: t.path.clone(),
                     source,
                 })
@@ -184,7 +190,7 @@ pub fn evaluate(detector: &Detector, model_dir: &Path, dir: &Path, progress: boo
         let judged_chunk = detector.inspect_batch(&refs, Overrides::default())?;
         for ((t, insp), (_, orientation)) in chunk.iter().zip(judged_chunk).zip(&images) {
             let mask = match &t.mask {
-                Some(p) => Some(load_mask(p, *orientation, insp.width, insp.height)?),
+                Some(p) => Some(load_mask(p, *orientation, insp.width, insp.height, max_pixels)?),
                 None if !t.is_defective() => Some(vec![false; insp.width * insp.height]),
                 None => None,
             };
@@ -281,11 +287,11 @@ fn metrics_of(items: Vec<&Scored>, threshold: f32) -> Metrics {
 /// Reads every test image's header once, before minutes of inference: the images whose
 /// header cannot be read are named in one error (a body broken further in is still found
 /// when it is decoded), and every mask must have its image's size.
-fn check_headers(set: &[TestImage]) -> Result<(), EvalError> {
+fn check_headers(set: &[TestImage], max_pixels: u64) -> Result<(), EvalError> {
     let mut sizes = Vec::with_capacity(set.len());
     let mut bad = Vec::new();
     for t in set {
-        match image_io::probe(&t.path, image_io::DEFAULT_MAX_PIXELS) {
+        match image_io::probe(&t.path, max_pixels) {
             Ok(size) => sizes.push(size),
             Err(e) => bad.push((t.path.clone(), e.to_string())),
         }
@@ -319,8 +325,9 @@ fn load_mask(
     orientation: image::metadata::Orientation,
     width: usize,
     height: usize,
+    max_pixels: u64,
 ) -> Result<Vec<bool>, EvalError> {
-    let mut img = image_io::load(path, image_io::DEFAULT_MAX_PIXELS).map_err(|source| EvalError::Image {
+    let mut img = image_io::load(path, max_pixels).map_err(|source| EvalError::Image {
         path: path.to_path_buf(),
         source,
     })?;
@@ -465,16 +472,16 @@ mod tests {
         mask.put_pixel(1, 2, image::Luma([255]));
         mask.save(&path).unwrap();
         use image::metadata::Orientation;
-        let pixels = load_mask(&path, Orientation::NoTransforms, 4, 4).unwrap();
+        let pixels = load_mask(&path, Orientation::NoTransforms, 4, 4, image_io::DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(pixels.iter().filter(|&&d| d).count(), 1);
         assert!(pixels[2 * 4 + 1]);
         // Its image was turned upright 90° clockwise (EXIF 6): the mask turns with it, the
         // defect at column 1, row 2 of the stored pixels lands at column 4 − 1 − 2 = 1,
         // row 1.
-        let turned = load_mask(&path, Orientation::Rotate90, 4, 4).unwrap();
+        let turned = load_mask(&path, Orientation::Rotate90, 4, 4, image_io::DEFAULT_MAX_PIXELS).unwrap();
         assert_eq!(turned.iter().filter(|&&d| d).count(), 1);
         assert!(turned[4 + 1], "{turned:?}");
-        match load_mask(&path, Orientation::NoTransforms, 256, 256) {
+        match load_mask(&path, Orientation::NoTransforms, 256, 256, image_io::DEFAULT_MAX_PIXELS) {
             Err(EvalError::MaskSize { mask, image, .. }) => assert_eq!((mask, image), ((4, 4), (256, 256))),
             other => panic!("{other:?}"),
         }

@@ -191,7 +191,12 @@ pub struct LoadedSet {
 
 /// Loads `files`, converting to `channels` (None: decide by colour, RGB if any image has it)
 /// and resizing to `size × size`. Unreadable images are an error naming each of them.
-pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Result<LoadedSet, DatasetError> {
+pub fn load_set(
+    files: &[PathBuf],
+    channels: Option<usize>,
+    size: usize,
+    max_pixels: u64,
+) -> Result<LoadedSet, DatasetError> {
     let mut digests = Vec::with_capacity(files.len());
     let mut decoded = Vec::with_capacity(files.len());
     let mut bad = Vec::new();
@@ -204,7 +209,7 @@ pub fn load_set(files: &[PathBuf], channels: Option<usize>, size: usize) -> Resu
             }
         };
         digests.push(Sha256::digest(&bytes));
-        match image_io::decode(&bytes, image_io::DEFAULT_MAX_PIXELS) {
+        match image_io::decode(&bytes, max_pixels) {
             Ok(img) => decoded.push(img),
             Err(e) => bad.push((f.clone(), e.to_string())),
         }
@@ -348,7 +353,11 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             image::GrayImage::from_pixel(8, 8, image::Luma([v])).save(path).unwrap();
         };
-        let fingerprint = |folder: &Path| load_set(&image_files(folder).unwrap(), None, 8).unwrap().fingerprint;
+        let fingerprint = |folder: &Path| {
+            load_set(&image_files(folder).unwrap(), None, 8, image_io::DEFAULT_MAX_PIXELS)
+                .unwrap()
+                .fingerprint
+        };
         grey(&dir.path().join("a/1.png"), 10);
         grey(&dir.path().join("a/2.png"), 20);
         grey(&dir.path().join("b/train/good/x.png"), 20);
@@ -367,7 +376,9 @@ mod tests {
         std::fs::write(dir.path().join("b.png"), b"").unwrap();
         std::fs::write(dir.path().join("c.png"), b"not a png").unwrap();
         let files = image_files(dir.path()).unwrap();
-        let err = load_set(&files, None, 8).err().expect("unreadable images refused");
+        let err = load_set(&files, None, 8, image_io::DEFAULT_MAX_PIXELS)
+            .err()
+            .expect("unreadable images refused");
         let DatasetError::BadImages(bad) = &err else {
             panic!("{err}")
         };

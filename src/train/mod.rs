@@ -113,6 +113,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub validation_fraction: f32,
+    /// Largest training image read, in pixels (judged from its header).
+    pub max_pixels: u64,
     pub seed: u64,
     pub augment: Augment,
     pub map: MapSpec,
@@ -301,7 +303,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     cfg.check()?;
     check_output(&cfg.out)?;
     let files = dataset::training_files(&cfg.data)?;
-    let set = dataset::load_set(&files, cfg.channels, cfg.working_size)?;
+    let set = dataset::load_set(&files, cfg.channels, cfg.working_size, cfg.max_pixels)?;
     still_wanted()?;
     let channels = set.images[0].channels;
     let mut architecture = cfg.architecture.clone();
