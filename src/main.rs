@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => match commands::inspect::run(a) {
             Ok(0) => Ok(()),
             Ok(n) => {
-                eprintln!("{n} image(s) could not be inspected (see their error objects)");
+                eprintln!("{n} image(s) or folder(s) could not be inspected (see their error objects)");
                 return ExitCode::from(1);
             }
             Err(e) => Err(e),

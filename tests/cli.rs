@@ -1147,3 +1147,36 @@ fn max_pixels_sets_the_largest_image_inspect_calibrate_and_eval_read() {
     let o = run(&["inspect", "--model", m, image.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn inspect_reports_an_unreadable_folder_and_inspects_the_rest() {
+    use std::os::unix::fs::PermissionsExt;
+    // An incoming folder on a filesystem of its own holds a `lost+found` only root reads.
+    let work = tempfile::tempdir().unwrap();
+    let incoming = work.path().join("incoming");
+    let locked = incoming.join("lost+found");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::copy(dataset().join("test/good/000.png"), incoming.join("000.png")).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read_dir(&locked).is_ok() {
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+        eprintln!("skipped: this user reads a folder of mode 000 (root); run as another user to test this");
+        return;
+    }
+    let o = run(&[
+        "inspect",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        incoming.to_str().unwrap(),
+    ]);
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&o));
+    assert!(
+        lines[0]["error"].as_str().unwrap().starts_with("folder not read"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1]["score"].is_number(), "{}", lines[1]);
+}

@@ -11,7 +11,7 @@ use crate::cli::InspectArgs;
 use crate::detector::{Detector, Inspection, Overrides, Reconstruction};
 use crate::image_io;
 use crate::scoring::heatmap::render_heatmap;
-use crate::train::dataset::image_files;
+use crate::train::dataset::image_files_and_unreadable;
 
 #[derive(Serialize)]
 struct Record<'a> {
@@ -32,7 +32,7 @@ struct Failure {
     error: String,
 }
 
-/// Returns the number of images that could not be inspected.
+/// Returns the number of images (and folders) that could not be inspected.
 pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
     let detector = super::load_detector(&args.model, args.device)?;
     if let Some(a) = args.alpha {
@@ -54,6 +54,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         .filter_map(|d| d.canonicalize().ok())
         .collect();
     let mut paths = Vec::new();
+    // Folders that could not be read: reported as failures, the rest inspected.
+    let mut unreadable = Vec::new();
     if let Some(p) = args.json_lines.as_ref().filter(|p| p.as_os_str() != "-") {
         refuse_json_lines_over_inputs(p, &args.inputs, &args.model)?;
     }
@@ -74,7 +76,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             }
             let inside: Vec<&PathBuf> = outputs.iter().filter(|o| o.starts_with(&root) && **o != root).collect();
             // (Each file is resolved only when there is such a folder to compare it with.)
-            let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = image_files(input)?.into_iter().partition(|p| {
+            let (found, cannot) = image_files_and_unreadable(input)?;
+            unreadable.extend(cannot);
+            let (ours, theirs): (Vec<PathBuf>, Vec<PathBuf>) = found.into_iter().partition(|p| {
                 !inside.is_empty() && {
                     let p = p.canonicalize().unwrap_or_else(|_| p.clone());
                     inside.iter().any(|o| p.starts_with(o))
@@ -92,7 +96,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
             paths.push(input.clone());
         }
     }
-    if paths.is_empty() {
+    if paths.is_empty() && unreadable.is_empty() {
         anyhow::bail!(
             "no images found in {} (PNG, JPEG, BMP or TIFF files, folders searched recursively)",
             args.inputs
@@ -131,7 +135,14 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
         }
         _ => Box::new(std::io::stdout().lock()),
     };
-    let (mut failures, mut warned) = (0, 0);
+    let (mut failures, mut warned) = (unreadable.len(), 0);
+    for (folder, error) in unreadable {
+        let line = serde_json::to_string(&Failure {
+            path: folder.display().to_string(),
+            error: format!("folder not read: {error}"),
+        })?;
+        writeln!(out, "{line}")?;
+    }
     for chunk in paths.chunks(8) {
         let loaded: Vec<_> = chunk.iter().map(|p| image_io::load(p, args.limit.max_pixels)).collect();
         let images: Vec<&image::DynamicImage> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();

@@ -148,6 +148,22 @@ fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
 /// warning rather than failing the whole folder; any other error (an unreadable folder)
 /// fails it, so that nothing is silently left out.
 pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    walk(root, &mut None)
+}
+
+/// As [`image_files`], but a folder below `root` that cannot be read is returned with why
+/// rather than failing the walk: for inspecting what can be read (an incoming folder on
+/// its own filesystem holds a `lost+found` only root may read).
+pub fn image_files_and_unreadable(root: &Path) -> Result<(Vec<PathBuf>, Vec<Unreadable>), DatasetError> {
+    let mut unreadable = Some(Vec::new());
+    let files = walk(root, &mut unreadable)?;
+    Ok((files, unreadable.unwrap_or_default()))
+}
+
+/// A folder that could not be read, and why.
+pub type Unreadable = (PathBuf, String);
+
+fn walk(root: &Path, unreadable: &mut Option<Vec<Unreadable>>) -> Result<Vec<PathBuf>, DatasetError> {
     let mut files = Vec::new();
     let walk = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
     let visible = |e: &walkdir::DirEntry| e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'));
@@ -156,6 +172,12 @@ pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
             Ok(entry) => entry,
             Err(e) if e.depth() > 0 && unfollowable_link(&e) => {
                 tracing::warn!("skipped: {e}");
+                continue;
+            }
+            Err(e) if e.depth() > 0 && unreadable.is_some() && e.io_error().is_some() => {
+                let path = e.path().unwrap_or(root).to_path_buf();
+                let why = e.io_error().map(|io| io.to_string()).unwrap_or_default();
+                unreadable.as_mut().expect("checked").push((path, why));
                 continue;
             }
             Err(e) => return Err(DatasetError::Io(e.into())),
