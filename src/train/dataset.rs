@@ -87,7 +87,7 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
                 }
                 let why = if folder.file_name().is_some_and(|n| n == "ground_truth") {
                     Some("holds defect masks (a ground_truth folder)".to_string())
-                } else if is_labelled_category(folder) || folder.join("train").join("good").is_dir() {
+                } else if is_category(folder) {
                     Some(format!(
                         "holds the labelled set {}, its test images and masks too (name that folder: its train/good is used)",
                         folder.display()
@@ -115,21 +115,27 @@ fn is_labelled_category(dir: &Path) -> bool {
             .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"))
 }
 
-/// Refuses a folder inside a labelled set's `test/` (other than its `test/good`) or
-/// `ground_truth/`: its defects or masks are not good parts. Its `train/` and
-/// `test/good` are good images.
+/// A folder with an MVTec AD category's layout: `train/good`, or `test/` beside
+/// `ground_truth/`. Stricter than [`is_labelled_category`], since it judges folders the
+/// user did not name (a home folder with a `test/scratch` is no category).
+fn is_category(dir: &Path) -> bool {
+    dir.join("train").join("good").is_dir() || (dir.join("test").is_dir() && dir.join("ground_truth").is_dir())
+}
+
+/// Refuses a folder inside a category's `test/` (other than its `test/good`) or
+/// `ground_truth/`: its defects or masks are not good parts.
 fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
     let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     for set in real.ancestors().skip(1) {
-        if !is_labelled_category(set) {
+        if !is_category(set) {
             continue;
         }
         let below = real.strip_prefix(set).unwrap_or(&real);
         let mut parts = below.components().map(|c| c.as_os_str());
         let (first, second) = (parts.next(), parts.next());
-        let good =
-            first == Some("train".as_ref()) || (first == Some("test".as_ref()) && second == Some("good".as_ref()));
-        if !good {
+        let defects = first == Some("ground_truth".as_ref())
+            || (first == Some("test".as_ref()) && second != Some("good".as_ref()));
+        if defects {
             return Err(DatasetError::Labelled {
                 folder: dir.to_path_buf(),
                 why: format!(
@@ -354,6 +360,13 @@ mod tests {
         png(&own.path().join("line-3/a.png"));
         png(&own.path().join("line-3/ground_truth/a_mask.png"));
         assert!(refused(own.path()).contains("masks"));
+        // No category above: a folder of good images in a home folder that has a
+        // `test/scratch` of its own.
+        let home = tempfile::tempdir().unwrap();
+        png(&home.path().join("test/scratch/x.png"));
+        png(&home.path().join("parts/good/000.png"));
+        png(&home.path().join("parts/good/line-2/001.png"));
+        assert_eq!(training_files(&home.path().join("parts/good")).unwrap().len(), 2);
     }
 
     #[test]
