@@ -300,7 +300,9 @@ pub struct CalibrationArgs {
 pub struct ImageLimitArgs {
     /// Largest image read, in pixels, judged from its header before decoding; larger ones
     /// are refused (a camera of more than 40 megapixels needs a higher limit).
-    #[arg(long, env = "VIGIL_MAX_PIXELS", default_value_t = crate::image_io::DEFAULT_MAX_PIXELS, value_parser = at_least_one_u64)]
+    // No environment variable: training jobs parse these arguments inside the server,
+    // whose own `VIGIL_MAX_PIXELS` (and flag) then apply.
+    #[arg(long, default_value_t = crate::image_io::DEFAULT_MAX_PIXELS, value_parser = at_least_one_u64)]
     pub max_pixels: u64,
 }
 

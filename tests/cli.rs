@@ -238,6 +238,7 @@ fn inspect_refuses_json_lines_over_an_input_an_image_or_the_model() {
     let model = work.path().join("model");
     copy_model(tiny_model(), &model);
     let card = std::fs::read(model.join("model.json")).unwrap();
+    std::os::unix::fs::symlink(model.join("model.json"), work.path().join("card-link.jsonl")).unwrap();
     let inspect = |json_lines: &std::path::Path| {
         vigil()
             .args(["inspect", "--model", model.to_str().unwrap(), "--json-lines"])
@@ -251,6 +252,8 @@ fn inspect_refuses_json_lines_over_an_input_an_image_or_the_model() {
         (img.clone(), "an image's file name"),
         (model.join("model.json"), "inside the model's folder"),
         (model.join("out.jsonl"), "inside the model's folder"),
+        (model.join("new/out.jsonl"), "inside the model's folder"),
+        (work.path().join("card-link.jsonl"), "inside the model's folder"),
     ] {
         let o = inspect(&target);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));

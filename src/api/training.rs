@@ -932,9 +932,11 @@ pub async fn cancel(
         })
     };
     let Some(was_queued) = was_queued else {
-        // On record and unfinished, but not this process's: another replica's.
+        // On record and unfinished, but not this process's: another replica's, or this
+        // server's run before a restart (marked interrupted once quiet for a minute).
         return Err(ApiError::JobElsewhere(format!(
-            "job {id} is {} on another server sharing this database: cancel it there",
+            "job {id} is {} on another server sharing this database (cancel it there), or was left by this \
+             server's run before a restart (it is marked interrupted about a minute after this server is ready)",
             view.status.as_str()
         )));
     };

@@ -180,26 +180,39 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<usize> {
 /// taken for the file name, `--json-lines *.png`), one of the inputs, or in the model's
 /// folder.
 fn refuse_json_lines_over_inputs(path: &Path, inputs: &[PathBuf], model: &Path) -> anyhow::Result<()> {
-    let real = |p: &Path| p.canonicalize().ok();
     let named = || format!("--json-lines {}", path.display());
-    if crate::train::dataset::is_image(path) {
+    // Where the file will be: itself resolved when it exists (a link is followed), else
+    // its nearest existing folder resolved, with the rest of the path after it.
+    let target = resolved(path);
+    if crate::train::dataset::is_image(path) || crate::train::dataset::is_image(&target) {
         anyhow::bail!("{}: an image's file name; name a .jsonl file for the results", named());
     }
-    if let Some(target) = real(path) {
-        if inputs.iter().any(|i| real(i).as_ref() == Some(&target)) {
-            anyhow::bail!("{}: one of the inputs; name a file of its own for the results", named());
-        }
+    if inputs.iter().any(|i| resolved(i) == target) {
+        anyhow::bail!("{}: one of the inputs; name a file of its own for the results", named());
     }
-    let parent = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if let (Some(folder), Some(model)) = (real(parent), real(model)) {
-        if folder.starts_with(&model) {
-            anyhow::bail!("{}: inside the model's folder; name a file elsewhere", named());
-        }
+    if target.starts_with(resolved(model)) {
+        anyhow::bail!("{}: inside the model's folder; name a file elsewhere", named());
     }
     Ok(())
+}
+
+/// `path` made absolute with its longest existing part resolved (links followed).
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
 }
 
 fn write_outputs<'a>(

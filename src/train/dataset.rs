@@ -75,30 +75,19 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         return Err(DatasetError::Empty(root));
     }
     // A folder above categories (or holding a copy of one) would walk into their test
-    // images and masks: each folder of the files is looked at once.
+    // images and masks: each folder of the files is judged once.
     if root != dir.join("train").join("good") {
         let mut seen = std::collections::HashSet::new();
         for file in &files {
-            // From the top, so that a category is named before its masks' folder.
-            let folders: Vec<&Path> = file.ancestors().skip(1).take_while(|a| *a != root).collect();
-            for folder in folders.into_iter().rev() {
-                if !seen.insert(folder.to_path_buf()) {
-                    continue;
+            for folder in file.ancestors().skip(1).take_while(|a| *a != root) {
+                if seen.contains(folder) {
+                    break;
                 }
-                let why = if folder.file_name().is_some_and(|n| n == "ground_truth") {
-                    Some("holds defect masks (a ground_truth folder)".to_string())
-                } else if is_category(folder) {
-                    Some(format!(
-                        "holds the labelled set {}, its test images and masks too (name that folder: its train/good is used)",
-                        folder.display()
-                    ))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+                seen.insert(folder.to_path_buf());
+                if let Some(why) = defects_folder(folder) {
                     return Err(DatasetError::Labelled {
                         folder: dir.to_path_buf(),
-                        why,
+                        why: format!("holds {why}"),
                     });
                 }
             }
@@ -110,41 +99,55 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
 /// A folder laid out as a labelled set (MVTec AD): defect folders under `test/` or masks
 /// in `ground_truth/`. A `test/` of good images alone may be a user's own split.
 fn is_labelled_category(dir: &Path) -> bool {
-    dir.join("ground_truth").is_dir()
-        || std::fs::read_dir(dir.join("test"))
-            .is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"))
+    dir.join("ground_truth").is_dir() || has_defect_folders(&dir.join("test"))
 }
 
-/// A folder with an MVTec AD category's layout: `train/good`, or `test/` beside
-/// `ground_truth/`. Stricter than [`is_labelled_category`], since it judges folders the
-/// user did not name (a home folder with a `test/scratch` is no category).
-fn is_category(dir: &Path) -> bool {
-    dir.join("train").join("good").is_dir() || (dir.join("test").is_dir() && dir.join("ground_truth").is_dir())
+/// A `test/` folder with folders other than `good` (defect types, in MVTec AD's layout).
+fn has_defect_folders(test: &Path) -> bool {
+    std::fs::read_dir(test).is_ok_and(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name() != "good"))
 }
 
-/// Refuses a folder inside a category's `test/` (other than its `test/good`) or
-/// `ground_truth/`: its defects or masks are not good parts.
+/// What makes `folder` a labelled set's defects or masks: a `ground_truth/` folder, or a
+/// defect folder `test/<type>` (not `test/good`) of a labelled set.
+fn defects_folder(folder: &Path) -> Option<String> {
+    if folder.file_name().is_some_and(|n| n == "ground_truth") {
+        return Some(format!("defect masks ({})", folder.display()));
+    }
+    let test = folder.parent()?;
+    let set = test.parent()?;
+    let defect_type = test.file_name().is_some_and(|n| n == "test") && folder.file_name().is_some_and(|n| n != "good");
+    (defect_type && is_labelled_category(set)).then(|| {
+        format!(
+            "the defective test images of the labelled set {} (name that folder: its train/good is used)",
+            set.display()
+        )
+    })
+}
+
+/// Refuses a folder inside a labelled set's defects or masks (see [`defects_folder`]),
+/// or a labelled set's `test/` that holds defect folders: their images are not good
+/// parts. The path is judged as given and as resolved, so a linked folder is judged too.
 fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
-    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    for set in real.ancestors().skip(1) {
-        if !is_category(set) {
-            continue;
-        }
-        let below = real.strip_prefix(set).unwrap_or(&real);
-        let mut parts = below.components().map(|c| c.as_os_str());
-        let (first, second) = (parts.next(), parts.next());
-        let defects = first == Some("ground_truth".as_ref())
-            || (first == Some("test".as_ref()) && second != Some("good".as_ref()));
-        if defects {
+    let given = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let real = dir.canonicalize().unwrap_or_else(|_| given.clone());
+    for path in [&given, &real] {
+        let named_test = path.file_name().is_some_and(|n| n == "test") && has_defect_folders(path);
+        let why = if named_test && path.parent().is_some_and(is_labelled_category) {
+            Some(format!(
+                "is the test folder of the labelled set {}, defects included",
+                path.parent().unwrap_or(path).display()
+            ))
+        } else {
+            path.ancestors()
+                .find_map(defects_folder)
+                .map(|why| format!("is inside {why}"))
+        };
+        if let Some(why) = why {
             return Err(DatasetError::Labelled {
                 folder: dir.to_path_buf(),
-                why: format!(
-                    "is inside the labelled set {}, among its defects or masks (its train/good or test/good hold good images)",
-                    set.display()
-                ),
+                why,
             });
         }
-        return Ok(());
     }
     Ok(())
 }
@@ -345,12 +348,22 @@ mod tests {
         };
         // The folder above the category, and its test, defect and mask folders.
         assert!(refused(root.path()).contains("carpet"), "{}", refused(root.path()));
-        for inside in ["test", "test/hole", "ground_truth", "ground_truth/hole"] {
+        for (inside, why) in [
+            ("test", "is the test folder of the labelled set"),
+            ("test/hole", "is inside the defective test images"),
+            ("ground_truth", "is inside defect masks"),
+            ("ground_truth/hole", "is inside defect masks"),
+        ] {
             assert!(
-                refused(&cat.join(inside)).contains("inside the labelled set"),
-                "{inside}"
+                refused(&cat.join(inside)).contains(why),
+                "{inside}: {}",
+                refused(&cat.join(inside))
             );
         }
+        // Linked: judged as given too.
+        let link = root.path().join("linked-hole");
+        std::os::unix::fs::symlink(cat.join("test/hole"), &link).unwrap();
+        assert!(refused(&link).contains("defective test images"));
         // Its good folders are good images.
         for good in ["", "train", "train/good", "test/good"] {
             assert_eq!(training_files(&cat.join(good)).unwrap().len(), 1, "{good:?}");
@@ -367,6 +380,22 @@ mod tests {
         png(&home.path().join("parts/good/000.png"));
         png(&home.path().join("parts/good/line-2/001.png"));
         assert_eq!(training_files(&home.path().join("parts/good")).unwrap().len(), 2);
+        // A user's own split: train/good and a flat test/ of good images; several lines'
+        // train/good folders side by side.
+        let split = tempfile::tempdir().unwrap();
+        png(&split.path().join("parts/train/good/000.png"));
+        png(&split.path().join("parts/test/001.png"));
+        assert_eq!(training_files(&split.path().join("parts/test")).unwrap().len(), 1);
+        png(&split.path().join("lines/l1/train/good/000.png"));
+        png(&split.path().join("lines/l2/train/good/000.png"));
+        assert_eq!(training_files(&split.path().join("lines")).unwrap().len(), 2);
+        // A labelled set without masks or train/good (an evaluation set): its defects are
+        // refused below a folder above it, and named directly.
+        let eval_set = tempfile::tempdir().unwrap();
+        png(&eval_set.path().join("set/test/good/000.png"));
+        png(&eval_set.path().join("set/test/scratch/000.png"));
+        assert!(refused(eval_set.path()).contains("defective test images"));
+        assert!(refused(&eval_set.path().join("set/test/scratch")).contains("defective test images"));
     }
 
     #[test]
