@@ -22,7 +22,12 @@ fn main() -> ExitCode {
         Command::Inspect(a) => match commands::inspect::run(a) {
             Ok(0) => Ok(()),
             Ok(n) => {
-                eprintln!("{n} image(s) or folder(s) could not be inspected (see their error objects)");
+                let text = format!("{n} image(s) or folder(s) could not be inspected (see their error objects)");
+                if cli.json_logs {
+                    tracing::warn!(failed = n, "{text}");
+                } else {
+                    eprintln!("{text}");
+                }
                 return ExitCode::from(1);
             }
             Err(e) => Err(e),
@@ -41,7 +46,12 @@ fn main() -> ExitCode {
             if e.downcast_ref::<vigil::train::TrainError>()
                 .is_some_and(|t| t.is_stop()) =>
         {
-            eprintln!("{e}");
+            // A log collector reading JSON lines gets it as one too.
+            if cli.json_logs {
+                tracing::warn!("{e}");
+            } else {
+                eprintln!("{e}");
+            }
             ExitCode::from(130)
         }
         Err(e) if cli.json_logs => {

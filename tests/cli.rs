@@ -1149,6 +1149,22 @@ fn max_pixels_sets_the_largest_image_inspect_calibrate_and_eval_read() {
     // The default reads them.
     let o = run(&["inspect", "--model", m, image.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // With JSON logs, the run's closing count of failures is a JSON line too.
+    let o = run(&[
+        "--json-logs",
+        "inspect",
+        "--model",
+        m,
+        "--max-pixels",
+        "10",
+        image.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    for line in stderr(&o).lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["fields"]["message"].is_string(), "{v}");
+    }
+    assert!(stderr(&o).contains("could not be inspected"), "{}", stderr(&o));
 }
 
 #[test]
