@@ -554,36 +554,41 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     // Uploads live in a folder of the server's own; errors name it as the upload. Another
     // job's uploads are not a folder to name: they go when that job ends.
     let uploaded = folder == upload_dir_of(state, &id);
-    let folder = match &state.limits.training_root {
-        Some(root) if !uploaded => within_root(root, &folder)?,
-        _ => folder,
-    };
-    let shown = if uploaded {
-        "the uploaded images".to_string()
-    } else {
-        let inside = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-        if let (Some(f), Some(u)) = (inside(&folder), inside(&uploads_dir(state))) {
-            if f.starts_with(u) {
-                return Err(ApiError::BadTrainingData(
-                    "the server's folder of uploaded training images is not a folder to name; upload the images".into(),
-                ));
-            }
-        }
-        folder.display().to_string()
-    };
-    let (check, named) = (folder.clone(), shown.clone());
-    let root = state.limits.training_root.clone().filter(|_| !uploaded);
+    let training_root = state.limits.training_root.clone();
+    let uploads = uploads_dir(state);
     let max_pixels = state.limits.max_pixels;
-    let images = tokio::task::spawn_blocking(move || {
-        let images = crate::train::dataset::training_files(&check)
-            .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), &named)))?;
+    // Everything that touches the filesystem runs off the async threads (a slow or
+    // network filesystem would stall every request on them).
+    let (folder, shown, images) = tokio::task::spawn_blocking(move || {
+        let folder = match &training_root {
+            Some(root) if !uploaded => within_root(root, &folder)?,
+            _ => folder,
+        };
+        let shown = if uploaded {
+            "the uploaded images".to_string()
+        } else {
+            let inside = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+            if let (Some(f), Some(u)) = (inside(&folder), inside(&uploads)) {
+                if f.starts_with(u) {
+                    return Err(ApiError::BadTrainingData(
+                        "the server's folder of uploaded training images is not a folder to name; upload the images"
+                            .into(),
+                    ));
+                }
+            }
+            folder.display().to_string()
+        };
+        let (check, named) = (&folder, &shown);
+        let root = training_root.filter(|_| !uploaded);
+        let images = crate::train::dataset::training_files(check)
+            .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), named)))?;
         // The folder walk follows links: each image must lie inside the root too.
         if let Some(root) = &root {
             if let Some(out) = images
                 .iter()
                 .find(|p| !p.canonicalize().is_ok_and(|real| real.starts_with(root)))
             {
-                let name = out.strip_prefix(&check).unwrap_or(out).display();
+                let name = out.strip_prefix(check).unwrap_or(out).display();
                 return Err(ApiError::BadTrainingData(format!(
                     "{name} in {named} links out of the server's training root (--training-root)"
                 )));
@@ -593,11 +598,11 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         // mislabelled upload is refused now, not after the job was queued.
         for path in &images {
             crate::image_io::probe(path, max_pixels).map_err(|e| {
-                let name = path.strip_prefix(&check).unwrap_or(path).display();
+                let name = path.strip_prefix(check).unwrap_or(path).display();
                 ApiError::BadTrainingData(format!("{name} in {named}: {e}"))
             })?;
         }
-        Ok::<_, ApiError>(images)
+        Ok::<_, ApiError>((folder, shown, images))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
