@@ -442,7 +442,9 @@ async fn inspect_answers_every_field_and_the_record_is_durable() {
     let rec = h.state.store.get(id).await.unwrap().unwrap();
     assert_eq!(rec.part_id.as_deref(), Some("part-42"));
     assert_eq!(rec.request_id.as_deref(), Some("req-1"));
-    assert!((rec.score - v["score"].as_f64().unwrap()).abs() < 1e-9);
+    // The model's f32 score, written as the f32 shows it (`0.61035`, not its f64 widening).
+    assert_eq!(rec.score as f32, v["score"].as_f64().unwrap() as f32);
+    assert_eq!(v["score"].as_f64().unwrap().to_string(), (rec.score as f32).to_string());
     // GET it back, fetch its heatmap, map and reconstruction.
     let (s, _, b) = send(&h.state, get(&format!("/v1/inspections/{id}"))).await;
     assert_eq!(s, StatusCode::OK);

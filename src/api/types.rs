@@ -62,12 +62,14 @@ pub struct InspectionResponse {
     pub model: String,
     /// Hash of the model artifact that made this verdict.
     pub model_version: String,
+    #[serde(serialize_with = "as_scored")]
     pub score: f64,
+    #[serde(serialize_with = "as_scored")]
     pub threshold: f64,
     /// The map value the regions were cut at: the model's pixel threshold, or the
     /// request's image threshold when that is lower. Absent in records made before it
     /// was stored.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_scored_option")]
     pub pixel_threshold: Option<f64>,
     pub is_anomalous: bool,
     /// Defect regions of an anomalous verdict (none for a normal one), highest peak first,
@@ -79,7 +81,7 @@ pub struct InspectionResponse {
     pub height: i64,
     pub timings_ms: Timings,
     /// The weight of the first of two learned maps this verdict used (usad models only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_scored_option")]
     pub alpha: Option<f64>,
     /// Why this verdict may not mean what it says, e.g. an image of another size than the
     /// model's training images. Stored with the record (not in records made before that).
@@ -179,6 +181,7 @@ pub struct ModelSummary {
     pub name: String,
     pub version: String,
     pub architecture: String,
+    #[serde(serialize_with = "as_scored")]
     pub image_threshold: f64,
     pub is_default: bool,
 }
@@ -205,4 +208,43 @@ pub struct ModelDetail {
     #[schema(value_type = Object)]
     pub card: serde_json::Value,
     pub feedback: FeedbackSummary,
+}
+
+/// A value the model computed in f32 and the database keeps as f64, written as the f32's
+/// shortest decimal (`0.61035`, as `model.json` and the command line show it, rather than
+/// `0.6103500127792358`). The map is monotone, so verdicts read from the JSON agree with
+/// the model's; a value no f32 holds exactly is written as it is.
+fn as_scored<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(scored(*v))
+}
+
+fn as_scored_option<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_some(&scored(*v)),
+        None => s.serialize_none(),
+    }
+}
+
+fn scored(v: f64) -> f64 {
+    let narrow = v as f32;
+    if f64::from(narrow) == v {
+        narrow.to_string().parse().unwrap_or(v)
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_from_f32_are_written_as_the_f32_shows_them() {
+        let widened = f64::from(0.61035f32);
+        assert_eq!(widened.to_string(), "0.6103500127792358");
+        assert_eq!(serde_json::to_string(&super::scored(widened)).unwrap(), "0.61035");
+        // Order kept between neighbouring f32s, so verdicts read from the JSON agree.
+        let (a, b) = (0.61035f32, f32::from_bits(0.61035f32.to_bits() + 1));
+        assert!(super::scored(f64::from(a)) < super::scored(f64::from(b)));
+        // A value no f32 holds is left alone.
+        assert_eq!(super::scored(0.1), 0.1);
+    }
 }
