@@ -578,19 +578,18 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             }
             folder.display().to_string()
         };
-        let (check, named) = (&folder, &shown);
         let root = training_root.filter(|_| !uploaded);
-        let images = crate::train::dataset::training_files(check)
-            .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&check.display().to_string(), named)))?;
+        let images = crate::train::dataset::training_files(&folder)
+            .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&folder.display().to_string(), &shown)))?;
         // The folder walk follows links: each image must lie inside the root too.
         if let Some(root) = &root {
             if let Some(out) = images
                 .iter()
                 .find(|p| !p.canonicalize().is_ok_and(|real| real.starts_with(root)))
             {
-                let name = out.strip_prefix(check).unwrap_or(out).display();
+                let name = out.strip_prefix(&folder).unwrap_or(out).display();
                 return Err(ApiError::BadTrainingData(format!(
-                    "{name} in {named} links out of the server's training root (--training-root)"
+                    "{name} in {shown} links out of the server's training root (--training-root)"
                 )));
             }
         }
@@ -598,8 +597,8 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         // mislabelled upload is refused now, not after the job was queued.
         for path in &images {
             crate::image_io::probe(path, max_pixels).map_err(|e| {
-                let name = path.strip_prefix(check).unwrap_or(path).display();
-                ApiError::BadTrainingData(format!("{name} in {named}: {e}"))
+                let name = path.strip_prefix(&folder).unwrap_or(path).display();
+                ApiError::BadTrainingData(format!("{name} in {shown}: {e}"))
             })?;
         }
         Ok::<_, ApiError>((folder, shown, images))

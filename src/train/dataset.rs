@@ -62,7 +62,8 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         return Err(DatasetError::NotFound(dir.to_path_buf()));
     }
     let mvtec = dir.join("train").join("good");
-    let root = if mvtec.is_dir() {
+    let category = mvtec.is_dir();
+    let root = if category {
         mvtec
     } else if is_labelled_category(dir) {
         return Err(DatasetError::NoTrainGood(dir.to_path_buf()));
@@ -76,7 +77,7 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     }
     // A folder above categories (or holding a copy of one) would walk into their test
     // images and masks: each folder of the files is judged once.
-    if root != dir.join("train").join("good") {
+    if !category {
         let mut seen = std::collections::HashSet::new();
         for file in &files {
             for folder in file.ancestors().skip(1).take_while(|a| *a != root) {
@@ -132,15 +133,16 @@ fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
     let real = dir.canonicalize().unwrap_or_else(|_| given.clone());
     for path in [&given, &real] {
         let named_test = path.file_name().is_some_and(|n| n == "test") && has_defect_folders(path);
-        let why = if named_test && path.parent().is_some_and(is_labelled_category) {
-            Some(format!(
+        let set = path.parent().filter(|set| named_test && is_labelled_category(set));
+        let why = match set {
+            Some(set) => Some(format!(
                 "is the test folder of the labelled set {}, defects included",
-                path.parent().unwrap_or(path).display()
-            ))
-        } else {
-            path.ancestors()
+                set.display()
+            )),
+            None => path
+                .ancestors()
                 .find_map(defects_folder)
-                .map(|why| format!("is inside {why}"))
+                .map(|why| format!("is inside {why}")),
         };
         if let Some(why) = why {
             return Err(DatasetError::Labelled {
@@ -157,23 +159,23 @@ fn refuse_inside_labelled_set(dir: &Path) -> Result<(), DatasetError> {
 /// warning rather than failing the whole folder; any other error (an unreadable folder)
 /// fails it, so that nothing is silently left out.
 pub fn image_files(root: &Path) -> Result<Vec<PathBuf>, DatasetError> {
-    walk(root, &mut None)
+    walk(root, false).map(|(files, _)| files)
 }
 
 /// As [`image_files`], but a folder below `root` that cannot be read is returned with why
 /// rather than failing the walk: for inspecting what can be read (an incoming folder on
 /// its own filesystem holds a `lost+found` only root may read).
 pub fn image_files_and_unreadable(root: &Path) -> Result<(Vec<PathBuf>, Vec<Unreadable>), DatasetError> {
-    let mut unreadable = Some(Vec::new());
-    let files = walk(root, &mut unreadable)?;
-    Ok((files, unreadable.unwrap_or_default()))
+    walk(root, true)
 }
 
 /// A folder that could not be read, and why.
 pub type Unreadable = (PathBuf, String);
 
-fn walk(root: &Path, unreadable: &mut Option<Vec<Unreadable>>) -> Result<Vec<PathBuf>, DatasetError> {
-    let mut files = Vec::new();
+/// The walk of both: with `keep_going`, folders below `root` that cannot be read are
+/// returned rather than failing it.
+fn walk(root: &Path, keep_going: bool) -> Result<(Vec<PathBuf>, Vec<Unreadable>), DatasetError> {
+    let (mut files, mut unreadable) = (Vec::new(), Vec::new());
     let walk = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
     let visible = |e: &walkdir::DirEntry| e.depth() == 0 || !e.file_name().to_str().is_some_and(|n| n.starts_with('.'));
     for entry in walk.into_iter().filter_entry(visible) {
@@ -183,10 +185,10 @@ fn walk(root: &Path, unreadable: &mut Option<Vec<Unreadable>>) -> Result<Vec<Pat
                 tracing::warn!("skipped: {e}");
                 continue;
             }
-            Err(e) if e.depth() > 0 && unreadable.is_some() && e.io_error().is_some() => {
+            Err(e) if keep_going && e.depth() > 0 && e.io_error().is_some() => {
                 let path = e.path().unwrap_or(root).to_path_buf();
                 let why = e.io_error().map(|io| io.to_string()).unwrap_or_default();
-                unreadable.as_mut().expect("checked").push((path, why));
+                unreadable.push((path, why));
                 continue;
             }
             Err(e) => return Err(DatasetError::Io(e.into())),
@@ -195,7 +197,7 @@ fn walk(root: &Path, unreadable: &mut Option<Vec<Unreadable>>) -> Result<Vec<Pat
             files.push(entry.into_path());
         }
     }
-    Ok(files)
+    Ok((files, unreadable))
 }
 
 fn unfollowable_link(e: &walkdir::Error) -> bool {
