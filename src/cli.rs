@@ -183,8 +183,8 @@ pub struct TrainArgs {
     pub kl_warmup: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. Default: 2400 for
     /// --arch draem (cut to what fits --time-budget), 1000 for usad, 1600 for adversarial,
-    /// 2500 for the other autoencoders (7–14 minutes for 70–80 colour images of 256² on
-    /// 2 CPU cores).
+    /// 2500 for the other autoencoders (draem: 9–14 minutes for 70–80 images of 256² on
+    /// 2 CPU cores, depending on the machine's day and the channels).
     #[arg(long, value_parser = at_least_one)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.

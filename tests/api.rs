@@ -1812,6 +1812,29 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         .blobs
         .root()
         .join("training-uploads/../training-uploads/other-job");
+    // The server's own folders: stored inspections (defective parts among them), the
+    // data folder that holds them (and, here, the models), a folder in the models.
+    let stored = good_folder(&h.state.blobs.root().join("images/2026-11-28"), 2);
+    let data_dir = h.state.blobs.root().to_path_buf();
+    let in_models = good_folder(&h.state.models_dir.join("samples"), 2);
+    for (folder, says) in [
+        (&stored, "lies inside the server's stored inspection images"),
+        (&data_dir, "holds the server's stored inspection images"),
+        (&in_models, "lies inside the server's models folder"),
+    ] {
+        let (s, _, b) = send(
+            &h.state,
+            post_json("/v1/training-jobs", serde_json::json!({"model": "x", "folder": folder})),
+        )
+        .await;
+        let body = String::from_utf8_lossy(&b);
+        assert_eq!(
+            (s, error_code(&b).as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "bad_training_data"),
+            "{body}"
+        );
+        assert!(body.contains(says), "{says} in {body}");
+    }
     let cases = [
         (
             serde_json::json!({"model": "x", "folder": "/no/such/folder"}),

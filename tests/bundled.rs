@@ -87,3 +87,19 @@ fn bundled_model_cards_are_complete_and_did_not_collapse() {
         assert!(size < 5 << 20, "{model}: bundled weights stay small: {size} bytes");
     }
 }
+
+/// `vigil calibrate` warns when given the images a model was trained on by comparing
+/// fingerprints, so the default card's must be that of the set its README command trains
+/// on: the synthetic set `vigil synth` writes. (The card once kept a fingerprint of an
+/// earlier recipe, and calibrating it on its own training images gave no warning.)
+#[test]
+fn the_default_cards_data_fingerprint_is_that_of_the_set_it_was_trained_on() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let card: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/models/default/model.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    vigil::synth::generate(dir.path(), &vigil::synth::SynthConfig::default()).unwrap();
+    let files = vigil::train::dataset::training_files(dir.path()).unwrap();
+    let set = vigil::train::dataset::load_set(&files, None, 256, u64::MAX).unwrap();
+    assert_eq!(card["data_fingerprint"].as_str(), Some(set.fingerprint.as_str()));
+}

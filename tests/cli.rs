@@ -658,6 +658,15 @@ fn calibrate_warns_when_its_images_scored_above_the_threshold_before() {
         "{}",
         stderr(&o)
     );
+    // A threshold above the highest score this model can give (here by a wild margin;
+    // on a line, by a defective part among the images) is refused, the card untouched.
+    let card = std::fs::read(model.join("model.json")).unwrap();
+    let o = calibrate("100");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("it will flag nothing"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("model.json is left unchanged"), "{}", stderr(&o));
+    assert!(stderr(&o).contains(name.to_str().unwrap()), "{}", stderr(&o));
+    assert_eq!(std::fs::read(model.join("model.json")).unwrap(), card);
     // The folder it was trained from (an MVTec category: its train/good) is named.
     let o = run(&[
         "calibrate",

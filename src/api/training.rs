@@ -331,6 +331,17 @@ fn uploads_dir(state: &AppState) -> PathBuf {
     state.blobs.root().join("training-uploads")
 }
 
+/// The server's own folders whose images are not a job's good images: the stored
+/// inspection images (defective parts among them), every job's uploads and the models
+/// (whose sample images show defects), each with what to call it.
+fn server_folders(state: &AppState) -> [(PathBuf, &'static str); 3] {
+    [
+        (state.blobs.root().join("images"), "stored inspection images"),
+        (uploads_dir(state), "uploaded training images"),
+        (state.models_dir.clone(), "models folder"),
+    ]
+}
+
 /// The folder job `id`'s uploaded images are kept in (a job's own uploads are the only
 /// ones it may remove).
 fn upload_dir_of(state: &AppState, id: &str) -> PathBuf {
@@ -556,6 +567,7 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     let uploaded = folder == upload_dir_of(state, &id);
     let training_root = state.limits.training_root.clone();
     let uploads = uploads_dir(state);
+    let owned = server_folders(state);
     let max_pixels = state.limits.max_pixels;
     // Everything that touches the filesystem runs off the async threads (a slow or
     // network filesystem would stall every request on them).
@@ -567,13 +579,34 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         let shown = if uploaded {
             "the uploaded images".to_string()
         } else {
-            let inside = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-            if let (Some(f), Some(u)) = (inside(&folder), inside(&uploads)) {
+            let real = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+            if let (Some(f), Some(u)) = (real(&folder), real(&uploads)) {
                 if f.starts_with(u) {
                     return Err(ApiError::BadTrainingData(
                         "the server's folder of uploaded training images is not a folder to name; upload the images"
                             .into(),
                     ));
+                }
+            }
+            // The walk takes every image below the folder: one that holds (or lies in) the
+            // server's stored inspections or its models would train on defective parts.
+            if let Some(f) = real(&folder) {
+                for (dir, what) in &owned {
+                    match real(dir) {
+                        Some(d) if f.starts_with(&d) => {
+                            return Err(ApiError::BadTrainingData(format!(
+                                "{}: lies inside the server's {what}; name a folder of good images only",
+                                folder.display()
+                            )))
+                        }
+                        Some(d) if d.starts_with(&f) => {
+                            return Err(ApiError::BadTrainingData(format!(
+                                "{}: holds the server's {what}, which training would take for good images; name a folder of good images only",
+                                folder.display()
+                            )))
+                        }
+                        _ => {}
+                    }
                 }
             }
             folder.display().to_string()

@@ -128,6 +128,28 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         calibrate::Scales::Keep
     };
     let scores_after = calibrate::calibrate(&mut detector, &set.images, &config, scales, set_by)?;
+    // A threshold that cannot work is not written: a defective part among the images (or
+    // a wild --margin) would turn the model's detection off, and a running server would
+    // take it up.
+    if let Some(warning) = calibrate::threshold_warning(&detector.card) {
+        let mut ranked: Vec<(&std::path::Path, f32)> = set
+            .files
+            .iter()
+            .map(|f| f.as_path())
+            .zip(scores_after.iter().copied())
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let highest: Vec<String> = ranked
+            .iter()
+            .take(3)
+            .map(|(f, v)| format!("{} {v:.4}", f.strip_prefix(data).unwrap_or(f).display()))
+            .collect();
+        anyhow::bail!(
+            "{warning}; model.json is left unchanged. Calibrate on good images only (the highest scores here: {}), \
+             or change --margin or --quantile, or set a threshold by hand with --image-threshold",
+            highest.join(", ")
+        );
+    }
     detector.card.save(&args.model)?;
     if let Some(note) = calibrate::few_images_note(set.images.len()) {
         tracing::warn!("{note}");
@@ -237,7 +259,8 @@ fn set_threshold(dir: &Path, image: f32) -> anyhow::Result<()> {
     let t = &card.thresholds;
     println!(
         "image threshold {:.4} (was {:.4}), set by hand; pixel threshold {:.4} (regions are cut at the lower of the \
-         two); a running server takes it at POST /v1/models/<name>/reload",
+         two); a server serving this folder takes it up at its next scan of the models folder (every 30 s by \
+         default), or at once at POST /v1/models/<name>/reload",
         t.image, before.image, t.pixel
     );
     Ok(())

@@ -13,7 +13,6 @@ use crate::train::{self, Augment, TrainConfig};
 
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let cfg = config(args, threads)?;
-    let training_images = train::dataset::training_files(&args.data)?.len();
     train::check_output(&args.out)?;
     if args.out.join(crate::model::artifact::CARD_FILE).is_file() {
         tracing::info!(
@@ -41,9 +40,10 @@ pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
         Some(b) => format!(", fewer if they do not fit {:.1} minutes", b.as_secs_f64() / 60.0),
         None => String::new(),
     };
+    // The images are counted once they are loaded (listing them here as well warned twice
+    // of each link that leads nowhere).
     tracing::info!(
-        "training on {} from {} ({steps} steps of {}{budget})",
-        plural(training_images, "image"),
+        "training from {} ({steps} steps of {}{budget})",
         args.data.display(),
         args.batch_size
     );

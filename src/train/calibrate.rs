@@ -191,12 +191,6 @@ pub fn calibrate(
         level_scores: cfg.method == ThresholdMethod::MinArea,
     };
     detector.card.validation_scores = ScoreStats::of(&scores);
-    if let Some(warning) = threshold_warning(&detector.card) {
-        tracing::warn!(
-            threshold = image,
-            "{warning}; train longer, or change --margin or --quantile"
-        );
-    }
     Ok(scores)
 }
 

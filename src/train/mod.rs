@@ -451,6 +451,13 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
         calibrate::Scales::Measure,
         set_by,
     )?;
+    // Kept with a warning: the training is done and the threshold can be set again.
+    if let Some(warning) = calibrate::threshold_warning(&detector.card) {
+        tracing::warn!(
+            threshold = detector.card.thresholds.image,
+            "{warning}; train longer, or change --margin or --quantile"
+        );
+    }
     if let Some(note) = calibrate::few_images_note(validation.len()) {
         tracing::warn!("{note}");
     }
