@@ -1821,6 +1821,7 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         (&stored, "lies inside the server's stored inspection images"),
         (&data_dir, "holds the server's stored inspection images"),
         (&in_models, "lies inside the server's models folder"),
+        (&others, "lies inside the server's uploaded training images"),
     ] {
         let (s, _, b) = send(
             &h.state,

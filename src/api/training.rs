@@ -566,7 +566,6 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
     // job's uploads are not a folder to name: they go when that job ends.
     let uploaded = folder == upload_dir_of(state, &id);
     let training_root = state.limits.training_root.clone();
-    let uploads = uploads_dir(state);
     let owned = server_folders(state);
     let max_pixels = state.limits.max_pixels;
     // Everything that touches the filesystem runs off the async threads (a slow or
@@ -580,16 +579,9 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
             "the uploaded images".to_string()
         } else {
             let real = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-            if let (Some(f), Some(u)) = (real(&folder), real(&uploads)) {
-                if f.starts_with(u) {
-                    return Err(ApiError::BadTrainingData(
-                        "the server's folder of uploaded training images is not a folder to name; upload the images"
-                            .into(),
-                    ));
-                }
-            }
             // The walk takes every image below the folder: one that holds (or lies in) the
-            // server's stored inspections or its models would train on defective parts.
+            // server's stored inspections or its models would train on defective parts,
+            // and another job's uploads go when that job ends.
             if let Some(f) = real(&folder) {
                 for (dir, what) in &owned {
                     match real(dir) {
