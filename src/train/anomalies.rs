@@ -11,7 +11,7 @@
 //! - Content: another training image or another place of one (flipped, or turned by any
 //!   angle and rescaled; colour-jittered), the crop itself darkened, brightened or tinted
 //!   (a stain), the crop blurred (a smear), and procedural textures (Perlin noise of
-//!   another scale, stripes, flat colour).
+//!   another scale, stripes at any angle, flat colour).
 
 use rand::Rng;
 
@@ -234,21 +234,22 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
             }
             p
         }
-        // Procedural texture: Perlin noise or stripes around a random colour.
+        // Procedural texture: Perlin noise or stripes around a random colour, both turned
+        // by the same random angle (stripes of one orientation only would teach the
+        // segmenter that stripes across it are normal).
         4 => {
             let period = rng.random_range(2.0..24.0);
             let angle = rng.random_range(0.0..std::f32::consts::PI);
             let noise = perlin(w, h, period, angle, rng);
-            let stripes = rng.random_bool(0.3);
+            let pattern = if rng.random_bool(0.3) {
+                stripes(w, h, period, angle)
+            } else {
+                noise
+            };
             let mut p = Planar::new(c, w, h);
             for ch in 0..c {
                 let (base, amp) = (rng.random_range(0.0..1.0), rng.random_range(0.1..0.6));
-                for (i, (out, &v)) in p.data[ch * n..(ch + 1) * n].iter_mut().zip(&noise).enumerate() {
-                    let t = if stripes {
-                        ((i % w) as f32 / period * std::f32::consts::PI).sin()
-                    } else {
-                        v
-                    };
+                for (out, &t) in p.data[ch * n..(ch + 1) * n].iter_mut().zip(&pattern) {
                     *out = base + amp * t;
                 }
             }
@@ -266,6 +267,18 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     out
+}
+
+/// Stripes at `angle` (radians; 0 gives vertical stripes, π/2 horizontal ones), a full
+/// cycle every `2 · period` px across them, as values in [−1, 1].
+fn stripes(w: usize, h: usize, period: f32, angle: f32) -> Vec<f32> {
+    let (sin, cos) = angle.sin_cos();
+    (0..w * h)
+        .map(|i| {
+            let across = (i % w) as f32 * cos + (i / w) as f32 * sin;
+            (across / period * std::f32::consts::PI).sin()
+        })
+        .collect()
 }
 
 /// A `w × h` view of `src` around `centre`, turned by `angle` and magnified by `scale`,
@@ -380,6 +393,42 @@ mod tests {
             changed_somewhere >= 55,
             "anomalies visible in {changed_somewhere} of 60"
         );
+    }
+
+    #[test]
+    fn stripes_run_at_their_angle_with_their_period() {
+        use std::f32::consts::{FRAC_PI_2, FRAC_PI_4};
+        let (w, h) = (32, 24);
+        let at = |v: &[f32], x: usize, y: usize| v[y * w + x];
+        // Angle 0: vertical stripes, each column one value; π/2: horizontal, each row.
+        let vertical = stripes(w, h, 4.0, 0.0);
+        let horizontal = stripes(w, h, 4.0, FRAC_PI_2);
+        for y in 0..h {
+            for x in 0..w {
+                assert!((at(&vertical, x, y) - at(&vertical, x, 0)).abs() < 1e-5);
+                assert!((at(&horizontal, x, y) - at(&horizontal, 0, y)).abs() < 1e-4);
+            }
+        }
+        // Both vary across: sin(π·x/4) is 1 at x = 2 and −1 at x = 6.
+        assert!((at(&vertical, 2, 0) - 1.0).abs() < 1e-5 && (at(&vertical, 6, 0) + 1.0).abs() < 1e-5);
+        assert!((at(&horizontal, 0, 2) - 1.0).abs() < 1e-4 && (at(&horizontal, 0, 6) + 1.0).abs() < 1e-4);
+        // π/4: constant along the other diagonal.
+        let diagonal = stripes(w, h, 4.0, FRAC_PI_4);
+        for y in 1..h {
+            for x in 0..w - 1 {
+                assert!((at(&diagonal, x + 1, y - 1) - at(&diagonal, x, y)).abs() < 1e-4);
+            }
+        }
+        // A full cycle every 2·period px across: 6 px for a period of 3, opposite values 3 px apart.
+        let cycle = stripes(w, h, 3.0, 0.0);
+        for x in 0..w - 6 {
+            assert!((at(&cycle, x + 6, 0) - at(&cycle, x, 0)).abs() < 1e-4);
+        }
+        assert!(
+            (at(&cycle, 4, 0) + at(&cycle, 1, 0)).abs() < 1e-4,
+            "half a cycle apart: opposite"
+        );
+        assert!(cycle.iter().all(|v| (-1.0..=1.0).contains(v)));
     }
 
     #[test]
