@@ -877,7 +877,7 @@ fn user_errors_are_clear_and_never_panics() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("in the way") && !stderr(&o).contains("training on"),
+        stderr(&o).contains("in the way") && !stderr(&o).contains("training from"),
         "{}",
         stderr(&o)
     );
@@ -982,7 +982,7 @@ fn sigterm_within_the_first_tenth_writes_nothing_and_keeps_the_model_there() {
     // The handler (Ctrl-C and SIGTERM alike: SIGTERM once killed it without a word) is
     // installed before this line is logged.
     // (Steps enough that a missing log line fails the test in minutes, not hours.)
-    let (status, log) = train_and_interrupt(&out, "100000", "training on", "-TERM");
+    let (status, log) = train_and_interrupt(&out, "20000", "training from", "-TERM");
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("nothing was written"), "{log}");
     assert_eq!(std::fs::read(out.join("model.json")).unwrap(), before);
