@@ -182,9 +182,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 500)]
     pub kl_warmup: usize,
     /// Optimisation steps (batches). Ignored when --epochs is given. Default: 2400 for
-    /// --arch draem (cut to what fits --time-budget), 1000 for usad, 1600 for adversarial,
-    /// 2500 for the other autoencoders (draem: 9–14 minutes for 70–80 images of 256² on
-    /// 2 CPU cores, depending on the machine's day and the channels).
+    /// --arch draem (9–14 minutes for 70–80 images of 256² on 2 CPU cores, depending on
+    /// the machine's day and the channels; cut to what fits --time-budget), 1000 for usad,
+    /// 1600 for adversarial, 2500 for the other autoencoders.
     #[arg(long, value_parser = at_least_one)]
     pub steps: Option<usize>,
     /// Passes over the training images, one crop per image each; overrides --steps.
@@ -373,7 +373,8 @@ pub struct CalibrateArgs {
     pub model: PathBuf,
     /// Folder of good images, all used for calibration (of an MVTec AD category folder,
     /// its train/good). Images of defective parts here raise the threshold until it
-    /// misses defects: a warning says how many scored above the threshold before.
+    /// misses defects: a warning says how many scored above the threshold before, and a
+    /// threshold above the highest score the model can give is refused (nothing written).
     #[arg(long, required_unless_present = "image_threshold")]
     pub data: Option<PathBuf>,
     /// Set the image threshold to this value instead of calibrating on images: one chosen

@@ -1813,15 +1813,34 @@ async fn training_jobs_refuse_bad_requests_with_clear_errors_and_need_an_admin_k
         .root()
         .join("training-uploads/../training-uploads/other-job");
     // The server's own folders: stored inspections (defective parts among them), the
-    // data folder that holds them (and, here, the models), a folder in the models.
-    let stored = good_folder(&h.state.blobs.root().join("images/2026-11-28"), 2);
+    // data folder that holds them (and, here, the models; refused before any image is
+    // stored too, as the job could wait while some are), a folder in the models, another
+    // job's uploads, and a folder of good images with a link into the stored ones.
     let data_dir = h.state.blobs.root().to_path_buf();
+    assert!(!data_dir.join("images").exists());
+    let fresh = send(
+        &h.state,
+        post_json(
+            "/v1/training-jobs",
+            serde_json::json!({"model": "x", "folder": data_dir}),
+        ),
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&fresh.2).contains("holds the server's stored inspection images"),
+        "{}",
+        String::from_utf8_lossy(&fresh.2)
+    );
+    let stored = good_folder(&h.state.blobs.root().join("images/2026-11-28"), 2);
     let in_models = good_folder(&h.state.models_dir.join("samples"), 2);
+    let linked = good_folder(&h._dir.path().join("linked"), 2);
+    std::os::unix::fs::symlink(&stored, linked.join("more")).unwrap();
     for (folder, says) in [
         (&stored, "lies inside the server's stored inspection images"),
         (&data_dir, "holds the server's stored inspection images"),
         (&in_models, "lies inside the server's models folder"),
         (&others, "lies inside the server's uploaded training images"),
+        (&linked, "links into the server's stored inspection images"),
     ] {
         let (s, _, b) = send(
             &h.state,

@@ -578,31 +578,34 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         let shown = if uploaded {
             "the uploaded images".to_string()
         } else {
-            let real = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-            // The walk takes every image below the folder: one that holds (or lies in) the
-            // server's stored inspections or its models would train on defective parts,
-            // and another job's uploads go when that job ends.
-            if let Some(f) = real(&folder) {
+            folder.display().to_string()
+        };
+        // Where the server's folders are, whether or not they exist yet: images are
+        // stored (and uploads kept) from the first one on, perhaps while this job waits.
+        let owned: Vec<(PathBuf, &str)> = owned
+            .iter()
+            .map(|(dir, what)| (crate::train::dataset::resolved(dir), *what))
+            .collect();
+        // The walk takes every image below the folder: one that holds (or lies in) the
+        // server's stored inspections or its models would train on defective parts,
+        // and another job's uploads go when that job ends.
+        if !uploaded {
+            if let Ok(f) = folder.canonicalize() {
                 for (dir, what) in &owned {
-                    match real(dir) {
-                        Some(d) if f.starts_with(&d) => {
-                            return Err(ApiError::BadTrainingData(format!(
-                                "{}: lies inside the server's {what}; name a folder of good images only",
-                                folder.display()
-                            )))
-                        }
-                        Some(d) if d.starts_with(&f) => {
-                            return Err(ApiError::BadTrainingData(format!(
-                                "{}: holds the server's {what}, which training would take for good images; name a folder of good images only",
-                                folder.display()
-                            )))
-                        }
-                        _ => {}
+                    if f.starts_with(dir) {
+                        return Err(ApiError::BadTrainingData(format!(
+                            "{shown}: lies inside the server's {what}; name a folder of good images only"
+                        )));
+                    }
+                    if dir.starts_with(&f) {
+                        return Err(ApiError::BadTrainingData(format!(
+                            "{shown}: holds the server's {what}, which training would take for good images; name a \
+                             folder of good images only"
+                        )));
                     }
                 }
             }
-            folder.display().to_string()
-        };
+        }
         let root = training_root.filter(|_| !uploaded);
         let images = crate::train::dataset::training_files(&folder)
             .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&folder.display().to_string(), &shown)))?;
@@ -616,6 +619,18 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
                 return Err(ApiError::BadTrainingData(format!(
                     "{name} in {shown} links out of the server's training root (--training-root)"
                 )));
+            }
+        }
+        // The walk follows links too: an image reached through one is judged by where it is.
+        if !uploaded {
+            for path in &images {
+                let Ok(real) = path.canonicalize() else { continue };
+                if let Some((_, what)) = owned.iter().find(|(dir, _)| real.starts_with(dir)) {
+                    let name = path.strip_prefix(&folder).unwrap_or(path).display();
+                    return Err(ApiError::BadTrainingData(format!(
+                        "{name} in {shown} links into the server's {what}; name a folder of good images only"
+                    )));
+                }
             }
         }
         // Every file must be an image the trainer can read (from its header), so a

@@ -11,7 +11,7 @@ use crate::cli::InspectArgs;
 use crate::detector::{Detector, Inspection, Overrides, Reconstruction};
 use crate::image_io;
 use crate::scoring::heatmap::render_heatmap;
-use crate::train::dataset::image_files_and_unreadable;
+use crate::train::dataset::{self, image_files_and_unreadable};
 
 #[derive(Serialize)]
 struct Record<'a> {
@@ -183,36 +183,17 @@ fn refuse_json_lines_over_inputs(path: &Path, inputs: &[PathBuf], model: &Path) 
     let named = || format!("--json-lines {}", path.display());
     // Where the file will be: itself resolved when it exists (a link is followed), else
     // its nearest existing folder resolved, with the rest of the path after it.
-    let target = resolved(path);
+    let target = dataset::resolved(path);
     if crate::train::dataset::is_image(path) || crate::train::dataset::is_image(&target) {
         anyhow::bail!("{}: an image's file name; name a .jsonl file for the results", named());
     }
-    if inputs.iter().any(|i| resolved(i) == target) {
+    if inputs.iter().any(|i| dataset::resolved(i) == target) {
         anyhow::bail!("{}: one of the inputs; name a file of its own for the results", named());
     }
-    if target.starts_with(resolved(model)) {
+    if target.starts_with(dataset::resolved(model)) {
         anyhow::bail!("{}: inside the model's folder; name a file elsewhere", named());
     }
     Ok(())
-}
-
-/// `path` made absolute with its longest existing part resolved (links followed).
-fn resolved(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut rest = Vec::new();
-    let mut existing = absolute.as_path();
-    loop {
-        if let Ok(real) = existing.canonicalize() {
-            return rest.iter().rev().fold(real, |p, part| p.join(part));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_owned());
-                existing = parent;
-            }
-            _ => return absolute,
-        }
-    }
 }
 
 fn write_outputs<'a>(

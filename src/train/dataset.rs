@@ -97,6 +97,25 @@ pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(files)
 }
 
+/// `path` made absolute with its longest existing part resolved (links followed).
+pub fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
 /// A folder laid out as a labelled set (MVTec AD): defect folders under `test/` or masks
 /// in `ground_truth/`. A `test/` of good images alone may be a user's own split.
 fn is_labelled_category(dir: &Path) -> bool {
