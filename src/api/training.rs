@@ -609,26 +609,30 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         let root = training_root.filter(|_| !uploaded);
         let images = crate::train::dataset::training_files(&folder)
             .map_err(|e| ApiError::BadTrainingData(e.to_string().replace(&folder.display().to_string(), &shown)))?;
-        // The folder walk follows links: each image must lie inside the root too.
+        // The walk follows links: each image is judged by where it really is, once.
+        let real: Vec<Option<PathBuf>> = images.iter().map(|p| p.canonicalize().ok()).collect();
+        let named = |path: &PathBuf| path.strip_prefix(&folder).unwrap_or(path).display().to_string();
+        // Inside the root, if there is one.
         if let Some(root) = &root {
-            if let Some(out) = images
+            if let Some((out, _)) = images
                 .iter()
-                .find(|p| !p.canonicalize().is_ok_and(|real| real.starts_with(root)))
+                .zip(&real)
+                .find(|(_, real)| !real.as_ref().is_some_and(|real| real.starts_with(root)))
             {
-                let name = out.strip_prefix(&folder).unwrap_or(out).display();
                 return Err(ApiError::BadTrainingData(format!(
-                    "{name} in {shown} links out of the server's training root (--training-root)"
+                    "{} in {shown} links out of the server's training root (--training-root)",
+                    named(out)
                 )));
             }
         }
-        // The walk follows links too: an image reached through one is judged by where it is.
+        // Outside the server's own folders.
         if !uploaded {
-            for path in &images {
-                let Ok(real) = path.canonicalize() else { continue };
+            for (path, real) in images.iter().zip(&real) {
+                let Some(real) = real else { continue };
                 if let Some((_, what)) = owned.iter().find(|(dir, _)| real.starts_with(dir)) {
-                    let name = path.strip_prefix(&folder).unwrap_or(path).display();
                     return Err(ApiError::BadTrainingData(format!(
-                        "{name} in {shown} links into the server's {what}; name a folder of good images only"
+                        "{} in {shown} links into the server's {what}; name a folder of good images only",
+                        named(path)
                     )));
                 }
             }
@@ -636,10 +640,8 @@ async fn enqueue(state: &Arc<AppState>, id: String, r: JobRequest) -> Result<Job
         // Every file must be an image the trainer can read (from its header), so a
         // mislabelled upload is refused now, not after the job was queued.
         for path in &images {
-            crate::image_io::probe(path, max_pixels).map_err(|e| {
-                let name = path.strip_prefix(&folder).unwrap_or(path).display();
-                ApiError::BadTrainingData(format!("{name} in {shown}: {e}"))
-            })?;
+            crate::image_io::probe(path, max_pixels)
+                .map_err(|e| ApiError::BadTrainingData(format!("{} in {shown}: {e}", named(path))))?;
         }
         Ok::<_, ApiError>((folder, shown, images))
     })

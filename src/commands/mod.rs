@@ -5,7 +5,7 @@ pub mod eval;
 pub mod inspect;
 pub mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::cli::CalibrationArgs;
 use crate::detector::Detector;
@@ -132,17 +132,9 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
     // a wild --margin) would turn the model's detection off, and a running server would
     // take it up.
     if let Some(warning) = calibrate::threshold_warning(&detector.card) {
-        let mut ranked: Vec<(&std::path::Path, f32)> = set
-            .files
-            .iter()
-            .map(|f| f.as_path())
-            .zip(scores_after.iter().copied())
-            .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let highest: Vec<String> = ranked
-            .iter()
+        let highest: Vec<String> = highest_first(&set.files, &scores_after, data, |_| true)
+            .into_iter()
             .take(3)
-            .map(|(f, v)| format!("{} {v:.4}", f.strip_prefix(data).unwrap_or(f).display()))
             .collect();
         anyhow::bail!(
             "{warning}; model.json is left unchanged. Calibrate on good images only (the highest scores here: {}), \
@@ -155,21 +147,12 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         tracing::warn!("{note}");
     }
     // Named, highest first, so that they can be looked at.
-    let mut above: Vec<(&std::path::Path, f32)> = set
-        .files
-        .iter()
-        .map(|f| f.as_path())
-        .zip(scores_before.as_ref().unwrap_or(&scores_after).iter().copied())
-        .filter(|&(_, v)| v > before.image)
-        .collect();
-    above.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let above = highest_first(&set.files, scores_before.as_ref().unwrap_or(&scores_after), data, |v| {
+        v > before.image
+    });
     if !above.is_empty() {
         const SHOWN: usize = 10;
-        let mut named: Vec<String> = above
-            .iter()
-            .take(SHOWN)
-            .map(|(f, v)| format!("{} {v:.4}", f.strip_prefix(data).unwrap_or(f).display()))
-            .collect();
+        let mut named: Vec<String> = above.iter().take(SHOWN).cloned().collect();
         if above.len() > SHOWN {
             named.push(format!("and {} more", above.len() - SHOWN));
         }
@@ -226,6 +209,20 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         before.pixel,
     );
     Ok(())
+}
+
+/// "name score" of each file whose score `keep`s, highest first, named within `data`.
+fn highest_first(files: &[PathBuf], scores: &[f32], data: &Path, keep: impl Fn(f32) -> bool) -> Vec<String> {
+    let mut ranked: Vec<(&PathBuf, f32)> = files
+        .iter()
+        .zip(scores.iter().copied())
+        .filter(|&(_, v)| keep(v))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked
+        .iter()
+        .map(|(f, v)| format!("{} {v:.4}", f.strip_prefix(data).unwrap_or(f).display()))
+        .collect()
 }
 
 /// Each image's score as `detector` scores it.
