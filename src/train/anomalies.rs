@@ -206,23 +206,8 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
             }
             p
         }
-        // A stain: the crop itself darker or brighter, half the time nearly grey, half the
-        // time with a hue of its own (each channel shifted independently).
-        2 => {
-            let mut p = clean.clone();
-            let sign = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
-            let shift = sign * rng.random_range(0.1..0.5);
-            let hued = rng.random_bool(0.5);
-            for ch in 0..c {
-                let s = if hued {
-                    rng.random_range(-0.4..0.4)
-                } else {
-                    shift * rng.random_range(0.7..1.3)
-                };
-                p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v += s);
-            }
-            p
-        }
+        // A stain: the crop darker or brighter (`stain`).
+        2 => stain(clean, rng),
         // A smear: the crop blurred.
         3 => {
             let radius = rng.random_range(2..6);
@@ -267,6 +252,32 @@ fn content<R: Rng>(clean: &Planar, others: &[Planar], rng: &mut R) -> Planar {
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     out
+}
+
+/// The crop itself darker or brighter: half the time grey (every channel shifted alike),
+/// half the time with a hue of its own (each channel shifted independently). Grime, oil
+/// and shadows are grey; a synthesis in which every stain on a colour image has a colour
+/// cast never asks the segmenter to find a darkening by its brightness alone.
+fn stain<R: Rng>(clean: &Planar, rng: &mut R) -> Planar {
+    let (c, n) = (clean.channels, clean.width * clean.height);
+    let mut p = clean.clone();
+    let sign = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+    let shift = sign * rng.random_range(0.1..0.5);
+    let hued = rng.random_bool(0.5);
+    let mut grey = None;
+    for ch in 0..c {
+        let s = if hued {
+            rng.random_range(-0.4..0.4)
+        } else {
+            // Drawn for every channel and the first kept, so that the random stream is
+            // that of the stains before (when each channel took its own): a seed trains
+            // on the same crops, masks and blends as it did then.
+            let factor = rng.random_range(0.7..1.3);
+            *grey.get_or_insert(shift * factor)
+        };
+        p.data[ch * n..(ch + 1) * n].iter_mut().for_each(|v| *v += s);
+    }
+    p
 }
 
 /// Stripes at `angle` (radians; 0 gives vertical stripes, π/2 horizontal ones), a full
@@ -393,6 +404,37 @@ mod tests {
             changed_somewhere >= 55,
             "anomalies visible in {changed_somewhere} of 60"
         );
+    }
+
+    #[test]
+    fn half_the_stains_on_colour_are_grey_and_the_rest_carry_a_hue() {
+        let clean = texture(3, 3, 16);
+        let n = 16 * 16;
+        let (mut grey, mut hued) = (0, 0);
+        for seed in 0..200 {
+            let stained = stain(&clean, &mut rng(seed));
+            // A stain shifts each channel by one amount over the whole crop.
+            let shifts: Vec<f32> = (0..3)
+                .map(|ch| {
+                    let d: Vec<f32> = (0..n)
+                        .map(|i| stained.data[ch * n + i] - clean.data[ch * n + i])
+                        .collect();
+                    assert!(d.iter().all(|v| (v - d[0]).abs() < 1e-5), "one shift per channel");
+                    d[0]
+                })
+                .collect();
+            let spread =
+                shifts.iter().cloned().fold(f32::MIN, f32::max) - shifts.iter().cloned().fold(f32::MAX, f32::min);
+            if spread < 1e-6 {
+                // Grey: every channel alike, and visibly (the shift is at least 0.1 × 0.7).
+                assert!(shifts[0].abs() >= 0.07 - 1e-6, "{shifts:?}");
+                grey += 1;
+            } else {
+                hued += 1;
+            }
+        }
+        assert!((70..=130).contains(&grey), "{grey} grey stains of 200");
+        assert!(hued >= 70, "{hued} hued stains of 200");
     }
 
     #[test]
