@@ -184,7 +184,7 @@ fn refuse_json_lines_over_inputs(path: &Path, inputs: &[PathBuf], model: &Path) 
     // Where the file will be: itself resolved when it exists (a link is followed), else
     // its nearest existing folder resolved, with the rest of the path after it.
     let target = dataset::resolved(path);
-    if crate::train::dataset::is_image(path) || crate::train::dataset::is_image(&target) {
+    if dataset::is_image(path) || dataset::is_image(&target) {
         anyhow::bail!("{}: an image's file name; name a .jsonl file for the results", named());
     }
     if inputs.iter().any(|i| dataset::resolved(i) == target) {

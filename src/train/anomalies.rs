@@ -9,8 +9,8 @@
 //! - Masks: thresholded Perlin noise (random period and rotation), blobs (ellipses with a
 //!   noisy edge) and strokes (thick polylines).
 //! - Content: another training image or another place of one (flipped, or turned by any
-//!   angle and rescaled; colour-jittered), the crop itself darkened, brightened or tinted
-//!   (a stain), the crop blurred (a smear), and procedural textures (Perlin noise of
+//!   angle and rescaled; colour-jittered), the crop itself darkened or brightened, grey or
+//!   tinted (a stain), the crop blurred (a smear), and procedural textures (Perlin noise of
 //!   another scale, stripes at any angle, flat colour).
 
 use rand::Rng;
