@@ -814,6 +814,7 @@ fn user_errors_are_clear_and_never_panics() {
 
     let o = run(&tiny_train_args("/nonexistent/folder", out.to_str().unwrap()));
     assert!(stderr(&o).contains("no such folder"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("training from"), "{}", stderr(&o));
 
     // A text file posing as an image in the training folder: named in the error.
     std::fs::write(empty.join("fake.png"), b"hello").unwrap();

@@ -14,6 +14,8 @@ use crate::train::{self, Augment, TrainConfig};
 pub fn run(args: &TrainArgs, threads: usize) -> anyhow::Result<()> {
     let cfg = config(args, threads)?;
     train::check_output(&args.out)?;
+    // Before "training from …" is logged: a mistyped folder is the whole message.
+    train::dataset::check_folder(&args.data)?;
     if args.out.join(crate::model::artifact::CARD_FILE).is_file() {
         tracing::info!(
             "{} holds a model: it is replaced when this training ends",

@@ -51,16 +51,22 @@ pub fn is_image(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Image files under `dir`, recursively, sorted. An MVTec AD category folder (one with
-/// `train/good`) yields its training images only; one with test images but no `train/good`
-/// is refused, since walking it would take defects and masks for good parts.
-pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+/// That `dir` is a folder: what `vigil train` checks before it announces a training.
+pub fn check_folder(dir: &Path) -> Result<(), DatasetError> {
     if dir.is_file() {
         return Err(DatasetError::NotAFolder(dir.to_path_buf()));
     }
     if !dir.is_dir() {
         return Err(DatasetError::NotFound(dir.to_path_buf()));
     }
+    Ok(())
+}
+
+/// Image files under `dir`, recursively, sorted. An MVTec AD category folder (one with
+/// `train/good`) yields its training images only; one with test images but no `train/good`
+/// is refused, since walking it would take defects and masks for good parts.
+pub fn training_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    check_folder(dir)?;
     let mvtec = dir.join("train").join("good");
     let category = mvtec.is_dir();
     let root = if category {
