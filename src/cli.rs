@@ -441,8 +441,9 @@ pub struct ServeArgs {
     #[arg(long, env = "VIGIL_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
     /// sqlite://FILE or postgres://USER:PASS@HOST/DB. Default: an SQLite file in --data-dir.
-    /// PostgreSQL without TLS only (sslmode=require fails): a private network, or a local
-    /// TLS proxy to a server that insists on it.
+    /// TLS to PostgreSQL by the URL's sslmode (prefer, the default, encrypts where the
+    /// server offers it; require; verify-full checks the certificate and host name against
+    /// the bundled public roots, or a private CA given as sslrootcert=FILE).
     #[arg(long, env = "VIGIL_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Seconds to keep trying a PostgreSQL server that does not answer yet at start (a

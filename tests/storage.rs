@@ -316,7 +316,12 @@ async fn postgres_store() {
     };
     let store = Store::connect(&url).await.unwrap();
     assert_eq!(store.backend, "postgres");
-    let prefix = format!(
+    exercise(&store, &unique_prefix()).await;
+}
+
+/// Ids of this run's own on a server whose tables outlive it.
+fn unique_prefix() -> String {
+    format!(
         "{:08x}-{:04x}",
         std::process::id(),
         std::time::SystemTime::now()
@@ -324,8 +329,46 @@ async fn postgres_store() {
             .unwrap()
             .subsec_nanos()
             % 65536
-    );
-    exercise(&store, &prefix).await;
+    )
+}
+
+/// `VIGIL_TEST_POSTGRES_TLS_URL` names a role the server lets in over TLS only, with
+/// `sslmode=verify-full` and the server's CA as `sslrootcert` (.ci/run sets this up), so a
+/// store that connected at all connected encrypted, to the server its certificate names.
+#[tokio::test]
+async fn postgres_over_tls_checks_the_servers_certificate() {
+    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_TLS_URL") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED postgres_over_tls_checks_the_servers_certificate: no PostgreSQL with TLS configured (set VIGIL_TEST_POSTGRES_TLS_URL=postgres://…?sslmode=verify-full&sslrootcert=…; .ci/run does)"
+        );
+        return;
+    };
+    let store = Store::connect(&url).await.unwrap();
+    assert_eq!(store.backend, "postgres");
+    exercise(&store, &unique_prefix()).await;
+    drop(store);
+
+    // The server's certificate is signed by a CA of the run's own, which no public root
+    // vouches for: without `sslrootcert` the connection must be refused, at once and
+    // saying why, not retried as if the server were still starting.
+    let (without_ca, _) = url.split_once("&sslrootcert=").expect("the URL names its CA last");
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), Store::connect(without_ca))
+        .await
+        .expect("a certificate that fails is reported, not waited on")
+        .err()
+        .expect("a certificate no trusted root signs is refused");
+    assert!(!refused.is_unreachable(), "{refused}");
+    assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
+
+    // And the role is refused in plain text, so the first connection was encrypted.
+    let plain = format!("{}?sslmode=disable", url.split_once('?').unwrap().0);
+    let refused = Store::connect(&plain)
+        .await
+        .err()
+        .expect("plain text is refused to this role");
+    assert!(refused.to_string().contains("no encryption"), "{refused}");
 }
 
 #[tokio::test]

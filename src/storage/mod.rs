@@ -28,10 +28,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// True when the database could not be reached, or is still starting: worth trying
-    /// again, unlike a refused login or a failed migration.
+    /// again, unlike a refused login, a failed migration or a certificate that fails.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+            // A TLS handshake that fails (a certificate no trusted root signs, a host name
+            // it does not name) reaches sqlx as an I/O error of this kind, and will fail
+            // the same way on every try.
+            StoreError::Database(sqlx::Error::Io(e)) => e.kind() != std::io::ErrorKind::InvalidData,
+            StoreError::Database(sqlx::Error::PoolTimedOut) => true,
             // PostgreSQL's "the database system is starting up" / "shutting down".
             StoreError::Database(sqlx::Error::Database(d)) => matches!(d.code().as_deref(), Some("57P03" | "57P01")),
             _ => false,
