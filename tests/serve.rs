@@ -655,6 +655,46 @@ fn a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for() {
     let _ = child.wait();
 }
 
+#[test]
+fn a_database_certificate_that_fails_ends_the_start_at_once() {
+    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_TLS_URL") else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED a_database_certificate_that_fails_ends_the_start_at_once: no PostgreSQL with TLS configured (set VIGIL_TEST_POSTGRES_TLS_URL=postgres://…?sslmode=verify-full&sslrootcert=…; .ci/run does)"
+        );
+        return;
+    };
+    // Without its CA, the server's certificate is signed by no root vigil trusts.
+    let (without_ca, _) = url.split_once("&sslrootcert=").expect("the URL names its CA last");
+    let data = tempfile::tempdir().unwrap();
+    let mut child = common::vigil()
+        .env("RUST_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--database-url", without_ca, "--database-wait", "120"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.contains("does not answer yet") || line.contains("listening on") {
+            let _ = child.kill();
+            panic!("a failing certificate was waited on or ignored: {line}");
+        }
+        seen.push(line);
+    }
+    // The pipe closes when it exits: no retry loop was entered.
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{seen:#?}");
+    assert!(seen.iter().any(|l| l.contains("certificate")), "{seen:#?}");
+}
+
 /// The fuzz seeds (one small image per format and variant) mutated the way a broken camera
 /// link or a hostile client would: bits flipped, bytes overwritten with extremes, cut
 /// short, spliced. Hand-written: a dozen lines, and it must be seeded and fast.
