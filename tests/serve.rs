@@ -478,12 +478,7 @@ fn a_starting_server_leaves_another_servers_quiet_job_to_the_heartbeat() {
 
 #[test]
 fn two_replicas_share_one_postgresql_database() {
-    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
-        // Written straight to the stream so the test harness's capture does not hide it.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED two_replicas_share_one_postgresql_database: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
-        );
+    let Some(url) = common::postgres_url("two_replicas_share_one_postgresql_database") else {
         return;
     };
     // One database and one image volume, as in the compose and Kubernetes deployments.
@@ -586,13 +581,25 @@ fn forward(listen_port: u16, target: String) {
     });
 }
 
+/// `vigil serve` on the database at `url`, willing to wait 120 s for it, its log piped.
+fn serve_waiting_for(data: &std::path::Path, url: &str) -> Child {
+    common::vigil()
+        .env("RUST_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--database-url", url, "--database-wait", "120"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for() {
-    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
-        );
+    let Some(url) = common::postgres_url("a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for")
+    else {
         return;
     };
     // The database's address, and a port where nothing listens yet.
@@ -604,17 +611,7 @@ fn a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for() {
         .port();
     let late_url = url.replace(&host_port, &format!("127.0.0.1:{port}"));
     let data = tempfile::tempdir().unwrap();
-    let mut child = common::vigil()
-        .env("RUST_LOG", "info")
-        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["--database-url", &late_url, "--database-wait", "120"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve_waiting_for(data.path(), &late_url);
     let mut lines = BufReader::new(child.stderr.take().unwrap())
         .lines()
         .map_while(Result::ok);
@@ -657,27 +654,13 @@ fn a_postgresql_server_that_answers_only_after_vigil_starts_is_waited_for() {
 
 #[test]
 fn a_database_certificate_that_fails_ends_the_start_at_once() {
-    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_TLS_URL") else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED a_database_certificate_that_fails_ends_the_start_at_once: no PostgreSQL with TLS configured (set VIGIL_TEST_POSTGRES_TLS_URL=postgres://…?sslmode=verify-full&sslrootcert=…; .ci/run does)"
-        );
+    let Some(url) = common::postgres_tls_url("a_database_certificate_that_fails_ends_the_start_at_once") else {
         return;
     };
     // Without its CA, the server's certificate is signed by no root vigil trusts.
     let (without_ca, _) = url.split_once("&sslrootcert=").expect("the URL names its CA last");
     let data = tempfile::tempdir().unwrap();
-    let mut child = common::vigil()
-        .env("RUST_LOG", "info")
-        .args(["serve", "--listen", "127.0.0.1:0", "--models-dir"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["--database-url", without_ca, "--database-wait", "120"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve_waiting_for(data.path(), without_ca);
     let mut seen = Vec::new();
     for line in BufReader::new(child.stderr.take().unwrap())
         .lines()

@@ -1,6 +1,8 @@
 //! The store against a real SQLite file and, when `VIGIL_TEST_POSTGRES_URL` is set (as
 //! `.ci/run` does), a real PostgreSQL server: the same assertions on both.
 
+mod common;
+
 use serde_json::json;
 use vigil::storage::{ListQuery, Record, Store, StoreError};
 
@@ -305,13 +307,7 @@ async fn sqlite_store() {
 
 #[tokio::test]
 async fn postgres_store() {
-    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_URL") else {
-        // Written straight to the stream so the test harness's capture does not hide it.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED postgres_store: no PostgreSQL configured (set VIGIL_TEST_POSTGRES_URL=postgres://…; .ci/run does)"
-        );
+    let Some(url) = common::postgres_url("postgres_store") else {
         return;
     };
     let store = Store::connect(&url).await.unwrap();
@@ -337,12 +333,7 @@ fn unique_prefix() -> String {
 /// store that connected at all connected encrypted, to the server its certificate names.
 #[tokio::test]
 async fn postgres_over_tls_checks_the_servers_certificate() {
-    let Ok(url) = std::env::var("VIGIL_TEST_POSTGRES_TLS_URL") else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED postgres_over_tls_checks_the_servers_certificate: no PostgreSQL with TLS configured (set VIGIL_TEST_POSTGRES_TLS_URL=postgres://…?sslmode=verify-full&sslrootcert=…; .ci/run does)"
-        );
+    let Some(url) = common::postgres_tls_url("postgres_over_tls_checks_the_servers_certificate") else {
         return;
     };
     let store = Store::connect(&url).await.unwrap();

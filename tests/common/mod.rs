@@ -19,6 +19,36 @@ pub fn send_signal(child: &std::process::Child, signal: &str) {
     assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
 }
 
+/// The PostgreSQL server of `VIGIL_TEST_POSTGRES_URL` (`.ci/run` starts one), or `None`
+/// after saying that `test` is skipped.
+pub fn postgres_url(test: &str) -> Option<String> {
+    env_or_skip(test, "VIGIL_TEST_POSTGRES_URL", "PostgreSQL", "")
+}
+
+/// The TLS-only role of `VIGIL_TEST_POSTGRES_TLS_URL` (`.ci/run` makes one, with a CA of
+/// its own named last as `sslrootcert`), or `None` after saying that `test` is skipped.
+pub fn postgres_tls_url(test: &str) -> Option<String> {
+    env_or_skip(
+        test,
+        "VIGIL_TEST_POSTGRES_TLS_URL",
+        "PostgreSQL with TLS",
+        "?sslmode=verify-full&sslrootcert=…",
+    )
+}
+
+fn env_or_skip(test: &str, var: &str, what: &str, query: &str) -> Option<String> {
+    let url = std::env::var(var).ok();
+    if url.is_none() {
+        // Written straight to the stream so the test harness's capture does not hide it.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: no {what} configured (set {var}=postgres://…{query}; .ci/run does)"
+        );
+    }
+    url
+}
+
 pub fn run(args: &[&str]) -> Output {
     vigil().args(args).output().expect("vigil runs")
 }
