@@ -657,10 +657,8 @@ fn a_database_certificate_that_fails_ends_the_start_at_once() {
     let Some(url) = common::postgres_tls_url("a_database_certificate_that_fails_ends_the_start_at_once") else {
         return;
     };
-    // Without its CA, the server's certificate is signed by no root vigil trusts.
-    let (without_ca, _) = url.split_once("&sslrootcert=").expect("the URL names its CA last");
     let data = tempfile::tempdir().unwrap();
-    let mut child = serve_waiting_for(data.path(), without_ca);
+    let mut child = serve_waiting_for(data.path(), common::without_ca(&url));
     let mut seen = Vec::new();
     for line in BufReader::new(child.stderr.take().unwrap())
         .lines()

@@ -344,7 +344,7 @@ async fn postgres_over_tls_checks_the_servers_certificate() {
     // The server's certificate is signed by a CA of the run's own, which no public root
     // vouches for: without `sslrootcert` the connection must be refused, at once and
     // saying why, not retried as if the server were still starting.
-    let (without_ca, _) = url.split_once("&sslrootcert=").expect("the URL names its CA last");
+    let without_ca = common::without_ca(&url);
     let refused = tokio::time::timeout(std::time::Duration::from_secs(30), Store::connect(without_ca))
         .await
         .expect("a certificate that fails is reported, not waited on")

@@ -36,6 +36,15 @@ pub fn postgres_tls_url(test: &str) -> Option<String> {
     )
 }
 
+/// A TLS URL of [`postgres_tls_url`] without its `sslrootcert`: the server's certificate is
+/// then signed by no root vigil trusts.
+pub fn without_ca(tls_url: &str) -> &str {
+    tls_url
+        .split_once("&sslrootcert=")
+        .expect("the URL names its CA last")
+        .0
+}
+
 fn env_or_skip(test: &str, var: &str, what: &str, query: &str) -> Option<String> {
     let url = std::env::var(var).ok();
     if url.is_none() {
