@@ -443,7 +443,8 @@ pub struct ServeArgs {
     /// sqlite://FILE or postgres://USER:PASS@HOST/DB. Default: an SQLite file in --data-dir.
     /// TLS to PostgreSQL by the URL's sslmode (prefer, the default, encrypts where the
     /// server offers it; require; verify-full checks the certificate and host name against
-    /// the bundled public roots, or a private CA given as sslrootcert=FILE).
+    /// the bundled public roots, or a private CA given as sslrootcert=FILE); a client
+    /// certificate for servers that require one as sslcert=FILE&sslkey=FILE (PEM).
     #[arg(long, env = "VIGIL_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Seconds to keep trying a PostgreSQL server that does not answer yet at start (a

@@ -363,6 +363,59 @@ async fn postgres_over_tls_checks_the_servers_certificate() {
 }
 
 #[tokio::test]
+async fn postgres_with_a_client_certificate_logs_in_by_it() {
+    let Some(url) = common::postgres_cert_url("postgres_with_a_client_certificate_logs_in_by_it") else {
+        return;
+    };
+    let store = Store::connect(&url).await.unwrap();
+    assert_eq!(store.backend, "postgres");
+    exercise(&store, &unique_prefix()).await;
+    drop(store);
+
+    // The role has no password and no other way in: without the certificate the server
+    // refuses the login, and that is reported as such, not retried as a server starting.
+    let (base, query) = url.split_once('?').unwrap();
+    let without_certificate = format!(
+        "{base}?{}",
+        query
+            .split('&')
+            .filter(|p| !p.starts_with("sslcert=") && !p.starts_with("sslkey="))
+            .collect::<Vec<_>>()
+            .join("&")
+    );
+    let refused = Store::connect(&without_certificate)
+        .await
+        .err()
+        .expect("the role is let in by its certificate only");
+    assert!(!refused.is_unreachable(), "{refused}");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+
+    // A key file that is not there is a mistake in the URL, reported at once with its path.
+    let missing = url.replace("client.key", "no-such.key");
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), Store::connect(&missing))
+        .await
+        .expect("a missing key file is reported, not waited on")
+        .err()
+        .expect("no key, no login");
+    assert!(!refused.is_unreachable(), "{refused}");
+    assert!(refused.to_string().contains("no-such.key"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_certificate_file_the_url_names_must_exist() {
+    // Port 1 on loopback refuses at once, which would count as "not up yet": the missing
+    // file must be reported first, with its path, and not as worth waiting for.
+    let url = "postgres://vigil@127.0.0.1:1/vigil?sslmode=verify-full&ssl-root-cert=/no/such/ca.crt";
+    let err = Store::connect(url).await.err().expect("the CA file is not there");
+    assert!(!err.is_unreachable(), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("ssl-root-cert") && message.contains("/no/such/ca.crt"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_database_is_reported_with_its_cause() {
     // Port 1 on loopback: nothing listens there, so the connection is refused at once.
     let err = Store::connect("postgres://vigil:secret@127.0.0.1:1/vigil")

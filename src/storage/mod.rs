@@ -24,6 +24,9 @@ pub enum StoreError {
     /// An inspection whose idempotency key another record of its model already holds.
     #[error("an inspection with idempotency key {0:?} is already recorded")]
     KeyTaken(String),
+    /// A file the database URL (or `PGSSL*`) names that cannot be read.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl StoreError {
@@ -41,6 +44,51 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// The certificate and key files a PostgreSQL URL names (`sslrootcert`, `sslcert`,
+/// `sslkey` and their other spellings, or `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`), each
+/// checked readable before connecting: sqlx reports a missing one as "No such file or
+/// directory" without its path, as an I/O error that reads like a server not up yet, and
+/// a missing file does not appear by waiting. Certificates given inline (PEM text) are
+/// sqlx's to check.
+fn check_tls_files(url: &str) -> Result<(), StoreError> {
+    // A URL sqlx could parse is a URL `url` parses.
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let spelled = |key: &str| match key {
+        "sslrootcert" | "ssl-root-cert" | "ssl-ca" => Some("sslrootcert"),
+        "sslcert" | "ssl-cert" => Some("sslcert"),
+        "sslkey" | "ssl-key" => Some("sslkey"),
+        _ => None,
+    };
+    let mut named: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(key, _)| spelled(key).is_some())
+        .map(|(key, value)| (format!("the database URL's {key}"), value.into_owned()))
+        .collect();
+    for (var, param) in [
+        ("PGSSLROOTCERT", "sslrootcert"),
+        ("PGSSLCERT", "sslcert"),
+        ("PGSSLKEY", "sslkey"),
+    ] {
+        let in_url = parsed.query_pairs().any(|(key, _)| spelled(&key) == Some(param));
+        if let (false, Ok(value)) = (in_url, std::env::var(var)) {
+            named.push((var.to_string(), value));
+        }
+    }
+    for (source, value) in named {
+        if value.trim_start().starts_with("-----BEGIN") {
+            continue;
+        }
+        if let Err(e) = std::fs::File::open(&value) {
+            return Err(StoreError::Config(format!(
+                "{source} names {value}, which cannot be read: {e}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An operator's label of an inspection (`good` or `defective`) and the note given with it.
@@ -159,6 +207,9 @@ impl Store {
             url.to_string()
         };
         let opts = AnyConnectOptions::from_str(&url)?;
+        if !sqlite {
+            check_tls_files(&url)?;
+        }
         let mut pool = AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 8 });
         if sqlite {
             pool = pool.after_connect(|conn, _| {

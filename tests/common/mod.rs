@@ -36,6 +36,18 @@ pub fn postgres_tls_url(test: &str) -> Option<String> {
     )
 }
 
+/// The role of `VIGIL_TEST_POSTGRES_CERT_URL` that the server lets in by its client
+/// certificate alone (`.ci/run` makes one: `sslcert`, `sslkey`, then the CA as `sslrootcert`),
+/// or `None` after saying that `test` is skipped.
+pub fn postgres_cert_url(test: &str) -> Option<String> {
+    env_or_skip(
+        test,
+        "VIGIL_TEST_POSTGRES_CERT_URL",
+        "PostgreSQL with client certificates",
+        "?sslmode=verify-full&sslcert=…&sslkey=…&sslrootcert=…",
+    )
+}
+
 /// A TLS URL of [`postgres_tls_url`] without its `sslrootcert`: the server's certificate is
 /// then signed by no root vigil trusts.
 pub fn without_ca(tls_url: &str) -> &str {
