@@ -310,7 +310,13 @@ async fn postgres_store() {
     let Some(url) = common::postgres_url("postgres_store") else {
         return;
     };
-    let store = Store::connect(&url).await.unwrap();
+    exercise_postgres(&url).await;
+}
+
+/// The store's full exercise on the PostgreSQL server at `url`, under ids of this run's own;
+/// the connection is closed on return.
+async fn exercise_postgres(url: &str) {
+    let store = Store::connect(url).await.unwrap();
     assert_eq!(store.backend, "postgres");
     exercise(&store, &unique_prefix()).await;
 }
@@ -336,10 +342,7 @@ async fn postgres_over_tls_checks_the_servers_certificate() {
     let Some(url) = common::postgres_tls_url("postgres_over_tls_checks_the_servers_certificate") else {
         return;
     };
-    let store = Store::connect(&url).await.unwrap();
-    assert_eq!(store.backend, "postgres");
-    exercise(&store, &unique_prefix()).await;
-    drop(store);
+    exercise_postgres(&url).await;
 
     // The server's certificate is signed by a CA of the run's own, which no public root
     // vouches for: without `sslrootcert` the connection must be refused, at once and
@@ -367,10 +370,7 @@ async fn postgres_with_a_client_certificate_logs_in_by_it() {
     let Some(url) = common::postgres_cert_url("postgres_with_a_client_certificate_logs_in_by_it") else {
         return;
     };
-    let store = Store::connect(&url).await.unwrap();
-    assert_eq!(store.backend, "postgres");
-    exercise(&store, &unique_prefix()).await;
-    drop(store);
+    exercise_postgres(&url).await;
 
     // The role has no password and no other way in: without the certificate the server
     // refuses the login, and that is reported as such, not retried as a server starting.

@@ -57,25 +57,28 @@ fn check_tls_files(url: &str) -> Result<(), StoreError> {
     let Ok(parsed) = url::Url::parse(url) else {
         return Ok(());
     };
-    let spelled = |key: &str| match key {
+    let canonical = |key: &str| match key {
         "sslrootcert" | "ssl-root-cert" | "ssl-ca" => Some("sslrootcert"),
         "sslcert" | "ssl-cert" => Some("sslcert"),
         "sslkey" | "ssl-key" => Some("sslkey"),
         _ => None,
     };
-    let mut named: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter(|(key, _)| spelled(key).is_some())
-        .map(|(key, value)| (format!("the database URL's {key}"), value.into_owned()))
-        .collect();
+    let (mut named, mut in_url) = (Vec::new(), Vec::new());
+    for (key, value) in parsed.query_pairs() {
+        if let Some(param) = canonical(&key) {
+            in_url.push(param);
+            named.push((format!("the database URL's {key}"), value.into_owned()));
+        }
+    }
+    // sqlx starts from these variables and lets the URL override them.
     for (var, param) in [
         ("PGSSLROOTCERT", "sslrootcert"),
         ("PGSSLCERT", "sslcert"),
         ("PGSSLKEY", "sslkey"),
     ] {
-        let in_url = parsed.query_pairs().any(|(key, _)| spelled(&key) == Some(param));
-        if let (false, Ok(value)) = (in_url, std::env::var(var)) {
-            named.push((var.to_string(), value));
+        match std::env::var(var) {
+            Ok(value) if !in_url.contains(&param) => named.push((var.to_string(), value)),
+            _ => {}
         }
     }
     for (source, value) in named {
