@@ -313,8 +313,16 @@ pub fn upload_file_name(index: usize, client_name: Option<&str>, ext: &str) -> S
 /// Folder names inside the archive are dropped (nothing is written outside `dir`), other
 /// files are skipped, and extraction stops with an error once more than `limit` bytes
 /// have been unpacked (a small archive can expand enormously: the caller passes what is
-/// left of the whole upload's limit). Returns how many images, and their bytes.
-pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) -> Result<(usize, u64), String> {
+/// left of the whole upload's limit), or once it would write more than `max_images` files
+/// (empty entries cost no bytes, but each is a file on disk). Returns how many images,
+/// and their bytes.
+pub fn extract_zip_images(
+    bytes: &[u8],
+    dir: &Path,
+    first: usize,
+    limit: u64,
+    max_images: usize,
+) -> Result<(usize, u64), String> {
     use std::io::Read;
     let mut archive =
         zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| format!("not a readable zip archive: {e}"))?;
@@ -334,6 +342,11 @@ pub fn extract_zip_images(bytes: &[u8], dir: &Path, first: usize, limit: u64) ->
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if hidden || !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
             continue;
+        }
+        if written == max_images {
+            return Err(format!(
+                "the zip archive holds more than the {max_images} images left of the upload's limit"
+            ));
         }
         let mut data = Vec::new();
         let budget = limit.saturating_sub(unpacked);
@@ -505,7 +518,7 @@ mod tests {
             ("notes.txt", b"skip me"),
             ("__MACOSX/._a.png", b"resource fork"),
         ]);
-        let (n, _) = extract_zip_images(&zip, dir.path(), 3, 1 << 20).unwrap();
+        let (n, _) = extract_zip_images(&zip, dir.path(), 3, 1 << 20, 10).unwrap();
         assert_eq!(n, 2);
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -521,9 +534,22 @@ mod tests {
         let zeros = vec![0u8; 1 << 20];
         let bomb = zip_of(&[("a.png", &zeros)]);
         assert!(bomb.len() < 10_000);
-        let e = extract_zip_images(&bomb, dir.path(), 0, 100_000).unwrap_err();
+        let e = extract_zip_images(&bomb, dir.path(), 0, 100_000, 10).unwrap_err();
         assert!(e.contains("more than the 100000 bytes left"), "{e}");
-        assert!(extract_zip_images(b"not a zip", dir.path(), 0, 1 << 20).is_err());
+        assert!(extract_zip_images(b"not a zip", dir.path(), 0, 1 << 20, 10).is_err());
+        // Empty entries cost no bytes; they stop at the count.
+        let empty = tempfile::tempdir().unwrap();
+        let many: Vec<(String, &[u8])> = (0..5).map(|i| (format!("{i}.png"), &b""[..])).collect();
+        let many: Vec<(&str, &[u8])> = many.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+        let e = extract_zip_images(&zip_of(&many), empty.path(), 0, 1 << 20, 4).unwrap_err();
+        assert!(e.contains("more than the 4 images left"), "{e}");
+        assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 4);
+        assert_eq!(
+            extract_zip_images(&zip_of(&many), empty.path(), 4, 1 << 20, 5)
+                .unwrap()
+                .0,
+            5
+        );
     }
 
     #[test]

@@ -2216,6 +2216,123 @@ async fn cancelling_stops_a_running_job_and_drops_a_queued_one_writing_nothing()
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "job_finished"));
 }
 
+/// Waits for `ready` to hold, failing the test after `limit`: the condition is watched,
+/// not guessed at by a fixed sleep.
+async fn eventually(limit: Duration, what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_end_the_database_refuses_is_recorded_once_it_takes_it() {
+    use sqlx::Connection;
+    let h = harness(None, 8).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 4);
+    let db = h._dir.path().join("t.db");
+    let mut side = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    // A database that refuses the job's end, as in a failover, counting each attempt
+    // (RAISE(FAIL) keeps what the trigger wrote before it).
+    sqlx::raw_sql(
+        "CREATE TABLE refused (attempt INTEGER);
+         CREATE TRIGGER refuse_end BEFORE UPDATE OF status ON training_jobs WHEN NEW.status = 'succeeded'
+         BEGIN INSERT INTO refused VALUES (1); SELECT RAISE(FAIL, 'injected: the database is away'); END;",
+    )
+    .execute(&mut side)
+    .await
+    .unwrap();
+    let options: Value = serde_json::from_str(TINY).unwrap();
+    let request = serde_json::json!({"model": "refused", "folder": folder, "options": options});
+    let (s, _, b) = send(&h.state, post_json("/v1/training-jobs", request)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
+    let id = json(&b)["id"].as_str().unwrap().to_string();
+    async fn refused(side: &mut sqlx::SqliteConnection) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM refused").fetch_one(side).await
+    }
+    eventually(Duration::from_secs(120), "the job's end was written", async || {
+        refused(&mut side).await.unwrap() > 0
+    })
+    .await;
+    // Not on record, so not ended to anyone watching (once showed `succeeded` here while
+    // the row stayed `running`, to be swept as interrupted).
+    let (_, _, b) = send(&h.state, get(&format!("/v1/training-jobs/{id}"))).await;
+    assert_eq!(json(&b)["status"], "running", "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h.state.store.job(&id).await.unwrap().unwrap().status, "running");
+    // The database takes writes again: the end lands, and the job ends.
+    sqlx::raw_sql("DROP TRIGGER refuse_end")
+        .execute(&mut side)
+        .await
+        .unwrap();
+    let events = job_events(&h.state, &id).await;
+    assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
+    assert_eq!(h.state.store.job(&id).await.unwrap().unwrap().status, "succeeded");
+    assert!(refused(&mut side).await.unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_dropped_midway_leaves_no_images_behind() {
+    // A request timeout longer than the test: the request is dropped, not timed out.
+    let flat = Arc::new(common::Flat(Device::Cpu));
+    let h = harness_with(None, 8, "default", flat, Duration::from_secs(600), None, None).await;
+    std::fs::create_dir_all(&h.state.models_dir).unwrap();
+    let folder = good_folder(h._dir.path(), 1);
+    // One whole image, then the start of a second part, then nothing more: the client
+    // is still sending when it goes away.
+    let boundary = "vigil-test-boundary";
+    let mut start = Vec::new();
+    let part = |name: &str| format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"");
+    start.extend_from_slice(format!("{}\r\n\r\ndropped\r\n", part("model")).as_bytes());
+    start.extend_from_slice(
+        format!(
+            "{}; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n",
+            part("images")
+        )
+        .as_bytes(),
+    );
+    start.extend_from_slice(&std::fs::read(folder.join("0.png")).unwrap());
+    start.extend_from_slice(format!("\r\n{}; filename=\"b.png\"\r\n", part("images")).as_bytes());
+    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(start)]);
+    let body = Body::from_stream(futures_util::StreamExt::chain(first, futures_util::stream::pending()));
+    let req = Request::post("/v1/training-jobs")
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .unwrap();
+    let request = tokio::spawn(api::app(h.state.clone()).oneshot(req));
+    let uploads = h.state.blobs.root().join("training-uploads");
+    let files_in = |dir: &std::path::Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.map(|e| std::fs::read_dir(e.unwrap().path()).map_or(0, |f| f.count()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(30), "the first image was stored", async || {
+        files_in(&uploads) == 1
+    })
+    .await;
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    eventually(
+        Duration::from_secs(30),
+        "the dropped request's uploads were removed",
+        async || std::fs::read_dir(&uploads).unwrap().next().is_none(),
+    )
+    .await;
+    let (_, _, b) = send(&h.state, get("/v1/training-jobs")).await;
+    assert_eq!(
+        json(&b).as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_interrupts_its_jobs_and_leaves_no_model() {
     let h = harness(None, 8).await;

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::StatusCode;
@@ -26,6 +27,10 @@ use crate::storage::jobs::JobRow;
 
 /// Largest upload of training images in one request.
 pub const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
+
+/// Most images in one upload: each is a file on disk, and a zip of empty entries fits
+/// millions under the byte limit. Far more than a training set needs.
+pub const MAX_UPLOAD_IMAGES: usize = 100_000;
 
 struct LiveJob {
     view: watch::Sender<JobView>,
@@ -302,13 +307,8 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
         let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        match receive_upload(multipart, &upload_dir).await {
-            Ok(r) => (r, Some(upload_dir)),
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&upload_dir).await;
-                return Err(e);
-            }
-        }
+        let folder = UploadFolder(Some(upload_dir.clone()));
+        (receive_upload(multipart, &upload_dir).await?, Some(folder))
     } else {
         let body = axum::body::to_bytes(req.into_body(), 1024 * 1024)
             .await
@@ -317,13 +317,38 @@ pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> Result<
             .map_err(|e| ApiError::BadRequest(format!("expected JSON {{\"model\", \"folder\", \"options\"}}: {e}")))?;
         (r, None)
     };
-    let queued = enqueue(&state, id, request).await;
-    if queued.is_err() {
-        if let Some(dir) = uploaded {
-            let _ = tokio::fs::remove_dir_all(dir).await;
+    let queued = enqueue(&state, id, request).await?;
+    // The job owns its uploads now: they go when it ends.
+    if let Some(folder) = uploaded {
+        folder.keep();
+    }
+    Ok((StatusCode::ACCEPTED, Json(queued)))
+}
+
+/// A request's folder of uploaded images, removed when dropped unless a job took it. Not
+/// only on an error: a request is also dropped midway when its client goes away while
+/// the images are checked, or when the server stops, and its folder then has no job to
+/// remove it (the start-up sweep takes only folders an hour old).
+struct UploadFolder(Option<PathBuf>);
+
+impl UploadFolder {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UploadFolder {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        // Up to 512 MiB of files: off the async threads where there are some.
+        let remove = move || {
+            let _ = std::fs::remove_dir_all(dir);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
-    Ok((StatusCode::ACCEPTED, Json(queued?)))
 }
 
 /// Where uploaded training images wait, one folder per job, until their job ends.
@@ -443,11 +468,13 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                 if is_zip {
                     let (dir, first) = (dir.to_path_buf(), files);
                     let left = (MAX_UPLOAD_BYTES as u64).saturating_sub(stored);
-                    let (n, unpacked) =
-                        tokio::task::spawn_blocking(move || jobs::extract_zip_images(&bytes, &dir, first, left))
-                            .await
-                            .map_err(|e| ApiError::Internal(e.to_string()))?
-                            .map_err(ApiError::BadTrainingData)?;
+                    let images_left = MAX_UPLOAD_IMAGES - files;
+                    let (n, unpacked) = tokio::task::spawn_blocking(move || {
+                        jobs::extract_zip_images(&bytes, &dir, first, left, images_left)
+                    })
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(ApiError::BadTrainingData)?;
                     files += n;
                     stored += unpacked;
                     continue;
@@ -471,6 +498,11 @@ async fn receive_upload(mut multipart: Multipart, dir: &std::path::Path) -> Resu
                 stored += bytes.len() as u64;
                 if stored > MAX_UPLOAD_BYTES as u64 {
                     return Err(ApiError::BodyTooLarge(MAX_UPLOAD_BYTES));
+                }
+                if files == MAX_UPLOAD_IMAGES {
+                    return Err(ApiError::BadTrainingData(format!(
+                        "more than {MAX_UPLOAD_IMAGES} images in one upload; name a folder on the server instead"
+                    )));
                 }
                 let path = dir.join(jobs::upload_file_name(files, client_name.as_deref(), ext));
                 tokio::fs::write(&path, bytes)
@@ -758,13 +790,7 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
     }
     // On record before anyone watching sees the job end.
     let finished = now_us();
-    if let Err(e) = state
-        .store
-        .set_job_status(id, status.as_str(), Some(&message), Some(finished))
-        .await
-    {
-        tracing::warn!(job = id, error = %e, "could not record how the job ended");
-    }
+    record_end(&state.store, id, status, &message, finished).await;
     state.training.update(id, |v| {
         v.status = status;
         v.message = Some(message.clone());
@@ -787,6 +813,32 @@ async fn run_job(state: &Arc<AppState>, id: &str) {
             message,
             "training job ended"
         );
+    }
+}
+
+/// Records how a job ended, trying again until the database takes it. One failed write
+/// (a PostgreSQL failover, a pool timeout) must not leave the row `running`, to be swept
+/// a minute later as interrupted while its model is served. Until the write lands the job
+/// stays running in memory, so this server's heartbeat keeps the row from being judged
+/// abandoned, and nobody watching sees an end that is not on record. If the server stops
+/// first, `finish_stopping` records it as interrupted, as for any job it did not finish.
+async fn record_end(store: &crate::storage::Store, id: &str, status: JobStatus, message: &str, finished: i64) {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match store
+            .set_job_status(id, status.as_str(), Some(message), Some(finished))
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(
+                job = id,
+                error = %e,
+                retry_in_s = wait.as_secs_f32(),
+                "could not record how the job ended; trying again"
+            ),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(30));
     }
 }
 
