@@ -414,7 +414,9 @@ impl Detector {
         // around its map's peak: the score may be read off another smoothing than the map
         // returned (draem's), and resizing lowers sharp peaks. A normal image has none, so
         // its map is never resized to full resolution here.
-        let is_anomalous = score > image_threshold;
+        // Fails closed: a score that is not a number (a map of NaN, which the reductions
+        // pass over, scores −∞) says the model could not judge the image, not that it is good.
+        let is_anomalous = !score.is_finite() || score > image_threshold;
         let regions = if is_anomalous {
             locate_regions(
                 &working_map,

@@ -65,7 +65,7 @@ pub fn decode_oriented(bytes: &[u8], max_pixels: u64) -> Result<(DynamicImage, O
     // should return an error (fuzzing found zune-jpeg 0.5.15 unwrapping `None` in its AVX2
     // IDCT on a crafted JPEG; tests/upload.rs keeps that input). A panic here is a corrupt
     // image to the caller, not a crashed `vigil inspect` or a 500.
-    without_panics(format, || {
+    let (img, orientation) = without_panics(format, || {
         use image::ImageDecoder as _;
         let mut decoder = reader.into_decoder()?;
         // As `ImageReader::decode` does: the output counts against the allocation limit,
@@ -81,7 +81,27 @@ pub fn decode_oriented(bytes: &[u8], max_pixels: u64) -> Result<(DynamicImage, O
         let mut img = DynamicImage::from_decoder(decoder)?;
         img.apply_orientation(orientation);
         Ok((img, orientation))
-    })
+    })?;
+    refuse_non_finite(&img)?;
+    Ok((img, orientation))
+}
+
+/// A TIFF of floats can hold NaN or infinite samples. They would pass through resizing
+/// and the network into the anomaly map, whose score passes NaN over: an image of NaN
+/// was judged normal. Refused as corrupt instead.
+fn refuse_non_finite(img: &DynamicImage) -> Result<(), ImageError> {
+    let samples: &[f32] = match img {
+        DynamicImage::ImageRgb32F(b) => b.as_raw(),
+        DynamicImage::ImageRgba32F(b) => b.as_raw(),
+        _ => return Ok(()),
+    };
+    match samples.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(ImageError::Corrupt(format!(
+            "sample {i} of the image is {}, not a finite number",
+            samples[i]
+        ))),
+    }
 }
 
 /// Whether a JPEG's image data reaches its end-of-image marker (FF D9): the marker
@@ -514,6 +534,28 @@ mod tests {
         let mut out = Vec::new();
         img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
         out
+    }
+
+    #[test]
+    fn a_float_tiff_with_samples_that_are_not_numbers_is_corrupt() {
+        let tiff = |v: f32| {
+            let mut img = image::Rgb32FImage::from_pixel(4, 3, image::Rgb([0.25, 0.5, 0.75]));
+            img.put_pixel(2, 1, image::Rgb([0.5, v, 0.5]));
+            let mut out = Vec::new();
+            DynamicImage::ImageRgb32F(img)
+                .write_to(&mut Cursor::new(&mut out), ImageFormat::Tiff)
+                .unwrap();
+            out
+        };
+        assert!(matches!(decode(&tiff(0.5), 100), Ok(DynamicImage::ImageRgb32F(_))));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            match decode(&tiff(bad), 100) {
+                Err(ImageError::Corrupt(e)) => {
+                    assert!(e.contains("sample 19 ") && e.contains("not a finite number"), "{e}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

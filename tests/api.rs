@@ -1546,7 +1546,7 @@ async fn good_parts_scoring_away_from_calibration_raise_the_drift_metric() {
     assert!(text.contains("vigil_score_drift_critical{model=\"drift\"}"));
     // A reload (or recalibration, or removal) starts the window anew: the gauge goes to 0,
     // so an alert on drift > critical stops once the model is fixed.
-    h.state.live.reset_drift("drift");
+    h.state.live.reset_drift("drift", Some("v2"));
     let (_, _, b) = send(&h.state, get("/metrics")).await;
     let text = String::from_utf8(b).unwrap();
     assert!(text.contains("vigil_score_drift{model=\"drift\"} 0"), "{text}");
@@ -2585,6 +2585,13 @@ async fn alpha_mixes_two_learned_maps_per_request_and_re_renders_the_same_map() 
             "{bad}"
         );
     }
+    // Refused before a replay too: a fingerprint writes NaN as null, as if no alpha.
+    let (s, _, _) = send(&h.state, inspect_with_key("alpha-k", png(32, 32, true), "p1")).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut again = inspect_with_key("alpha-k", png(32, 32, true), "p1");
+    *again.uri_mut() = "/v1/inspect?alpha=NaN".parse().unwrap();
+    let (s, _, b) = send(&h.state, again).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"));
     // A model with one map has nothing to weigh.
     let single = harness(None, 8).await;
     let (s, _, b) = send(

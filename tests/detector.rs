@@ -53,6 +53,20 @@ fn a_defect_gives_one_region_around_it_and_a_flat_image_none() {
 }
 
 #[test]
+fn a_map_of_nan_is_judged_anomalous_not_good() {
+    // Decoding refuses non-finite samples; a model that makes NaN of a good image all the
+    // same must not pass it. The flat reconstructor's map is NaN where the image is.
+    let d = Detector::new(
+        common::test_card(Fit::Whole, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
+    let nan = DynamicImage::ImageRgb32F(image::Rgb32FImage::from_pixel(64, 64, image::Rgb([f32::NAN; 3])));
+    let r = d.inspect_batch(&[&nan], Overrides::default()).unwrap();
+    assert!(!r[0].score.is_finite(), "{}", r[0].score);
+    assert!(r[0].is_anomalous);
+}
+
+#[test]
 fn maps_above_one_keep_their_regions_in_images_of_another_size() {
     // Error maps divided by a small scale, as a reconstruction family's are by its good
     // images' mean: values far above 1, thresholds too. Resizing such a map to a 100 × 80

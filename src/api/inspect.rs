@@ -106,6 +106,17 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
         }
     }
     let served = discovery::find_model(&state, &model).await?;
+    // Before a replay: a fingerprint writes NaN as null, so `alpha=NaN` with a recorded
+    // key would otherwise be answered from the record of a request without alpha.
+    if let Some(a) = q.alpha {
+        served
+            .engine
+            .detector()
+            .card
+            .architecture
+            .check_alpha(a)
+            .map_err(ApiError::BadRequest)?;
+    }
     // A full queue refuses before the body is read: an overloaded server answers 429 in
     // the time it takes to parse the headers, not to receive and hash an image. (Not a
     // reservation: `judge` admits for real, and may still refuse, once the body is in.)
@@ -136,15 +147,6 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
             return Ok(resp);
         }
         request_fingerprint = Some(fingerprint);
-    }
-    if let Some(a) = q.alpha {
-        served
-            .engine
-            .detector()
-            .card
-            .architecture
-            .check_alpha(a)
-            .map_err(ApiError::BadRequest)?;
     }
     let overrides = Overrides {
         threshold: q.threshold,
@@ -263,9 +265,13 @@ async fn inspect(state: Arc<AppState>, model: String, q: InspectQuery, req: Requ
     // The judging detector's, not a second lookup: the record is durable by now, so
     // nothing here may fail, and a model swapped meanwhile has other calibration scores.
     if !record.is_anomalous && q.alpha.is_none() {
-        state
-            .live
-            .record_good(&model, &id, inspection.score, &detector.card.validation_scores.values);
+        state.live.record_good(
+            &model,
+            &record.model_version,
+            &id,
+            inspection.score,
+            &detector.card.validation_scores.values,
+        );
     }
     Ok(Json(super::records::to_response(record, None)).into_response())
 }

@@ -43,6 +43,9 @@ pub struct LiveStats {
 
 #[derive(Default)]
 struct DriftState {
+    /// The model version whose scores these are: a request judged by the version a reload
+    /// replaced may finish after it, and its score is on the old calibration's scale.
+    version: String,
     /// (inspection id, score), oldest first: a part relabelled good twice counts once.
     recent: VecDeque<(String, f32)>,
     last: Option<Drift>,
@@ -105,9 +108,15 @@ impl LiveStats {
     /// Adds the score of good part `id` judged by `model`, whose calibration scores are
     /// `reference` (ascending), and returns the drift now, once there are enough scores.
     /// A part already in the window is not added again. Logs when the drift flag changes.
-    pub fn record_good(&self, model: &str, id: &str, score: f32, reference: &[f32]) -> Option<Drift> {
+    pub fn record_good(&self, model: &str, version: &str, id: &str, score: f32, reference: &[f32]) -> Option<Drift> {
         let mut all = self.good_scores.lock().expect("drift lock");
-        let st = all.entry(model.to_string()).or_default();
+        let st = all.entry(model.to_string()).or_insert_with(|| DriftState {
+            version: version.to_string(),
+            ..Default::default()
+        });
+        if st.version != version {
+            return None; // judged by a version since replaced
+        }
         if st.recent.iter().any(|(seen, _)| seen == id) {
             return st.last.clone();
         }
@@ -169,9 +178,21 @@ impl LiveStats {
         }
     }
 
-    /// Forgets a model's recent good scores (its artifact changed: new calibration).
-    pub fn reset_drift(&self, model: &str) {
-        if self.good_scores.lock().expect("drift lock").remove(model).is_some() {
+    /// Forgets a model's recent good scores (its artifact changed: new calibration) and,
+    /// with a version, takes only that version's from now on.
+    pub fn reset_drift(&self, model: &str, version: Option<&str>) {
+        let mut all = self.good_scores.lock().expect("drift lock");
+        let removed = match version {
+            Some(v) => all.insert(
+                model.to_string(),
+                DriftState {
+                    version: v.to_string(),
+                    ..Default::default()
+                },
+            ),
+            None => all.remove(model),
+        };
+        if removed.is_some() {
             Self::unpublish(model);
         }
     }
@@ -277,25 +298,25 @@ mod tests {
         let reference: Vec<f32> = (0..20).map(|i| 0.1 + 0.01 * i as f32).collect();
         for i in 0..DRIFT_MIN_SAMPLES - 1 {
             assert_eq!(
-                live.record_good("m", &format!("a{i}"), reference[i % 20], &reference),
+                live.record_good("m", "v1", &format!("a{i}"), reference[i % 20], &reference),
                 None
             );
         }
         // The same part again (relabelled good twice) is not a new sample; one labelled
         // defective leaves the window.
-        assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
+        assert_eq!(live.record_good("m", "v1", "a0", reference[0], &reference), None);
         live.forget_good("m", "a0", &reference);
-        assert_eq!(live.record_good("m", "a0", reference[0], &reference), None);
+        assert_eq!(live.record_good("m", "v1", "a0", reference[0], &reference), None);
         // Same distribution: small distance, no flag.
-        let d = live.record_good("m", "b", 0.2, &reference).unwrap();
+        let d = live.record_good("m", "v1", "b", 0.2, &reference).unwrap();
         assert!(!d.drifted && d.statistic < d.critical, "{d:?}");
         assert_eq!((d.recent, d.reference), (DRIFT_MIN_SAMPLES, 20));
-        assert_eq!(live.record_good("m", "b", 0.2, &reference), Some(d));
+        assert_eq!(live.record_good("m", "v1", "b", 0.2, &reference), Some(d));
         // Good parts now score far above every calibration score: the window fills with
         // them, the distance reaches 1 and the flag rises.
         let mut last = None;
         for i in 0..DRIFT_WINDOW {
-            last = live.record_good("m", &format!("c{i}"), 0.5, &reference);
+            last = live.record_good("m", "v1", &format!("c{i}"), 0.5, &reference);
         }
         let d = last.unwrap();
         assert_eq!((d.recent, d.statistic, d.drifted), (DRIFT_WINDOW, 1.0, true));
@@ -309,9 +330,21 @@ mod tests {
         );
         // Without calibration scores (an older artifact) there is nothing to compare.
         for i in 0..DRIFT_MIN_SAMPLES {
-            assert_eq!(live.record_good("old", &format!("d{i}"), 0.5, &[]), None);
+            assert_eq!(live.record_good("old", "v1", &format!("d{i}"), 0.5, &[]), None);
         }
-        live.reset_drift("m");
+        // A reload to v2: the window starts afresh, and a request judged by v1 that
+        // finishes after it does not count (its score is on v1's scale).
+        live.reset_drift("m", Some("v2"));
+        assert!(live.summary(Duration::from_secs(60)).drift.is_empty());
+        for i in 0..DRIFT_MIN_SAMPLES {
+            assert_eq!(live.record_good("m", "v1", &format!("e{i}"), 0.5, &reference), None);
+        }
+        for i in 0..DRIFT_MIN_SAMPLES - 1 {
+            assert_eq!(live.record_good("m", "v2", &format!("f{i}"), 0.2, &reference), None);
+        }
+        let d = live.record_good("m", "v2", "f-last", 0.2, &reference).unwrap();
+        assert_eq!(d.recent, DRIFT_MIN_SAMPLES);
+        live.reset_drift("m", None);
         assert!(live.summary(Duration::from_secs(60)).drift.is_empty());
     }
 

@@ -153,7 +153,7 @@ impl AppState {
             }
             models.remove(name);
         }
-        self.live.reset_drift(name);
+        self.live.reset_drift(name, None);
         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => name.to_string()).set(0.0);
         let (_, version) = served.engine.current();
         metrics::gauge!(crate::metrics::MODEL_INFO, "model" => name.to_string(), "version" => version,
@@ -173,7 +173,7 @@ impl AppState {
     ) {
         let (_, replaced) = served.engine.current();
         served.engine.replace(detector, version.clone());
-        self.live.reset_drift(name);
+        self.live.reset_drift(name, Some(&version));
         crate::metrics::model_served(
             name,
             &version,
@@ -200,7 +200,7 @@ impl AppState {
         let added = self.add_model(name, served);
         if added {
             // A name served again (its folder deleted and trained anew) starts afresh.
-            self.live.reset_drift(name);
+            self.live.reset_drift(name, Some(version));
             crate::metrics::model_served(name, version, None, crate::model::device::name(&self.device));
         }
         added

@@ -240,9 +240,13 @@ pub async fn feedback(
     } else if before.as_deref() != Some("good") && (r.is_anomalous || before.as_deref() == Some("defective")) {
         if let Some((detector, version)) = &served {
             if *version == r.model_version {
-                state
-                    .live
-                    .record_good(&r.model, &id, r.score as f32, &detector.card.validation_scores.values);
+                state.live.record_good(
+                    &r.model,
+                    version,
+                    &id,
+                    r.score as f32,
+                    &detector.card.validation_scores.values,
+                );
             }
         }
     }
