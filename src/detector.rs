@@ -350,7 +350,7 @@ impl Detector {
         }
         let s = self.card.input.working_size;
         let level = regions::min_area_threshold(&map, s, s, t.min_defect_area);
-        (map, level)
+        (map, judged(level))
     }
 
     /// [`Detector::working_map`] with the score the scoring's reduction reads off the map,
@@ -360,7 +360,8 @@ impl Detector {
             Some(a) => raw.mixed(a),
             None => std::borrow::Cow::Borrowed(raw),
         };
-        scoring::map_and_score(&raw, &self.card.scoring)
+        let (map, score) = scoring::map_and_score(&raw, &self.card.scoring);
+        (map, judged(score))
     }
 
     /// What differs between an image of `width × height` and the model's training images.
@@ -414,9 +415,7 @@ impl Detector {
         // around its map's peak: the score may be read off another smoothing than the map
         // returned (draem's), and resizing lowers sharp peaks. A normal image has none, so
         // its map is never resized to full resolution here.
-        // Fails closed: a score that is not a number (a map of NaN, which the reductions
-        // pass over, scores −∞) says the model could not judge the image, not that it is good.
-        let is_anomalous = !score.is_finite() || score > image_threshold;
+        let is_anomalous = score > image_threshold;
         let regions = if is_anomalous {
             locate_regions(
                 &working_map,
@@ -471,6 +470,18 @@ impl Detector {
             .zip(recons)
             .map(|(p, r)| (self.score(p, &r, overrides), r))
             .collect())
+    }
+}
+
+/// A score as verdicts, evaluation and calibration read it: one that is not a finite number
+/// becomes +∞. The reductions pass NaN pixels over, so a map of NaN (from an input the
+/// network could not take) scored −∞ and passed as normal; the model could not judge such
+/// an image, which is no sign that it is good. Fails closed, and ranks it above every part.
+fn judged(score: f32) -> f32 {
+    if score.is_finite() {
+        score
+    } else {
+        f32::INFINITY
     }
 }
 

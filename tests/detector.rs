@@ -62,8 +62,51 @@ fn a_map_of_nan_is_judged_anomalous_not_good() {
     );
     let nan = DynamicImage::ImageRgb32F(image::Rgb32FImage::from_pixel(64, 64, image::Rgb([f32::NAN; 3])));
     let r = d.inspect_batch(&[&nan], Overrides::default()).unwrap();
-    assert!(!r[0].score.is_finite(), "{}", r[0].score);
+    assert_eq!(r[0].score, f32::INFINITY, "ranked above every part");
     assert!(r[0].is_anomalous);
+}
+
+#[test]
+fn calibration_refuses_a_good_image_the_model_scores_as_nan() {
+    use vigil::image_io::Planar;
+    use vigil::train::calibrate::{calibrate, CalibrationConfig, CalibrationError, Scales};
+    let mut d = Detector::new(
+        common::test_card(Fit::Whole, 64, 32),
+        Arc::new(common::Flat(Device::Cpu)),
+    );
+    let plane = |v: f32| {
+        let mut p = Planar::new(1, 64, 64);
+        p.data.iter_mut().for_each(|x| *x = v);
+        p
+    };
+    // 120 images: the 0.99 quantile is the second highest score, finite, while the
+    // validation scores' statistics would hold ∞ and NaN, which model.json cannot keep.
+    let mut images: Vec<Planar> = (0..119).map(|i| plane(0.3 + 0.001 * i as f32)).collect();
+    images.insert(7, plane(f32::NAN));
+    let err = calibrate(
+        &mut d,
+        &images,
+        &CalibrationConfig::default(),
+        Scales::Keep,
+        "test".into(),
+    )
+    .unwrap_err();
+    match err {
+        CalibrationError::NotFiniteScore { number, count, score } => {
+            assert_eq!((number, count, score), (8, 120, f32::INFINITY))
+        }
+        other => panic!("{other}"),
+    }
+    images.remove(7);
+    assert!(calibrate(
+        &mut d,
+        &images,
+        &CalibrationConfig::default(),
+        Scales::Keep,
+        "test".into()
+    )
+    .is_ok());
+    assert!(d.card.validation_scores.max.is_finite());
 }
 
 #[test]

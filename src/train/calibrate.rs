@@ -113,6 +113,8 @@ pub enum CalibrationError {
     Settings(String),
     #[error("the calibrated thresholds are not finite (image {image}, pixel {pixel}): the model's maps hold NaN or infinite values")]
     NotFinite { image: f32, pixel: f32 },
+    #[error("good image {number} of {count} scores {score}: the model's map of it holds NaN or infinite values, so it cannot set a threshold (is it an image the model can take?)")]
+    NotFiniteScore { number: usize, count: usize, score: f32 },
     #[error(transparent)]
     Model(#[from] candle_core::Error),
 }
@@ -174,7 +176,15 @@ pub fn calibrate(
         }
         ThresholdMethod::MinArea => (min_area_level, min_area_level, levels),
     };
-    // A card with a NaN threshold serialises as null and no longer loads: refuse it here.
+    // A card with a NaN threshold, or validation scores of ±∞ (their statistics then hold
+    // NaN), serialises as null and no longer loads: refuse it here.
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(CalibrationError::NotFiniteScore {
+            number: i + 1,
+            count: scores.len(),
+            score: scores[i],
+        });
+    }
     if !(image.is_finite() && pixel.is_finite()) {
         return Err(CalibrationError::NotFinite { image, pixel });
     }
