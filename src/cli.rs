@@ -531,7 +531,8 @@ pub struct ServeArgs {
 pub struct ProbeArgs {
     /// e.g. http://127.0.0.1:8080/health/ready (plain HTTP only).
     pub url: String,
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds to wait for the answer (a NaN or negative value once panicked).
+    #[arg(long, default_value_t = 2.0, value_parser = seconds)]
     pub timeout: f64,
 }
 

@@ -553,6 +553,21 @@ fn calibrate_switches_test_time_flips_on_and_train_refuses_them_without_flips() 
 }
 
 #[test]
+fn an_epoch_is_one_crop_per_image_trained_on() {
+    // 12 good images, 1 held out to calibrate (10%, rounded): 4 epochs of the 11 trained
+    // on are 44 crops, 11 batches of 4 (it counted the held-out image too: 12).
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("m");
+    let data = dataset().join("train").join("good");
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 12);
+    let mut args = common::tiny_train_args(data.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--epochs", "4"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_card(&out)["training"]["steps"], 11);
+}
+
+#[test]
 fn calibrate_sets_a_threshold_chosen_by_hand_and_records_it() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");
@@ -811,6 +826,17 @@ fn user_errors_are_clear_and_never_panics() {
         "{}",
         stderr(&o)
     );
+
+    // A probe's timeout that is no number of seconds is refused, not a panic.
+    for bad in ["nan", "-1", "inf", "1e300"] {
+        let o = run(&["probe", "http://127.0.0.1:1/health/ready", &format!("--timeout={bad}")]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("a number of seconds above 0"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
 
     let o = run(&tiny_train_args("/nonexistent/folder", out.to_str().unwrap()));
     assert!(stderr(&o).contains("no such folder"), "{}", stderr(&o));

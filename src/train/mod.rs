@@ -288,6 +288,16 @@ impl TrainConfig {
     }
 }
 
+/// How many of `images` are held out to calibrate at `fraction`: at least one and never
+/// all, when there are two or more and the fraction is not 0.
+pub fn held_out_count(images: usize, fraction: f32) -> usize {
+    if images < 2 || fraction == 0.0 {
+        0
+    } else {
+        ((images as f32 * fraction).round() as usize).clamp(1, images - 1)
+    }
+}
+
 /// Trains, calibrates and writes the artifact to `cfg.out`. Setting `stop` ends training
 /// early; the artifact is still calibrated and written, unless `cfg.abandon_when_stopped`.
 pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, TrainError> {
@@ -315,11 +325,7 @@ pub fn train(cfg: &TrainConfig, stop: &Arc<AtomicBool>) -> Result<ModelCard, Tra
     let mut order: Vec<usize> = (0..set.images.len()).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     order.shuffle(&mut rng);
-    let n_val = if set.images.len() < 2 || cfg.validation_fraction == 0.0 {
-        0
-    } else {
-        ((set.images.len() as f32 * cfg.validation_fraction).round() as usize).clamp(1, set.images.len() - 1)
-    };
+    let n_val = held_out_count(set.images.len(), cfg.validation_fraction);
     let validation: Vec<Planar> = order[..n_val].iter().map(|&i| set.images[i].clone()).collect();
     let training: Vec<Planar> = order[n_val..].iter().map(|&i| set.images[i].clone()).collect();
     tracing::info!(
@@ -737,6 +743,16 @@ fn progress_bar(len: usize, visible: bool) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_out_images_are_a_rounded_share_never_none_never_all() {
+        assert_eq!(held_out_count(70, 0.1), 7);
+        assert_eq!(held_out_count(12, 0.1), 1); // 1.2
+        assert_eq!(held_out_count(15, 0.1), 2); // 1.5 rounds up
+        assert_eq!(held_out_count(3, 0.1), 1); // 0.3, but at least one
+        assert_eq!(held_out_count(2, 0.9), 1); // 1.8, but never all
+        assert_eq!((held_out_count(1, 0.5), held_out_count(50, 0.0)), (0, 0));
+    }
 
     #[test]
     fn the_output_check_refuses_what_cannot_hold_a_model_and_leaves_nothing_behind() {
