@@ -383,6 +383,58 @@ fn eval_compare_puts_several_models_in_one_table_json_and_figure() {
 }
 
 #[test]
+fn calibrate_warns_of_images_above_the_old_threshold_by_the_old_rule() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("m");
+    common::copy_model(tiny_model(), &model);
+    let good = dataset().join("test/good");
+    let scores = || -> Vec<f64> {
+        let o = run(&["inspect", "--model", model.to_str().unwrap(), good.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut v: Vec<f64> = stdout(&o)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    // A threshold by hand between the second and third of four scores: two lie above it.
+    let s = scores();
+    assert_eq!(s.len(), 4);
+    assert!(s[1] < s[2], "{s:?}");
+    let middle = format!("{}", (s[1] + s[2]) / 2.0);
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image-threshold",
+        &middle,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Switched to min-area: its levels are not the scores the old threshold was set on;
+    // the warning counts by the scores the model gave before.
+    let o = run(&[
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        good.to_str().unwrap(),
+        "--threshold-method",
+        "min-area",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("2 of 4 calibration images scored above the threshold before"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn calibrate_rewrites_thresholds_from_new_good_images() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("m");

@@ -111,9 +111,14 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
         data.display(),
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    // Scored as the model scored before, to compare with the threshold before (another
-    // pass over the images when the views change, as the new scores do not compare).
-    let scores_before = if rescored {
+    // Scored as the model scored before, to compare with the threshold before: another
+    // pass over the images when the views change, or the threshold rule (a min-area
+    // threshold is a map level, not a score, and its level depends on the minimum area),
+    // as the new scores do not compare.
+    let levels_after = config.method == ThresholdMethod::MinArea;
+    let rule_changed = before.scores_are_levels() != levels_after
+        || (levels_after && before.min_defect_area != config.min_defect_area);
+    let scores_before = if rescored || rule_changed {
         Some(scores_of(&detector, &set.images)?)
     } else {
         None
