@@ -147,6 +147,16 @@ pub fn calibrate(args: &crate::cli::CalibrateArgs) -> anyhow::Result<()> {
             highest.join(", ")
         );
     }
+    // Minutes have passed: a model trained into this folder meanwhile (`vigil train --out`,
+    // a server's job) must not get this card, whose weights hash is the old model's (it
+    // would no longer load).
+    let now = crate::model::ModelCard::load(&args.model)?;
+    if now.weights_sha256 != detector.card.weights_sha256 {
+        anyhow::bail!(
+            "{}: the model changed while it was being calibrated (its weights are not those calibrated);              model.json is left as the new model wrote it: calibrate again",
+            args.model.display()
+        );
+    }
     detector.card.save(&args.model)?;
     if let Some(note) = calibrate::few_images_note(set.images.len()) {
         tracing::warn!("{note}");

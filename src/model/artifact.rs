@@ -329,7 +329,12 @@ impl ModelCard {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(CARD_FILE);
-        let tmp = dir.join(format!(".{CARD_FILE}.tmp"));
+        // A name of this writer's own: two saves at once (two `vigil calibrate` runs) each
+        // publish a whole file, the last one winning, never one truncated by the other.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = dir.join(format!(".{CARD_FILE}.{}.{nanos}.tmp", std::process::id()));
         let card = ModelCard {
             schema_version: self.schema_needed(),
             ..self.clone()
